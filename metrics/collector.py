@@ -1,0 +1,130 @@
+"""A prometheus-client collector over the per-worker counters in shared memory.
+
+Why a custom collector rather than prometheus-client's multiprocess mode:
+multiprocess mode keeps one mmap'd file per process and metric and merges them
+on every scrape, leaves files behind for dead pids, and labels by pid; here
+the workers already keep their figures in one shared array (a store per event,
+no file I/O), the supervisor owns the history of each worker *index*, and a
+scrape is one pass over a few KiB. prometheus-client still does the exposition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from metrics import layout
+
+
+class Source(Protocol):
+    version: str
+
+    def per_worker(self) -> dict[str, list[float]]: ...  # worker index -> layout values
+    def clients(self) -> int: ...
+    def limit(self) -> int: ...
+    def restarts(self) -> int: ...
+    def processes(self) -> dict[str, tuple[float, float, float]]: ...  # index -> rss, cpu s, fds
+
+
+def _histogram(name: str, doc: str, buckets: tuple[float, ...], base: int,
+               data: dict[str, list[float]]) -> HistogramMetricFamily:
+    h = HistogramMetricFamily(name, doc, labels=["worker"])
+    for worker, v in data.items():
+        counts = v[base: base + len(buckets) + 1]
+        cumulative, running = [], 0.0
+        for bound, c in zip((*(str(b) for b in buckets), "+Inf"), counts):
+            running += c
+            cumulative.append((bound, running))
+        h.add_metric([worker], cumulative, v[base + len(buckets) + 1])
+    return h
+
+
+class RelayCollector:
+    def __init__(self, source: Source):
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        src = self.source
+        data = src.per_worker()
+        info = GaugeMetricFamily("wsrelay_build_info", "wsrelay version", labels=["version"])
+        info.add_metric([src.version], 1)
+        yield info
+
+        g = GaugeMetricFamily("wsrelay_websocket_connections", "Open WebSocket tunnels", labels=["worker"])
+        for w, v in data.items():
+            g.add_metric([w], v[layout.CONNECTIONS])
+        yield g
+
+        c = CounterMetricFamily("wsrelay_websocket_upgrades", "WebSocket upgrade attempts by outcome",
+                                labels=["worker", "outcome"])
+        for w, v in data.items():
+            for i, outcome in enumerate(layout.OUTCOMES):
+                c.add_metric([w, outcome], v[layout.UPGRADES + i])
+        yield c
+
+        c = CounterMetricFamily("wsrelay_http_requests", "Responses by status code (upgrades included)",
+                                labels=["worker", "code"])
+        for w, v in data.items():
+            for code in range(100, layout.HTTP_CODES):
+                n = v[layout.HTTP + code]
+                if n:
+                    c.add_metric([w, str(code)], n)
+        yield c
+
+        c = CounterMetricFamily("wsrelay_bytes", "Bytes relayed through tunnels", labels=["worker", "direction"])
+        for w, v in data.items():
+            for i, direction in enumerate(layout.DIRECTIONS):
+                c.add_metric([w, direction], v[layout.BYTES + i])
+        yield c
+
+        c = CounterMetricFamily("wsrelay_messages", "WebSocket messages relayed (frames mode)",
+                                labels=["worker", "direction"])
+        for w, v in data.items():
+            for i, direction in enumerate(layout.DIRECTIONS):
+                c.add_metric([w, direction], v[layout.MESSAGES + i])
+        yield c
+
+        c = CounterMetricFamily("wsrelay_closes", "Close frames seen or sent (frames mode)",
+                                labels=["worker", "side", "code"])
+        for w, v in data.items():
+            for s, side in enumerate(layout.SIDES):
+                for i, code in enumerate((*layout.CLOSE_CODES, "other")):
+                    n = v[layout.CLOSES + s * (len(layout.CLOSE_CODES) + 1) + i]
+                    if n:
+                        c.add_metric([w, side, str(code)], n)
+        yield c
+
+        c = CounterMetricFamily("wsrelay_accept_errors", "Failed accept() calls (EMFILE and the like)",
+                                labels=["worker"])
+        for w, v in data.items():
+            c.add_metric([w], v[layout.ACCEPT_ERRORS])
+        yield c
+
+        yield _histogram("wsrelay_handshake_seconds", "From the request's first byte to the 101 relayed",
+                         layout.HANDSHAKE_BUCKETS, layout.HANDSHAKE, data)
+        yield _histogram("wsrelay_websocket_duration_seconds", "Lifetime of finished tunnels",
+                         layout.DURATION_BUCKETS, layout.DURATION, data)
+
+        g = GaugeMetricFamily("wsrelay_clients", "WebSocket clients counted against the global limit")
+        g.add_metric([], src.clients())
+        yield g
+        g = GaugeMetricFamily("wsrelay_clients_limit", "The global limit (RELAY_MAX_CLIENTS)")
+        g.add_metric([], src.limit())
+        yield g
+        c = CounterMetricFamily("wsrelay_worker_restarts", "Workers restarted after dying")
+        c.add_metric([], src.restarts())
+        yield c
+
+        procs = src.processes()
+        rss = GaugeMetricFamily("wsrelay_worker_resident_memory_bytes", "Worker RSS", labels=["worker"])
+        cpu = CounterMetricFamily("wsrelay_worker_cpu_seconds", "Worker CPU time (user+system)", labels=["worker"])
+        fds = GaugeMetricFamily("wsrelay_worker_open_fds", "Worker open file descriptors", labels=["worker"])
+        for w, (r, t, f) in procs.items():
+            rss.add_metric([w], r)
+            cpu.add_metric([w], t)
+            fds.add_metric([w], f)
+        yield rss
+        yield cpu
+        yield fds

@@ -1,0 +1,52 @@
+"""Where each per-worker figure lives in a worker's slot of shared memory.
+
+A slot is an array of float64 written only by its worker (plain stores, no
+lock: one writer, and readers tolerate a value one update old). Counters are
+cumulative for the slot's lifetime; the supervisor folds a dead worker's final
+values into the history of its worker index, so a series never goes backwards.
+"""
+
+from __future__ import annotations
+
+OUTCOMES = ("upgraded", "origin_rejected", "bad_request", "forbidden", "limit",
+            "origin_error", "timeout", "draining")
+DIRECTIONS = ("upstream", "downstream")
+SIDES = ("client", "origin")
+# Close codes tracked by frames mode; anything else is counted as "other".
+CLOSE_CODES = (1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1010, 1011,
+               1012, 1013, 1014, 1015)
+HANDSHAKE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+DURATION_BUCKETS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0)
+HTTP_CODES = 600  # one counter per status code 0..599
+
+# Gauges: current values, not folded into history when a worker dies.
+CONNECTIONS = 0           # open tunnels
+# Counters.
+UPGRADES = 1                                   # + OUTCOMES.index(outcome)
+BYTES = UPGRADES + len(OUTCOMES)               # + DIRECTIONS.index(direction)
+MESSAGES = BYTES + 2                           # + direction (frames mode)
+HANDSHAKE = MESSAGES + 2                       # buckets..., +Inf, sum
+DURATION = HANDSHAKE + len(HANDSHAKE_BUCKETS) + 2
+CLOSES = DURATION + len(DURATION_BUCKETS) + 2  # + side * (len(CLOSE_CODES)+1) + code index
+ACCEPT_ERRORS = CLOSES + 2 * (len(CLOSE_CODES) + 1)
+PING_TIMEOUTS = ACCEPT_ERRORS + 1
+HTTP = PING_TIMEOUTS + 1                       # + status code
+SIZE = HTTP + HTTP_CODES
+
+GAUGES = (CONNECTIONS,)
+
+
+def bucket_index(buckets: tuple[float, ...], value: float) -> int:
+    """Index of the first bucket whose bound holds ``value`` (len(buckets) = +Inf)."""
+    for i, bound in enumerate(buckets):
+        if value <= bound:
+            return i
+    return len(buckets)
+
+
+def close_index(side: int, code: int) -> int:
+    try:
+        i = CLOSE_CODES.index(code)
+    except ValueError:
+        i = len(CLOSE_CODES)
+    return CLOSES + side * (len(CLOSE_CODES) + 1) + i

@@ -1,0 +1,253 @@
+"""The client side of a connection until it becomes a tunnel.
+
+``ClientConnection`` reads the request head (bounded in size and time), then
+dispatches: an upgrade goes through validation, routing, admission and the
+origin handshake (:meth:`_upgrade`), and on a 101 both sockets are handed to
+:class:`relay.tunnel.Tunnel`; plain HTTP goes to :mod:`relay.http_proxy` and
+comes back here for the next request on a kept-alive connection. Refusals are
+short canned answers followed by a lingering close, so the client can read
+them even if it is still sending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+
+from relay import http_proxy
+from relay.context import AccessRecord, Context
+from relay.handshake import (check_upgrade_response, forward_head, is_upgrade, origin_allowed,
+                             path_allowed, validate_upgrade)
+from relay.http_head import HeadError, Request, parse_request_head
+from relay.origin import OriginHead, OriginUnavailable
+from relay.responses import refusal
+from relay.tunnel import Tunnel
+
+log = logging.getLogger("wsrelay.worker")
+
+LINGER_SECONDS = 2.0
+
+# states
+HEAD, BUSY, LINGER, DONE = range(4)
+
+
+class ClientConnection(asyncio.Protocol):
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.state = HEAD
+        self.peer_ip = "-"
+        self.started = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.task: asyncio.Task | None = None
+        self.exchange: http_proxy.Exchange | None = None
+        self.requests = 0
+
+    # -- asyncio callbacks --------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.ctx.connections.add(self)
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer_ip = peer[0]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._await_head()
+
+    def data_received(self, data: bytes) -> None:
+        if self.state == HEAD:
+            if not self.buf:
+                self.started = time.monotonic()
+            self.buf += data
+            self._try_head()
+        elif self.state == BUSY:
+            if self.exchange is not None:
+                self.exchange.client_data(data)
+            else:
+                self.buf += data  # early frames behind an upgrade request: reading is paused
+        elif self.state == LINGER:
+            if b"\r\n\r\n" in data or len(data) == 0:
+                self._close()
+
+    def eof_received(self) -> bool:
+        if self.state == BUSY and self.exchange is not None:
+            return self.exchange.client_eof()
+        if self.state == LINGER:
+            self._close()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.state = DONE
+        self.ctx.connections.discard(self)
+        self._cancel_timer()
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        if self.exchange is not None:
+            self.exchange.client_lost()
+        self.ctx.maybe_idle()
+
+    # -- head phase ---------------------------------------------------------------
+    def _await_head(self) -> None:
+        self.state = HEAD
+        self._cancel_timer()
+        self.timer = asyncio.get_running_loop().call_later(
+            self.ctx.settings.handshake_timeout, self._head_timeout)
+        if self.buf:
+            self.started = time.monotonic()
+            self._try_head()
+
+    def _try_head(self) -> None:
+        try:
+            req = parse_request_head(self.buf, self.ctx.settings.max_header_bytes)
+        except HeadError as e:
+            self._refuse(e.status, e.outcome if e.status != 431 else "bad_request", None, upgrade=None)
+            return
+        if req is None:
+            return
+        self._cancel_timer()
+        self.state = BUSY
+        self.requests += 1
+        self.transport.pause_reading()
+        if is_upgrade(req):
+            self.task = asyncio.ensure_future(self._upgrade(req))
+            self.task.add_done_callback(self._upgrade_done)
+        else:
+            self.exchange = http_proxy.Exchange(self, req)
+
+    def _head_timeout(self) -> None:
+        self.timer = None
+        if self.state != HEAD:
+            return
+        if self.buf:  # a started head that never finished: slowloris or a dead client
+            self.ctx.count_http(408)
+        self._close()
+
+    def keepalive_done(self, keep: bool) -> None:
+        """Called by the HTTP exchange when its response is complete."""
+        self.exchange = None
+        if not keep or self.ctx.draining:
+            self._close()
+            return
+        self.transport.resume_reading()
+        self._await_head()
+
+    # -- refusals and closing -----------------------------------------------------
+    def _refuse(self, status: int, outcome: str, record: AccessRecord | None, upgrade: bool | None = True) -> None:
+        if self.state in (LINGER, DONE):
+            return
+        ctx = self.ctx
+        if upgrade:
+            ctx.count_upgrade(outcome, status)
+        else:
+            ctx.count_http(status)
+        if record is not None:
+            record.status = status
+            record.outcome = outcome
+            record.duration_s = round(time.monotonic() - self.started, 3)
+            ctx.log(record)
+        self.transport.write(refusal(status))
+        self.linger()
+
+    def linger(self) -> None:
+        """Half-close and discard what the client still sends, for a short while,
+        so it reads our answer instead of a reset (nginx's lingering_close)."""
+        self.state = LINGER
+        self.buf.clear()
+        self._cancel_timer()
+        t = self.transport
+        if t.is_closing():
+            return
+        if t.can_write_eof():
+            t.write_eof()
+        t.resume_reading()
+        self.timer = asyncio.get_running_loop().call_later(LINGER_SECONDS, self._close)
+
+    def _close(self) -> None:
+        self._cancel_timer()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def drain(self) -> None:
+        """The worker is draining: idle keep-alive connections close now."""
+        if self.state == HEAD and not self.buf:
+            self._close()
+
+    # -- the upgrade ----------------------------------------------------------------
+    def _upgrade_done(self, task: asyncio.Task) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("upgrade failed unexpectedly", exc_info=task.exception())
+        if self.state == BUSY:
+            self._refuse(502, "origin_error", None)
+        elif self.transport is not None:
+            self.transport.abort()
+
+    async def _upgrade(self, req: Request) -> None:
+        ctx = self.ctx
+        s = ctx.settings
+        rec = ctx.record(self.peer_ip, req.method, req.path)
+        try:
+            key = validate_upgrade(req)
+        except HeadError as e:
+            return self._refuse(e.status, e.outcome, rec)
+        if not path_allowed(req.path, ctx.ws_paths) or not origin_allowed(req.get(b"origin"), s.allowed_origins):
+            return self._refuse(403, "forbidden", rec)
+        if ctx.draining:
+            return self._refuse(503, "draining", rec)
+        if not ctx.admission.take():
+            return self._refuse(503, "limit", rec)
+        origin_t: asyncio.Transport | None = None
+        handed_over = False
+        try:
+            try:
+                async with asyncio.timeout(s.connect_timeout):
+                    origin_t, oproto, addr = await ctx.origins.connect(OriginHead)
+                    rec.origin = str(addr)
+                    origin_t.write(forward_head(req, self.peer_ip, ctx.proto, True) + self.buf[req.head_len:])
+                    self.buf.clear()
+                    resp = await oproto.head
+            except TimeoutError:
+                return self._refuse(504, "timeout", rec)
+            except OriginUnavailable:
+                return self._refuse(502, "origin_error", rec)
+            except HeadError as e:
+                return self._refuse(e.status, e.outcome, rec)
+            if resp.status != 101:
+                rec.status = resp.status
+                rec.outcome = "origin_rejected"
+                ctx.count_upgrade("origin_rejected", resp.status)
+                handed_over = True
+                ctx.admission.give()
+                http_proxy.relay_rejection(self, origin_t, oproto, resp, rec)
+                return
+            try:
+                check_upgrade_response(resp, key)
+            except HeadError as e:
+                return self._refuse(e.status, e.outcome, rec)
+            if self.state != BUSY:
+                return
+            handed_over = True
+            handshake_s = time.monotonic() - self.started
+            rec.status = 101
+            rec.outcome = "upgraded"
+            rec.handshake_ms = round(handshake_s * 1000, 3)
+            ctx.count_upgrade("upgraded", 101, handshake_s)
+            ctx.connections.discard(self)
+            self.state = DONE
+            tunnel = Tunnel(self.transport, origin_t, ctx.tunnel_ended, rec)
+            ctx.tunnel_opened(tunnel)
+            tunnel.start(bytes(oproto.buf), b"")
+        finally:
+            if not handed_over:
+                ctx.admission.give()
+                if origin_t is not None:
+                    origin_t.abort()

@@ -1,0 +1,144 @@
+"""A worker's shared state: settings turned into ready-to-use values, the open
+connections, the counters in its shared-memory slot, and the once-a-second
+sweep that publishes byte counts and enforces the idle timeout.
+
+Counting happens per connection, never per chunk: a tunnel's byte counts are
+plain attributes of its sides; the sweep sums them into the slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import msgspec
+
+from metrics import layout
+from relay.config import Settings
+from relay.origin import Origins
+from relay.shared import Admission
+from relay.tunnel import Tunnel
+
+
+class AccessRecord(msgspec.Struct, omit_defaults=False):
+    time: float
+    worker: int
+    client: str
+    method: str
+    path: str
+    status: int
+    outcome: str
+    handshake_ms: float
+    duration_s: float
+    bytes_up: int
+    bytes_down: int
+    origin: str
+
+
+_encode = msgspec.json.Encoder().encode
+
+
+class Context:
+    def __init__(self, settings: Settings, index: int, admission: Admission, counters: memoryview):
+        self.settings = settings
+        self.index = index
+        self.admission = admission
+        self.m = counters
+        self.ws_paths = tuple(p.encode() for p in settings.ws_paths)
+        self.proto = settings.forwarded_proto.encode()
+        self.origins = Origins(settings.origin)
+        self.tunnels: set[Tunnel] = set()
+        #: connections before a tunnel exists (head phase, plain HTTP)
+        self.connections: set = set()
+        #: idle origin connections for plain HTTP (relay.http_proxy)
+        self.http_pool: list = []
+        self.draining = False
+        self.idle = asyncio.Event()
+        self.access_log = settings.access_log
+        self._closed_up = 0
+        self._closed_down = 0
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    # -- counting -----------------------------------------------------------------
+    def count_upgrade(self, outcome: str, status: int, handshake_s: float | None = None) -> None:
+        m = self.m
+        m[layout.UPGRADES + layout.OUTCOMES.index(outcome)] += 1
+        m[layout.HTTP + status] += 1
+        if handshake_s is not None:
+            m[layout.HANDSHAKE + layout.bucket_index(layout.HANDSHAKE_BUCKETS, handshake_s)] += 1
+            m[layout.HANDSHAKE + len(layout.HANDSHAKE_BUCKETS) + 1] += handshake_s
+
+    def count_http(self, status: int) -> None:
+        self.m[layout.HTTP + min(max(status, 0), layout.HTTP_CODES - 1)] += 1
+
+    def tunnel_opened(self, tunnel: Tunnel) -> None:
+        self.tunnels.add(tunnel)
+        self.m[layout.CONNECTIONS] = len(self.tunnels)
+
+    def tunnel_ended(self, tunnel: Tunnel) -> None:
+        self.tunnels.discard(tunnel)
+        self.admission.give()
+        m = self.m
+        m[layout.CONNECTIONS] = len(self.tunnels)
+        self._closed_up += tunnel.up
+        self._closed_down += tunnel.down
+        duration = time.monotonic() - tunnel.started
+        m[layout.DURATION + layout.bucket_index(layout.DURATION_BUCKETS, duration)] += 1
+        m[layout.DURATION + len(layout.DURATION_BUCKETS) + 1] += duration
+        self._publish_bytes()
+        rec = tunnel.record
+        if rec is not None and self.access_log:
+            rec.duration_s = round(duration, 3)
+            rec.bytes_up = tunnel.up
+            rec.bytes_down = tunnel.down
+            self.log(rec)
+        self.maybe_idle()
+
+    def maybe_idle(self) -> None:
+        if self.draining and not self.tunnels and not self.connections:
+            self.idle.set()
+
+    def log(self, record: AccessRecord) -> None:
+        if self.access_log:
+            try:
+                os.write(1, _encode(record) + b"\n")
+            except OSError:
+                pass
+
+    def record(self, client: str, method: bytes, path: bytes) -> AccessRecord:
+        return AccessRecord(time=round(time.time(), 3), worker=self.index, client=client,
+                            method=method.decode("latin-1"), path=path.decode("latin-1")[:512],
+                            status=0, outcome="", handshake_ms=0.0, duration_s=0.0,
+                            bytes_up=0, bytes_down=0, origin="")
+
+    def _publish_bytes(self) -> None:
+        up, down = self._closed_up, self._closed_down
+        for t in self.tunnels:
+            up += t.client.nbytes
+            down += t.origin.nbytes
+        self.m[layout.BYTES] = up
+        self.m[layout.BYTES + 1] = down
+
+    # -- the sweep ----------------------------------------------------------------
+    def start_sweeping(self) -> None:
+        self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)
+
+    def stop_sweeping(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        self._publish_bytes()
+
+    def _sweep(self) -> None:
+        self._publish_bytes()
+        limit = self.settings.idle_timeout
+        if limit:
+            now = time.monotonic()
+            for t in list(self.tunnels):
+                total = t.client.nbytes + t.origin.nbytes
+                if total != t.last_bytes:
+                    t.last_bytes = total
+                    t.last_active = now
+                elif now - t.last_active >= limit:
+                    t.close()
+        self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)

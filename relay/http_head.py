@@ -1,0 +1,221 @@
+"""HTTP/1.1 message heads, sans-I/O: bytes in, a value, ``None`` (need more
+bytes) or :class:`HeadError` out. Nothing here touches a socket.
+
+Exceptions::
+
+    HeadError(status, outcome)      the peer sent something we refuse
+      raised by parse_request_head   -> 400, 431, 505 (the client's fault)
+      raised by parse_response_head  -> 502 (the origin's fault)
+
+The parser is strict where leniency lets a request mean two things to two
+hops (RFC 9112 §2.2, §3, §5, §6.1, §6.3, §11.2): no bare LF, no obsolete line
+folding, no whitespace before the colon, no control characters in values,
+exactly one Host, never both Content-Length and Transfer-Encoding.
+The head is kept as its raw lines so what we forward is what we received.
+"""
+
+from __future__ import annotations
+
+import re
+
+CRLF = b"\r\n"
+HEAD_END = b"\r\n\r\n"
+
+# RFC 9110 §5.6.2 token; §5.5 field values: VCHAR, obs-text, SP and HTAB.
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_BAD_TARGET = re.compile(rb"[\x00-\x20\x7f]")
+_VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])\Z")
+_STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([1-5][0-9][0-9])(?: [^\x00-\x08\x0a-\x1f\x7f]*)?\Z")
+
+
+class HeadError(Exception):
+    """A head we refuse, with the status to answer and the metrics outcome."""
+
+    def __init__(self, status: int, reason: str, outcome: str = "bad_request"):
+        super().__init__(reason)
+        self.status = status
+        self.outcome = outcome
+
+
+class Head:
+    """Fields shared by requests and responses: raw header lines and lookups."""
+
+    __slots__ = ("fields", "head_len")
+
+    def __init__(self, fields: list[tuple[bytes, bytes, bytes]], head_len: int):
+        #: (lowercased name, raw line, value) per header line, in order.
+        self.fields = fields
+        #: bytes of the buffer the head took, terminator included.
+        self.head_len = head_len
+
+    def get(self, lname: bytes) -> bytes | None:
+        for name, _line, value in self.fields:
+            if name == lname:
+                return value
+        return None
+
+    def get_all(self, lname: bytes) -> list[bytes]:
+        return [value for name, _line, value in self.fields if name == lname]
+
+    def tokens(self, lname: bytes) -> set[bytes]:
+        """Comma-separated, case-insensitive tokens of every line of a header."""
+        out: set[bytes] = set()
+        for value in self.get_all(lname):
+            out.update(t.strip().lower() for t in value.split(b","))
+        out.discard(b"")
+        return out
+
+
+class Request(Head):
+    __slots__ = ("method", "target", "path", "version")
+
+    def __init__(self, method: bytes, target: bytes, path: bytes, version: bytes,
+                 fields: list[tuple[bytes, bytes, bytes]], head_len: int):
+        super().__init__(fields, head_len)
+        self.method = method
+        #: origin-form target (absolute-form is rewritten): path and query.
+        self.target = target
+        #: the path alone, without the query.
+        self.path = path
+        #: b"1.1" or b"1.0".
+        self.version = version
+
+
+class Response(Head):
+    __slots__ = ("status",)
+
+    def __init__(self, status: int, fields: list[tuple[bytes, bytes, bytes]], head_len: int):
+        super().__init__(fields, head_len)
+        self.status = status
+
+
+def _head_bounds(buf: bytes | bytearray, max_bytes: int, error: HeadError) -> tuple[int, int] | None:
+    """(start, end) of the head lines, skipping leading empty lines (RFC 9112 §2.2)."""
+    start = 0
+    while buf.startswith(CRLF, start):
+        start += 2
+    end = buf.find(HEAD_END, start)
+    if end < 0:
+        if len(buf) > max_bytes:
+            raise error
+        return None
+    if end + 4 > max_bytes:
+        raise error
+    return start, end
+
+
+def _fields(lines: list[bytes], who: int) -> list[tuple[bytes, bytes, bytes]]:
+    outcome = "bad_request" if who == 400 else "origin_error"
+    fields = []
+    for line in lines:
+        name, colon, value = line.partition(b":")
+        if not colon or not _TOKEN.match(name):
+            # Covers obs-fold (leading SP/HT), whitespace before the colon, no colon.
+            raise HeadError(who, "malformed header line", outcome)
+        value = value.strip(b" \t")
+        if _BAD_VALUE.search(value):
+            raise HeadError(who, "control character in a header value", outcome)
+        fields.append((name.lower(), line, value))
+    return fields
+
+
+def parse_request_head(buf: bytes | bytearray, max_bytes: int) -> Request | None:
+    """Parse a request head at the start of ``buf``; ``None`` until it is complete.
+
+    RFC 9112 §3 (request line), §5 (fields), §3.2 (exactly one Host in 1.1).
+    Raises :class:`HeadError` with 431 past ``max_bytes``, 505 for a version
+    other than HTTP/1.x, 400 for anything malformed.
+    """
+    bounds = _head_bounds(buf, max_bytes, HeadError(431, "request head too large"))
+    if bounds is None:
+        return None
+    start, end = bounds
+    lines = bytes(buf[start:end]).split(CRLF)
+    parts = lines[0].split(b" ")
+    if len(parts) != 3:
+        raise HeadError(400, "malformed request line")
+    method, target, version = parts
+    if not _TOKEN.match(method) or not target or _BAD_TARGET.search(target):
+        raise HeadError(400, "malformed request line")
+    m = _VERSION.match(version)
+    if m is None:
+        raise HeadError(400, "malformed HTTP version")
+    if m.group(1) != b"1":
+        raise HeadError(505, "HTTP version not supported")
+    version = b"1.1" if m.group(2) != b"0" else b"1.0"
+    if method == b"CONNECT":
+        raise HeadError(400, "CONNECT is not relayed: wsrelay is not a forward proxy")
+    target = _origin_form(method, target)
+    fields = _fields(lines[1:], 400)
+    req = Request(method, target, target.partition(b"?")[0], version, fields, end + 4)
+    hosts = req.get_all(b"host")
+    if len(hosts) > 1 or (version == b"1.1" and not hosts):
+        raise HeadError(400, "a request needs exactly one Host header")
+    return req
+
+
+def _origin_form(method: bytes, target: bytes) -> bytes:
+    """RFC 9112 §3.2: accept absolute-form but never route by it; forward origin-form."""
+    if target.startswith(b"/"):
+        return target
+    if target == b"*" and method == b"OPTIONS":
+        return target
+    lower = target[:8].lower()
+    for scheme in (b"http://", b"https://", b"ws://", b"wss://"):
+        if lower.startswith(scheme):
+            rest = target[len(scheme):]
+            cut = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0), default=-1)
+            if cut < 0:
+                return b"/"
+            rest = rest[cut:]
+            return rest if rest.startswith(b"/") else b"/" + rest
+    raise HeadError(400, "malformed request target")
+
+
+def body_framing(head: Head, is_request: bool = True) -> int | None:
+    """How the message body is delimited (RFC 9112 §6.3).
+
+    Returns the Content-Length, ``-1`` for chunked, or ``None`` when there is
+    no length (for requests: no body; for responses: read until close).
+    Ambiguous framing raises :class:`HeadError` (400 for requests, 502 for
+    responses), so it is never passed on.
+    """
+    status, outcome = (400, "bad_request") if is_request else (502, "origin_error")
+    te = head.get_all(b"transfer-encoding")
+    cl = head.get_all(b"content-length")
+    if te:
+        if cl:
+            raise HeadError(status, "both Content-Length and Transfer-Encoding", outcome)
+        if isinstance(head, Request) and head.version == b"1.0":
+            raise HeadError(status, "Transfer-Encoding in an HTTP/1.0 request", outcome)
+        codings = [c.strip().lower() for v in te for c in v.split(b",")]
+        if codings != [b"chunked"]:
+            # Other codings are legal but nothing on the web sends them to a
+            # relay; refusing keeps framing unambiguous (RFC 9112 §6.1).
+            raise HeadError(status if is_request else 502, "unsupported Transfer-Encoding", outcome)
+        return -1
+    if cl:
+        values = {v.strip() for c in cl for v in c.split(b",")}
+        if len(values) != 1:
+            raise HeadError(status, "conflicting Content-Length values", outcome)
+        value = values.pop()
+        if not value.isdigit() or len(value) > 18:
+            raise HeadError(status, "invalid Content-Length", outcome)
+        return int(value)
+    return None
+
+
+def parse_response_head(buf: bytes | bytearray, max_bytes: int) -> Response | None:
+    """Parse the origin's status line and fields (RFC 9112 §4); 502 when malformed."""
+    bounds = _head_bounds(buf, max_bytes, HeadError(502, "origin response head too large", "origin_error"))
+    if bounds is None:
+        return None
+    start, end = bounds
+    if start:
+        raise HeadError(502, "origin response starts with empty lines", "origin_error")
+    lines = bytes(buf[:end]).split(CRLF)
+    m = _STATUS_LINE.match(lines[0])
+    if m is None:
+        raise HeadError(502, "malformed origin status line", "origin_error")
+    return Response(int(m.group(1)), _fields(lines[1:], 502), end + 4)

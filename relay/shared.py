@@ -1,0 +1,106 @@
+"""Shared memory between the supervisor and its workers.
+
+One anonymous file (memfd), mapped by the supervisor before it forks, so every
+worker shares the same pages::
+
+    [ header: limit                      ]  int64
+    [ clients[slot] for every slot       ]  int64, one writer each
+    [ counters[slot][metrics.layout.SIZE] ] float64, one writer each
+
+The global client count is the sum of ``clients``. Taking a client is a
+check-then-increment across processes, so it holds an ``fcntl`` record lock
+for those few instructions: the kernel drops that lock when its holder dies,
+so even a worker killed by SIGKILL inside the critical section cannot wedge
+the others. Giving a client back is a single aligned store by the slot's own
+writer and needs no lock. When the supervisor reaps a worker it zeroes that
+worker's ``clients`` slot under the lock, which is how a crash gives its
+share back.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+
+from metrics import layout
+
+_HEADER = 8  # int64 slots in the header
+LIMIT = 0
+
+
+class SharedState:
+    def __init__(self, nslots: int, limit: int):
+        self.nslots = nslots
+        size = 8 * (_HEADER + nslots) + 8 * layout.SIZE * nslots
+        self.fd = os.memfd_create("wsrelay-shared", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, size)
+        self._mm = mmap.mmap(self.fd, size)
+        view = memoryview(self._mm)
+        self.header = view[: 8 * _HEADER].cast("q")
+        self.clients = view[8 * _HEADER: 8 * (_HEADER + nslots)].cast("q")
+        base = 8 * (_HEADER + nslots)
+        step = 8 * layout.SIZE
+        self._counters = [view[base + i * step: base + (i + 1) * step].cast("d") for i in range(nslots)]
+        self.header[LIMIT] = limit
+
+    def counters(self, slot: int) -> memoryview:
+        return self._counters[slot]
+
+    @property
+    def limit(self) -> int:
+        return self.header[LIMIT]
+
+    @limit.setter
+    def limit(self, value: int) -> None:
+        self.header[LIMIT] = value
+
+    def total_clients(self) -> int:
+        return sum(self.clients)
+
+    def lock(self) -> None:
+        fcntl.lockf(self.fd, fcntl.LOCK_EX)
+
+    def unlock(self) -> None:
+        fcntl.lockf(self.fd, fcntl.LOCK_UN)
+
+    def reset_slot(self, slot: int) -> None:
+        """Give back a dead worker's clients and clear its counters (supervisor only)."""
+        self.lock()
+        try:
+            self.clients[slot] = 0
+        finally:
+            self.unlock()
+        c = self._counters[slot]
+        for i in range(len(c)):
+            c[i] = 0.0
+
+
+class Admission:
+    """A worker's view of the global limit: :meth:`take` before contacting the
+    origin, :meth:`give` exactly once when that client's tunnel ends."""
+
+    __slots__ = ("_shared", "_clients", "_slot", "_fd", "_header")
+
+    def __init__(self, shared: SharedState, slot: int):
+        self._shared = shared
+        self._clients = shared.clients
+        self._header = shared.header
+        self._slot = slot
+        self._fd = shared.fd
+
+    def take(self) -> bool:
+        fcntl.lockf(self._fd, fcntl.LOCK_EX)
+        try:
+            if sum(self._clients) >= self._header[LIMIT]:
+                return False
+            self._clients[self._slot] += 1
+            return True
+        finally:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN)
+
+    def give(self) -> None:
+        self._clients[self._slot] -= 1
+
+    def held(self) -> int:
+        return self._clients[self._slot]

@@ -1,0 +1,458 @@
+"""The supervisor: binds the listening sockets once, forks the workers, and
+keeps them at their target through crashes, reloads and shutdown.
+
+It stays single-threaded with no event loop — a plain ``selectors`` loop — so
+forking a worker from it is always safe. Signal handlers only queue the
+signal; the loop dispatches ``_on_<signal>``. One reconciler,
+:meth:`_manage`, starts whatever worker the current generation lacks.
+
+Why one inherited SO_REUSEPORT socket and not one per worker: with a socket
+per worker the kernel hashes each connection to one worker's queue, and the
+connections queued on a worker that exits are reset. With one socket shared by
+every worker, a worker that stops accepting leaves its queue to the others, so
+drains and reloads drop nothing; each worker accepts from the shared queue
+whenever its loop is free, which spreads load by actual availability
+(measured in tests/test_lifecycle.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import signal
+import socket
+import time
+
+from metrics import layout
+from relay import __version__
+from relay.config import ConfigError, Settings, load
+from relay.shared import SharedState
+from workers import systemd, worker
+
+log = logging.getLogger("wsrelay")
+
+RESTART_BACKOFF_MAX = 10.0
+HEALTHY_AFTER = 5.0  # a worker that lived this long resets its backoff
+
+
+class Worker:
+    __slots__ = ("pid", "index", "slot", "generation", "ready", "started", "ready_fd", "draining")
+
+    def __init__(self, pid: int, index: int, slot: int, generation: int, ready_fd: int):
+        self.pid = pid
+        self.index = index
+        self.slot = slot
+        self.generation = generation
+        self.ready = False
+        self.started = time.monotonic()
+        self.ready_fd = ready_fd
+        self.draining = False
+
+
+def bind(settings: Settings) -> list[socket.socket]:
+    socks = []
+    for addr in settings.listen:
+        family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            sock.bind((addr.host, addr.port))
+        except OSError as e:
+            sock.close()
+            raise ConfigError([f"RELAY_LISTEN={addr}: cannot bind: {e.strerror}"]) from None
+        sock.listen(settings.backlog)
+        sock.setblocking(False)
+        socks.append(sock)
+    return socks
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, env_file: str | None = None, environ: dict | None = None,
+                 on_ready=None):
+        self.settings = settings
+        self.env_file = env_file
+        self.environ = environ
+        self.on_ready = on_ready
+        self.workers: dict[int, Worker] = {}  # pid -> worker
+        self.generation = 0
+        self.stopping = False
+        self.stop_deadline = 0.0
+        self.reloading = False
+        self.ready_once = False
+        self.restarts = 0
+        self.failures: dict[int, int] = {}   # index -> consecutive early deaths
+        self.not_before: dict[int, float] = {}  # index -> earliest restart time
+        self.history: dict[int, list[float]] = {}  # index -> counters of dead workers
+        self.signals: list[int] = []
+        self.sel = selectors.DefaultSelector()
+        self.endpoint = None
+        self.socks: list[socket.socket] = []
+        self.listen_key = settings.listen
+
+    # -- public -------------------------------------------------------------------
+    def run(self) -> int:
+        s = self.settings
+        activated = systemd.listen_fds()
+        self.socks = activated or bind(s)
+        for sock in self.socks:
+            sock.setblocking(False)
+        n = s.effective_workers()
+        self.shared = SharedState(max(64, 4 * n), s.max_clients)
+        self._install_signals()
+        if s.metrics_listen is not None:
+            self._start_endpoint(s)
+        names = ", ".join(_sockname(x) for x in self.socks)
+        log.info("wsrelay %s listening on %s (%s), %d workers, origin %s, mode %s",
+                 __version__, names, "socket-activated" if activated else "bound", n,
+                 ", ".join(str(o) for o in s.origin), s.mode)
+        self.watchdog = systemd.watchdog_interval()
+        self.next_watchdog = time.monotonic()
+        self._manage()
+        while True:
+            timeout = self._timeout()
+            for key, ev in self.sel.select(timeout):
+                key.data(key.fileobj, ev)
+            self._dispatch_signals()
+            self._reap()
+            self._manage()
+            self._tick()
+            if self.stopping and not self.workers:
+                break
+        log.info("wsrelay stopped")
+        if self.endpoint is not None:
+            self.endpoint.close()
+        return 0
+
+    @property
+    def port(self) -> int:
+        return self.socks[0].getsockname()[1]
+
+    # -- signals --------------------------------------------------------------------
+    def _install_signals(self) -> None:
+        r, w = socket.socketpair()
+        r.setblocking(False)
+        w.setblocking(False)
+        self._wake_r, self._wake_w = r, w
+        signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
+        self.sel.register(r, selectors.EVENT_READ, self._drain_wakeup)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGQUIT):
+            signal.signal(sig, self._queue_signal)
+
+    def _queue_signal(self, signum, _frame) -> None:
+        self.signals.append(signum)  # nothing else here: the loop does the work
+
+    def _drain_wakeup(self, sock, _ev) -> None:
+        try:
+            while sock.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _dispatch_signals(self) -> None:
+        while self.signals:
+            sig = self.signals.pop(0)
+            if sig in (signal.SIGTERM, signal.SIGINT):
+                self._on_term(signal.Signals(sig).name)
+            elif sig == signal.SIGQUIT:
+                self._on_term("SIGQUIT", now=True)
+            elif sig == signal.SIGHUP:
+                self._on_hup()
+
+    def _on_term(self, name: str, now: bool = False) -> None:
+        if self.stopping or now:
+            log.warning("%s: stopping now, closing every connection", name)
+            self.stopping = True
+            self.stop_deadline = min(self.stop_deadline or 1e18, time.monotonic() + 5)
+            self._signal_all(signal.SIGQUIT)
+            return
+        log.info("%s: draining, open connections get %gs", name, self.settings.drain_timeout)
+        systemd.notify("STOPPING=1")
+        self.stopping = True
+        self.stop_deadline = time.monotonic() + self.settings.drain_timeout + 5
+        # Close our copy of the listening sockets: once the workers close
+        # theirs, new connection attempts are refused instead of queued.
+        for sock in self.socks:
+            sock.close()
+        self._signal_all(signal.SIGTERM)
+        for w in self.workers.values():
+            w.draining = True
+
+    def _on_hup(self) -> None:
+        if self.stopping:
+            return
+        try:
+            new = load(self.environ, self.env_file)
+        except ConfigError as e:
+            for line in e.lines:
+                log.error("reload refused, still serving the running configuration: %s", line)
+            return
+        if new.listen != self.listen_key:
+            try:
+                socks = bind(new)
+            except ConfigError as e:
+                log.error("reload refused: %s", e)
+                return
+            self.old_socks = self.socks
+            self.socks = socks
+            self.listen_key = new.listen
+        if new.metrics_listen != self.settings.metrics_listen:
+            log.warning("RELAY_METRICS_LISTEN changes need a restart; keeping %s", self.settings.metrics_listen)
+        self.settings = new
+        self.shared.limit = new.max_clients
+        self.generation += 1
+        self.reloading = True
+        self.failures.clear()
+        self.not_before.clear()
+        systemd.notify("RELOADING=1")
+        log.info("SIGHUP: starting worker generation %d, then draining the old one", self.generation)
+
+    def _signal_all(self, sig: int, only=None) -> None:
+        for w in self.workers.values():
+            if only is None or only(w):
+                try:
+                    os.kill(w.pid, sig)
+                except ProcessLookupError:
+                    pass
+
+    # -- workers ----------------------------------------------------------------------
+    def _manage(self) -> None:
+        """Start every worker the current generation lacks, respecting backoff."""
+        if self.stopping:
+            return
+        n = self.settings.effective_workers()
+        have = {w.index for w in self.workers.values() if w.generation == self.generation}
+        now = time.monotonic()
+        for index in range(n):
+            if index not in have and now >= self.not_before.get(index, 0.0):
+                self._spawn(index)
+
+    def _spawn(self, index: int) -> None:
+        used = {w.slot for w in self.workers.values()}
+        slot = next((i for i in range(self.shared.nslots) if i not in used), None)
+        if slot is None:
+            log.error("no free worker slot (too many draining workers); retrying")
+            self.not_before[index] = time.monotonic() + 1
+            return
+        self.shared.reset_slot(slot)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child
+            code = 1
+            try:
+                os.close(r)
+                self._in_child()
+                code = worker.run(self.settings, self.socks, index, slot, self.shared, w)
+            except BaseException:  # noqa: BLE001 - report and exit, never return into the supervisor
+                log.exception("worker %d failed", index)
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        os.close(w)
+        self.workers[pid] = Worker(pid, index, slot, self.generation, r)
+        self.sel.register(r, selectors.EVENT_READ, self._worker_ready)
+        log.info("worker %d started (pid %d, generation %d)", index, pid, self.generation)
+
+    def _in_child(self) -> None:
+        signal.set_wakeup_fd(-1)
+        for sock in (self._wake_r, self._wake_w):
+            sock.close()
+        if self.endpoint is not None:
+            self.endpoint.sock.close()
+        for sock in getattr(self, "old_socks", []) or []:
+            sock.close()
+        self.sel.close()
+        for w in self.workers.values():
+            os.close(w.ready_fd)
+
+    def _worker_ready(self, fd, _ev) -> None:
+        try:
+            data = os.read(fd, 16)
+        except OSError:
+            data = b""
+        w = next((w for w in self.workers.values() if w.ready_fd == fd), None)
+        self.sel.unregister(fd)
+        if w is None:
+            os.close(fd)
+            return
+        if data:
+            w.ready = True
+        os.close(fd)
+        w.ready_fd = -1
+        self._check_generation_ready()
+
+    def _check_generation_ready(self) -> None:
+        current = [w for w in self.workers.values() if w.generation == self.generation]
+        n = self.settings.effective_workers()
+        if len(current) < n or not all(w.ready for w in current):
+            return
+        if not self.ready_once:
+            self.ready_once = True
+            systemd.notify("READY=1\nSTATUS=accepting")
+            log.info("ready: %d workers accepting", n)
+            if self.on_ready is not None:
+                self.on_ready(self)
+        if self.reloading:
+            self.reloading = False
+            old = [w for w in self.workers.values() if w.generation != self.generation and not w.draining]
+            for w in old:
+                w.draining = True
+            self._signal_all(signal.SIGTERM, only=lambda w: w in old)
+            for sock in getattr(self, "old_socks", []) or []:
+                sock.close()
+            self.old_socks = []
+            systemd.notify("READY=1\nSTATUS=reloaded")
+            log.info("reload: generation %d accepting, draining %d old workers", self.generation, len(old))
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            w = self.workers.pop(pid, None)
+            if w is None:
+                continue
+            if w.ready_fd >= 0:
+                try:
+                    self.sel.unregister(w.ready_fd)
+                except (KeyError, ValueError):
+                    pass
+                os.close(w.ready_fd)
+            self._retire(w)
+            code = os.waitstatus_to_exitcode(status)
+            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+            if w.draining or self.stopping:
+                log.info("worker %d (pid %d) finished (%s)", w.index, pid, how)
+                continue
+            lived = time.monotonic() - w.started
+            fails = self.failures.get(w.index, 0) + 1 if lived < HEALTHY_AFTER else 0
+            self.failures[w.index] = fails
+            delay = min(RESTART_BACKOFF_MAX, 0.1 * 2 ** (fails - 1)) if fails else 0.0
+            self.not_before[w.index] = time.monotonic() + delay
+            self.restarts += 1
+            log.error("worker %d (pid %d) died (%s) after %.1fs; restarting in %.1fs",
+                      w.index, pid, how, lived, delay)
+
+    def _retire(self, w: Worker) -> None:
+        """Fold a dead worker's counters into its index's history, give back its clients."""
+        counters = self.shared.counters(w.slot)
+        hist = self.history.setdefault(w.index, [0.0] * layout.SIZE)
+        for i in range(layout.SIZE):
+            if i not in layout.GAUGES:
+                hist[i] += counters[i]
+        self.shared.reset_slot(w.slot)
+
+    # -- timers ------------------------------------------------------------------------
+    def _timeout(self) -> float:
+        now = time.monotonic()
+        t = 1.0
+        if self.not_before:
+            pending = [v - now for i, v in self.not_before.items()
+                       if v > now and i not in {w.index for w in self.workers.values()
+                                                if w.generation == self.generation}]
+            if pending:
+                t = min(t, max(0.0, min(pending)))
+        if self.watchdog:
+            t = min(t, max(0.0, self.next_watchdog - now))
+        if self.stopping:
+            t = min(t, 0.2)
+        return t
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        if self.endpoint is not None:
+            self.endpoint.expire()
+        if self.watchdog and now >= self.next_watchdog:
+            self.next_watchdog = now + self.watchdog
+            if any(w.ready for w in self.workers.values()):
+                systemd.notify("WATCHDOG=1")
+        if self.stopping and self.workers and now > self.stop_deadline:
+            log.warning("drain deadline passed: killing %d workers", len(self.workers))
+            self._signal_all(signal.SIGKILL)
+            self.stop_deadline = now + 5
+
+    # -- metrics --------------------------------------------------------------------------
+    def _start_endpoint(self, s: Settings) -> None:
+        from prometheus_client import CollectorRegistry
+
+        from metrics.collector import RelayCollector
+        from metrics.endpoint import Endpoint
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(RelayCollector(_MetricsSource(self)))
+        addr = s.metrics_listen
+        try:
+            self.endpoint = Endpoint.bind(addr.host, addr.port, registry=registry,
+                                          healthy=self.healthy, ready=self.ready)
+        except OSError as e:
+            raise ConfigError([f"RELAY_METRICS_LISTEN={addr}: cannot bind: {e.strerror}"]) from None
+        self.endpoint.register(self.sel)
+
+    def healthy(self) -> bool:
+        return any(True for _ in self.workers)
+
+    def ready(self) -> bool:
+        return self.ready_once and not self.stopping and any(w.ready and not w.draining
+                                                             for w in self.workers.values())
+
+
+class _MetricsSource:
+    """What the collector reads: live slots plus the history of dead workers."""
+
+    version = __version__
+
+    def __init__(self, sup: Supervisor):
+        self.sup = sup
+
+    def per_worker(self) -> dict[str, list[float]]:
+        sup = self.sup
+        out: dict[int, list[float]] = {}
+        for index in range(sup.settings.effective_workers()):
+            out[index] = list(sup.history.get(index, [0.0] * layout.SIZE))
+        for index, hist in sup.history.items():
+            out.setdefault(index, list(hist))
+        for w in sup.workers.values():
+            counters = sup.shared.counters(w.slot)
+            acc = out.setdefault(w.index, [0.0] * layout.SIZE)
+            for i in range(layout.SIZE):
+                acc[i] += counters[i]
+        return {str(i): v for i, v in sorted(out.items())}
+
+    def clients(self) -> int:
+        return self.sup.shared.total_clients()
+
+    def limit(self) -> int:
+        return self.sup.shared.limit
+
+    def restarts(self) -> int:
+        return self.sup.restarts
+
+    def processes(self) -> dict[str, tuple[float, float, float]]:
+        out: dict[int, list[float]] = {}
+        tick = os.sysconf("SC_CLK_TCK")
+        page = os.sysconf("SC_PAGE_SIZE")
+        for w in self.sup.workers.values():
+            try:
+                with open(f"/proc/{w.pid}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+                rss = int(fields[21]) * page
+                cpu = (int(fields[11]) + int(fields[12])) / tick
+                fds = len(os.listdir(f"/proc/{w.pid}/fd"))
+            except (OSError, IndexError, ValueError):
+                continue
+            acc = out.setdefault(w.index, [0.0, 0.0, 0.0])
+            acc[0] += rss
+            acc[1] += cpu
+            acc[2] += fds
+        return {str(i): tuple(v) for i, v in sorted(out.items())}  # type: ignore[misc]
+
+
+def _sockname(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

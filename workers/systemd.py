@@ -1,0 +1,54 @@
+"""systemd integration, both halves no-ops outside systemd.
+
+- :func:`notify` speaks the ``NOTIFY_SOCKET`` datagram protocol (sd_notify(3)),
+  including abstract socket names (a leading ``@``).
+- :func:`listen_fds` takes sockets passed by socket activation
+  (sd_listen_fds(3)): only when ``LISTEN_PID`` is this process.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+SD_LISTEN_FDS_START = 3
+
+
+def notify(message: str) -> bool:
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(address)
+            s.sendall(message.encode())
+        return True
+    except OSError:
+        return False
+
+
+def watchdog_interval() -> float | None:
+    """Half of ``WATCHDOG_USEC`` in seconds, when the watchdog is meant for us."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or not usec.isdigit() or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2e6
+
+
+def listen_fds() -> list[socket.socket]:
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    try:
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return []
+    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(key, None)
+    socks = []
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count):
+        os.set_inheritable(fd, False)
+        socks.append(socket.socket(fileno=fd))
+    return socks

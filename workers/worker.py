@@ -1,0 +1,87 @@
+"""A worker process: one uvloop event loop serving the inherited listening
+sockets until the supervisor asks it to drain (SIGTERM) or to stop at once
+(SIGQUIT).
+
+Draining: stop accepting at once (the supervisor and the other workers still
+hold the listening socket, so nothing queued is reset), close idle keep-alive
+connections, give open tunnels ``RELAY_DRAIN_TIMEOUT`` to end by themselves,
+then close what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+
+import uvloop
+
+from relay.client import ClientConnection
+from relay.config import Settings
+from relay.context import Context
+from relay.shared import Admission, SharedState
+
+log = logging.getLogger("wsrelay.worker")
+
+
+def run(settings: Settings, socks: list[socket.socket], index: int, slot: int,
+        shared: SharedState, ready_fd: int) -> int:
+    """Entry point in the forked child; returns the exit code."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    # SIGINT from a terminal reaches the whole process group: the supervisor
+    # decides what happens, the worker waits for its word.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        return loop.run_until_complete(_serve(settings, socks, index, slot, shared, ready_fd))
+    finally:
+        loop.close()
+
+
+async def _serve(settings: Settings, socks: list[socket.socket], index: int, slot: int,
+                 shared: SharedState, ready_fd: int) -> int:
+    loop = asyncio.get_running_loop()
+    ctx = Context(settings, index, Admission(shared, slot), shared.counters(slot))
+    servers = []
+    for sock in socks:
+        servers.append(await loop.create_server(lambda: ClientConnection(ctx), sock=sock,
+                                                backlog=settings.backlog))
+    ctx.start_sweeping()
+    drain = asyncio.Event()
+    now = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, drain.set)
+    loop.add_signal_handler(signal.SIGQUIT, lambda: (drain.set(), now.set()))
+    os.write(ready_fd, b"R")
+    os.close(ready_fd)
+    log.debug("worker %d (pid %d) accepting", index, os.getpid())
+
+    await drain.wait()
+    ctx.draining = True
+    for server in servers:
+        server.close()
+    for conn in list(ctx.connections):
+        conn.drain()
+    ctx.maybe_idle()
+    if not now.is_set() and settings.drain_timeout > 0 and not ctx.idle.is_set():
+        log.info("worker %d draining: %d tunnels, %d connections, up to %gs",
+                 index, len(ctx.tunnels), len(ctx.connections), settings.drain_timeout)
+        waits = [asyncio.ensure_future(ctx.idle.wait()), asyncio.ensure_future(now.wait())]
+        await asyncio.wait(waits, timeout=settings.drain_timeout, return_when=asyncio.FIRST_COMPLETED)
+        for w in waits:
+            w.cancel()
+    for tunnel in list(ctx.tunnels):
+        tunnel.close()
+    for conn in list(ctx.connections):
+        if conn.transport is not None:
+            conn.transport.close()
+    ctx.stop_sweeping()
+    # Let the closes flush; every transport is closing, so this is short.
+    for _ in range(10):
+        if not ctx.tunnels and not ctx.connections:
+            break
+        await asyncio.sleep(0.05)
+    return 0
