@@ -393,6 +393,7 @@ class Supervisor:
         except OSError as e:
             raise ConfigError([f"RELAY_METRICS_LISTEN={addr}: cannot bind: {e.strerror}"]) from None
         self.endpoint.register(self.sel)
+        log.info("metrics on http://%s:%d/metrics", addr.host, self.endpoint.port)
 
     def healthy(self) -> bool:
         return any(True for _ in self.workers)

@@ -1,0 +1,212 @@
+"""Test harness: the real relay as a subprocess, origins on a background loop.
+
+Everything listens on 127.0.0.1 port 0; ports are read from the relay's own
+log lines, never guessed. Every wait polls a condition with a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def wait_for(cond: Callable[[], object], timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Relay:
+    """``wsrelay run`` as a child process, with its stderr (log) and stdout (access log) captured."""
+
+    def __init__(self, origin: str | None, workers: int = 2, env: dict | None = None,
+                 args: tuple[str, ...] = (), metrics: bool = True):
+        e = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+        e.update({
+            "RELAY_LISTEN": "127.0.0.1:0",
+            "RELAY_WORKERS": str(workers),
+            "RELAY_METRICS_LISTEN": "127.0.0.1:0" if metrics else "",
+            "RELAY_DRAIN_TIMEOUT": "5",
+            "PYTHONUNBUFFERED": "1",
+        })
+        if origin is not None:
+            e["RELAY_ORIGIN"] = origin
+        e.update(env or {})
+        self.env = e
+        self.args = args
+        self.log: list[str] = []
+        self.access: list[str] = []
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self.metrics_port = 0
+
+    def start(self, wait_ready: bool = True) -> "Relay":
+        self.proc = subprocess.Popen([sys.executable, "-m", "relay", "run", *self.args], env=self.env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+        threading.Thread(target=self._pump, args=(self.proc.stderr, self.log), daemon=True).start()
+        threading.Thread(target=self._pump, args=(self.proc.stdout, self.access), daemon=True).start()
+        if wait_ready:
+            self.wait_log("ready:", timeout=20)
+            m = re.search(r"listening on [^ ]*?:(\d+)", self.text())
+            self.port = int(m.group(1))
+            m = re.search(r"metrics on http://[^ ]*?:(\d+)/", self.text())
+            self.metrics_port = int(m.group(1)) if m else 0
+        return self
+
+    @staticmethod
+    def _pump(stream, sink: list[str]) -> None:
+        for line in iter(stream.readline, b""):
+            sink.append(line.decode(errors="replace").rstrip("\n"))
+        stream.close()
+
+    def text(self) -> str:
+        return "\n".join(self.log)
+
+    def wait_log(self, needle: str, timeout: float = 10.0, count: int = 1) -> None:
+        def seen():
+            if self.proc.poll() is not None and self.text().count(needle) < count:
+                raise AssertionError(f"relay exited ({self.proc.returncode}) before logging {needle!r}:\n"
+                                     + self.text())
+            return self.text().count(needle) >= count
+        wait_for(seen, timeout, what=f"log line {needle!r}")
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def worker_pids(self) -> dict[int, int]:
+        """Live workers by index, from /proc (children of the supervisor)."""
+        out = {}
+        for m in re.finditer(r"worker (\d+) started \(pid (\d+)", self.text()):
+            index, pid = int(m.group(1)), int(m.group(2))
+            if _alive_child(pid, self.proc.pid):
+                out[index] = pid
+        return out
+
+    def rss(self) -> int:
+        """Sum of VmRSS of the workers, in bytes."""
+        total = 0
+        for pid in self.worker_pids().values():
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    for line in f:
+                        if line.startswith("VmRSS:"):
+                            total += int(line.split()[1]) * 1024
+            except OSError:
+                pass
+        return total
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGQUIT)
+            try:
+                return self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                return self.proc.wait()
+
+    def __enter__(self) -> "Relay":
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        # Workers are children of the supervisor; make sure none outlives a test.
+        for pid in list(self.worker_pids().values()):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def _alive_child(pid: int, parent: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return fields[0] != b"Z" and int(fields[1]) == parent
+    except (OSError, IndexError, ValueError):
+        return False
+
+
+class LoopThread:
+    """An asyncio loop on a daemon thread, for origin servers the tests talk to."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float = 30.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+# -- raw-socket helpers ------------------------------------------------------------
+
+def ws_key() -> str:
+    return base64.b64encode(os.urandom(16)).decode()
+
+
+def upgrade_request(path: str = "/", host: str = "relay.test", extra: str = "", version: str = "13",
+                    key: str | None = None) -> bytes:
+    return (f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key or ws_key()}\r\nSec-WebSocket-Version: {version}\r\n{extra}\r\n").encode()
+
+
+def raw_exchange(port: int, data: bytes, timeout: float = 10.0) -> bytes:
+    """Send ``data``, read until the relay closes; returns everything read."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        out = b""
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        return out
+
+
+def read_head(s: socket.socket) -> tuple[bytes, bytes]:
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = s.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed before a complete head: {buf!r}")
+        buf += chunk
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    return head, rest
+
+
+def status_of(response: bytes) -> int:
+    m = re.match(rb"HTTP/1\.[01] (\d{3})", response)
+    assert m, f"not an HTTP response: {response[:200]!r}"
+    return int(m.group(1))
