@@ -266,7 +266,8 @@ class Supervisor:
             sock.close()
         self.sel.close()
         for w in self.workers.values():
-            os.close(w.ready_fd)
+            if w.ready_fd >= 0:
+                os.close(w.ready_fd)
 
     def _worker_ready(self, fd, _ev) -> None:
         try:

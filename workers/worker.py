@@ -44,6 +44,9 @@ def run(settings: Settings, socks: list[socket.socket], index: int, slot: int,
 
 async def _serve(settings: Settings, socks: list[socket.socket], index: int, slot: int,
                  shared: SharedState, ready_fd: int) -> int:
+    if os.environ.get("WSRELAY_FAULT") == "crash-on-start":
+        # Fault injection for tests and chaos drills: a worker that cannot start.
+        raise RuntimeError("WSRELAY_FAULT=crash-on-start")
     loop = asyncio.get_running_loop()
     ctx = Context(settings, index, Admission(shared, slot), shared.counters(slot))
     servers = []

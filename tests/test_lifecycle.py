@@ -1,0 +1,246 @@
+"""The process model under real signals: the global limit, crashes, spread,
+drain, reload and restart backoff (SPEC §4 global limit, §5)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import socket
+import time
+import urllib.request
+
+import pytest
+from websockets.asyncio.client import connect
+
+from tests.helpers import Relay, read_head, status_of, upgrade_request, wait_for
+from tests.test_tunnel import run
+
+
+def scrape(relay: Relay) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{relay.metrics_port}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+def gauge(text: str, name: str, labels: str = "") -> float:
+    m = re.search(rf"^{name}{re.escape(labels)} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else float("nan")
+
+
+async def _attempt(port: int) -> tuple[int, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(upgrade_request("/"))
+    head = await reader.readuntil(b"\r\n\r\n")
+    return status_of(head), writer
+
+
+async def burst(port: int, n: int) -> tuple[list[asyncio.StreamWriter], dict[int, int]]:
+    """n simultaneous upgrade attempts; returns the open tunnels and a count per status."""
+    results = await asyncio.gather(*(_attempt(port) for _ in range(n)))
+    counts: dict[int, int] = {}
+    tunnels = []
+    for status, writer in results:
+        counts[status] = counts.get(status, 0) + 1
+        if status == 101:
+            tunnels.append(writer)
+        else:
+            writer.close()
+    return tunnels, counts
+
+
+def test_global_limit_is_strict_over_three_bursts(ws_origin):
+    with Relay(ws_origin.addr, workers=2, env={"RELAY_MAX_CLIENTS": "20"}) as r:
+        for _round in range(3):
+            async def go():
+                tunnels, counts = await burst(r.port, 60)
+                assert counts == {101: 20, 503: 40}, counts
+                assert gauge(scrape(r), "wsrelay_clients") == 20
+                for w in tunnels:
+                    w.close()
+            run(go())
+            wait_for(lambda: gauge(scrape(r), "wsrelay_clients") == 0, 10, what="clients back to 0")
+
+
+def test_limit_503_retry_after_and_closing_admits_more(ws_origin):
+    with Relay(ws_origin.addr, workers=2, env={"RELAY_MAX_CLIENTS": "20"}) as r:
+        async def go():
+            tunnels, counts = await burst(r.port, 20)
+            assert counts == {101: 20}
+            reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+            writer.write(upgrade_request("/"))
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert status_of(head) == 503 and b"Retry-After: 5" in head
+            writer.close()
+            for w in tunnels[:5]:
+                w.close()
+            deadline = time.monotonic() + 10
+            while gauge(scrape(r), "wsrelay_clients") > 15 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            more, counts = await burst(r.port, 8)
+            assert counts == {101: 5, 503: 3}, counts
+            for w in tunnels[5:] + more:
+                w.close()
+        run(go())
+
+
+def test_sigkill_of_a_worker_holding_clients_gives_its_share_back(ws_origin):
+    with Relay(ws_origin.addr, workers=2, env={"RELAY_MAX_CLIENTS": "20"}) as r:
+        async def go():
+            tunnels, counts = await burst(r.port, 20)
+            assert counts == {101: 20}
+            text = scrape(r)
+            per_worker = {w: gauge(text, "wsrelay_websocket_connections", f'{{worker="{w}"}}') for w in "01"}
+            assert sum(per_worker.values()) == 20
+            victim_index = max(per_worker, key=per_worker.get)
+            victim = r.worker_pids()[int(victim_index)]
+            held = int(per_worker[victim_index])
+            import os
+            os.kill(victim, signal.SIGKILL)
+            t0 = time.monotonic()
+            deadline = t0 + 10
+            while time.monotonic() < deadline:
+                pids = r.worker_pids()
+                if pids.get(int(victim_index)) not in (None, victim) and \
+                        gauge(scrape(r), "wsrelay_clients") == 20 - held:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("worker not replaced or its clients not given back within 10 s")
+            more, counts = await burst(r.port, held + 3)
+            assert counts == {101: held, 503: 3}, counts
+            assert gauge(scrape(r), "wsrelay_worker_restarts_total") == 1
+            for w in tunnels + more:
+                w.close()
+        run(go())
+        assert "died (signal SIGKILL)" in r.text()
+
+
+def test_spread_of_1000_connections_over_two_workers(ws_origin):
+    with Relay(ws_origin.addr, workers=2) as r:
+        socks = []
+        try:
+            for _ in range(1000):
+                s = socket.create_connection(("127.0.0.1", r.port), timeout=10)
+                s.sendall(upgrade_request("/"))
+                socks.append(s)
+            for s in socks:
+                assert status_of(read_head(s)[0]) == 101
+            text = scrape(r)
+            counts = [gauge(text, "wsrelay_websocket_connections", f'{{worker="{w}"}}') for w in "01"]
+            assert sum(counts) == 1000
+            print("spread", counts)
+            assert all(400 <= c <= 600 for c in counts), counts
+        finally:
+            for s in socks:
+                s.close()
+
+
+def test_sigterm_drains_open_websocket_and_exits_0(ws_origin):
+    r = Relay(ws_origin.addr, workers=2, env={"RELAY_DRAIN_TIMEOUT": "3"}).start()
+    try:
+        async def go():
+            async with connect(r.url + "/") as ws:
+                await ws.send("before")
+                assert await ws.recv() == "before"
+                t0 = time.monotonic()
+                r.signal(signal.SIGTERM)
+                await asyncio.sleep(0.3)
+                # New connections are refused (or answered 503) during the drain...
+                try:
+                    status, w = await _attempt(r.port)
+                    w.close()
+                    assert status == 503
+                except (ConnectionError, asyncio.IncompleteReadError):
+                    pass
+                # ...while the open one keeps echoing until the drain timeout.
+                while time.monotonic() - t0 < 2.5:
+                    await ws.send("during")
+                    assert await ws.recv() == "during"
+                    await asyncio.sleep(0.2)
+                with pytest.raises(Exception):
+                    await asyncio.wait_for(ws.recv(), 6)
+        run(go())
+        code = r.proc.wait(8)
+        assert code == 0
+    finally:
+        r.stop()
+
+
+def test_second_sigterm_stops_at_once(ws_origin):
+    r = Relay(ws_origin.addr, workers=1, env={"RELAY_DRAIN_TIMEOUT": "30"}).start()
+    try:
+        s = socket.create_connection(("127.0.0.1", r.port), timeout=10)
+        s.sendall(upgrade_request("/"))
+        assert status_of(read_head(s)[0]) == 101
+        r.signal(signal.SIGTERM)
+        r.wait_log("draining")
+        t0 = time.monotonic()
+        r.signal(signal.SIGTERM)
+        assert r.proc.wait(10) == 0
+        assert time.monotonic() - t0 < 5
+        s.close()
+    finally:
+        r.stop()
+
+
+def test_sighup_reload_drops_nothing_and_applies_the_new_env_file(ws_origin, tmp_path):
+    env_file = tmp_path / "wsrelay.env"
+    env_file.write_text(f"RELAY_ORIGIN={ws_origin.addr}\nRELAY_WS_PATHS=/\n")
+    with Relay(None, workers=2, args=("--env-file", str(env_file))) as r:
+        async def client_loop(stop_at: float, failures: list, done: list):
+            while time.monotonic() < stop_at:
+                try:
+                    async with connect(r.url + "/live", open_timeout=5) as ws:
+                        await ws.send("ping")
+                        assert await ws.recv() == "ping"
+                    done.append(1)
+                except Exception as e:  # noqa: BLE001 - every failure is counted
+                    failures.append(repr(e))
+
+        async def go():
+            failures, done = [], []
+            stop_at = time.monotonic() + 5
+            loops = [asyncio.ensure_future(client_loop(stop_at, failures, done)) for _ in range(4)]
+            async with connect(r.url + "/held") as held:
+                await asyncio.sleep(1)
+                env_file.write_text(f"RELAY_ORIGIN={ws_origin.addr}\nRELAY_WS_PATHS=/live\n")
+                r.signal(signal.SIGHUP)
+                await asyncio.gather(*loops)
+                # the WebSocket opened before the reload still works
+                await held.send("still here")
+                assert await held.recv() == "still here"
+            assert failures == [], failures[:5]
+            assert len(done) > 20
+        run(go())
+        r.wait_log("reload: generation 1 accepting")
+        # The new setting is in force: upgrades outside /live are refused now.
+        with socket.create_connection(("127.0.0.1", r.port), timeout=10) as s:
+            s.sendall(upgrade_request("/held"))
+            assert status_of(read_head(s)[0]) == 403
+
+
+def test_invalid_env_file_on_reload_keeps_serving(ws_origin, tmp_path):
+    env_file = tmp_path / "wsrelay.env"
+    env_file.write_text(f"RELAY_ORIGIN={ws_origin.addr}\n")
+    with Relay(None, workers=1, args=("--env-file", str(env_file))) as r:
+        env_file.write_text(f"RELAY_ORIGIN={ws_origin.addr}\nRELAY_WORKERS=lots\n")
+        r.signal(signal.SIGHUP)
+        r.wait_log("reload refused")
+        assert "RELAY_WORKERS" in r.text()
+        with socket.create_connection(("127.0.0.1", r.port), timeout=10) as s:
+            s.sendall(upgrade_request("/"))
+            assert status_of(read_head(s)[0]) == 101
+        assert "generation 1" not in r.text()
+
+
+def test_worker_crashing_on_start_is_restarted_with_growing_delays(ws_origin):
+    r = Relay(ws_origin.addr, workers=1, env={"WSRELAY_FAULT": "crash-on-start"}).start(wait_ready=False)
+    try:
+        r.wait_log("restarting in", count=5, timeout=15)
+        time.sleep(0)  # the log is already in hand
+        delays = [float(x) for x in re.findall(r"restarting in ([\d.]+)s", r.text())]
+        assert delays[:5] == sorted(delays[:5]) and delays[4] >= 1.0, delays
+        starts = r.text().count("worker 0 started")
+        assert starts < 12, f"{starts} starts: restart loop too tight"
+    finally:
+        r.stop()
