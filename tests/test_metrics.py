@@ -1,0 +1,217 @@
+"""Observability against the real supervisor: /metrics, /healthz, /readyz and
+the JSON access log (SPEC §7, issue 4)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.asyncio.client import connect
+
+from tests.helpers import ROOT, Relay, raw_exchange, read_head, status_of, upgrade_request, wait_for
+from tests.test_tunnel import run
+
+
+def get(relay: Relay, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{relay.metrics_port}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def samples(relay: Relay) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for fam in text_string_to_metric_families(get(relay, "/metrics")[1]):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(relay: Relay, name: str, **labels) -> float:
+    return samples(relay).get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def total(relay: Relay, name: str, **labels) -> float:
+    """Sum over workers."""
+    want = set(labels.items())
+    return sum(v for (n, lbl), v in samples(relay).items() if n == name and want <= set(lbl))
+
+
+@pytest.fixture(scope="module")
+def mrelay(ws_origin):
+    env = {"RELAY_MAX_CLIENTS": "3", "RELAY_WS_PATHS": "/ok"}
+    with Relay(ws_origin.addr, workers=2, env=env) as r:
+        yield r
+
+
+def test_every_worker_has_its_series_from_the_start(mrelay):
+    s = samples(mrelay)
+    for w in ("0", "1"):
+        assert ("wsrelay_websocket_connections", (("worker", w),)) in s
+        for outcome in ("upgraded", "origin_rejected", "bad_request", "forbidden", "limit", "origin_error",
+                        "timeout", "draining"):
+            assert ("wsrelay_websocket_upgrades_total", (("outcome", outcome), ("worker", w))) in s
+        for d in ("upstream", "downstream"):
+            assert ("wsrelay_bytes_total", (("direction", d), ("worker", w))) in s
+        assert ("wsrelay_handshake_seconds_count", (("worker", w),)) in s
+        assert ("wsrelay_websocket_duration_seconds_count", (("worker", w),)) in s
+        assert ("wsrelay_worker_resident_memory_bytes", (("worker", w),)) in s
+    assert s[("wsrelay_clients_limit", ())] == 3
+    assert s[("wsrelay_build_info", (("version", __import__("relay").__version__),))] == 1
+    assert ("wsrelay_worker_restarts_total", ()) in s
+
+
+def test_traffic_is_counted_by_outcome_bytes_and_clients(mrelay):
+    before = samples(mrelay)
+
+    def delta(name, **labels):
+        want = set(labels.items())
+        return total(mrelay, name, **labels) - sum(
+            v for (n, lbl), v in before.items() if n == name and want <= set(lbl))
+
+    up = 300_000
+    down = 0
+
+    async def go():
+        nonlocal down
+        async with connect(mrelay.url + "/ok", max_size=None, compression=None) as a, \
+                connect(mrelay.url + "/ok", compression=None) as b:
+            payload = os.urandom(100_000)
+            for _ in range(3):
+                await a.send(payload)
+                down += len(await a.recv())
+            await b.send("x")
+            await b.recv()
+            # wsrelay_clients follows the open WebSockets within a second
+            deadline = time.monotonic() + 1.5
+            while value(mrelay, "wsrelay_clients") != 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert value(mrelay, "wsrelay_clients") == 2
+            assert total(mrelay, "wsrelay_websocket_connections") == 2
+            # byte counts of open tunnels are at most a second old
+            deadline = time.monotonic() + 2
+            while delta("wsrelay_bytes_total", direction="upstream") < up and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert delta("wsrelay_bytes_total", direction="upstream") >= up
+            assert delta("wsrelay_bytes_total", direction="downstream") >= down
+    run(go())
+    # 403 (path outside RELAY_WS_PATHS) and 503 (limit)
+    assert status_of(raw_exchange(mrelay.port, upgrade_request("/nope"))) == 403
+    held = []
+    for _ in range(3):
+        s = socket.create_connection(("127.0.0.1", mrelay.port), timeout=10)
+        s.sendall(upgrade_request("/ok"))
+        assert status_of(read_head(s)[0]) == 101
+        held.append(s)
+    assert status_of(raw_exchange(mrelay.port, upgrade_request("/ok"))) == 503
+    for s in held:
+        s.close()
+    assert delta("wsrelay_websocket_upgrades_total", outcome="upgraded") == 5
+    assert delta("wsrelay_websocket_upgrades_total", outcome="forbidden") == 1
+    assert delta("wsrelay_websocket_upgrades_total", outcome="limit") == 1
+    assert delta("wsrelay_http_requests_total", code="101") == 5
+    assert delta("wsrelay_http_requests_total", code="403") == 1
+    assert delta("wsrelay_handshake_seconds_count") == 5
+    wait_for(lambda: value(mrelay, "wsrelay_clients") == 0, 5, what="clients back to 0")
+    wait_for(lambda: delta("wsrelay_websocket_duration_seconds_count") == 5, 5, what="durations")
+
+
+def test_origin_error_is_counted():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    dead = s.getsockname()[1]
+    s.close()
+    with Relay(f"127.0.0.1:{dead}", workers=1) as r:
+        assert status_of(raw_exchange(r.port, upgrade_request("/"))) == 502
+        assert value(r, "wsrelay_websocket_upgrades_total", worker="0", outcome="origin_error") == 1
+        assert value(r, "wsrelay_http_requests_total", worker="0", code="502") == 1
+
+
+def test_promtool_accepts_the_exposition(mrelay):
+    text = get(mrelay, "/metrics")[1]
+    out = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_health_and_readiness_through_a_drain(ws_origin):
+    r = Relay(ws_origin.addr, workers=2, env={"RELAY_DRAIN_TIMEOUT": "3"}).start()
+    try:
+        assert get(r, "/healthz")[0] == 200
+        assert get(r, "/readyz")[0] == 200
+        assert get(r, "/nope")[0] == 404
+        s = socket.create_connection(("127.0.0.1", r.port), timeout=10)
+        s.sendall(upgrade_request("/"))
+        assert status_of(read_head(s)[0]) == 101
+        r.signal(signal.SIGTERM)
+        wait_for(lambda: get(r, "/readyz")[0] == 503, 5, what="/readyz 503 while draining")
+        assert get(r, "/healthz")[0] == 200
+        s.close()
+        assert r.proc.wait(10) == 0
+    finally:
+        r.stop()
+
+
+def test_access_log_line_of_a_finished_session(ws_origin):
+    with Relay(ws_origin.addr, workers=1) as r:
+        async def go():
+            async with connect(r.url + "/room/7?user=ann", compression=None) as ws:
+                await ws.send("12345")
+                assert await ws.recv() == "12345"
+                await asyncio.sleep(0.3)
+        t0 = time.time()
+        run(go())
+        wait_for(lambda: any('"outcome":"upgraded"' in x for x in r.access), 5, what="access log line")
+        rec = json.loads(next(x for x in r.access if '"outcome":"upgraded"' in x))
+        assert set(rec) >= {"time", "worker", "client", "path", "status", "outcome", "handshake_ms",
+                            "duration_s", "bytes_up", "bytes_down", "origin"}
+        assert rec["worker"] == 0 and rec["client"] == "127.0.0.1" and rec["path"] == "/room/7"
+        assert rec["status"] == 101 and rec["origin"] == ws_origin.addr
+        assert 0 < rec["handshake_ms"] < 5000
+        assert 0.3 <= rec["duration_s"] < 10
+        assert t0 - 1 <= rec["time"] <= time.time()
+        # a masked 5-byte text frame + close frame up; 5-byte frame + close frame down
+        assert rec["bytes_up"] >= 5 + 6 and rec["bytes_down"] >= 5 + 2
+        assert status_of(raw_exchange(r.port, upgrade_request("/", version="7"))) == 426
+        wait_for(lambda: any('"status":426' in x for x in r.access), 5, what="refusal logged")
+
+
+def test_access_log_can_be_turned_off(ws_origin):
+    with Relay(ws_origin.addr, workers=1, env={"RELAY_ACCESS_LOG": "0"}) as r:
+        async def go():
+            async with connect(r.url + "/") as ws:
+                await ws.send("x")
+                await ws.recv()
+        run(go())
+        wait_for(lambda: value(r, "wsrelay_websocket_duration_seconds_count", worker="0") == 1, 5,
+                 what="session end")
+        assert r.access == []
+
+
+def test_prometheus_config_and_alert_rules_pass_promtool():
+    out = subprocess.run(["promtool", "check", "config", "deploy/prometheus.yml"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stdout + out.stderr
+    out = subprocess.run(["promtool", "check", "rules", "deploy/alerts.yml"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_grafana_dashboard_queries_known_metrics():
+    with open(os.path.join(ROOT, "deploy", "grafana-dashboard.json")) as f:
+        dash = json.load(f)
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 6
+    known = ("wsrelay_websocket_connections", "wsrelay_websocket_upgrades_total", "wsrelay_http_requests_total",
+             "wsrelay_bytes_total", "wsrelay_handshake_seconds", "wsrelay_clients", "wsrelay_worker_")
+    for e in exprs:
+        assert any(k in e for k in known), e
