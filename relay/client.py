@@ -90,6 +90,15 @@ class ClientConnection(asyncio.Protocol):
             self.exchange.client_lost()
         self.ctx.maybe_idle()
 
+    def pause_writing(self) -> None:
+        # The client reads slower than the origin answers a plain HTTP request.
+        if self.exchange is not None:
+            self.exchange.pause_origin(True)
+
+    def resume_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.pause_origin(False)
+
     # -- head phase ---------------------------------------------------------------
     def _await_head(self) -> None:
         self.state = HEAD

@@ -183,6 +183,14 @@ class Exchange:
                 self.task.cancel()
 
     # -- the response ----------------------------------------------------------------
+    def pause_origin(self, pause: bool) -> None:
+        origin = self.origin
+        if origin is not None and not origin.transport.is_closing():
+            if pause:
+                origin.transport.pause_reading()
+            else:
+                origin.transport.resume_reading()
+
     def origin_data(self, data: bytes) -> None:
         self._arm_timer()
         if self.resp_body is None:
@@ -276,6 +284,7 @@ class Exchange:
         if self.origin_keep and self.req_body.done and len(ctx.http_pool) < POOL_SIZE \
                 and not origin.transport.is_closing():
             origin.pool = ctx.http_pool
+            origin.transport.resume_reading()  # it may have been paused for a slow client
             ctx.http_pool.append(origin)
         else:
             origin.transport.close()
