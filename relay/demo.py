@@ -1,7 +1,8 @@
 """``wsrelay demo``: the embedded default, with no configuration.
 
-Starts a picows echo origin on loopback in its own process, runs the real
-supervisor with two workers in front of it, prints the URL, proves one round
+Starts the demo origin (:mod:`relay.demo_origin`: WebSocket echo, a page
+with a long-polling fallback) on loopback in its own process, runs the real
+supervisor with two workers in front of it, prints the URLs, proves one round
 trip through the relay with a plain blocking client, and serves until Ctrl-C.
 """
 
@@ -35,24 +36,13 @@ def _free_port(preferred: int) -> int:
     return port
 
 
-def serve_echo(sock: socket.socket) -> None:
-    """The demo origin: echoes every message, text or binary (picows)."""
+def serve_origin(sock: socket.socket) -> None:
+    """The demo origin (echo, page, long polling) in this process, on uvloop."""
     import uvloop
-    from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_create_server
 
-    class Echo(WSListener):
-        def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-            if frame.msg_type == WSMsgType.CLOSE:
-                transport.send_close(frame.get_close_code(), frame.get_close_message())
-                transport.disconnect()
-            elif frame.msg_type in (WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CONTINUATION):
-                transport.send(frame.msg_type, frame.get_payload_as_memoryview(), frame.fin)
+    from relay.demo_origin import serve_demo
 
-    async def main() -> None:
-        server = await ws_create_server(lambda _req: Echo(), sock=sock, max_frame_size=64 << 20)
-        await server.serve_forever()
-
-    uvloop.run(main())
+    uvloop.run(serve_demo(sock))
 
 
 def round_trip(port: int, text: str, timeout: float = 5.0) -> str:
@@ -91,7 +81,7 @@ def main(port: int = 8080) -> int:
     if pid == 0:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
-            serve_echo(origin_sock)
+            serve_origin(origin_sock)
         finally:
             os._exit(0)
     origin_sock.close()
@@ -110,6 +100,7 @@ def main(port: int = 8080) -> int:
             os.kill(os.getpid(), signal.SIGTERM)
             return
         print(f"wsrelay demo: relay on {url} -> echo origin on ws://127.0.0.1:{origin_port}/\n"
+              f"wsrelay demo: open http://127.0.0.1:{relay_port}/ in a browser for the demo page\n"
               f"wsrelay demo: round trip OK: sent 'hello through wsrelay', got {answer!r}\n"
               f"wsrelay demo: metrics on http://127.0.0.1:{metrics_port}/metrics\n"
               f"wsrelay demo: try it:  python -m websockets {url}   (Ctrl-C to stop)", flush=True)
