@@ -101,7 +101,7 @@ def _address(text: str, default_host: str | None = None) -> Address:
             raise _Bad("expected an IPv6 host in brackets, e.g. [::1]:8080")
     if not host and default_host is None:
         raise _Bad("expected host:port with a host")
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise _Bad("expected a port number 0-65535")
     return Address(host or default_host or "", int(port))
 
@@ -149,14 +149,18 @@ def _allowed_origins(text: str) -> tuple[str, ...]:
     return items
 
 
-def _int(lo: int, hi: int | None = None) -> Callable[[str], int]:
+# Integers end up in int64 slots of shared memory: keep them well inside.
+_INT_MAX = 10 ** 15
+
+
+def _int(lo: int, hi: int = _INT_MAX) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             v = int(text.strip())
         except ValueError:
             v = None
-        if v is None or v < lo or (hi is not None and v > hi):
-            raise _Bad(f"expected an integer >= {lo}" + (f" and <= {hi}" if hi is not None else ""))
+        if v is None or v < lo or v > hi:
+            raise _Bad(f"expected an integer >= {lo} and <= {hi}")
         return v
 
     return parse

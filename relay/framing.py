@@ -12,6 +12,9 @@ from __future__ import annotations
 import re
 
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\Z")
+# RFC 9112 §7.1.2: a trailer line is a field line (token, colon, no CTLs),
+# relayed as received, so it must not hide a bare CR or a NUL.
+_TRAILER_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*\Z")
 MAX_LINE = 4096
 
 # scanner states
@@ -56,16 +59,20 @@ class BodyScanner:
         return self._feed_chunked(data)
 
     def _line(self, data, pos: int) -> tuple[bytes | None, int]:
-        end = bytes(data[pos:pos + MAX_LINE + 2]).find(b"\n") if len(self.line) < MAX_LINE else -1
+        # A line may hold MAX_LINE bytes plus its CRLF, however it is split
+        # across reads: look for the LF only within the room left.
+        room = MAX_LINE + 2 - len(self.line)
+        piece = bytes(data[pos:pos + room])
+        end = piece.find(b"\n")
         if end < 0:
-            self.line += data[pos:]
-            if len(self.line) > MAX_LINE:
+            if len(piece) == room:
                 raise FramingError("chunk line too long")
+            self.line += piece
             return None, len(data)
-        self.line += data[pos:pos + end + 1]
+        self.line += piece[:end + 1]
         line = bytes(self.line)
         self.line.clear()
-        if not line.endswith(b"\r\n") or len(line) > MAX_LINE + 2:
+        if not line.endswith(b"\r\n"):
             raise FramingError("chunk line not ended by CRLF")
         return line[:-2], pos + end + 1
 
@@ -95,6 +102,6 @@ class BodyScanner:
             else:  # trailer section ends with an empty line
                 if not line:
                     self.state = _DONE
-                elif b":" not in line or line[:1] in b" \t":
+                elif not _TRAILER_LINE.match(line):
                     raise FramingError("bad trailer line")
         return pos

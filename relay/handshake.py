@@ -29,6 +29,12 @@ HOP_BY_HOP = frozenset({
 # The edge owns these: what a client claims is replaced, except that
 # X-Forwarded-For gets the client's address appended (as nginx does).
 FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
+# A peer may name any header in Connection to have it dropped (RFC 9110
+# §7.6.1), but never these: without Content-Length the origin would read the
+# body the relay still forwards as the next request (request smuggling), and
+# without Host or the key the forwarded request would not be the one we checked.
+NEVER_NAMED = frozenset({b"host", b"content-length", b"transfer-encoding", b"sec-websocket-key",
+                         b"sec-websocket-version"})
 
 
 def is_upgrade(req: Request) -> bool:
@@ -135,11 +141,11 @@ def forward_head(req: Request, client_ip: str, proto: bytes, upgrade: bool) -> b
     sets itself. For an upgrade, ``Connection: Upgrade`` and the client's
     Upgrade line are kept; for plain HTTP the origin connection is kept alive.
     """
-    named = req.tokens(b"connection")
+    named = req.tokens(b"connection") - NEVER_NAMED
     drop = HOP_BY_HOP | FORWARDED | named
     lines = [b"%s %s HTTP/1.1" % (req.method, req.target)]
     xff = []
-    host = b""
+    host = None
     for name, line, value in req.fields:
         if name in drop:
             if name == b"x-forwarded-for":
@@ -152,6 +158,9 @@ def forward_head(req: Request, client_ip: str, proto: bytes, upgrade: bool) -> b
         if name == b"host":
             host = value
         lines.append(line)
+    if host is None:
+        # HTTP/1.0 without Host, forwarded as HTTP/1.1: an empty one (RFC 9112 §3.2)
+        lines.append(b"Host: ")
     xff.append(client_ip.encode("ascii"))
     lines.append(b"X-Forwarded-For: " + b", ".join(xff))
     lines.append(b"X-Forwarded-Proto: " + proto)

@@ -1,0 +1,182 @@
+"""The invariants every sans-I/O parser of wsrelay keeps, whatever the input.
+
+Shared by the hypothesis properties (tests/test_fuzz.py) and the atheris
+target (tests/fuzz/fuzz_heads.py), so both check exactly the same things:
+
+- any input either parses or raises the parser's own error (HeadError,
+  FramingError, ConfigError) — never anything else (h11's fuzz invariant);
+- fed whole or in pieces (one byte at a time, or cut anywhere), the result is
+  the same: the relay re-parses a growing buffer, so a head must not mean
+  one thing in one read and another in two;
+- a parsed request, forwarded with ``forward_head``, parses again into the
+  same method, target, end-to-end header lines and body framing, and the
+  forwarded bytes hold no line the client did not send besides our own
+  ``X-Forwarded-*`` and ``Connection`` (no header injection, no smuggling).
+
+Each check raises AssertionError with the offending input on a violation.
+"""
+
+from __future__ import annotations
+
+from relay.framing import BodyScanner, FramingError
+from relay.handshake import (FORWARDED, HOP_BY_HOP, NEVER_NAMED, check_upgrade_response, forward_head, is_upgrade,
+                             origin_allowed, path_allowed, validate_upgrade)
+from relay.http_head import CRLF, HeadError, Request, Response, body_framing, parse_request_head, \
+    parse_response_head
+
+#: a small cap so size errors are reachable by a fuzzer
+MAX_HEAD = 1024
+
+
+def _summary(head) -> tuple:
+    if isinstance(head, Request):
+        return ("request", head.method, head.target, head.path, head.version, tuple(head.fields), head.head_len)
+    return ("response", head.status, tuple(head.fields), head.head_len)
+
+
+def outcome(parse, buf: bytes, max_bytes: int = MAX_HEAD) -> tuple:
+    """A comparable result of one parse: ('none',), ('error', status, outcome) or a summary."""
+    try:
+        head = parse(buf, max_bytes)
+    except HeadError as e:
+        assert 400 <= e.status <= 599, (buf, e.status)
+        return ("error", e.status, e.outcome)
+    # anything else propagates: that is the bug a fuzzer is looking for
+    if head is None:
+        return ("none",)
+    assert 0 < head.head_len <= len(buf), (buf, head.head_len)
+    return _summary(head)
+
+
+def incremental(parse, buf: bytes, cuts, max_bytes: int = MAX_HEAD) -> tuple:
+    """Parse a growing buffer as the relay does: after each cut, stop at the first answer."""
+    for end in cuts:
+        r = outcome(parse, buf[:end], max_bytes)
+        if r[0] != "none":
+            return r
+    return outcome(parse, buf, max_bytes)
+
+
+def check_head_parser(parse, buf: bytes, cuts=None, max_bytes: int = MAX_HEAD):
+    """Whole vs incremental (every byte by default); returns the whole result."""
+    whole = outcome(parse, buf, max_bytes)
+    pieces = incremental(parse, buf, range(1, len(buf) + 1) if cuts is None else sorted(cuts), max_bytes)
+    assert pieces == whole, f"incremental {pieces!r} != whole {whole!r} for {buf!r}"
+    return whole
+
+
+def check_request_semantics(buf: bytes, max_bytes: int = MAX_HEAD) -> None:
+    """Everything the relay does with a parsed request raises only HeadError."""
+    try:
+        req = parse_request_head(buf, max_bytes)
+    except HeadError:
+        return
+    if req is None:
+        return
+    try:
+        body_framing(req, is_request=True)
+    except HeadError as e:
+        assert e.status == 400
+    upgrade = is_upgrade(req)
+    if upgrade:
+        try:
+            key = validate_upgrade(req)
+        except HeadError as e:
+            assert e.status in (400, 426)
+            upgrade = False  # refused by the relay; still check the plain-HTTP forwarding below
+        else:
+            assert len(key) == 24
+    path_allowed(req.path, (b"/", b"/ws"))
+    origin_allowed(req.get(b"origin"), ("https://app.example.com", "*.example.org", "example.net"))
+    check_forward_roundtrip(req, upgrade)
+
+
+def check_forward_roundtrip(req: Request, upgrade: bool, client_ip: str = "203.0.113.7") -> bytes:
+    """forward_head keeps the request's meaning and injects nothing."""
+    out = forward_head(req, client_ip, b"http", upgrade)
+    again = parse_request_head(out, len(out))
+    assert again is not None and again.head_len == len(out), (req.fields, out)
+    assert (again.method, again.target, again.path) == (req.method, req.target, req.path), out
+    named = req.tokens(b"connection")
+    kept = [line for name, line, _v in req.fields
+            if name not in HOP_BY_HOP and name not in FORWARDED and (name not in named or name in NEVER_NAMED)]
+    ours = {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"connection"}
+    if upgrade:
+        ours.add(b"upgrade")
+    if not upgrade:
+        ours.add(b"transfer-encoding")
+    if not req.get_all(b"host"):
+        ours.add(b"host")
+    sent = [line for name, line, _v in again.fields if name not in ours]
+    assert sent == kept, f"end-to-end lines changed: {kept!r} -> {sent!r}"
+    # every line that reached the origin is one the client sent, or one of ours
+    client_lines = {line for _n, line, _v in req.fields}
+    for name, line, _v in again.fields:
+        assert line in client_lines or name in (ours - {b"upgrade", b"transfer-encoding"}), line
+    # the same framing on both sides of the relay: no request smuggling
+    try:
+        before = body_framing(req, is_request=True)
+    except HeadError:
+        return out
+    assert body_framing(again, is_request=True) == before, out
+    # an HTTP/1.0 request may lack Host; HTTP/1.1 to the origin gets an empty one (RFC 9112 §3.2)
+    assert again.get_all(b"host") == (req.get_all(b"host") or [b""]), out
+    xff = again.get_all(b"x-forwarded-for")
+    assert len(xff) == 1 and xff[0].endswith(client_ip.encode()), xff
+    return out
+
+
+def check_response_semantics(buf: bytes, key: bytes = b"dGhlIHNhbXBsZSBub25jZQ==",
+                             max_bytes: int = MAX_HEAD) -> None:
+    try:
+        resp = parse_response_head(buf, max_bytes)
+    except HeadError:
+        return
+    if resp is None:
+        return
+    assert 100 <= resp.status <= 599
+    try:
+        body_framing(resp, is_request=False)
+    except HeadError as e:
+        assert e.status == 502
+    try:
+        check_upgrade_response(resp, key)
+    except HeadError as e:
+        assert e.status == 502
+
+
+def scan(length, data: bytes, cuts) -> tuple:
+    """Feed a body in pieces; returns (bytes taken, done) or ('error',)."""
+    body = BodyScanner(length)
+    taken, prev = 0, 0
+    try:
+        for end in [*cuts, len(data)]:
+            if end <= prev:
+                continue
+            piece = data[prev:end]
+            n = body.feed(memoryview(piece) if end % 2 else piece)
+            assert 0 <= n <= len(piece), (n, len(piece))
+            taken += n
+            prev = end
+            if body.done:
+                break
+    except FramingError:
+        return ("error",)
+    return (taken, body.done)
+
+
+def check_body_scanner(length, data: bytes, cuts=None) -> tuple:
+    whole = scan(length, data, [])
+    pieces = scan(length, data, range(1, len(data)) if cuts is None else sorted(cuts))
+    assert pieces == whole, f"pieces {pieces!r} != whole {whole!r} for length={length!r} data={data!r}"
+    if whole != ("error",) and whole[1] and length == -1:
+        # what a chunked body took ends with the last-chunk and the trailer section
+        assert data[: whole[0]].endswith(CRLF), data[: whole[0]]
+    return whole
+
+
+def response_for(resp_bytes: bytes) -> Response | None:
+    try:
+        return parse_response_head(resp_bytes, MAX_HEAD)
+    except HeadError:
+        return None
