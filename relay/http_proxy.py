@@ -16,7 +16,7 @@ import time
 from typing import TYPE_CHECKING
 
 from relay.framing import BodyScanner, FramingError
-from relay.handshake import HOP_BY_HOP, forward_head
+from relay.handshake import HOP_BY_HOP, NEVER_NAMED, forward_head
 from relay.http_head import CRLF, HeadError, Response, body_framing, parse_response_head
 from relay.origin import MAX_RESPONSE_HEAD, OriginUnavailable
 
@@ -67,7 +67,8 @@ class OriginConn(asyncio.Protocol):
 
 def _response_head(resp: Response, raw: bytes, keep: bool) -> bytes:
     """The origin's head with hop-by-hop fields replaced by our own Connection."""
-    drop = (HOP_BY_HOP - {b"transfer-encoding"}) | resp.tokens(b"connection")
+    # never drop the framing we relay the body by, whatever Connection names
+    drop = (HOP_BY_HOP - {b"transfer-encoding"}) | (resp.tokens(b"connection") - NEVER_NAMED)
     lines = [raw[: raw.find(CRLF)]]
     lines.extend(line for name, line, _v in resp.fields if name not in drop)
     lines.append(b"Connection: keep-alive" if keep else b"Connection: close")

@@ -308,3 +308,14 @@ def test_config_regressions_found_by_the_fuzzers():
     with pytest.raises(ConfigError) as e:
         load({"RELAY_ORIGIN": "127.0.0.1:1", "RELAY_MAX_CLIENTS": "1" * 40})
     assert "RELAY_MAX_CLIENTS" in e.value.lines[0]
+
+
+def test_response_framing_survives_connection_tokens():
+    """The response side of the same smuggling: an origin's ``Connection:
+    content-length`` must not strip the length the relay delimits the body by."""
+    from relay.http_proxy import _response_head
+
+    raw = b"HTTP/1.1 200 OK\r\nConnection: content-length, x-drop\r\nContent-Length: 2\r\nX-Drop: 1\r\n\r\n"
+    resp = parse_response_head(raw, 4096)
+    out = _response_head(resp, raw, True)
+    assert b"\r\nContent-Length: 2\r\n" in out and b"X-Drop" not in out
