@@ -1,0 +1,312 @@
+"""One load-generator process (picows client, uvloop). The runner starts
+several and steers them over stdin/stdout; it can also run by hand.
+
+    python -m bench.loadgen --mode echo --url ws://127.0.0.1:8080/ --conns 25 --size 64 --duration 5
+
+Modes:
+
+- ``echo``: closed loop. Every connection sends one binary message of
+  ``--size`` bytes, waits for the echo, sends the next. Counts round trips
+  and their latency inside the measuring window (after ``--warmup``).
+- ``handshake``: ``--conns`` concurrent loops of connect + upgrade + one
+  64-byte echo + close; counts complete cycles and their latency.
+- ``idle``: opens ``--conns`` connections (``--connect-concurrency`` at a
+  time), does one echo on each, then holds them until told to stop.
+
+Protocol with the runner (one line each way, so several processes start
+together): the process prints ``READY {json}`` once connected, waits for
+``START <monotonic_ns>`` (``echo``/``handshake``) or any line (``idle``) on
+stdin, and ends with ``RESULT {json}``. Without ``--steered`` it starts by
+itself. Latencies (ns, int64) go to ``--lat-file`` if given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import asyncio
+import json
+import os
+import sys
+import time
+
+import uvloop
+from picows import WSCloseCode, WSListener, WSMsgType, ws_connect
+
+BINARY, CLOSE = WSMsgType.BINARY, WSMsgType.CLOSE
+now_ns = time.monotonic_ns  # CLOCK_MONOTONIC: one clock for every process
+
+
+class Run:
+    """Shared state of one process's connections."""
+
+    def __init__(self, size: int):
+        self.payload = os.urandom(size)
+        self.size = size
+        self.lat = array.array("q")
+        self.msgs = 0
+        self.errors = 0
+        self.measure_from = 1 << 62
+        self.measure_to = 1 << 62
+        self.stop_at = 1 << 62
+        self.active = 0
+        self.all_done: asyncio.Future | None = None
+        self.error_kinds: dict[str, int] = {}
+
+    def error(self, kind: str) -> None:
+        self.errors += 1
+        self.error_kinds[kind] = self.error_kinds.get(kind, 0) + 1
+
+
+class EchoClient(WSListener):
+    """Closed loop on one connection; the clock starts with :meth:`go`."""
+
+    def __init__(self, run: Run):
+        super().__init__()
+        self.run = run
+        self.transport = None
+        self.sent_at = 0
+        self.waiting = False
+        self.closing = False
+        self.reply: asyncio.Future | None = None
+
+    def on_ws_connected(self, transport) -> None:
+        self.transport = transport
+
+    def go(self) -> None:
+        self.sent_at = now_ns()
+        self.waiting = True
+        self.transport.send(BINARY, self.run.payload)
+
+    def on_ws_frame(self, transport, frame) -> None:
+        if frame.msg_type is BINARY:
+            now = now_ns()
+            if self.reply is not None:  # idle mode: the single echo
+                if not self.reply.done():
+                    self.reply.set_result(None)
+                return
+            r = self.run
+            if r.measure_from <= now < r.measure_to:
+                r.lat.append(now - self.sent_at)
+                r.msgs += 1
+            if now < r.stop_at:
+                self.sent_at = now
+                transport.send(BINARY, r.payload)
+            else:
+                self.finish()
+        elif frame.msg_type is CLOSE:
+            transport.send_close(frame.get_close_code())
+            transport.disconnect()
+
+    def finish(self) -> None:
+        if self.waiting:
+            self.waiting = False
+            r = self.run
+            r.active -= 1
+            if r.active == 0 and r.all_done is not None and not r.all_done.done():
+                r.all_done.set_result(None)
+
+    def on_ws_disconnected(self, transport) -> None:
+        if self.reply is not None and not self.reply.done():
+            self.reply.set_exception(ConnectionError("disconnected before the echo"))
+        if not self.closing:
+            self.run.error("disconnected")
+            self.finish()
+
+
+
+async def _connect(url: str, run: Run, sem: asyncio.Semaphore | None = None) -> EchoClient | None:
+    async def once():
+        try:
+            _, client = await ws_connect(lambda: EchoClient(run), url, websocket_handshake_timeout=30,
+                                         max_frame_size=64 << 20)
+            return client
+        except Exception as e:  # a refused or failed handshake is a result, not a crash
+            run.error(type(e).__name__)
+            return None
+    if sem is None:
+        return await once()
+    async with sem:
+        return await once()
+
+
+async def _read_line() -> str:
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(None, sys.stdin.readline)
+
+
+def _emit(tag: str, obj: dict) -> None:
+    sys.stdout.write(f"{tag} {json.dumps(obj)}\n")
+    sys.stdout.flush()
+
+
+async def _wait_start(steered: bool, warmup: float) -> int:
+    """Returns the start time (monotonic ns) agreed with the runner."""
+    if steered:
+        line = (await _read_line()).split()
+        if not line or line[0] != "START":
+            raise SystemExit("loadgen: expected START")
+        t0 = int(line[1])
+    else:
+        t0 = now_ns() + 50_000_000
+    delay = (t0 - now_ns()) / 1e9
+    if delay > 0:
+        await asyncio.sleep(delay)
+    return t0
+
+
+async def _close_all(clients: list[EchoClient], timeout: float = 5.0) -> None:
+    for c in clients:
+        c.closing = True
+        t = c.transport
+        if t is not None and not t.is_disconnected:
+            t.send_close(WSCloseCode.OK)
+            t.disconnect()
+    waits = [c.transport.wait_disconnected() for c in clients if c.transport is not None]
+    if waits:
+        try:
+            await asyncio.wait_for(asyncio.gather(*waits, return_exceptions=True), timeout)
+        except TimeoutError:
+            pass
+
+
+async def echo_mode(a: argparse.Namespace) -> dict:
+    run = Run(a.size)
+    sem = asyncio.Semaphore(a.connect_concurrency)
+    clients = [c for c in await asyncio.gather(*(_connect(a.url, run, sem) for _ in range(a.conns))) if c]
+    _emit("READY", {"connected": len(clients), "errors": run.errors})
+    t0 = await _wait_start(a.steered, a.warmup)
+    run.measure_from = t0 + int(a.warmup * 1e9)
+    run.measure_to = run.stop_at = run.measure_from + int(a.duration * 1e9)
+    run.all_done = asyncio.get_running_loop().create_future()
+    run.active = len(clients)
+    for c in clients:
+        c.go()
+    await asyncio.sleep(max(0.0, (run.stop_at - now_ns()) / 1e9))
+    if run.active:
+        try:  # in-flight messages come back after stop_at; 1 MiB ones may take a while
+            await asyncio.wait_for(asyncio.shield(run.all_done), 10)
+        except TimeoutError:
+            run.error("no_echo_after_stop")
+    await _close_all(clients)
+    return {"mode": "echo", "connected": len(clients), "msgs": run.msgs, "bytes": run.msgs * a.size,
+            "window_s": a.duration, "errors": run.errors, "error_kinds": run.error_kinds, "lat": run.lat}
+
+
+class HandshakeClient(WSListener):
+    def __init__(self):
+        super().__init__()
+        self.reply: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    def on_ws_frame(self, transport, frame) -> None:
+        if frame.msg_type is BINARY and not self.reply.done():
+            self.reply.set_result(None)
+        elif frame.msg_type is CLOSE:
+            transport.disconnect()
+
+    def on_ws_disconnected(self, transport) -> None:
+        if not self.reply.done():
+            self.reply.set_exception(ConnectionError("disconnected before the echo"))
+
+
+async def handshake_mode(a: argparse.Namespace) -> dict:
+    run = Run(64)
+    _emit("READY", {"connected": 0, "errors": 0})
+    t0 = await _wait_start(a.steered, a.warmup)
+    run.measure_from = t0 + int(a.warmup * 1e9)
+    run.measure_to = run.stop_at = run.measure_from + int(a.duration * 1e9)
+
+    async def loop_once() -> None:
+        while now_ns() < run.stop_at:
+            start = now_ns()
+            try:
+                transport, client = await ws_connect(HandshakeClient, a.url, websocket_handshake_timeout=10)
+            except Exception as e:
+                run.error(type(e).__name__)
+                await asyncio.sleep(0.01)  # a refusing proxy must not turn this into a busy loop
+                continue
+            try:
+                transport.send(BINARY, run.payload)
+                await asyncio.wait_for(client.reply, 10)
+                transport.send_close(WSCloseCode.OK)
+                transport.disconnect()
+                await transport.wait_disconnected()
+            except Exception as e:
+                run.error(type(e).__name__)
+                transport.disconnect(graceful=False)
+                continue
+            end = now_ns()
+            if run.measure_from <= end < run.measure_to:
+                run.lat.append(end - start)
+                run.msgs += 1
+
+    await asyncio.gather(*(loop_once() for _ in range(a.conns)))
+    return {"mode": "handshake", "msgs": run.msgs, "window_s": a.duration, "errors": run.errors,
+            "error_kinds": run.error_kinds, "lat": run.lat}
+
+
+async def idle_mode(a: argparse.Namespace) -> dict:
+    run = Run(64)
+    sem = asyncio.Semaphore(a.connect_concurrency)
+
+    async def open_one() -> EchoClient | None:
+        async with sem:
+            c = await _connect(a.url, run)
+            if c is None:
+                return None
+            c.reply = asyncio.get_running_loop().create_future()
+            c.transport.send(BINARY, run.payload)
+            try:
+                await asyncio.wait_for(c.reply, 30)
+            except Exception as e:
+                run.error(type(e).__name__)
+                c.closing = True
+                c.transport.disconnect(graceful=False)
+                return None
+            return c
+
+    clients = [c for c in await asyncio.gather(*(open_one() for _ in range(a.conns))) if c]
+    _emit("READY", {"connected": len(clients), "errors": run.errors})
+    if a.steered:
+        await _read_line()
+    else:
+        await asyncio.sleep(a.duration)
+    alive = sum(1 for c in clients if not c.transport.is_disconnected)
+    lost = len(clients) - alive
+    await _close_all(clients, timeout=30)
+    return {"mode": "idle", "connected": len(clients), "alive_at_stop": alive, "lost": lost,
+            "errors": run.errors, "error_kinds": run.error_kinds, "lat": array.array("q")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.loadgen",
+                                 description="One picows load-generator process (see the module docstring).")
+    ap.add_argument("--mode", choices=("echo", "handshake", "idle"), default="echo")
+    ap.add_argument("--url", required=True)
+    ap.add_argument("--conns", type=int, default=10, help="connections (echo, idle) or loops (handshake)")
+    ap.add_argument("--size", type=int, default=64, help="message size in bytes (echo)")
+    ap.add_argument("--warmup", type=float, default=1.0, help="seconds before the measuring window")
+    ap.add_argument("--duration", type=float, default=5.0, help="seconds measured (idle: seconds held, unsteered)")
+    ap.add_argument("--connect-concurrency", type=int, default=64)
+    ap.add_argument("--lat-file", help="write latencies (int64 ns) here")
+    ap.add_argument("--steered", action="store_true", help="wait for START/stop lines on stdin")
+    a = ap.parse_args(argv)
+    mode = {"echo": echo_mode, "handshake": handshake_mode, "idle": idle_mode}[a.mode]
+    cpu0 = os.times()
+    result = uvloop.run(mode(a))
+    cpu1 = os.times()
+    lat = result.pop("lat")
+    if a.lat_file:
+        with open(a.lat_file, "wb") as f:
+            lat.tofile(f)
+    elif len(lat):
+        s = sorted(lat)
+        result["p50_us"] = s[len(s) // 2] / 1e3
+        result["p99_us"] = s[min(len(s) - 1, int(len(s) * 0.99))] / 1e3
+    result["cpu_s"] = round((cpu1.user - cpu0.user) + (cpu1.system - cpu0.system), 3)
+    _emit("RESULT", result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,352 @@
+"""Workloads, the interleaved schedule, one trial, and the aggregation.
+
+A trial = one system under test started fresh + several load-generator
+processes started together (``START`` at one monotonic instant) + CPU samples
+of every process at the edges of the measuring window, read from /proc.
+Repetitions run every (workload, system) pair once per round, the order of
+systems rotated each round, so drift on a shared machine hits all of them
+alike; the figure reported for a pair is the median over rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from bench import procstat, proxies
+
+ANCHORS = ("nginx", "haproxy")
+PROXIED = ("nginx", "haproxy", "naive", "wsrelay")
+
+
+@dataclass
+class Workload:
+    key: str
+    title: str
+    mode: str                 # echo | handshake | idle
+    conns: int                # connections (echo, idle) or loops (handshake)
+    size: int = 64
+    systems: tuple[str, ...] = ("direct",) + PROXIED
+    procs: int = 2            # load-generator processes
+    metric: str = "msgs/s"    # the figure the ratios are taken on
+    higher_better: bool = True
+    pinned: bool = True       # follow --pin (the scaling workload never pins)
+
+
+def workloads(quick: bool, idle_conns: int) -> list[Workload]:
+    wl = [
+        Workload("echo-64", "64 B echo, 50 conns", "echo", 50, 64),
+        Workload("echo-4k", "4 KiB echo, 50 conns", "echo", 50, 4096),
+        Workload("echo-1m", "1 MiB echo, 4 conns", "echo", 4, 1 << 20, metric="MB/s"),
+        Workload("handshake", "handshakes, 8 loops", "handshake", 8, metric="handshakes/s"),
+        Workload("idle", f"{idle_conns:,} idle conns", "idle", idle_conns, systems=PROXIED,
+                 procs=4, metric="KiB/tunnel", higher_better=False),
+        Workload("scale-64", "64 B echo, 50 conns, 2 vs 1 worker", "echo", 50, 64,
+                 systems=("wsrelay", "wsrelay-2w"), pinned=False),
+    ]
+    if quick:
+        keep = {"echo-64", "echo-1m", "handshake", "idle"}
+        wl = [w for w in wl if w.key in keep]
+    return wl
+
+
+# -- talking to load generators -------------------------------------------------
+
+class Child:
+    """A load-generator process with a line reader that can time out."""
+
+    def __init__(self, argv: list[str], cpus: set[int] | None):
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     bufsize=0, cwd=str(Path(__file__).resolve().parent.parent),
+                                     preexec_fn=proxies.pinned(cpus), start_new_session=True)
+        self.buf = b""
+
+    def line(self, tag: str, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while True:
+            while b"\n" in self.buf:
+                raw, self.buf = self.buf.split(b"\n", 1)
+                word, _, rest = raw.decode().partition(" ")
+                if word == tag:
+                    return json.loads(rest)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"load generator: no {tag} in {timeout:.0f}s")
+            r, _, _ = select.select([fd], [], [], left)
+            if r:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    err = self.proc.stderr.read().decode(errors="replace")[-800:]
+                    raise RuntimeError(f"load generator exited before {tag}: {err}")
+                self.buf += chunk
+
+    def send(self, text: str) -> None:
+        self.proc.stdin.write(text.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            f.close()
+
+
+def _split(n: int, parts: int) -> list[int]:
+    parts = max(1, min(parts, n))
+    return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
+
+
+# -- one trial ------------------------------------------------------------------------
+
+@dataclass
+class Layout:
+    """Which CPUs the system under test and the load (clients + origin) may use."""
+    proxy: set[int] | None = None
+    load: set[int] | None = None
+
+
+def run_trial(w: Workload, key: str, origin_pid: int, origin_port: int, opts, tmp_root: Path,
+              layout: Layout) -> dict:
+    sysm = proxies.make(key)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{w.key}-{key}-", dir=tmp_root))
+    cpus = layout if w.pinned else Layout()
+    children: list[Child] = []
+    res: dict = {"workload": w.key, "system": key}
+    try:
+        sysm.start(origin_port, tmp, cpus.proxy)
+        time.sleep(0.3)  # let a freshly started runtime settle before the baseline
+        ppids = sysm.pids()
+        rss_before = procstat.rss_kib(ppids)
+        warmup, duration = opts.warmup, opts.duration
+        for i, n in enumerate(_split(w.conns, w.procs)):
+            argv = [sys.executable, "-m", "bench.loadgen", "--steered", "--mode", w.mode, "--url", sysm.url,
+                    "--conns", str(n), "--size", str(w.size), "--warmup", str(warmup),
+                    "--duration", str(duration), "--lat-file", str(tmp / f"lat-{i}.bin")]
+            children.append(Child(argv, cpus.load))
+        connect_timeout = 30 + w.conns / 200
+        readies = [c.line("READY", connect_timeout) for c in children]
+        connected = sum(r["connected"] for r in readies)
+        origin_pids = procstat.tree(origin_pid)
+        load_pids = [c.proc.pid for c in children]
+        if w.mode == "idle":
+            time.sleep(opts.settle)
+            ppids = sysm.pids()
+            rss_after = procstat.rss_kib(ppids)
+            for c in children:
+                c.send("STOP")
+            results = [c.line("RESULT", 60) for c in children]
+            n = max(1, connected)
+            res.update(connected=connected, requested=w.conns, rss_before_kib=rss_before, rss_after_kib=rss_after,
+                       value=(rss_after - rss_before) / n, lost=sum(r["lost"] for r in results))
+        else:
+            t0 = time.monotonic_ns() + 300_000_000
+            for c in children:
+                c.send(f"START {t0}")
+            _sleep_until(t0 + int(warmup * 1e9))
+            ppids = sysm.pids()
+            cpu0 = [procstat.cpu_seconds(p) for p in (ppids, origin_pids, load_pids)]
+            w0 = time.monotonic()
+            _sleep_until(t0 + int((warmup + duration) * 1e9))
+            cpu1 = [procstat.cpu_seconds(p) for p in (ppids, origin_pids, load_pids)]
+            wall = time.monotonic() - w0
+            results = [c.line("RESULT", 60 + duration) for c in children]
+            msgs = sum(r["msgs"] for r in results)
+            rate = msgs / duration
+            proxy_cpu, origin_cpu, load_cpu = ((b - a) / wall for a, b in zip(cpu0, cpu1))
+            res.update(msgs=msgs, msgs_s=rate, mb_s=rate * w.size / 1e6, proxy_cpu=proxy_cpu,
+                       origin_cpu=origin_cpu, load_cpu=load_cpu, connected=connected,
+                       **_latency(tmp, len(children)))
+            res["value"] = res["mb_s"] if w.metric == "MB/s" else rate
+            # what one core of this proxy carries: the figure that survives a noisy machine
+            res["per_core"] = res["value"] / proxy_cpu if key != "direct" and proxy_cpu > 0 else None
+            res["proxy_us_per_msg"] = proxy_cpu * 1e6 / rate if key != "direct" and rate else None
+        res["errors"] = sum(r["errors"] for r in results)  # connect errors included
+        kinds: dict[str, int] = {}
+        for r in results:
+            for k, v in r.get("error_kinds", {}).items():
+                kinds[k] = kinds.get(k, 0) + v
+        res["error_kinds"] = kinds
+        if w.mode != "handshake" and connected < w.conns:
+            res["errors"] += w.conns - connected
+            kinds["not_connected"] = w.conns - connected
+    except Exception as e:  # one failed trial must not lose the whole run
+        res["failed"] = f"{type(e).__name__}: {e}"
+    finally:
+        for c in children:
+            c.kill()
+        sysm.stop()
+        if not opts.keep_tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return res
+
+
+def _sleep_until(t_ns: int) -> None:
+    d = (t_ns - time.monotonic_ns()) / 1e9
+    if d > 0:
+        time.sleep(d)
+
+
+def _latency(tmp: Path, n: int) -> dict:
+    import numpy as np
+    arrays = [np.fromfile(tmp / f"lat-{i}.bin", dtype=np.int64) for i in range(n)
+              if (tmp / f"lat-{i}.bin").exists()]
+    lat = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+    if not len(lat):
+        return {"p50_us": None, "p99_us": None, "p999_us": None}
+    p = np.percentile(lat, [50, 99, 99.9]) / 1e3
+    return {"p50_us": float(p[0]), "p99_us": float(p[1]), "p999_us": float(p[2])}
+
+
+# -- the whole run ----------------------------------------------------------------------
+
+def start_origin(procs: int, cpus: set[int] | None) -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen([sys.executable, "-m", "bench.origin", "--procs", str(procs)],
+                            stdout=subprocess.PIPE, text=True, preexec_fn=proxies.pinned(cpus),
+                            cwd=str(Path(__file__).resolve().parent.parent), start_new_session=True)
+    line = proc.stdout.readline()
+    if "listening on" not in line:
+        raise RuntimeError(f"origin did not start: {line!r}")
+    port = int(line.split(":")[-1])
+    if proc.stdout.readline().strip() != "ready":
+        raise RuntimeError("origin did not get ready")
+    return proc, port
+
+
+def layout_for(pin: bool) -> Layout:
+    cpus = sorted(os.sched_getaffinity(0))
+    if not pin or len(cpus) < 2:
+        return Layout()
+    return Layout(proxy={cpus[-1]}, load=set(cpus[:-1]))
+
+
+def run(opts, log=print) -> dict:
+    wls = workloads(opts.quick, min(opts.idle_conns, proxies.max_tunnels()))
+    if opts.only:
+        wls = [w for w in wls if w.key in opts.only]
+    if opts.systems:
+        for w in wls:
+            w.systems = tuple(s for s in w.systems if s in opts.systems)
+    layout = layout_for(opts.pin)
+    tmp_root = Path(tempfile.mkdtemp(prefix="wsrelay-bench-"))
+    origin, origin_port = start_origin(opts.origin_procs, layout.load)
+    trials: list[dict] = []
+    started = time.time()
+    load_before = os.getloadavg()
+    try:
+        for rnd in range(opts.rounds):
+            for w in wls:
+                order = list(w.systems)
+                k = rnd % len(order)
+                order = order[k:] + order[:k]
+                for key in order:
+                    t = run_trial(w, key, origin.pid, origin_port, opts, tmp_root, layout)
+                    t["round"] = rnd
+                    trials.append(t)
+                    log(_trial_line(w, t))
+    finally:
+        origin.terminate()
+        try:
+            origin.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(origin.pid, signal.SIGKILL)
+            origin.wait()
+        if not opts.keep_tmp:
+            shutil.rmtree(tmp_root, ignore_errors=True)
+    return {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+        "elapsed_s": round(time.time() - started, 1),
+        "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+        "options": {k: (sorted(v) if isinstance(v, (set, tuple)) else v) for k, v in vars(opts).items()},
+        "layout": {"proxy": sorted(layout.proxy or []), "load": sorted(layout.load or [])},
+        "workloads": [asdict(w) for w in wls],
+        "trials": trials,
+        "summary": summarize(wls, trials),
+    }
+
+
+def _trial_line(w: Workload, t: dict) -> str:
+    if "failed" in t:
+        return f"  [{t['round']}] {w.key:9s} {t['system']:10s} FAILED {t['failed']}"
+    if w.mode == "idle":
+        return (f"  [{t['round']}] {w.key:9s} {t['system']:10s} {t['value']:8.1f} KiB/tunnel "
+                f"({t['connected']} conns, RSS {t['rss_before_kib'] / 1024:.1f} -> {t['rss_after_kib'] / 1024:.1f} MiB)")
+    pc = f"proxy CPU {t['proxy_cpu'] * 100:4.0f}%" if t["system"] != "direct" else ""
+    return (f"  [{t['round']}] {w.key:9s} {t['system']:10s} {t['value']:10.1f} {w.metric:12s} "
+            f"p50 {t['p50_us'] or 0:8.0f} us  errors {t['errors']}  {pc}")
+
+
+NUMERIC = ("value", "per_core", "msgs_s", "mb_s", "p50_us", "p99_us", "p999_us", "proxy_cpu", "origin_cpu",
+           "load_cpu", "proxy_us_per_msg", "rss_before_kib", "rss_after_kib", "connected")
+
+
+def summarize(wls: list[Workload], trials: list[dict]) -> dict:
+    """Median over rounds of each figure, then the ratios."""
+    out: dict = {}
+    for w in wls:
+        rows: dict = {}
+        for key in w.systems:
+            ts = [t for t in trials if t["workload"] == w.key and t["system"] == key and "failed" not in t]
+            row: dict = {"trials": len(ts), "failed": sum(1 for t in trials if t["workload"] == w.key
+                                                           and t["system"] == key and "failed" in t)}
+            for f in NUMERIC:
+                vals = [t[f] for t in ts if t.get(f) is not None]
+                row[f] = statistics.median(vals) if vals else None
+            row["values"] = [t["value"] for t in ts]
+            row["errors"] = sum(t.get("errors", 0) for t in ts)
+            rows[key] = row
+        for field_, tag in (("value", ""), ("per_core", "_core")):
+            nginx = rows.get("nginx", {}).get(field_)
+            anchors = [rows[a][field_] for a in ANCHORS if a in rows and rows[a].get(field_)]
+            best = (max(anchors) if w.higher_better else min(anchors)) if anchors else None
+            naive = rows.get("naive", {}).get(field_)
+            for key, row in rows.items():
+                v = row.get(field_)
+                row["x_nginx" + tag] = v / nginx if v and nginx else None
+                row["x_best" + tag] = v / best if v and best else None
+                row["x_naive" + tag] = v / naive if v and naive else None
+        if "wsrelay" in rows and "wsrelay-2w" in rows and rows["wsrelay"]["value"]:
+            rows["wsrelay-2w"]["x_1w"] = (rows["wsrelay-2w"]["value"] or 0) / rows["wsrelay"]["value"]
+        out[w.key] = rows
+    return out
+
+
+# what wsrelay is asked to reach: (workload, against, ratio, higher_better)
+TARGETS = [
+    ("echo-64", "best", 1.1), ("echo-4k", "best", 1.2), ("echo-1m", "best", 1.5),
+    ("handshake", "best", 1.0), ("idle", "best", 1.0),
+    ("echo-64", "naive", 1.4), ("echo-1m", "naive", 2.5),
+]
+
+
+def check_targets(summary: dict, wls: list[dict]) -> list[dict]:
+    hb = {w["key"]: w["higher_better"] for w in wls}
+    out = []
+    for wl, against, goal in TARGETS:
+        row = summary.get(wl, {}).get("wsrelay")
+        if row is None:
+            continue
+        higher = hb[wl]
+        item = {"workload": wl, "against": against, "goal": goal, "higher_better": higher}
+        for tag in ("", "_core"):
+            if not higher and tag:
+                continue
+            r = row.get(f"x_{against}{tag}")
+            item["ratio" + tag] = r
+            item["met" + tag] = None if r is None else (r >= goal if higher else r <= goal)
+        out.append(item)
+    return out
