@@ -212,7 +212,7 @@ class ClientConnection(asyncio.Protocol):
             return self._refuse(403, "forbidden", rec)
         if ctx.draining:
             return self._refuse(503, "draining", rec)
-        if not ctx.admission.take():
+        if not ctx.admission.take(self.peer_ip):
             return self._refuse(503, "limit", rec)
         origin_t: asyncio.Transport | None = None
         handed_over = False
@@ -235,7 +235,7 @@ class ClientConnection(asyncio.Protocol):
                 rec.outcome = "origin_rejected"
                 ctx.count_upgrade("origin_rejected", resp.status)
                 handed_over = True
-                ctx.admission.give()
+                ctx.admission.give(self.peer_ip)
                 http_proxy.relay_rejection(self, origin_t, oproto, resp, rec)
                 return
             try:
@@ -257,6 +257,6 @@ class ClientConnection(asyncio.Protocol):
             tunnel.start(bytes(oproto.buf), b"")
         finally:
             if not handed_over:
-                ctx.admission.give()
+                ctx.admission.give(self.peer_ip)
                 if origin_t is not None:
                     origin_t.abort()

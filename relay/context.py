@@ -78,7 +78,7 @@ class Context:
 
     def tunnel_ended(self, tunnel: Tunnel) -> None:
         self.tunnels.discard(tunnel)
-        self.admission.give()
+        self.admission.give(tunnel.record.client if tunnel.record is not None else None)
         m = self.m
         m[layout.CONNECTIONS] = len(self.tunnels)
         self._closed_up += tunnel.up

@@ -78,29 +78,45 @@ class SharedState:
 
 class Admission:
     """A worker's view of the global limit: :meth:`take` before contacting the
-    origin, :meth:`give` exactly once when that client's tunnel ends."""
+    origin, :meth:`give` exactly once when that client's tunnel ends.
 
-    __slots__ = ("_shared", "_clients", "_slot", "_fd", "_header")
+    ``per_ip`` (``RELAY_MAX_CLIENTS_PER_IP``) also caps the clients of one
+    address. That count is kept per worker, in process memory: a client
+    spread over N workers may hold up to N times the limit. It dies with its
+    worker, so a crash cannot leak it either.
+    """
 
-    def __init__(self, shared: SharedState, slot: int):
+    __slots__ = ("_shared", "_clients", "_slot", "_fd", "_header", "_per_ip", "_ips")
+
+    def __init__(self, shared: SharedState, slot: int, per_ip: int = 0):
         self._shared = shared
         self._clients = shared.clients
         self._header = shared.header
         self._slot = slot
         self._fd = shared.fd
+        self._per_ip = per_ip
+        self._ips: dict[str, int] = {}
 
-    def take(self) -> bool:
+    def take(self, ip: str | None = None) -> bool:
+        if self._per_ip and ip is not None and self._ips.get(ip, 0) >= self._per_ip:
+            return False
         fcntl.lockf(self._fd, fcntl.LOCK_EX)
         try:
             if sum(self._clients) >= self._header[LIMIT]:
                 return False
             self._clients[self._slot] += 1
-            return True
         finally:
             fcntl.lockf(self._fd, fcntl.LOCK_UN)
+        if self._per_ip and ip is not None:
+            self._ips[ip] = self._ips.get(ip, 0) + 1
+        return True
 
-    def give(self) -> None:
+    def give(self, ip: str | None = None) -> None:
         self._clients[self._slot] -= 1
+        if self._per_ip and ip is not None:
+            n = self._ips.pop(ip, 0) - 1
+            if n > 0:
+                self._ips[ip] = n
 
     def held(self) -> int:
         return self._clients[self._slot]

@@ -48,7 +48,7 @@ async def _serve(settings: Settings, socks: list[socket.socket], index: int, slo
         # Fault injection for tests and chaos drills: a worker that cannot start.
         raise RuntimeError("WSRELAY_FAULT=crash-on-start")
     loop = asyncio.get_running_loop()
-    ctx = Context(settings, index, Admission(shared, slot), shared.counters(slot))
+    ctx = Context(settings, index, Admission(shared, slot, settings.max_clients_per_ip), shared.counters(slot))
     servers = []
     for sock in socks:
         servers.append(await loop.create_server(lambda: ClientConnection(ctx), sock=sock,
