@@ -1,0 +1,79 @@
+"""Coverage-guided fuzzing of wsrelay's sans-I/O parsers with atheris (libFuzzer).
+
+Run by an operator, for as long as there is time (not collected by pytest)::
+
+    pip install atheris
+    python tests/fuzz/fuzz_heads.py -max_total_time=600          # ten minutes
+    python tests/fuzz/fuzz_heads.py -dict=tests/fuzz/http.dict -max_total_time=600 corpus/  # better
+    python tests/fuzz/fuzz_heads.py crash-<sha1>                  # replay a finding
+
+The first input byte picks the target: request head, response head, chunked
+body, or the configuration loader; the rest is the input. The invariants are
+the ones the hypothesis properties check (tests/fuzz/invariants.py): only the
+parser's own error, the same answer whole and in pieces, forwarded requests
+that keep their meaning. A crash file is a regression test to add to
+tests/test_fuzz.py before fixing the parser.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import atheris  # noqa: E402
+
+with atheris.instrument_imports():
+    from relay import config, framing, handshake, http_head  # noqa: F401
+    from tests.fuzz import invariants
+
+TARGETS = ("request", "response", "body", "config")
+
+
+def _cuts(fdp: atheris.FuzzedDataProvider, n: int) -> list[int]:
+    return sorted({fdp.ConsumeIntInRange(0, n) for _ in range(fdp.ConsumeIntInRange(0, 6))})
+
+
+def test_one_input(data: bytes) -> None:
+    fdp = atheris.FuzzedDataProvider(data)
+    target = TARGETS[fdp.ConsumeIntInRange(0, len(TARGETS) - 1)]
+    if target == "request":
+        byte_by_byte = fdp.ConsumeBool()
+        buf = fdp.ConsumeBytes(fdp.remaining_bytes())
+        invariants.check_head_parser(http_head.parse_request_head, buf,
+                                     cuts=None if byte_by_byte or len(buf) < 64 else range(1, len(buf), 7))
+        invariants.check_request_semantics(buf)
+    elif target == "response":
+        buf = fdp.ConsumeBytes(fdp.remaining_bytes())
+        invariants.check_head_parser(http_head.parse_response_head, buf)
+        invariants.check_response_semantics(buf)
+    elif target == "body":
+        length = (-1, None, fdp.ConsumeIntInRange(0, 1 << 16))[fdp.ConsumeIntInRange(0, 2)]
+        cuts = _cuts(fdp, 1 << 12)
+        buf = fdp.ConsumeBytes(fdp.remaining_bytes())
+        invariants.check_body_scanner(length, buf, cuts)
+        invariants.check_body_scanner(length, buf)
+    else:
+        environ = {}
+        for _ in range(fdp.ConsumeIntInRange(0, 6)):
+            key = config.VARIABLES[fdp.ConsumeIntInRange(0, len(config.VARIABLES) - 1)]
+            environ[key] = fdp.ConsumeUnicodeNoSurrogates(fdp.ConsumeIntInRange(0, 40))
+        try:
+            s = config.load(environ, require_origin=fdp.ConsumeBool())
+        except config.ConfigError:
+            return
+        s.to_json()
+        for name in s.__struct_fields__:
+            v = getattr(s, name)
+            if isinstance(v, int):
+                assert -(1 << 63) <= v < (1 << 63), (name, v)
+
+
+def main() -> None:
+    atheris.Setup(sys.argv, test_one_input)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main()
