@@ -1,0 +1,157 @@
+"""Profile wsrelay's worker under one of the benchmark's workloads.
+
+    python -m bench.profile --workload handshake [--seconds 10] [--native] [--out bench/out]
+
+Starts the echo origin, wsrelay with one worker and the load generators,
+then runs ``py-spy record`` on the worker process (``pip install py-spy``).
+Writes a flame graph (``profile-WORKLOAD.svg``), the collapsed stacks
+(``profile-WORKLOAD.txt``) and prints the functions with the most samples,
+own time and including callees. ``--native`` adds C frames (uvloop, the
+kernel entry points) to the stacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import proxies, runner
+
+
+def top(collapsed: Path, n: int = 25) -> str:
+    own: collections.Counter = collections.Counter()
+    incl: collections.Counter = collections.Counter()
+    total = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        c = int(count)
+        total += c
+        frames = stack.split(";")
+        own[_short(frames[-1])] += c
+        for f in set(_short(f) for f in frames):
+            incl[f] += c
+    out = [f"{total} samples", "", "own time:"]
+    out += [f"  {100 * c / total:5.1f}%  {f}" for f, c in own.most_common(n)]
+    out += ["", "including callees:"]
+    out += [f"  {100 * c / total:5.1f}%  {f}" for f, c in incl.most_common(n)]
+    return "\n".join(out)
+
+
+def _short(frame: str) -> str:
+    # "func (path/to/file.py:123)" -> "func (file.py)"; line numbers split one function into many
+    name, _, where = frame.partition(" (")
+    where = where.rstrip(")").rsplit(":", 1)[0]
+    return f"{name} ({Path(where).name})" if where else name
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.splitlines()[0])
+    ap.add_argument("--workload", default="echo-64", choices=[w.key for w in runner.workloads(False, 1000)])
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--native", action="store_true", help="include native frames (py-spy --native)")
+    ap.add_argument("--rate", type=int, default=250, help="samples per second")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
+    a = ap.parse_args(argv)
+    if shutil.which("py-spy") is None:
+        print("py-spy is missing: pip install py-spy", file=sys.stderr)
+        return 2
+    w = next(w for w in runner.workloads(False, 1000) if w.key == a.workload)
+    a.out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="wsrelay-profile-"))
+    origin, oport = runner.start_origin(1, None)
+    relay = proxies.make("wsrelay")
+    children: list[runner.Child] = []
+    try:
+        relay.start(oport, tmp, None)
+        worker = [p for p in relay.pids() if p != relay.proc.pid][0]
+        for n in runner._split(w.conns, w.procs):
+            children.append(runner.Child(
+                [sys.executable, "-m", "bench.loadgen", "--mode", w.mode, "--url", relay.url, "--conns", str(n),
+                 "--size", str(w.size), "--warmup", "1", "--duration", str(a.seconds + 2)], None))
+        for c in children:
+            c.line("READY", 120)
+        time.sleep(1.0)
+        base = a.out / f"profile-{w.key}"
+        # --native has to stop the process to unwind C stacks; Python-only sampling need not
+        spy = ["py-spy", "record", "--pid", str(worker), "--duration", str(int(a.seconds)), "--rate", str(a.rate)]
+        spy += ["--native"] if a.native else ["--nonblocking"]
+        done = subprocess.run(spy + ["--format", "raw", "-o", f"{base}.txt"], capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"py-spy failed: {done.stderr.strip()[-500:]}", file=sys.stderr)
+            return 1
+        if w.mode != "idle":
+            results = [c.line("RESULT", 60 + a.seconds) for c in children]
+            rate = sum(r["msgs"] for r in results) / (a.seconds + 2)
+            print(f"{w.title}: {rate:,.0f} per second while profiled (the profiler slows the worker)")
+        print(top(Path(f"{base}.txt")))
+        # the flame graph from the same stacks, without a second recording
+        _flamegraph(Path(f"{base}.txt"), Path(f"{base}.svg"))
+        print(f"wrote {base}.txt and {base}.svg")
+    finally:
+        for c in children:
+            c.kill()
+        relay.stop()
+        origin.terminate()
+        origin.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+def _flamegraph(collapsed: Path, svg: Path) -> None:
+    """A simple icicle chart with matplotlib, since py-spy writes one format per run."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    tree: dict = {}
+    total = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        c = int(count)
+        total += c
+        node = tree
+        for f in stack.split(";"):
+            f = _short(f)
+            entry = node.setdefault(f, [0, {}])
+            entry[0] += c
+            node = entry[1]
+    if not total:
+        return
+    rects = []
+
+    def walk(node: dict, x: float, depth: int) -> None:
+        for name, (c, kids) in sorted(node.items()):
+            wdt = c / total
+            rects.append((x, depth, wdt, name))
+            walk(kids, x, depth + 1)
+            x += wdt
+    walk(tree, 0.0, 0)
+    depth = max(r[1] for r in rects) + 1
+    fig, ax = plt.subplots(figsize=(16, max(4, depth * 0.28)))
+    for x, d, wdt, name in rects:
+        ax.barh(d, wdt, left=x, height=0.95, color=plt.cm.YlOrRd(0.2 + 0.6 * ((hash(name) % 97) / 97)),
+                edgecolor="white", linewidth=0.3)
+        if wdt > 0.04:
+            ax.text(x + 0.002, d, name[: int(wdt * 160)], va="center", fontsize=6)
+    ax.set_ylim(depth, -1)
+    ax.set_xlim(0, 1)
+    ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(svg)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
