@@ -22,6 +22,7 @@ from relay.client import ClientConnection
 from relay.config import Settings
 from relay.context import Context
 from relay.shared import Admission, SharedState
+from workers.accept import Acceptor
 
 log = logging.getLogger("wsrelay.worker")
 
@@ -49,10 +50,12 @@ async def _serve(settings: Settings, socks: list[socket.socket], index: int, slo
         raise RuntimeError("WSRELAY_FAULT=crash-on-start")
     loop = asyncio.get_running_loop()
     ctx = Context(settings, index, Admission(shared, slot, settings.max_clients_per_ip), shared.counters(slot))
-    servers = []
+    # Our own accept loop, not loop.create_server: see workers/accept.py (EMFILE).
     for sock in socks:
-        servers.append(await loop.create_server(lambda: ClientConnection(ctx), sock=sock,
-                                                backlog=settings.backlog))
+        sock.listen(settings.backlog)  # a reload may change RELAY_BACKLOG on the same socket
+    servers = [Acceptor(sock, lambda: ClientConnection(ctx), ctx.m) for sock in socks]
+    for server in servers:
+        server.start()
     ctx.start_sweeping()
     drain = asyncio.Event()
     now = asyncio.Event()

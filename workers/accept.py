@@ -1,0 +1,125 @@
+"""Accepting connections ourselves, so running out of descriptors is survivable.
+
+Why not ``loop.create_server(sock=...)``: uvloop hands accepting to libuv,
+and libuv's answer to EMFILE/ENFILE is its "reserve fd" trick — close a
+spare descriptor, then accept *and immediately close* every connection
+waiting in the backlog. On our one listening socket shared by every worker
+(workers/supervisor.py), that backlog is everybody's: one worker out of
+descriptors resets connections that its siblings could have served, the
+clients get no answer at all, and nothing is logged or counted (uvloop
+drops OSErrors from the listen callback, and closes the server for good
+if the trick itself fails).
+
+So each worker watches its listening sockets with ``loop.add_reader`` and
+accepts a bounded batch per wake-up. When ``accept()`` fails for lack of
+resources (EMFILE, ENFILE, ENOBUFS, ENOMEM) the worker stops watching for
+:data:`PAUSE` seconds: what waits in the backlog stays there for a sibling
+or for later, open connections keep being served, the failure is counted
+in the worker's ``metrics.layout.ACCEPT_ERRORS`` slot, and logged at most
+once per :data:`LOG_EVERY` seconds with the count since the last line.
+Nothing spins: a failed accept costs one syscall per pause.
+
+The accepted socket becomes a uvloop transport through
+``loop.connect_accepted_socket``; tests/test_exhaustion.py and the
+handshake benchmark in SECURITY.md show the cost is within noise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import time
+from collections.abc import Callable
+
+from metrics import layout
+
+log = logging.getLogger("wsrelay.worker")
+
+#: connections accepted per readiness callback (others wait for the next turn)
+BATCH = 64
+#: seconds accepting pauses after a resource error
+PAUSE = 0.25
+#: at most one log line per this many seconds about accept errors
+LOG_EVERY = 10.0
+
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# The connection died in the backlog, or a firewall refused it: the next one may be fine.
+_PER_CONNECTION = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN,
+                             errno.ENOPROTOOPT, errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH,
+                             errno.EOPNOTSUPP, errno.ENETUNREACH})
+
+
+class Acceptor:
+    """Accepts from one listening socket into ``factory()`` protocols."""
+
+    def __init__(self, sock: socket.socket, factory: Callable[[], asyncio.Protocol], counters: memoryview):
+        self.sock = sock
+        self.factory = factory
+        self.m = counters
+        self.loop = asyncio.get_running_loop()
+        self.fd = sock.fileno()
+        self.watching = False
+        self.closed = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.unlogged = 0
+        self.last_log = -LOG_EVERY
+
+    def start(self) -> None:
+        if not self.closed and not self.watching:
+            self.loop.add_reader(self.fd, self._accept)
+            self.watching = True
+
+    def close(self) -> None:
+        """Stop accepting and close this process's copy of the socket."""
+        self.closed = True
+        if self.watching:
+            self.loop.remove_reader(self.fd)
+            self.watching = False
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.sock.close()
+
+    def _accept(self) -> None:
+        sock = self.sock
+        for _ in range(BATCH):
+            try:
+                conn, _addr = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in _PER_CONNECTION:
+                    continue
+                self._failed(e)
+                return
+            conn.setblocking(False)
+            task = self.loop.create_task(self.loop.connect_accepted_socket(self.factory, conn))
+            task.add_done_callback(_accepted)
+
+    def _failed(self, e: OSError) -> None:
+        self.m[layout.ACCEPT_ERRORS] += 1
+        self.unlogged += 1
+        now = time.monotonic()
+        if now - self.last_log >= LOG_EVERY:
+            what = "out of file descriptors" if e.errno in (errno.EMFILE, errno.ENFILE) else "failing"
+            log.error("accept() %s (%s, %d failures since the last report): pausing accepts for %gs "
+                      "at a time; open connections are still served (raise LimitNOFILE / fs.file-max?)",
+                      what, errno.errorcode.get(e.errno, e.errno), self.unlogged, PAUSE)
+            self.last_log = now
+            self.unlogged = 0
+        self.loop.remove_reader(self.fd)
+        self.watching = False
+        self.timer = self.loop.call_later(PAUSE, self._resume)
+
+    def _resume(self) -> None:
+        self.timer = None
+        self.start()
+
+
+def _accepted(task: asyncio.Task) -> None:
+    # connect_accepted_socket closes the transport itself when it fails;
+    # nothing to do but not leave the exception unretrieved.
+    if not task.cancelled():
+        task.exception()
