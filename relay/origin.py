@@ -83,6 +83,11 @@ class Origins:
                 continue
             sock = transport.get_extra_info("socket")
             if sock is not None:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                except OSError as e:  # reset already: a connect error like any other
+                    transport.abort()
+                    last = e
+                    continue
             return transport, protocol, addr
         raise OriginUnavailable(str(last))
