@@ -206,10 +206,23 @@ def body_framing(head: Head, is_request: bool = True) -> int | None:
     return None
 
 
+def _check_status_start(buf: bytes | bytearray) -> None:
+    """Refuse, before the head is complete, an answer that cannot become a
+    status line: an origin sending garbage gets its 502 at once, not a 504
+    when the connect timeout fires."""
+    first = bytes(buf[:9])
+    if not (b"HTTP/1.1 ".startswith(first) or b"HTTP/1.0 ".startswith(first)):
+        raise HeadError(502, "malformed origin status line", "origin_error")
+    eol = buf.find(CRLF)
+    if eol >= 0 and not _STATUS_LINE.match(bytes(buf[:eol])):
+        raise HeadError(502, "malformed origin status line", "origin_error")
+
+
 def parse_response_head(buf: bytes | bytearray, max_bytes: int) -> Response | None:
     """Parse the origin's status line and fields (RFC 9112 §4); 502 when malformed."""
     bounds = _head_bounds(buf, max_bytes, HeadError(502, "origin response head too large", "origin_error"))
     if bounds is None:
+        _check_status_start(buf)
         return None
     start, end = bounds
     if start:

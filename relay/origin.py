@@ -50,7 +50,11 @@ class OriginHead(asyncio.Protocol):
             self.head.set_result(resp)
 
     def eof_received(self) -> bool:
-        return True  # the future is settled by connection_lost or by data
+        if not self.head.done():
+            # The origin hung up before a complete head: a 502 now, not a 504 later.
+            self.head.set_exception(HeadError(502, "origin closed before answering", "origin_error"))
+            return False
+        return True  # after the head, a FIN belongs to the tunnel (half-close)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.head.done():

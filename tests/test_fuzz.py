@@ -319,3 +319,16 @@ def test_response_framing_survives_connection_tokens():
     resp = parse_response_head(raw, 4096)
     out = _response_head(resp, raw, True)
     assert b"\r\nContent-Length: 2\r\n" in out and b"X-Drop" not in out
+
+
+@pytest.mark.parametrize("data", [b"SSH-2.0-OpenSSH_9.6\r\n", b"\x00\x01", b"HTTP/2 101\r\n", b"\r\n",
+                                  b"HTTP/1.1 101 Switching Protocols\n\n", b"HTTP/1.1 000 Zero\r\nX: y"])
+def test_response_that_cannot_become_a_status_line_is_refused_before_it_ends(data):
+    """Found by tests/test_faults.py: an origin sending garbage and then
+    waiting got a 504 after the connect timeout instead of a 502 at once."""
+    with pytest.raises(HeadError) as e:
+        parse_response_head(data, MAX_HEAD)
+    assert e.value.status == 502
+    # and every prefix of a valid head still means "need more"
+    good = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n"
+    assert all(parse_response_head(good[:i], MAX_HEAD) is None for i in range(len(good)))
