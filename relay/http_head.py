@@ -213,8 +213,8 @@ def _check_status_start(buf: bytes | bytearray) -> None:
     first = bytes(buf[:9])
     if not (b"HTTP/1.1 ".startswith(first) or b"HTTP/1.0 ".startswith(first)):
         raise HeadError(502, "malformed origin status line", "origin_error")
-    eol = buf.find(CRLF)
-    if eol >= 0 and not _STATUS_LINE.match(bytes(buf[:eol])):
+    eol = buf.find(b"\n")
+    if eol >= 0 and (buf[eol - 1:eol] != b"\r" or not _STATUS_LINE.match(bytes(buf[:eol - 1]))):
         raise HeadError(502, "malformed origin status line", "origin_error")
 
 
