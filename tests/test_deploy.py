@@ -308,6 +308,18 @@ class CmdRelay(Relay):
         return int(re.search(r"wsrelay\[(\d+)\] INFO wsrelay \S+ listening", self.text()).group(1))
 
 
+def wait_reloaded(r: Relay, old_workers: int, timeout: float = 20) -> None:
+    """The new generation accepts and the old one has exited.
+
+    Waiting for the old workers keeps these tests about systemd: a connection
+    that an old worker accepted just before its SIGTERM currently gets a 503
+    "draining" (relay/client.py refuses upgrades once ctx.draining is set,
+    even a new connection's first request), which tests/test_lifecycle.py is
+    the place to pin down."""
+    r.wait_log("reload: generation 1 accepting", timeout=timeout)
+    r.wait_log(") finished (", timeout=timeout, count=old_workers)
+
+
 def round_trip(port: int, text: str = "hello through wsrelay", timeout: float = 10) -> str:
     async def go():
         async with connect(f"ws://127.0.0.1:{port}/", open_timeout=timeout, close_timeout=2) as ws:
@@ -445,7 +457,7 @@ def test_notify_ready_watchdog_reload_stopping(ws_origin, notify):
         t_reloading = notify.wait("RELOADING=1")[0]
         t_ready = notify.wait("READY=1")[0]
         assert t_ready >= t_reloading
-        r.wait_log("reload: generation 1 accepting")
+        wait_reloaded(r, 2)
         round_trip(r.port)
 
         # SIGTERM: STOPPING=1 as the drain starts, then a clean exit.
@@ -509,7 +521,7 @@ def test_socket_activation_serves_on_the_passed_socket(ws_origin):
             assert {pid for _, pid, _ in n.messages} == {r.proc.pid}
             # The socket is the one we passed: a reload keeps serving on it.
             r.signal(signal.SIGHUP)
-            r.wait_log("reload: generation 1 accepting")
+            wait_reloaded(r, 2)
             round_trip(port, "after reload")
     finally:
         listener.close()
@@ -727,7 +739,7 @@ def test_memory_deny_write_execute_holds(ws_origin):
                   workers=2, env={"RELAY_MODE": "frames"}) as r:
         round_trip(r.port)
         r.signal(signal.SIGHUP)
-        r.wait_log("reload: generation 1 accepting")
+        wait_reloaded(r, 2)
         round_trip(r.port)
 
 
@@ -801,7 +813,7 @@ def test_sandbox_allows_everything_the_relay_does(ws_origin, tmp_path, notify):
             assert b"wsrelay_websocket_connections" in resp.read()
         notify.wait("WATCHDOG=1", timeout=5)
         os.kill(sup, signal.SIGHUP)
-        r.wait_log("reload: generation 1 accepting", timeout=20)
+        wait_reloaded(r, 2)
         round_trip(r.port)
         os.kill(sup, signal.SIGTERM)
         assert r.proc.wait(30) == 0
