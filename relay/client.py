@@ -20,7 +20,7 @@ from relay import http_proxy
 from relay.context import AccessRecord, Context
 from relay.handshake import (check_upgrade_response, forward_head, is_upgrade, origin_allowed,
                              path_allowed, validate_upgrade)
-from relay.http_head import HeadError, Request, parse_request_head
+from relay.http_head import HEAD_END, HeadError, Request, parse_request_head
 from relay.origin import OriginHead, OriginUnavailable
 from relay.responses import refusal
 from relay.tunnel import Tunnel
@@ -63,7 +63,11 @@ class ClientConnection(asyncio.Protocol):
             if not self.buf:
                 self.started = time.monotonic()
             self.buf += data
-            self._try_head()
+            # Parse again only when these bytes may end the head (or overflow
+            # it): a head trickled in small reads must not cost a scan of the
+            # whole buffer per read (quadratic with RELAY_MAX_HEADER_BYTES).
+            if len(self.buf) > self.ctx.settings.max_header_bytes or HEAD_END in self.buf[-len(data) - 3:]:
+                self._try_head()
         elif self.state == BUSY:
             if self.exchange is not None:
                 self.exchange.client_data(data)
