@@ -248,6 +248,11 @@ async def run_client(i: int, url: str, st: Stats, gate: asyncio.Event, stop: asy
                 st.errors[kind + (f" (during {cause})" if cause else "")] += 1
                 await asyncio.sleep(0.05 + rng.random() * 0.1)
                 continue
+            if c is None:  # picows gave no listener: the connection died inside ws_connect
+                cause = st.blame(t0, time.monotonic())
+                st.errors["connect:dropped" + (f" (during {cause})" if cause else "")] += 1
+                transport.disconnect()
+                continue
             st.connections += 1
             n = rng.randint(1, 40)
             in_flight: list[bytes] = []
@@ -394,7 +399,8 @@ async def soak(duration: float = 60.0, clients: int = 50, workers: int = 2, orig
         await quiet("end")
         stop.set()
         gate.set()
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+        crashed = [f"{type(r).__name__}: {r}" for r in results if isinstance(r, BaseException)]
         report = {
             "duration_s": duration, "clients": clients, "workers": workers, "origins": origins,
             "connections": st.connections, "messages_sent": st.sent, "messages_verified": st.verified,
@@ -410,6 +416,7 @@ async def soak(duration: float = 60.0, clients: int = 50, workers: int = 2, orig
             "accept_errors": relay.metric("wsrelay_accept_errors_total"),
             "samples": samples,
             "tracebacks": sum("Traceback" in line for line in relay.lines),
+            "client_loops_crashed": crashed,
         }
     finally:
         for t in tasks:
