@@ -118,12 +118,15 @@ class EchoClient(WSListener):
 async def _connect(url: str, run: Run, sem: asyncio.Semaphore | None = None) -> EchoClient | None:
     async def once():
         try:
-            _, client = await ws_connect(lambda: EchoClient(run), url, websocket_handshake_timeout=30,
-                                         max_frame_size=64 << 20)
-            return client
+            transport, client = await ws_connect(lambda: EchoClient(run), url, websocket_handshake_timeout=30,
+                                                 max_frame_size=64 << 20)
         except Exception as e:  # a refused or failed handshake is a result, not a crash
             run.error(type(e).__name__)
             return None
+        if client is None:  # picows returns no listener when the peer hung up during the upgrade
+            run.error("closed_during_upgrade")
+            transport.disconnect(graceful=False)
+        return client
     if sem is None:
         return await once()
     async with sem:
@@ -224,6 +227,10 @@ async def handshake_mode(a: argparse.Namespace) -> dict:
             except Exception as e:
                 run.error(type(e).__name__)
                 await asyncio.sleep(0.01)  # a refusing proxy must not turn this into a busy loop
+                continue
+            if client is None:  # the peer hung up during the upgrade
+                run.error("closed_during_upgrade")
+                transport.disconnect(graceful=False)
                 continue
             try:
                 transport.send(BINARY, run.payload)

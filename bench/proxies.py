@@ -106,7 +106,9 @@ worker_rlimit_nofile {hard};
 pid {tmp}/nginx.pid;
 error_log {tmp}/nginx-error.log warn;
 events {{
-    worker_connections {hard - 100};
+    # above the fd limit on purpose: nginx starts "reusing" (closing) tunnels
+    # once its connection slots run out, a little before the fds do
+    worker_connections {2 * hard};
     use epoll;
 }}
 http {{

@@ -199,8 +199,22 @@ def environment() -> dict:
         "nginx": first(["nginx", "-v"]) if _which("nginx") else "not installed",
         "haproxy": first(["haproxy", "-v"]) if _which("haproxy") else "not installed",
         "RLIMIT_NOFILE": "%d/%d" % resource.getrlimit(resource.RLIMIT_NOFILE),
+        "wsrelay commit": _git_head(),
         "command": " ".join(["python -m bench"] + sys.argv[1:]),
     }
+
+
+def _git_head() -> str:
+    """The commit wsrelay ran from, and whether its code had local changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "relay", "workers", "metrics"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return (head or "unknown") + (" (with uncommitted changes in relay/, workers/ or metrics/)" if dirty else "")
 
 
 def _which(name: str) -> bool:
