@@ -191,10 +191,9 @@ class Stats:
     connect_samples: list[str] = field(default_factory=list)
 
     def blame(self, t0: float, t1: float) -> str | None:
-        for t, what in self.chaos:
-            if t0 - CHAOS_WINDOW <= t <= t1 + CHAOS_WINDOW:
-                return what
-        return None
+        """The chaos event nearest the end of [t0, t1], if one is close enough to explain it."""
+        near = [(abs(t - t1), what) for t, what in self.chaos if t0 - CHAOS_WINDOW <= t <= t1 + CHAOS_WINDOW]
+        return min(near)[1] if near else None
 
 
 def payload(rng: random.Random, client: int, seq: int) -> bytes:
