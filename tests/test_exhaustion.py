@@ -21,7 +21,7 @@ from websockets.sync.client import connect as ws_connect
 
 from tests import helpers
 from tests.helpers import Relay, read_head, status_of, upgrade_request, wait_for
-from tests.test_hostile import echo_ok, metric
+from tests.probes import echo_ok, metric
 
 NOFILE = 64
 _CLK_TCK = os.sysconf("SC_CLK_TCK")

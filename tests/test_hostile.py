@@ -7,66 +7,19 @@ client, none leaks a slot, memory stays bounded.
 from __future__ import annotations
 
 import contextlib
-import re
-import select
 import socket
 import struct
 import threading
 import time
-import urllib.request
 
 import pytest
 from websockets.sync.client import connect as ws_connect
 
 from tests.helpers import Relay, read_head, status_of, upgrade_request, wait_for
+from tests.probes import closed_by_peer, echo_ok, metric, worker_fds
 from tests.raw_origins import RawOrigin, mask_frame, read_frame
 
 HANDSHAKE_TIMEOUT = 2.0
-
-
-def metric(relay: Relay, name: str, labels: str = "") -> float:
-    """Sum of the samples of one metric (those whose labels contain ``labels``)."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{relay.metrics_port}/metrics", timeout=5).read().decode()
-    total = 0.0
-    for m in re.finditer(rf"^{name}(\{{[^}}]*\}})? (\S+)$", text, re.M):
-        if labels in (m.group(1) or ""):
-            total += float(m.group(2))
-    return total
-
-
-def worker_fds(relay: Relay) -> int:
-    import os
-    n = 0
-    for pid in relay.worker_pids().values():
-        try:
-            n += len(os.listdir(f"/proc/{pid}/fd"))
-        except OSError:
-            pass
-    return n
-
-
-def echo_ok(relay: Relay, text: str = "still here") -> float:
-    """One WebSocket round trip through the relay; returns its duration."""
-    t0 = time.monotonic()
-    with ws_connect(relay.url + "/", open_timeout=5, close_timeout=2) as ws:
-        ws.send(text)
-        assert ws.recv(timeout=5) == text
-    return time.monotonic() - t0
-
-
-def closed_by_peer(s: socket.socket, timeout: float) -> bool:
-    """True once the relay closes (EOF or reset) within ``timeout``; data is discarded."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r, _, _ = select.select([s], [], [], max(0.0, deadline - time.monotonic()))
-        if not r:
-            return False
-        try:
-            if not s.recv(65536):
-                return True
-        except (ConnectionResetError, BrokenPipeError):
-            return True
-    return False
 
 
 @pytest.fixture(scope="module")
