@@ -78,6 +78,8 @@ def path_allowed(path: bytes, prefixes: tuple[bytes, ...]) -> bool:
     """Prefix match on whole path segments (``/ws`` allows ``/ws`` and ``/ws/x``,
     not ``/wsx``), on the raw path and on its decoded, dot-resolved form, so
     ``/ws/../admin`` or ``/ws/%2e%2e/admin`` cannot slip past."""
+    if b"/" in prefixes:  # the default: every origin-form path, decoded or not
+        return path.startswith(b"/")
     if not _prefix_match(path, prefixes):
         return False
     decoded = unquote_to_bytes(path)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import socket
 
 from relay.config import Address
 from relay.http_head import HeadError, Response, parse_response_head
@@ -85,13 +84,6 @@ class Origins:
             except OSError as e:
                 last = e
                 continue
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
-                try:
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                except OSError as e:  # reset already: a connect error like any other
-                    transport.abort()
-                    last = e
-                    continue
+            # uvloop sets TCP_NODELAY on every TCP transport it creates.
             return transport, protocol, addr
         raise OriginUnavailable(str(last))
