@@ -31,9 +31,12 @@ CLOSES = DURATION + len(DURATION_BUCKETS) + 2  # + side * (len(CLOSE_CODES)+1) +
 ACCEPT_ERRORS = CLOSES + 2 * (len(CLOSE_CODES) + 1)
 PING_TIMEOUTS = ACCEPT_ERRORS + 1
 HTTP = PING_TIMEOUTS + 1                       # + status code
-SIZE = HTTP + HTTP_CODES
+# Gauges read by sibling workers to balance accepts (workers/accept.py).
+LOAD = HTTP + HTTP_CODES  # open connections of any kind, as of the last accept
+ACCEPTING = LOAD + 1      # 1 while the worker takes new connections
+SIZE = ACCEPTING + 1
 
-GAUGES = (CONNECTIONS,)
+GAUGES = (CONNECTIONS, LOAD, ACCEPTING)
 
 
 def bucket_index(buckets: tuple[float, ...], value: float) -> int:

@@ -4,6 +4,7 @@ drain, reload and restart backoff (SPEC §4 global limit, §5)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import socket
@@ -131,6 +132,30 @@ def test_spread_of_1000_connections_over_two_workers(ws_origin):
             print("spread", counts)
             assert all(400 <= c <= 600 for c in counts), counts
         finally:
+            for s in socks:
+                s.close()
+
+
+def test_a_stalled_worker_costs_latency_not_service(ws_origin):
+    """Balanced accepting defers to the least-loaded sibling; if that sibling
+    is stopped (SIGSTOP), the other still takes every connection."""
+    with Relay(ws_origin.addr, workers=2) as r:
+        socks = []
+        pids = r.worker_pids()
+        stopped = pids[0]
+        os.kill(stopped, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            for _ in range(60):  # sequential: each would rather go to the stopped, emptier worker
+                s = socket.create_connection(("127.0.0.1", r.port), timeout=10)
+                s.sendall(upgrade_request("/"))
+                socks.append(s)
+                assert status_of(read_head(s)[0]) == 101
+            elapsed = time.monotonic() - t0
+            print(f"60 handshakes with a stopped sibling in {elapsed:.2f}s")
+            assert elapsed < 10
+        finally:
+            os.kill(stopped, signal.SIGCONT)
             for s in socks:
                 s.close()
 

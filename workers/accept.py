@@ -19,6 +19,18 @@ in the worker's ``metrics.layout.ACCEPT_ERRORS`` slot, and logged at most
 once per :data:`LOG_EVERY` seconds with the count since the last line.
 Nothing spins: a failed accept costs one syscall per pause.
 
+Balance. Every worker watches the one shared listening socket, so every
+connection wakes them all and the first to call ``accept()`` wins it; which
+one that is depends on the scheduler, and on a busy host one worker can win
+two thirds of a burst. So, as nginx does with ``ngx_accept_disabled``, a
+worker that holds more open connections than its least-loaded accepting
+sibling (by :data:`SLACK` plus 1/16) leaves the wake-up to the siblings and
+looks again :data:`DEFER` seconds later. Whatever is still queued by then has
+waited long enough: it takes it anyway, a few at first and twice as many on
+each consecutive overdue round, so a stalled sibling costs latency, never
+service. Loads travel through the workers' shared-memory slots
+(``metrics.layout.LOAD`` and ``ACCEPTING``), written at each wake-up.
+
 The accepted socket becomes a uvloop transport through
 ``loop.connect_accepted_socket``; tests/test_exhaustion.py and the
 handshake benchmark in SECURITY.md show the cost is within noise.
@@ -39,6 +51,10 @@ log = logging.getLogger("wsrelay.worker")
 
 #: connections accepted per readiness callback (others wait for the next turn)
 BATCH = 64
+#: connections a worker may hold beyond its least-loaded sibling (plus 1/16)
+SLACK = 4
+#: seconds a worker that is ahead waits for its siblings to take a connection
+DEFER = 0.005
 #: seconds accepting pauses after a resource error
 PAUSE = 0.25
 #: at most one log line per this many seconds about accept errors
@@ -54,10 +70,17 @@ _PER_CONNECTION = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errn
 class Acceptor:
     """Accepts from one listening socket into ``factory()`` protocols."""
 
-    def __init__(self, sock: socket.socket, factory: Callable[[], asyncio.Protocol], counters: memoryview):
+    def __init__(self, sock: socket.socket, factory: Callable[[], asyncio.Protocol], counters: memoryview,
+                 siblings: tuple[memoryview, ...] = (), load: Callable[[], int] = lambda: 0):
         self.sock = sock
         self.factory = factory
         self.m = counters
+        #: the other workers' counter slots, to compare loads with
+        self.siblings = siblings
+        #: this worker's open connections (the accepted ones not yet made are added)
+        self.load = load
+        self.pending = 0
+        self.overdue_batch = 1
         self.loop = asyncio.get_running_loop()
         self.fd = sock.fileno()
         self.watching = False
@@ -70,10 +93,12 @@ class Acceptor:
         if not self.closed and not self.watching:
             self.loop.add_reader(self.fd, self._accept)
             self.watching = True
+            self.m[layout.ACCEPTING] = 1
 
     def close(self) -> None:
         """Stop accepting and close this process's copy of the socket."""
         self.closed = True
+        self.m[layout.ACCEPTING] = 0
         if self.watching:
             self.loop.remove_reader(self.fd)
             self.watching = False
@@ -83,20 +108,62 @@ class Acceptor:
         self.sock.close()
 
     def _accept(self) -> None:
+        if self.siblings and self._ahead():
+            self._pause(DEFER, self._overdue)
+            return
+        self.overdue_batch = 1
+        self._take(BATCH, balanced=bool(self.siblings))
+
+    def _ahead(self) -> bool:
+        """Publish this worker's load; is it ahead of the least-loaded accepting sibling?"""
+        mine = self.load() + self.pending
+        self.m[layout.LOAD] = mine
+        least = None
+        for c in self.siblings:
+            if c[layout.ACCEPTING] and (least is None or c[layout.LOAD] < least):
+                least = c[layout.LOAD]
+        return least is not None and mine > least + SLACK + mine // 16
+
+    def _overdue(self) -> None:
+        """Back from deferring: what still waits, the siblings did not take."""
+        self.timer = None
+        if self.closed:
+            return
+        self.start()
+        if self._take(self.overdue_batch, balanced=False):
+            self.overdue_batch = min(BATCH, 2 * self.overdue_batch)
+        else:
+            self.overdue_batch = 1
+
+    def _take(self, n: int, balanced: bool) -> int:
+        """Accept up to ``n`` connections (fewer once ahead, if ``balanced``)."""
         sock = self.sock
-        for _ in range(BATCH):
+        taken = 0
+        for _ in range(n):
             try:
                 conn, _addr = sock.accept()
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except OSError as e:
                 if e.errno in _PER_CONNECTION:
                     continue
                 self._failed(e)
-                return
+                break
             conn.setblocking(False)
+            taken += 1
+            self.pending += 1
             task = self.loop.create_task(self.loop.connect_accepted_socket(self.factory, conn))
-            task.add_done_callback(_accepted)
+            task.add_done_callback(self._accepted)
+            if balanced and self._ahead():
+                break
+        return taken
+
+    def _accepted(self, task: asyncio.Task) -> None:
+        self.pending -= 1
+        # connect_accepted_socket closes the transport itself when it fails;
+        # nothing to do but not leave the exception unretrieved.
+        if not task.cancelled():
+            task.exception()
 
     def _failed(self, e: OSError) -> None:
         self.m[layout.ACCEPT_ERRORS] += 1
@@ -109,17 +176,15 @@ class Acceptor:
                       what, errno.errorcode.get(e.errno, e.errno), self.unlogged, PAUSE)
             self.last_log = now
             self.unlogged = 0
-        self.loop.remove_reader(self.fd)
-        self.watching = False
-        self.timer = self.loop.call_later(PAUSE, self._resume)
+        self._pause(PAUSE, self._resume)
+
+    def _pause(self, seconds: float, then: Callable[[], None]) -> None:
+        if self.watching:
+            self.loop.remove_reader(self.fd)
+            self.watching = False
+        if self.timer is None:
+            self.timer = self.loop.call_later(seconds, then)
 
     def _resume(self) -> None:
         self.timer = None
         self.start()
-
-
-def _accepted(task: asyncio.Task) -> None:
-    # connect_accepted_socket closes the transport itself when it fails;
-    # nothing to do but not leave the exception unretrieved.
-    if not task.cancelled():
-        task.exception()

@@ -53,7 +53,9 @@ async def _serve(settings: Settings, socks: list[socket.socket], index: int, slo
     # Our own accept loop, not loop.create_server: see workers/accept.py (EMFILE).
     for sock in socks:
         sock.listen(settings.backlog)  # a reload may change RELAY_BACKLOG on the same socket
-    servers = [Acceptor(sock, lambda: ClientConnection(ctx), ctx.m) for sock in socks]
+    siblings = tuple(shared.counters(i) for i in range(shared.nslots) if i != slot)
+    servers = [Acceptor(sock, lambda: ClientConnection(ctx), ctx.m, siblings,
+                        lambda: len(ctx.connections) + len(ctx.tunnels)) for sock in socks]
     for server in servers:
         server.start()
     ctx.start_sweeping()
