@@ -125,6 +125,8 @@ class ClientConnection(asyncio.Protocol):
         if is_upgrade(req):
             self.task = asyncio.ensure_future(self._upgrade(req))
             self.task.add_done_callback(self._upgrade_done)
+        elif self.ctx.draining and self.requests > 1:
+            self._refuse(503, "draining", self.ctx.record(self.peer_ip, req.method, req.path), upgrade=False)
         else:
             self.exchange = http_proxy.Exchange(self, req)
 
@@ -187,8 +189,10 @@ class ClientConnection(asyncio.Protocol):
             self.timer = None
 
     def drain(self) -> None:
-        """The worker is draining: idle keep-alive connections close now."""
-        if self.state == HEAD and not self.buf:
+        """The worker is draining: idle keep-alive connections close now. A
+        connection accepted but not yet spoken on is left its handshake timeout:
+        its client connected before the drain and gets an answer."""
+        if self.state == HEAD and not self.buf and self.requests:
             self._close()
 
     # -- the upgrade ----------------------------------------------------------------
@@ -211,7 +215,10 @@ class ClientConnection(asyncio.Protocol):
             return self._refuse(e.status, e.outcome, rec)
         if not path_allowed(req.path, ctx.ws_paths) or not origin_allowed(req.get(b"origin"), s.allowed_origins):
             return self._refuse(403, "forbidden", rec)
-        if ctx.draining:
+        if ctx.draining and self.requests > 1:
+            # A kept-alive connection asking again after the drain began; the
+            # first request of a connection accepted before it is still served,
+            # so a reload refuses nothing.
             return self._refuse(503, "draining", rec)
         if not ctx.admission.take(self.peer_ip):
             return self._refuse(503, "limit", rec)

@@ -311,11 +311,9 @@ class CmdRelay(Relay):
 def wait_reloaded(r: Relay, old_workers: int, timeout: float = 20) -> None:
     """The new generation accepts and the old one has exited.
 
-    Waiting for the old workers keeps these tests about systemd: a connection
-    that an old worker accepted just before its SIGTERM currently gets a 503
-    "draining" (relay/client.py refuses upgrades once ctx.draining is set,
-    even a new connection's first request), which tests/test_lifecycle.py is
-    the place to pin down."""
+    Waiting for the old workers keeps these tests about systemd; that a
+    connection accepted by an old worker just before its SIGTERM is still
+    served is pinned down in tests/test_lifecycle.py."""
     r.wait_log("reload: generation 1 accepting", timeout=timeout)
     r.wait_log(") finished (", timeout=timeout, count=old_workers)
 

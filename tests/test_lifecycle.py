@@ -14,6 +14,7 @@ import urllib.request
 import pytest
 from websockets.asyncio.client import connect
 
+from tests.probes import closed_by_peer, worker_fds
 from tests.helpers import Relay, read_head, status_of, upgrade_request, wait_for
 from tests.test_tunnel import run
 
@@ -187,6 +188,31 @@ def test_sigterm_drains_open_websocket_and_exits_0(ws_origin):
         run(go())
         code = r.proc.wait(8)
         assert code == 0
+    finally:
+        r.stop()
+
+
+def test_connections_accepted_before_the_drain_are_served(ws_origin):
+    """The race a reload would otherwise lose: a worker accepted a connection,
+    then got SIGTERM before the request arrived. That first request is served
+    (101), while a kept-alive connection asking again gets 503 draining."""
+    r = Relay(ws_origin.addr, workers=1, env={"RELAY_DRAIN_TIMEOUT": "5"}).start()
+    try:
+        before = worker_fds(r)
+        fresh = socket.create_connection(("127.0.0.1", r.port), timeout=10)
+        kept = socket.create_connection(("127.0.0.1", r.port), timeout=10)
+        kept.sendall(b"GET /headers HTTP/1.1\r\nHost: x\r\n\r\n")
+        head, _ = read_head(kept)
+        assert b"connection: close" not in head.lower()
+        wait_for(lambda: worker_fds(r) >= before + 2, 5, what="the worker to accept both connections")
+        r.signal(signal.SIGTERM)
+        r.wait_log("draining")
+        fresh.sendall(upgrade_request("/"))
+        assert status_of(read_head(fresh)[0]) == 101
+        assert closed_by_peer(kept, 5)  # an idle kept-alive connection is closed at once
+        fresh.close()
+        assert r.proc.wait(10) == 0
+        assert '"outcome":"draining"' not in r.text()
     finally:
         r.stop()
 
