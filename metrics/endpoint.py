@@ -2,7 +2,10 @@
 single-threaded select loop: no thread, so forking workers stays safe.
 
 Requests are tiny; each connection is read without blocking until its head is
-complete (bounded in size and time), answered, and closed.
+complete, answered without blocking, and closed. Everything is bounded: the
+head in size, each connection in time (:data:`TIMEOUT` from accept to the last
+byte out) and their number (:data:`MAX_CONNECTIONS`), so a slow or hostile
+scraper can never stall the supervisor, which also watches the workers.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 MAX_REQUEST = 8192
 TIMEOUT = 5.0
+MAX_CONNECTIONS = 64
 
 
 class Endpoint:
@@ -25,7 +29,8 @@ class Endpoint:
         self.registry = registry
         self.healthy = healthy
         self.ready = ready
-        self._pending: dict[socket.socket, tuple[bytearray, float]] = {}
+        #: connection -> [request bytes, deadline, answer still to send or None]
+        self._pending: dict[socket.socket, list] = {}
         self._sel: selectors.BaseSelector | None = None
 
     @classmethod
@@ -58,13 +63,15 @@ class Endpoint:
             conn, _ = self.sock.accept()
         except OSError:
             return
+        if len(self._pending) >= MAX_CONNECTIONS:
+            self._drop(next(iter(self._pending)))  # the oldest: a scraper waits at most that long
         conn.setblocking(False)
-        self._pending[conn] = (bytearray(), time.monotonic() + TIMEOUT)
+        self._pending[conn] = [bytearray(), time.monotonic() + TIMEOUT, None]
         self._sel.register(conn, selectors.EVENT_READ, self._read)
 
     def expire(self) -> None:
         now = time.monotonic()
-        for conn, (_buf, deadline) in list(self._pending.items()):
+        for conn, (_buf, deadline, _out) in list(self._pending.items()):
             if now > deadline:
                 self._drop(conn)
 
@@ -77,7 +84,8 @@ class Endpoint:
         conn.close()
 
     def _read(self, conn: socket.socket, _ev) -> None:
-        buf, _deadline = self._pending[conn]
+        state = self._pending[conn]
+        buf = state[0]
         try:
             data = conn.recv(4096)
         except BlockingIOError:
@@ -93,16 +101,24 @@ class Endpoint:
             return
         parts = bytes(buf).split(b" ", 2)
         path = parts[1].split(b"?")[0] if len(parts) > 2 else b""
-        self._sel.unregister(conn)
-        self._pending.pop(conn, None)
+        state[2] = memoryview(self.answer(parts[0], path))
+        self._sel.modify(conn, selectors.EVENT_WRITE, self._write)
+        self._write(conn, None)
+
+    def _write(self, conn: socket.socket, _ev) -> None:
+        state = self._pending.get(conn)
+        if state is None:
+            return
+        out = state[2]
         try:
-            conn.setblocking(True)
-            conn.settimeout(2.0)
-            conn.sendall(self.answer(parts[0], path))
+            sent = conn.send(out)
+        except BlockingIOError:
+            return
         except OSError:
-            pass
-        finally:
-            conn.close()
+            return self._drop(conn)
+        state[2] = out = out[sent:]
+        if not out:
+            self._drop(conn)
 
     def answer(self, method: bytes, path: bytes) -> bytes:
         if method not in (b"GET", b"HEAD"):

@@ -215,3 +215,35 @@ def test_grafana_dashboard_queries_known_metrics():
              "wsrelay_bytes_total", "wsrelay_handshake_seconds", "wsrelay_clients", "wsrelay_worker_")
     for e in exprs:
         assert any(k in e for k in known), e
+
+
+def test_slow_and_idle_scrapers_never_stall_the_supervisor(ws_origin):
+    """Scrapers that never read their answer, and more idle connections than
+    the endpoint keeps: /healthz still answers at once and the relay serves."""
+    with Relay(ws_origin.addr, workers=1) as r:
+        size = len(get(r, "/metrics")[1])
+        slow = []
+        for _ in range(8):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)  # a tiny window, never read
+            s.connect(("127.0.0.1", r.metrics_port))
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            slow.append(s)
+        idle = [socket.create_connection(("127.0.0.1", r.metrics_port), timeout=5) for _ in range(100)]
+        try:
+            t0 = time.monotonic()
+            assert get(r, "/healthz")[0] == 200
+            assert time.monotonic() - t0 < 1.0, f"/healthz took {time.monotonic() - t0:.2f}s"
+            with socket.create_connection(("127.0.0.1", r.port), timeout=10) as s:
+                s.sendall(upgrade_request("/"))
+                assert status_of(read_head(s)[0]) == 101
+            # the slow scrapers get their whole answer once they read
+            s = slow[0]
+            s.settimeout(10)
+            got = b""
+            while chunk := s.recv(65536):
+                got += chunk
+            assert got.startswith(b"HTTP/1.1 200") and len(got) > size // 2, (len(got), size)
+        finally:
+            for s in slow + idle:
+                s.close()
