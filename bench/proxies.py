@@ -23,7 +23,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -177,11 +179,16 @@ class System:
     key: str
     label: str
     workers: int = 1
+    #: extra environment for wsrelay systems (over the benchmark's defaults)
+    env: dict[str, str] = field(default_factory=dict)
+    #: seconds between scrapes of /metrics while running (0: no scraper)
+    scrape_every: float = 0.0
     proc: subprocess.Popen | None = None
     port: int = 0
     tmp: Path | None = None
     log: Path | None = None
     _pids: list[int] = field(default_factory=list)
+    _scraper: "_Scraper | None" = None
 
     @property
     def url(self) -> str:
@@ -215,6 +222,7 @@ class System:
                 env.update(RELAY_ORIGIN=f"{HOST}:{origin_port}", RELAY_LISTEN=f"{HOST}:0",
                            RELAY_WORKERS=str(self.workers), RELAY_METRICS_LISTEN="",
                            RELAY_ACCESS_LOG="0", RELAY_DRAIN_TIMEOUT="1")
+                env.update(self.env)
                 argv = [sys.executable, "-m", "relay", "run"]
             else:
                 raise StartError(f"unknown system {self.key}")
@@ -234,6 +242,10 @@ class System:
             deadline = time.monotonic() + timeout
             while len(procstat.tree(self.proc.pid)) < 1 + self.workers and time.monotonic() < deadline:
                 time.sleep(0.02)
+            if self.scrape_every:
+                line = _wait_line(self.log, self.proc, "metrics on http://", timeout)
+                url = line[line.index("http://"):].split()[0]
+                self._scraper = _Scraper(url, self.scrape_every)
 
     def pids(self) -> list[int]:
         if self.proc is None:
@@ -241,6 +253,9 @@ class System:
         return procstat.tree(self.proc.pid)
 
     def stop(self, timeout: float = 10.0) -> None:
+        if self._scraper is not None:
+            self._scraper.stop()
+            self._scraper = None
         if self.proc is None:
             return
         if self.proc.poll() is None:
@@ -264,6 +279,31 @@ class System:
         self.proc = None
 
 
+class _Scraper:
+    """Fetches /metrics every ``every`` seconds in a thread, as Prometheus would."""
+
+    def __init__(self, url: str, every: float):
+        self.url = url
+        self.every = every
+        self.scrapes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as r:
+                    r.read()
+                self.scrapes += 1
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
 def _binary(name: str) -> str:
     path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin")
     if path is None:
@@ -282,6 +322,9 @@ SYSTEMS = {
     "naive": dict(label="naive asyncio relay"),
     "wsrelay": dict(label="wsrelay (1 worker)", workers=1),
     "wsrelay-2w": dict(label="wsrelay (2 workers)", workers=2),
+    # the cost of observability: the same worker with /metrics on, scraped every second
+    "wsrelay-metrics": dict(label="wsrelay (1 worker, /metrics scraped 1/s)", workers=1,
+                            env={"RELAY_METRICS_LISTEN": f"{HOST}:0"}, scrape_every=1.0),
 }
 
 

@@ -47,8 +47,10 @@ def rows(run: dict) -> list[list[str]]:
                 fig += f" ({r['mb_s']:,.1f} MB/s)"
             if w["mode"] == "idle" and r.get("rss_after_kib") is not None:
                 fig += f" (RSS {r['rss_before_kib'] / 1024:.1f}→{r['rss_after_kib'] / 1024:.1f} MiB, {r['connected']:,.0f} conns)"
-            if "x_1w" in r:
-                fig += f" = {r['x_1w']:.2f}× 1 worker"
+            if r.get("x_wsrelay") is not None:
+                fig += f" = {r['x_wsrelay']:.2f}× wsrelay (1 worker)"
+                if r.get("x_wsrelay_core") is not None:
+                    fig += f", {r['x_wsrelay_core']:.2f}× per core"
             per_core = f"{_fmt(r.get('per_core'), unit)}" if r.get("per_core") else "–"
             err = str(r["errors"]) + (f" ({r['failed']} failed)" if r["failed"] else "")
             pc = "–" if r.get("proxy_cpu") is None or key == "direct" else f"{r['proxy_cpu'] * 100:.0f}%"

@@ -53,6 +53,8 @@ def workloads(quick: bool, idle_conns: int) -> list[Workload]:
                  procs=4, metric="KiB/tunnel", higher_better=False),
         Workload("scale-64", "64 B echo, 50 conns, 2 vs 1 worker", "echo", 50, 64,
                  systems=("wsrelay", "wsrelay-2w"), pinned=False),
+        Workload("metrics-64", "64 B echo, 50 conns, /metrics off vs on", "echo", 50, 64,
+                 systems=("wsrelay", "wsrelay-metrics")),
     ]
     if quick:
         keep = {"echo-64", "echo-1m", "handshake", "idle"}
@@ -326,8 +328,13 @@ def summarize(wls: list[Workload], trials: list[dict]) -> dict:
                 row["x_nginx" + tag] = v / nginx if v and nginx else None
                 row["x_best" + tag] = v / best if v and best else None
                 row["x_naive" + tag] = v / naive if v and naive else None
-        if "wsrelay" in rows and "wsrelay-2w" in rows and rows["wsrelay"]["value"]:
-            rows["wsrelay-2w"]["x_1w"] = (rows["wsrelay-2w"]["value"] or 0) / rows["wsrelay"]["value"]
+        # every wsrelay variant (2 workers, metrics on, ...) against plain wsrelay in the same run
+        base = rows.get("wsrelay", {}).get("value")
+        for key, row in rows.items():
+            if key.startswith("wsrelay-") and base:
+                row["x_wsrelay"] = (row["value"] or 0) / base
+                row["x_wsrelay_core"] = ((row.get("per_core") or 0) / rows["wsrelay"]["per_core"]
+                                         if rows["wsrelay"].get("per_core") else None)
         out[w.key] = rows
     return out
 
