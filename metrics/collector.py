@@ -96,6 +96,12 @@ class RelayCollector:
                         c.add_metric([w, side, str(code)], n)
         yield c
 
+        c = CounterMetricFamily("wsrelay_ping_timeouts", "Tunnels dropped for a peer that did not answer "
+                                "the relay's ping (frames mode)", labels=["worker"])
+        for w, v in data.items():
+            c.add_metric([w], v[layout.PING_TIMEOUTS])
+        yield c
+
         c = CounterMetricFamily("wsrelay_accept_errors", "Failed accept() calls (EMFILE and the like)",
                                 labels=["worker"])
         for w, v in data.items():

@@ -17,6 +17,7 @@ import time
 
 from relay import http_proxy
 from relay.context import AccessRecord, Context
+from relay.frames_tunnel import FramesTunnel
 from relay.handshake import (check_upgrade_response, forward_head, is_upgrade, origin_allowed,
                              path_allowed, validate_upgrade)
 from relay.http_head import HEAD_END, HeadError, Request, parse_request_head
@@ -229,7 +230,11 @@ class ClientConnection(asyncio.Protocol):
                 async with asyncio.timeout(s.connect_timeout):
                     origin_t, oproto, addr = await ctx.origins.connect(OriginHead)
                     rec.origin = str(addr)
-                    origin_t.write(forward_head(req, self.peer_ip, ctx.proto, True) + self.buf[req.head_len:])
+                    # Frames sent before the 101 (a client that does not wait) go
+                    # with the head; in frames mode they go through the tracker.
+                    early = bytes(self.buf[req.head_len:])
+                    origin_t.write(forward_head(req, self.peer_ip, ctx.proto, True)
+                                   + (b"" if ctx.frames else early))
                     self.buf.clear()
                     resp = await oproto.head
             except TimeoutError:
@@ -260,9 +265,16 @@ class ClientConnection(asyncio.Protocol):
             ctx.count_upgrade("upgraded", 101, handshake_s)
             ctx.connections.discard(self)
             self.state = DONE
-            tunnel = Tunnel(self.transport, origin_t, ctx.tunnel_ended, rec)
-            ctx.tunnel_opened(tunnel)
-            tunnel.start(bytes(oproto.buf), b"")
+            if ctx.frames:
+                tunnel = FramesTunnel(self.transport, origin_t, ctx.tunnel_ended, rec, ctx.m,
+                                      s.max_message_bytes)
+                ctx.tunnel_opened(tunnel)
+                head = resp.head_len  # the 101 goes as is; what follows it is frames
+                tunnel.start(bytes(oproto.buf[head:]), early, head=bytes(oproto.buf[:head]))
+            else:
+                tunnel = Tunnel(self.transport, origin_t, ctx.tunnel_ended, rec)
+                ctx.tunnel_opened(tunnel)
+                tunnel.start(bytes(oproto.buf), b"")
         finally:
             if not handed_over:
                 ctx.admission.give(self.peer_ip)

@@ -1,9 +1,11 @@
 """A worker's shared state: settings turned into ready-to-use values, the open
 connections, the counters in its shared-memory slot, and the once-a-second
-sweep that publishes byte counts and enforces the idle timeout.
+sweep that publishes byte counts, enforces the idle timeout and, in frames
+mode, pings silent peers and ends overdue closes (relay/frames_tunnel.py).
 
-Counting happens per connection, never per chunk: a tunnel's byte counts are
-plain attributes of its sides; the sweep sums them into the slot.
+Counting happens per connection, never per chunk: a tunnel's byte counts (and
+in frames mode its message counts) are plain attributes of its sides; the
+sweep sums them into the slot.
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ class Context:
         self.access_log = settings.access_log
         self._closed_up = 0
         self._closed_down = 0
+        self.frames = settings.mode == "frames"
+        self._closed_msgs_up = 0
+        self._closed_msgs_down = 0
         self._sweeper: asyncio.TimerHandle | None = None
 
     # -- counting -----------------------------------------------------------------
@@ -83,6 +88,9 @@ class Context:
         m[layout.CONNECTIONS] = len(self.tunnels)
         self._closed_up += tunnel.up
         self._closed_down += tunnel.down
+        if self.frames:
+            self._closed_msgs_up += tunnel.messages_up
+            self._closed_msgs_down += tunnel.messages_down
         duration = time.monotonic() - tunnel.started
         m[layout.DURATION + layout.bucket_index(layout.DURATION_BUCKETS, duration)] += 1
         m[layout.DURATION + len(layout.DURATION_BUCKETS) + 1] += duration
@@ -119,6 +127,13 @@ class Context:
             down += t.origin.nbytes
         self.m[layout.BYTES] = up
         self.m[layout.BYTES + 1] = down
+        if self.frames:
+            up, down = self._closed_msgs_up, self._closed_msgs_down
+            for t in self.tunnels:
+                up += t.messages_up
+                down += t.messages_down
+            self.m[layout.MESSAGES] = up
+            self.m[layout.MESSAGES + 1] = down
 
     # -- the sweep ----------------------------------------------------------------
     def start_sweeping(self) -> None:
@@ -141,4 +156,9 @@ class Context:
                     t.last_active = now
                 elif now - t.last_active >= limit:
                     t.close()
+        if self.frames:
+            now = time.monotonic()
+            s = self.settings
+            for t in list(self.tunnels):
+                t.keepalive(now, s.ping_interval, s.ping_timeout)
         self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)

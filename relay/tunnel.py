@@ -130,10 +130,13 @@ class Tunnel:
 
     __slots__ = ("client", "origin", "on_end", "started", "last_bytes", "last_active", "ended", "record")
 
+    #: the protocol of each socket; relay.frames_tunnel swaps in its own
+    side_class = Side
+
     def __init__(self, client_transport: asyncio.Transport, origin_transport: asyncio.Transport,
                  on_end, record) -> None:
-        self.client = Side(self, client_transport)
-        self.origin = Side(self, origin_transport)
+        self.client = self.side_class(self, client_transport)
+        self.origin = self.side_class(self, origin_transport)
         self.client.peer = self.origin
         self.origin.peer = self.client
         self.on_end = on_end
