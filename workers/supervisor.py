@@ -301,7 +301,9 @@ class Supervisor:
             old = [w for w in self.workers.values() if w.generation != self.generation and not w.draining]
             for w in old:
                 w.draining = True
-            self._signal_all(signal.SIGTERM, only=lambda w: w in old)
+            # SIGUSR1, not SIGTERM: the worker drains alike, but in frames mode
+            # tells its clients 1012 Service Restart instead of 1001 Going Away.
+            self._signal_all(signal.SIGUSR1, only=lambda w: w in old)
             for sock in getattr(self, "old_socks", []) or []:
                 sock.close()
             self.old_socks = []

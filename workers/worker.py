@@ -1,11 +1,17 @@
 """A worker process: one uvloop event loop serving the inherited listening
-sockets until the supervisor asks it to drain (SIGTERM) or to stop at once
+sockets until the supervisor asks it to drain — SIGTERM for a shutdown,
+SIGUSR1 for a reload (its generation is being replaced) — or to stop at once
 (SIGQUIT).
 
 Draining: stop accepting at once (the supervisor and the other workers still
 hold the listening socket, so nothing queued is reset), close idle keep-alive
 connections, give open tunnels ``RELAY_DRAIN_TIMEOUT`` to end by themselves,
-then close what is left.
+then close what is left. In tunnel mode both signals drain alike. In frames
+mode the signal says which Close the clients get — 1001 Going Away on
+shutdown, 1012 Service Restart on reload (the origins get 1001 either way) —
+and the closes are spread evenly over the first ``DRAIN_SPREAD`` of the
+window (relay/frames_tunnel.py), so the clients reconnect as a trickle; the
+rest of the window is for their answers.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import uvloop
 from relay.client import ClientConnection
 from relay.config import Settings
 from relay.context import Context
+from relay.frames_tunnel import DRAIN_SPREAD, GOING_AWAY, SERVICE_RESTART, spread_closes
 from relay.shared import Admission, SharedState
 from workers.accept import Acceptor
 
@@ -30,7 +37,7 @@ log = logging.getLogger("wsrelay.worker")
 def run(settings: Settings, socks: list[socket.socket], index: int, slot: int,
         shared: SharedState, ready_fd: int) -> int:
     """Entry point in the forked child; returns the exit code."""
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_DFL)
     # SIGINT from a terminal reaches the whole process group: the supervisor
     # decides what happens, the worker waits for its word.
@@ -61,7 +68,15 @@ async def _serve(settings: Settings, socks: list[socket.socket], index: int, slo
     ctx.start_sweeping()
     drain = asyncio.Event()
     now = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, drain.set)
+    close_code = [GOING_AWAY]  # what frames mode tells the clients: the first signal decides
+
+    def drain_with(code: int) -> None:
+        if not drain.is_set():
+            close_code[0] = code
+            drain.set()
+
+    loop.add_signal_handler(signal.SIGTERM, drain_with, GOING_AWAY)
+    loop.add_signal_handler(signal.SIGUSR1, drain_with, SERVICE_RESTART)
     loop.add_signal_handler(signal.SIGQUIT, lambda: (drain.set(), now.set()))
     os.write(ready_fd, b"R")
     os.close(ready_fd)
@@ -74,6 +89,13 @@ async def _serve(settings: Settings, socks: list[socket.socket], index: int, slo
     for conn in list(ctx.connections):
         conn.drain()
     ctx.maybe_idle()
+    code = close_code[0]
+    spreading = None
+    if ctx.frames and not now.is_set():
+        window = DRAIN_SPREAD * settings.drain_timeout
+        spread_closes(ctx.tunnels, code, window, loop)
+        # tunnels opened since (upgrades accepted before the drain) close at its end
+        spreading = loop.call_later(window, lambda: [t.shutdown(code) for t in list(ctx.tunnels)])
     if not now.is_set() and settings.drain_timeout > 0 and not ctx.idle.is_set():
         log.info("worker %d draining: %d tunnels, %d connections, up to %gs",
                  index, len(ctx.tunnels), len(ctx.connections), settings.drain_timeout)
@@ -81,7 +103,11 @@ async def _serve(settings: Settings, socks: list[socket.socket], index: int, slo
         await asyncio.wait(waits, timeout=settings.drain_timeout, return_when=asyncio.FIRST_COMPLETED)
         for w in waits:
             w.cancel()
+    if spreading is not None:
+        spreading.cancel()
     for tunnel in list(ctx.tunnels):
+        if ctx.frames:
+            tunnel.shutdown(code)
         tunnel.close()
     for conn in list(ctx.connections):
         if conn.transport is not None:
