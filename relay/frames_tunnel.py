@@ -166,7 +166,8 @@ class FramesSide(Side):
             if left <= nbytes:
                 if left:
                     self.tracker.feed(view, 0, left)  # the rest of a payload: no plan
-                    self.peer.transport.write(view[:left])
+                    if not self.drop:
+                        self.peer.transport.write(view[:left])
                     start = left
                 self.flush()
         if start < nbytes:
