@@ -356,8 +356,12 @@ if live_systemd; then
         say "sysctl --system"
     fi
     if systemctl is-active --quiet wsrelay.service; then
-        if [ $PACKAGE_CHANGED -eq 1 ] || [ $UNITS_CHANGED -eq 1 ]; then
-            say "wsrelay is running the previous version: systemctl restart wsrelay"
+        if [ $UNITS_CHANGED -eq 1 ]; then
+            say "wsrelay is running the previous version and unit: systemctl restart wsrelay"
+        elif [ $PACKAGE_CHANGED -eq 1 ]; then
+            # Workers exec the installed code: a reload rolls the new version out,
+            # unless the log then says the shared-memory layout changed.
+            say "wsrelay is running the previous version: systemctl reload wsrelay (restart if its log says so)"
         fi
     else
         say "next: set RELAY_ORIGIN in /etc/wsrelay/wsrelay.env, then"

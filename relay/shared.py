@@ -15,11 +15,17 @@ the others. Giving a client back is a single aligned store by the slot's own
 writer and needs no lock. When the supervisor reaps a worker it zeroes that
 worker's ``clients`` slot under the lock, which is how a crash gives its
 share back.
+
+Workers are separate interpreters (:mod:`workers.child`), possibly running a
+newer wsrelay than the supervisor after an upgrade; they :meth:`SharedState.attach`
+to the supervisor's memfd only if :func:`fingerprint` — this file's header
+plus every constant of :mod:`metrics.layout` — is the same on both sides.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import mmap
 import os
 
@@ -27,14 +33,32 @@ from metrics import layout
 
 _HEADER = 8  # int64 slots in the header
 LIMIT = 0
+#: Bump on any change to the header or to how slots are laid out above.
+VERSION = 1
+
+
+def fingerprint() -> str:
+    """What a process must agree on to share the memory: the header version and
+    size, and every constant of :mod:`metrics.layout` (offsets, buckets, codes)."""
+    consts = sorted((k, v) for k, v in vars(layout).items() if k.isupper() and isinstance(v, (int, float, tuple)))
+    digest = hashlib.sha256(repr((VERSION, _HEADER, consts)).encode()).hexdigest()[:16]
+    return f"v{VERSION}-h{_HEADER}-s{layout.SIZE}-{digest}"
+
+
+def _size(nslots: int) -> int:
+    return 8 * (_HEADER + nslots) + 8 * layout.SIZE * nslots
 
 
 class SharedState:
-    def __init__(self, nslots: int, limit: int):
+    def __init__(self, nslots: int, limit: int, fd: int | None = None):
+        """Create the memory (supervisor); :meth:`attach` maps an existing one."""
         self.nslots = nslots
-        size = 8 * (_HEADER + nslots) + 8 * layout.SIZE * nslots
-        self.fd = os.memfd_create("wsrelay-shared", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, size)
+        size = _size(nslots)
+        if fd is None:
+            self.fd = os.memfd_create("wsrelay-shared", os.MFD_CLOEXEC)
+            os.ftruncate(self.fd, size)
+        else:
+            self.fd = fd
         self._mm = mmap.mmap(self.fd, size)
         view = memoryview(self._mm)
         self.header = view[: 8 * _HEADER].cast("q")
@@ -42,7 +66,20 @@ class SharedState:
         base = 8 * (_HEADER + nslots)
         step = 8 * layout.SIZE
         self._counters = [view[base + i * step: base + (i + 1) * step].cast("d") for i in range(nslots)]
-        self.header[LIMIT] = limit
+        if fd is None:
+            self.header[LIMIT] = limit
+
+    @classmethod
+    def attach(cls, fd: int, nslots: int) -> SharedState:
+        """Map the supervisor's memfd, inherited as ``fd`` (a worker).
+
+        The caller has compared :func:`fingerprint` with the supervisor's; the
+        file's size is checked here too, before anything is mapped.
+        """
+        size = os.fstat(fd).st_size
+        if size != _size(nslots):
+            raise ValueError(f"shared memory is {size} bytes, this layout needs {_size(nslots)}")
+        return cls(nslots, 0, fd=fd)
 
     def counters(self, slot: int) -> memoryview:
         return self._counters[slot]

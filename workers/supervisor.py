@@ -1,10 +1,20 @@
-"""The supervisor: binds the listening sockets once, forks the workers, and
+"""The supervisor: binds the listening sockets once, starts the workers, and
 keeps them at their target through crashes, reloads and shutdown.
 
-It stays single-threaded with no event loop — a plain ``selectors`` loop — so
-forking a worker from it is always safe. Signal handlers only queue the
-signal; the loop dispatches ``_on_<signal>``. One reconciler,
-:meth:`_manage`, starts whatever worker the current generation lacks.
+A worker is forked and at once execs a fresh interpreter
+(:mod:`workers.child`), so each generation runs the wsrelay installed now: a
+``SIGHUP`` after an upgrade rolls the new version out. Fork safety (SPEC §5)
+is therefore trivially true: nothing of the supervisor's state outlives the
+exec but the descriptors handed over. The supervisor still stays
+single-threaded with no event loop — a plain ``selectors`` loop. Signal
+handlers only queue the signal; the loop dispatches ``_on_<signal>``. One
+reconciler, :meth:`_manage`, starts whatever worker the current generation
+lacks.
+
+An upgrade whose shared-memory layout differs cannot join the running
+supervisor: its workers exit with :data:`workers.child.EXIT_LAYOUT` before
+touching shared memory, and the reload is refused as a bad env file would be
+(the running generation keeps serving; nothing restarts in a loop).
 
 Why one inherited SO_REUSEPORT socket and not one per worker: with a socket
 per worker the kernel hashes each connection to one worker's queue, and the
@@ -28,12 +38,19 @@ from metrics import layout
 from relay import __version__
 from relay.config import ConfigError, Settings, load
 from relay.shared import SharedState
-from workers import systemd, worker
+from workers import child, systemd
 
 log = logging.getLogger("wsrelay")
 
 RESTART_BACKOFF_MAX = 10.0
 HEALTHY_AFTER = 5.0  # a worker that lived this long resets its backoff
+#: Exit codes of a worker that cannot join this supervisor (workers/child.py).
+INCOMPATIBLE = {
+    child.EXIT_LAYOUT: "the installed wsrelay changed the shared-memory layout; "
+                       "this upgrade needs `systemctl restart wsrelay`",
+    child.EXIT_HANDOFF: "the installed wsrelay cannot read this supervisor's worker hand-off; "
+                        "this upgrade needs `systemctl restart wsrelay`",
+}
 
 
 class Worker:
@@ -92,6 +109,9 @@ class Supervisor:
         self.endpoint = None
         self.socks: list[socket.socket] = []
         self.listen_key = settings.listen
+        self.before_reload = settings  # what a refused upgrade goes back to
+        self.blocked: set[int] = set()  # indices whose worker cannot join, until the next SIGHUP
+        self.exit_code = 0
 
     # -- public -------------------------------------------------------------------
     def run(self) -> int:
@@ -125,7 +145,7 @@ class Supervisor:
         log.info("wsrelay stopped")
         if self.endpoint is not None:
             self.endpoint.close()
-        return 0
+        return self.exit_code
 
     @property
     def port(self) -> int:
@@ -190,6 +210,8 @@ class Supervisor:
             for line in e.lines:
                 log.error("reload refused, still serving the running configuration: %s", line)
             return
+        if not self.reloading:
+            self.before_reload = self.settings
         if new.listen != self.listen_key:
             try:
                 socks = bind(new)
@@ -207,6 +229,7 @@ class Supervisor:
         self.reloading = True
         self.failures.clear()
         self.not_before.clear()
+        self.blocked.clear()
         systemd.notify("RELOADING=1")
         log.info("SIGHUP: starting worker generation %d, then draining the old one", self.generation)
 
@@ -227,7 +250,7 @@ class Supervisor:
         have = {w.index for w in self.workers.values() if w.generation == self.generation}
         now = time.monotonic()
         for index in range(n):
-            if index not in have and now >= self.not_before.get(index, 0.0):
+            if index not in have and index not in self.blocked and now >= self.not_before.get(index, 0.0):
                 self._spawn(index)
 
     def _spawn(self, index: int) -> None:
@@ -239,35 +262,15 @@ class Supervisor:
             return
         self.shared.reset_slot(slot)
         r, w = os.pipe()
+        handoff = child.handoff(self.settings, index, slot, self.generation, self.shared, w, self.socks)
+        argv, env = child.command(handoff)
         pid = os.fork()
-        if pid == 0:  # the child
-            code = 1
-            try:
-                os.close(r)
-                self._in_child()
-                code = worker.run(self.settings, self.socks, index, slot, self.shared, w)
-            except BaseException:  # noqa: BLE001 - report and exit, never return into the supervisor
-                log.exception("worker %d failed", index)
-            finally:
-                logging.shutdown()
-                os._exit(code)
+        if pid == 0:  # the child: a fresh interpreter, keeping only what the hand-off names
+            child.exec_worker(argv, env, handoff.fds())
         os.close(w)
         self.workers[pid] = Worker(pid, index, slot, self.generation, r)
         self.sel.register(r, selectors.EVENT_READ, self._worker_ready)
         log.info("worker %d started (pid %d, generation %d)", index, pid, self.generation)
-
-    def _in_child(self) -> None:
-        signal.set_wakeup_fd(-1)
-        for sock in (self._wake_r, self._wake_w):
-            sock.close()
-        if self.endpoint is not None:
-            self.endpoint.sock.close()
-        for sock in getattr(self, "old_socks", []) or []:
-            sock.close()
-        self.sel.close()
-        for w in self.workers.values():
-            if w.ready_fd >= 0:
-                os.close(w.ready_fd)
 
     def _worker_ready(self, fd, _ev) -> None:
         try:
@@ -281,6 +284,8 @@ class Supervisor:
             return
         if data:
             w.ready = True
+            log.debug("worker %d (pid %d) ready %.0f ms after its fork", w.index, w.pid,
+                      1000 * (time.monotonic() - w.started))
         os.close(fd)
         w.ready_fd = -1
         self._check_generation_ready()
@@ -333,6 +338,9 @@ class Supervisor:
             if w.draining or self.stopping:
                 log.info("worker %d (pid %d) finished (%s)", w.index, pid, how)
                 continue
+            if code in INCOMPATIBLE and w.generation == self.generation:
+                self._incompatible(w, INCOMPATIBLE[code])
+                continue
             lived = time.monotonic() - w.started
             fails = self.failures.get(w.index, 0) + 1 if lived < HEALTHY_AFTER else 0
             self.failures[w.index] = fails
@@ -341,6 +349,42 @@ class Supervisor:
             self.restarts += 1
             log.error("worker %d (pid %d) died (%s) after %.1fs; restarting in %.1fs",
                       w.index, pid, how, lived, delay)
+
+    def _incompatible(self, w: Worker, reason: str) -> None:
+        """A worker of the current generation runs code that cannot join this
+        supervisor: refuse the reload that started it, never restart it in a loop."""
+        if self.reloading:
+            log.error("reload refused, still serving the running generation: %s", reason)
+            failed = [x for x in self.workers.values() if x.generation == self.generation]
+            for x in failed:
+                x.draining = True
+            self._signal_all(signal.SIGTERM, only=lambda x: x in failed)
+            prev = self.before_reload
+            if getattr(self, "old_socks", None):
+                for sock in self.socks:
+                    sock.close()
+                self.socks, self.old_socks = self.old_socks, []
+            self.settings, self.listen_key = prev, prev.listen
+            self.shared.limit = prev.max_clients
+            # The running workers are the current generation again.
+            for x in self.workers.values():
+                if not x.draining:
+                    x.generation = self.generation
+            self.reloading = False
+            self.failures.clear()
+            self.not_before.clear()
+            systemd.notify("READY=1\nSTATUS=reload refused: the upgrade needs a restart")
+        elif not self.ready_once:
+            log.error("cannot start: %s", reason)
+            self.exit_code = 1
+            self.stopping = True
+            self.stop_deadline = time.monotonic() + 5
+            self._signal_all(signal.SIGQUIT)
+        else:  # a restart, after the upgrade was installed: leave the index down
+            if not self.blocked:
+                log.error("worker %d (pid %d) cannot be replaced until the next SIGHUP: %s",
+                          w.index, w.pid, reason)
+            self.blocked.add(w.index)
 
     def _retire(self, w: Worker) -> None:
         """Fold a dead worker's counters into its index's history, give back its clients."""

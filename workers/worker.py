@@ -36,7 +36,8 @@ log = logging.getLogger("wsrelay.worker")
 
 def run(settings: Settings, socks: list[socket.socket], index: int, slot: int,
         shared: SharedState, ready_fd: int) -> int:
-    """Entry point in the forked child; returns the exit code."""
+    """Serve until drained; returns the exit code. Called by workers/child.py in
+    a fresh interpreter the supervisor forked and exec'd."""
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_DFL)
     # SIGINT from a terminal reaches the whole process group: the supervisor
