@@ -16,10 +16,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         description="Benchmark wsrelay against nginx, HAProxy, a naive asyncio relay and a direct "
                     "connection (all on 127.0.0.1), interleaved in one run; prints a table and writes "
                     "results.md, results.json and chart.png.",
-        epilog="workloads: echo-64, echo-4k, echo-1m, handshake, idle, scale-64, metrics-64. "
+        epilog="workloads: echo-64, echo-4k, echo-1m, handshake, idle, scale-64, metrics-64, http-rate. "
                "systems: direct, nginx, haproxy, naive, wsrelay, wsrelay-2w, wsrelay-metrics.")
     ap.add_argument("--quick", action="store_true",
-                    help="under a minute: 1 round, 1 s windows, 64 B / 1 MiB / handshakes / 1,000 idle")
+                    help="about a minute: 1 round, 1 s windows, 64 B / 1 MiB / handshakes / 1,000 idle / HTTP")
     ap.add_argument("--rounds", type=int, help="repetitions of every trial (default 3, quick 1)")
     ap.add_argument("--duration", type=float, help="seconds measured per trial (default 8, quick 1)")
     ap.add_argument("--warmup", type=float, help="seconds before measuring (default 1.5, quick 0.4)")

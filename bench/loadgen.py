@@ -12,6 +12,12 @@ Modes:
   64-byte echo + close; counts complete cycles and their latency.
 - ``idle``: opens ``--conns`` connections (``--connect-concurrency`` at a
   time), does one echo on each, then holds them until told to stop.
+- ``http``: closed loop of plain HTTP/1.1 on kept-alive connections (raw
+  uvloop protocol clients, no picows): every connection sends ``GET / HTTP/1.1``
+  with a ``Host``, reads until the response is complete by its Content-Length
+  (a 200 is expected), sends the next. Counts responses and their latency
+  inside the window. ``--url`` may be ``http://`` or ``ws://`` (only the host
+  and port are used).
 
 Protocol with the runner (one line each way, so several processes start
 together): the process prints ``READY {json}`` once connected, waits for
@@ -285,12 +291,132 @@ async def idle_mode(a: argparse.Namespace) -> dict:
             "errors": run.errors, "error_kinds": run.error_kinds, "lat": array.array("q")}
 
 
+class HttpClient(asyncio.Protocol):
+    """Closed loop of GETs on one kept-alive connection; the clock starts with :meth:`go`."""
+
+    def __init__(self, run: Run, request: bytes):
+        self.run = run
+        self.request = request
+        self.transport: asyncio.Transport | None = None
+        self.buf = b""
+        self.need = -1       # bytes of the response in flight (head + body), once its head is in
+        self.sent_at = 0
+        self.waiting = False
+        self.closing = False
+        self.lost: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def go(self) -> None:
+        self.waiting = True
+        self.sent_at = now_ns()
+        self.transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf + data if self.buf else data
+        while True:
+            if self.need < 0:
+                end = buf.find(b"\r\n\r\n")
+                if end < 0:
+                    self.buf = buf
+                    return
+                head = buf[:end + 2].lower()
+                i = head.find(b"\r\ncontent-length:")
+                if not head.startswith(b"http/1.1 200 ") or i < 0:
+                    self.run.error("no_content_length" if i < 0 else "status_" + head[9:12].decode(errors="replace"))
+                    self.closing = True
+                    self.transport.abort()
+                    self.finish()
+                    return
+                self.need = end + 4 + int(head[i + 17:head.index(b"\r\n", i + 17)])
+            if len(buf) < self.need:
+                self.buf = buf
+                return
+            buf = buf[self.need:]
+            self.need = -1
+            self.done_one()
+            if not buf:
+                self.buf = b""
+                return
+
+    def done_one(self) -> None:
+        now = now_ns()
+        r = self.run
+        if r.measure_from <= now < r.measure_to:
+            r.lat.append(now - self.sent_at)
+            r.msgs += 1
+        if now < r.stop_at:
+            self.sent_at = now
+            self.transport.write(self.request)
+        else:
+            self.finish()
+
+    def finish(self) -> None:
+        if self.waiting:
+            self.waiting = False
+            r = self.run
+            r.active -= 1
+            if r.active == 0 and r.all_done is not None and not r.all_done.done():
+                r.all_done.set_result(None)
+
+    def connection_lost(self, exc) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
+        if not self.closing:
+            self.run.error("disconnected")
+            self.finish()
+
+
+async def http_mode(a: argparse.Namespace) -> dict:
+    from urllib.parse import urlsplit
+    u = urlsplit(a.url)
+    host, port = u.hostname, u.port or 80
+    request = f"GET {u.path or '/'} HTTP/1.1\r\nHost: {u.netloc}\r\n\r\n".encode()
+    run = Run(0)
+    loop = asyncio.get_running_loop()
+    sem = asyncio.Semaphore(a.connect_concurrency)
+
+    async def connect() -> HttpClient | None:
+        async with sem:
+            try:
+                _t, c = await loop.create_connection(lambda: HttpClient(run, request), host, port)
+            except OSError as e:
+                run.error(type(e).__name__)
+                return None
+            return c
+    clients = [c for c in await asyncio.gather(*(connect() for _ in range(a.conns))) if c]
+    _emit("READY", {"connected": len(clients), "errors": run.errors})
+    t0 = await _wait_start(a.steered, a.warmup)
+    run.measure_from = t0 + int(a.warmup * 1e9)
+    run.measure_to = run.stop_at = run.measure_from + int(a.duration * 1e9)
+    run.all_done = loop.create_future()
+    run.active = len(clients)
+    for c in clients:
+        c.go()
+    await asyncio.sleep(max(0.0, (run.stop_at - now_ns()) / 1e9))
+    if run.active:
+        try:
+            await asyncio.wait_for(asyncio.shield(run.all_done), 10)
+        except TimeoutError:
+            run.error("no_response_after_stop")
+    for c in clients:
+        c.closing = True
+        c.transport.close()
+    try:
+        await asyncio.wait_for(asyncio.gather(*(c.lost for c in clients)), 5)
+    except TimeoutError:
+        pass
+    return {"mode": "http", "connected": len(clients), "msgs": run.msgs, "window_s": a.duration,
+            "errors": run.errors, "error_kinds": run.error_kinds, "lat": run.lat}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.loadgen",
                                  description="One picows load-generator process (see the module docstring).")
-    ap.add_argument("--mode", choices=("echo", "handshake", "idle"), default="echo")
+    ap.add_argument("--mode", choices=("echo", "handshake", "idle", "http"), default="echo")
     ap.add_argument("--url", required=True)
-    ap.add_argument("--conns", type=int, default=10, help="connections (echo, idle) or loops (handshake)")
+    ap.add_argument("--conns", type=int, default=10, help="connections (echo, idle, http) or loops (handshake)")
     ap.add_argument("--size", type=int, default=64, help="message size in bytes (echo)")
     ap.add_argument("--warmup", type=float, default=1.0, help="seconds before the measuring window")
     ap.add_argument("--duration", type=float, default=5.0, help="seconds measured (idle: seconds held, unsteered)")
@@ -298,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lat-file", help="write latencies (int64 ns) here")
     ap.add_argument("--steered", action="store_true", help="wait for START/stop lines on stdin")
     a = ap.parse_args(argv)
-    mode = {"echo": echo_mode, "handshake": handshake_mode, "idle": idle_mode}[a.mode]
+    mode = {"echo": echo_mode, "handshake": handshake_mode, "idle": idle_mode, "http": http_mode}[a.mode]
     cpu0 = os.times()
     result = uvloop.run(mode(a))
     cpu1 = os.times()

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     relay = proxies.make("wsrelay")
     children: list[runner.Child] = []
     try:
-        relay.start(oport, tmp, None)
+        relay.start(origin.http_port if w.mode == "http" else oport, tmp, None)
         worker = [p for p in relay.pids() if p != relay.proc.pid][0]
         for n in runner._split(w.conns, w.procs):
             children.append(runner.Child(

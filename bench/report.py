@@ -18,7 +18,7 @@ COLUMNS = ["workload", "system", "figure", "× nginx", "× best", "per proxy cor
 def _fmt(v, unit: str) -> str:
     if v is None:
         return "–"
-    if unit in ("msgs/s", "handshakes/s"):
+    if unit in ("msgs/s", "handshakes/s", "req/s"):
         return f"{v:,.0f}"
     if unit == "MB/s":
         return f"{v:,.1f}"

@@ -33,8 +33,8 @@ PROXIED = ("nginx", "haproxy", "naive", "wsrelay")
 class Workload:
     key: str
     title: str
-    mode: str                 # echo | handshake | idle
-    conns: int                # connections (echo, idle) or loops (handshake)
+    mode: str                 # echo | handshake | idle | http
+    conns: int                # connections (echo, idle, http) or loops (handshake)
     size: int = 64
     systems: tuple[str, ...] = ("direct",) + PROXIED
     procs: int = 2            # load-generator processes
@@ -55,9 +55,12 @@ def workloads(quick: bool, idle_conns: int) -> list[Workload]:
                  systems=("wsrelay", "wsrelay-2w"), pinned=False),
         Workload("metrics-64", "64 B echo, 50 conns, /metrics off vs on", "echo", 50, 64,
                  systems=("wsrelay", "wsrelay-metrics")),
+        # plain HTTP/1.1 (the long-polling fallback): keep-alive GETs to the origin's HTTP port,
+        # size = the origin's response body (bench.origin.HTTP_BODY)
+        Workload("http-rate", "HTTP GET, 128 B body, 50 keep-alive conns", "http", 50, 128, metric="req/s"),
     ]
     if quick:
-        keep = {"echo-64", "echo-1m", "handshake", "idle"}
+        keep = {"echo-64", "echo-1m", "handshake", "idle", "http-rate"}
         wl = [w for w in wl if w.key in keep]
     return wl
 
@@ -224,13 +227,20 @@ def _latency(tmp: Path, n: int) -> dict:
 # -- the whole run ----------------------------------------------------------------------
 
 def start_origin(procs: int, cpus: set[int] | None) -> tuple[subprocess.Popen, int]:
-    proc = subprocess.Popen([sys.executable, "-m", "bench.origin", "--procs", str(procs)],
+    """The origin processes and their WebSocket port; ``proc.http_port`` is
+    where the same processes answer plain HTTP (the ``http`` workloads)."""
+    proc = subprocess.Popen([sys.executable, "-m", "bench.origin", "--procs", str(procs),
+                             "--http", f"{proxies.HOST}:0"],
                             stdout=subprocess.PIPE, text=True, preexec_fn=proxies.pinned(cpus),
                             cwd=str(Path(__file__).resolve().parent.parent), start_new_session=True)
     line = proc.stdout.readline()
     if "listening on" not in line:
         raise RuntimeError(f"origin did not start: {line!r}")
     port = int(line.split(":")[-1])
+    line = proc.stdout.readline()
+    if not line.startswith("http on "):
+        raise RuntimeError(f"origin did not serve HTTP: {line!r}")
+    proc.http_port = int(line.split(":")[-1])
     if proc.stdout.readline().strip() != "ready":
         raise RuntimeError("origin did not get ready")
     return proc, port
@@ -263,7 +273,8 @@ def run(opts, log=print) -> dict:
                 k = rnd % len(order)
                 order = order[k:] + order[:k]
                 for key in order:
-                    t = run_trial(w, key, origin.pid, origin_port, opts, tmp_root, layout)
+                    port = origin.http_port if w.mode == "http" else origin_port
+                    t = run_trial(w, key, origin.pid, port, opts, tmp_root, layout)
                     t["round"] = rnd
                     trials.append(t)
                     log(_trial_line(w, t))

@@ -53,6 +53,50 @@ def test_runner_end_to_end(tmp_path):
     assert "naive asyncio relay" in (tmp_path / "results.md").read_text()
 
 
+def test_http_origin_and_loadgen_directly():
+    """The origin's plain HTTP port: keep-alive, pipelining, a head split over
+    writes; then the loadgen's http mode against it."""
+    import socket
+    origin = subprocess.Popen([sys.executable, "-m", "bench.origin", "--http", "127.0.0.1:0"], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert origin.stdout.readline().startswith("listening on ")
+        line = origin.stdout.readline()
+        assert line.startswith("http on "), line
+        port = int(line.split(":")[-1])
+        assert origin.stdout.readline().strip() == "ready"
+        from bench.origin import HTTP_RESPONSE
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            req = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+            s.sendall(req * 2 + req[:10])
+            s.sendall(req[10:])
+            got = b""
+            while len(got) < 3 * len(HTTP_RESPONSE):
+                chunk = s.recv(65536)
+                assert chunk
+                got += chunk
+            assert got == HTTP_RESPONSE * 3
+        p = run("-m", "bench.loadgen", "--mode", "http", "--url", f"http://127.0.0.1:{port}/", "--conns", "3",
+                "--warmup", "0.1", "--duration", "0.5")
+        assert p.returncode == 0, p.stderr
+        result = json.loads(p.stdout.splitlines()[-1].split(" ", 1)[1])
+        assert result["msgs"] > 0 and result["errors"] == 0, result
+    finally:
+        origin.terminate()
+        origin.wait(10)
+
+
+def test_runner_http_rate(tmp_path):
+    """The http-rate workload through the naive relay and wsrelay (keep-alive passes through both)."""
+    p = run("-m", "bench", "--only", "http-rate", "--systems", "naive", "wsrelay", "--rounds", "1",
+            "--duration", "0.5", "--warmup", "0.2", "--out", str(tmp_path), timeout=90)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    summary = json.loads((tmp_path / "results.json").read_text())["summary"]["http-rate"]
+    for key in ("naive", "wsrelay"):
+        assert summary[key]["value"] > 0 and summary[key]["errors"] == 0, summary[key]
+    assert "req/s" in (tmp_path / "results.md").read_text()
+
+
 @pytest.mark.skipif(not shutil.which("nginx", path="/usr/sbin:/usr/bin:/usr/local/sbin"), reason="nginx not installed")
 def test_generated_nginx_config_is_valid(tmp_path):
     from bench.proxies import nginx_conf
