@@ -331,6 +331,8 @@ SYSTEMS = {
     # the cost of observability: the same worker with /metrics on, scraped every second
     "wsrelay-metrics": dict(label="wsrelay (1 worker, /metrics scraped 1/s)", workers=1,
                             env={"RELAY_METRICS_LISTEN": f"{HOST}:0"}, scrape_every=1.0),
+    # the cost of frames mode (RELAY_MODE=frames: frame headers tracked both ways)
+    "wsrelay-frames": dict(label="wsrelay (1 worker, frames mode)", workers=1, env={"RELAY_MODE": "frames"}),
 }
 
 

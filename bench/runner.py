@@ -45,8 +45,11 @@ class Workload:
 
 def workloads(quick: bool, idle_conns: int) -> list[Workload]:
     wl = [
-        Workload("echo-64", "64 B echo, 50 conns", "echo", 50, 64),
-        Workload("echo-4k", "4 KiB echo, 50 conns", "echo", 50, 4096),
+        # frames mode next to tunnel mode where per-chunk work shows most
+        Workload("echo-64", "64 B echo, 50 conns", "echo", 50, 64,
+                 systems=("direct",) + PROXIED + ("wsrelay-frames",)),
+        Workload("echo-4k", "4 KiB echo, 50 conns", "echo", 50, 4096,
+                 systems=("direct",) + PROXIED + ("wsrelay-frames",)),
         Workload("echo-1m", "1 MiB echo, 4 conns", "echo", 4, 1 << 20, metric="MB/s"),
         Workload("handshake", "handshakes, 8 loops", "handshake", 8, metric="handshakes/s"),
         Workload("idle", f"{idle_conns:,} idle conns", "idle", idle_conns, systems=PROXIED,
