@@ -377,3 +377,72 @@ def test_messages_and_closes_are_counted(ws_origin):
                  what="the client's close")
         wait_for(lambda: metric(r, "wsrelay_closes_total", 'code="1000",side="origin"') == 1, 5,
                  what="the origin's close")
+
+
+# -- origins that misbehave (raw) ----------------------------------------------------------------
+
+def test_origin_dropping_inside_a_frame_closes_the_client_without_a_close_frame(loop_thread):
+    """The stream to the client stopped mid-frame: no Close can follow it, the
+    connection is closed as in tunnel mode. At a boundary, a FIN gets 1014."""
+    from tests.raw_origins import RawOrigin, switching
+
+    async def mid_frame(origin, c):
+        c.writer.write(switching(c.head) + b"\x82\x7e\x03\xe8" + b"z" * 10)  # 1000 announced, 10 sent
+        await c.writer.drain()
+
+    async def at_boundary(origin, c):
+        c.writer.write(switching(c.head) + b"\x81\x02ok")
+        await c.writer.drain()
+
+    with RawOrigin(loop_thread, mid_frame) as o, Relay(o.addr, workers=1, env=FRAMES) as r:
+        c = RawClient(r.port)
+        assert c.frame() is None
+        assert bytes(c.buf) == b"\x82\x7e\x03\xe8" + b"z" * 10
+    with RawOrigin(loop_thread, at_boundary) as o, Relay(o.addr, workers=1, env=FRAMES) as r:
+        c = RawClient(r.port)
+        assert c.frame() == (0x1, b"ok")
+        op, payload = c.frame()
+        assert (op, close_code(payload)) == (0x8, 1014)
+        c.send(0x8, payload)  # the answer ends the closing handshake: the relay closes at once
+        assert c.frame() is None
+
+
+def test_silent_origin_is_pinged_masked_and_dropped_client_gets_1001(loop_thread):
+    from tests.raw_origins import RawOrigin, switching
+
+    async def deaf(origin, c):
+        c.writer.write(switching(c.head))
+        while data := await c.reader.read(65536):
+            origin.received += data
+
+    env = {**FRAMES, "RELAY_PING_INTERVAL": "1", "RELAY_PING_TIMEOUT": "1"}
+    with RawOrigin(loop_thread, deaf) as o, Relay(o.addr, workers=1, env=env) as r:
+        c = RawClient(r.port)
+        t0 = time.monotonic()
+        while True:
+            op, payload = c.frame(timeout=6)
+            if op == 0x9:
+                c.send(0xA, payload)  # the client is alive; the origin is not
+                continue
+            break
+        assert (op, close_code(payload)) == (0x8, 1001)
+        assert time.monotonic() - t0 < 1 + 1 + 2.5
+        c.send(0x8, payload)
+        assert c.frame() is None
+        # the relay's ping reached the origin masked (client-to-server rules)
+        assert o.received[:1] == b"\x89" and o.received[1] & 0x80
+        wait_for(lambda: metric(r, "wsrelay_ping_timeouts_total") == 1, 5, what="the ping timeout counted")
+
+
+def test_frames_sent_with_the_upgrade_request_are_tracked_and_delivered(relay):
+    s = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
+    key = os.urandom(4)
+    frame = b"\x81\x85" + key + bytes(b ^ key[i % 4] for i, b in enumerate(b"early"))
+    s.sendall(upgrade_request("/") + frame)
+    head, rest = read_head(s)
+    assert status_of(head) == 101
+    data = rest
+    while len(data) < 7:
+        data += s.recv(65536)
+    assert data[:7] == b"\x81\x05early"
+    s.close()
