@@ -26,6 +26,7 @@ HANDSHAKE_TIMEOUT = 2.0
 def relay(ws_origin):
     with Relay(ws_origin.addr, workers=2, env={"RELAY_HANDSHAKE_TIMEOUT": str(HANDSHAKE_TIMEOUT)}) as r:
         echo_ok(r)  # warm both the relay and the origin
+        r.baseline = (r.rss(), worker_fds(r))  # for test_memory_bounded_after_the_hostile_tests
         yield r
 
 
@@ -216,8 +217,12 @@ def test_max_clients_per_ip_refuses_with_503_and_counts_limit(ws_origin):
 
 
 def test_memory_bounded_after_the_hostile_tests(relay):
-    """The whole module's abuse left the relay serving and its slots free."""
+    """The whole module's abuse left the relay serving, its slots free, and its
+    memory and descriptors back near where they were before it."""
     assert metric(relay, "wsrelay_clients") == 0
+    rss0, fds0 = relay.baseline
+    wait_for(lambda: worker_fds(relay) <= fds0 + 4, 10, what="worker fds back to their level")
+    assert relay.rss() - rss0 < 16 * 1024 * 1024, (rss0, relay.rss())
     assert echo_ok(relay) < 1.0
     assert relay.proc.poll() is None
     assert "Traceback" not in relay.text(), relay.text()[-3000:]
