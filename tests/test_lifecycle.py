@@ -298,3 +298,32 @@ def test_worker_crashing_on_start_is_restarted_with_growing_delays(ws_origin):
         assert starts < 12, f"{starts} starts: restart loop too tight"
     finally:
         r.stop()
+
+
+def test_a_worker_exiting_resets_no_queued_connection(ws_origin):
+    """Why one shared listening socket: connections waiting in the backlog
+    belong to no worker, so killing one while they wait resets none of them
+    (with a socket per worker, those hashed to its queue would be reset)."""
+    with Relay(ws_origin.addr, workers=2) as r:
+        pids = r.worker_pids()
+        for pid in pids.values():
+            os.kill(pid, signal.SIGSTOP)  # nobody accepts: every connection stays queued
+        socks = []
+        try:
+            for _ in range(40):
+                s = socket.create_connection(("127.0.0.1", r.port), timeout=10)
+                s.sendall(upgrade_request("/"))
+                socks.append(s)
+            os.kill(pids[0], signal.SIGKILL)
+            os.kill(pids[1], signal.SIGCONT)
+            statuses = [status_of(read_head(s)[0]) for s in socks]
+            assert statuses == [101] * 40, statuses
+            wait_for(lambda: r.worker_pids().get(0) not in (None, pids[0]), 10, what="worker 0 replaced")
+        finally:
+            for pid in pids.values():
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except OSError:
+                    pass
+            for s in socks:
+                s.close()

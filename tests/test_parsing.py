@@ -224,3 +224,17 @@ def test_length_scanner():
     assert sc.feed(b"12345") == 5 and not sc.done
     assert sc.feed(b"67890abc") == 5 and sc.done
     assert BodyScanner(0).done
+
+
+@pytest.mark.parametrize("status", [400, 403, 426, 431, 502, 503, 504, 505])
+def test_every_refusal_is_a_short_answer_with_connection_close(status):
+    from relay.responses import refusal
+
+    out = refusal(status)
+    head, _, body = out.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0].startswith(b"HTTP/1.1 %d " % status)
+    assert b"Connection: close" in lines
+    assert b"Content-Length: %d" % len(body) in lines and 0 < len(body) < 64
+    assert (b"Sec-WebSocket-Version: 13" in lines) is (status == 426)
+    assert (b"Retry-After: 5" in lines) is (status == 503)

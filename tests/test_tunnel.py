@@ -30,7 +30,9 @@ def run(coro, timeout: float = 60):
 def test_echo_text_and_binary(relay, size):
     async def go():
         async with connect(relay.url + "/", max_size=None, compression=None) as ws:
-            text = ("é" * size)[: size] if size else ""
+            # exactly ``size`` bytes of UTF-8, mostly two-byte characters
+            text = "é" * (size // 2) + "a" * (size % 2)
+            assert len(text.encode()) == size
             await ws.send(text)
             assert await ws.recv() == text
             data = os.urandom(size)
