@@ -139,9 +139,10 @@ def forward_head(req: Request, client_ip: str, proto: bytes, upgrade: bool) -> b
     """The head to send to the origin, built in one join.
 
     Header lines pass through byte for byte, except the hop-by-hop ones, those
-    the Connection header names, and the X-Forwarded-* family, which the edge
-    sets itself. For an upgrade, ``Connection: Upgrade`` and the client's
-    Upgrade line are kept; for plain HTTP the origin connection is kept alive.
+    the Connection header names, and the X-Forwarded-* family (underscore
+    spellings included), which the edge sets itself. For an upgrade,
+    ``Connection: Upgrade`` and the client's Upgrade line are kept; for plain
+    HTTP the origin connection is kept alive.
     """
     named = req.tokens(b"connection") - NEVER_NAMED
     drop = HOP_BY_HOP | FORWARDED | named
@@ -156,6 +157,11 @@ def forward_head(req: Request, client_ip: str, proto: bytes, upgrade: bool) -> b
                 lines.append(line)
             elif not upgrade and name == b"transfer-encoding":
                 lines.append(line)  # the body is relayed as received, still chunked
+            continue
+        if b"_" in name and name.replace(b"_", b"-") in FORWARDED:
+            # CGI and many WSGI/Rack servers read X_Forwarded_For as
+            # X-Forwarded-For: a client could forge what the edge sets. Other
+            # names with underscores pass, as HAProxy does (nginx drops them all).
             continue
         if name == b"host":
             host = value

@@ -167,6 +167,27 @@ def test_forwarded_headers_are_the_edges_own(relay, origin):
     assert [ln for ln in lines if ln.startswith(b"x-forwarded-host:")] == [b"x-forwarded-host: good"]
 
 
+@pytest.mark.parametrize("upgrade", [False, True], ids=["http", "upgrade"])
+def test_underscore_spellings_of_forwarded_headers_are_dropped(relay, origin, upgrade):
+    """CGI and many WSGI servers read ``X_Forwarded_For`` as ``X-Forwarded-For``:
+    passed on, it would let a client forge what the edge sets. Other names with
+    underscores pass untouched."""
+    before = len(origin.heads)
+    extra = "X_Forwarded_For: 6.6.6.6\r\nX-Forwarded_Proto: https\r\nx_forwarded_host: evil\r\nX_App_Token: t\r\n"
+    if upgrade:
+        request = upgrade_request("/", extra=extra)
+    else:
+        request = f"GET / HTTP/1.1\r\nHost: good\r\n{extra}\r\n".encode()
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=5) as s:
+        s.sendall(request)
+        head, _ = read_head(s)
+    assert status_of(head) == (101 if upgrade else 200)
+    seen = last_head(origin, before).lower()
+    assert b"6.6.6.6" not in seen and b"https" not in seen and b"evil" not in seen
+    assert b"\r\nx_app_token: t\r\n" in seen
+    assert b"\r\nx-forwarded-for: 127.0.0.1\r\n" in seen
+
+
 def test_smuggling_through_connection_tokens_is_neutralised(relay, origin):
     """Found by the fuzzers: ``Connection: content-length`` used to strip the
     length while the relay still sent the body, which the origin would then
