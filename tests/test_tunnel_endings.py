@@ -1,14 +1,19 @@
 """How a tunnel (tunnel mode, 2 workers) passes endings on, seen from both
 ends: a client's FIN reaches the origin while the other direction stays open,
-a client's reset reaches the origin as a reset, and both sockets of a tunnel
-have TCP_NODELAY set (read from the worker's own descriptors)."""
+a client's reset reaches the origin as a reset, both sockets of a tunnel have
+TCP_NODELAY set (read from the worker's own descriptors), and backpressure
+holds upstream too (a fast client, an origin that reads nothing for a while)."""
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
+import hashlib
 import os
+import random
 import socket
 import struct
+import threading
 import time
 
 import pytest
@@ -26,6 +31,16 @@ async def behave(origin: RawOrigin, c) -> None:
     kind, token = c.head.split(b" ", 2)[1].decode().strip("/").split("/")
     c.writer.write(switching(c.head))
     await c.writer.drain()
+    if kind == "sink":
+        # read nothing until the test opens the tap, then everything to EOF
+        tap = origin.taps[token] = asyncio.Event()
+        await tap.wait()
+        h, n = hashlib.sha256(c.rest), len(c.rest)
+        while data := await c.reader.read(1 << 20):
+            h.update(data)
+            n += len(data)
+        origin.events[token] = ("eof", (n, h.hexdigest()))
+        return
     got = bytearray(c.rest)
     if kind == "hold":
         origin.events[token] = ("peer", c.writer.get_extra_info("peername"))
@@ -53,6 +68,7 @@ async def behave(origin: RawOrigin, c) -> None:
 def origin(loop_thread):
     o = RawOrigin(loop_thread, behave)
     o.events = {}
+    o.taps = {}
     with o:
         yield o
 
@@ -155,5 +171,45 @@ def test_both_sockets_of_a_tunnel_have_tcp_nodelay(relay, origin):
         while len(got) < 13:
             got += s.recv(65536)
         assert got == b"still echoing"
+    finally:
+        s.close()
+
+
+def test_fast_client_slow_origin_memory_bounded_then_everything_arrives(relay, origin):
+    """200 MiB pushed by a client at an origin that reads nothing for 3 s: the
+    workers' RSS grows < 64 MiB, then every byte arrives, sha256 equal."""
+    mib = random.Random(7).randbytes(1 << 20)
+    n = 200
+    s, _ = upgraded(relay, "/sink/d")
+    s.settimeout(60)
+    sent = []
+
+    def push():
+        try:
+            for _ in range(n):
+                s.sendall(mib)
+            s.shutdown(socket.SHUT_WR)
+            sent.append(n)
+        except OSError as e:
+            sent.append(e)
+
+    before = relay.rss()
+    pusher = threading.Thread(target=push, daemon=True)
+    pusher.start()
+    try:
+        wait_for(lambda: "d" in origin.taps, 5, what="the origin to hold its tap")
+        peak = before
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            peak = max(peak, relay.rss())
+            time.sleep(0.1)
+        assert not sent, "the client pushed 200 MiB while the origin read nothing"
+        assert peak - before < 64 * 1024 * 1024, f"relay RSS grew by {(peak - before) >> 20} MiB"
+        origin.lt.loop.call_soon_threadsafe(origin.taps["d"].set)
+        pusher.join(60)
+        assert sent == [n], sent
+        wait_for(lambda: "d" in origin.events, 30, what="the origin to read everything")
+        expected = hashlib.sha256(mib * n).hexdigest()
+        assert origin.events["d"] == ("eof", (n << 20, expected))
     finally:
         s.close()
