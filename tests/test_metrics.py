@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -315,3 +316,17 @@ def test_counters_never_go_backwards_for_a_worker_index_across_a_restart(ws_orig
         assert value(r, "wsrelay_websocket_connections", worker=victim) == 0
         for s in held:
             s.close()
+
+
+def test_health_and_readiness_without_a_live_worker(ws_origin):
+    """Workers that crash at start: /readyz is 503 (never ready) and /healthz
+    503 while no worker is alive (between restarts)."""
+    r = Relay(ws_origin.addr, workers=1, env={"WSRELAY_FAULT": "crash-on-start"}).start(wait_ready=False)
+    try:
+        r.wait_log("metrics on http://", timeout=15)
+        r.metrics_port = int(re.search(r"metrics on http://[^ ]*?:(\d+)/", r.text()).group(1))
+        r.wait_log("restarting in", count=2, timeout=15)
+        wait_for(lambda: get(r, "/healthz")[0] == 503, 10, what="/healthz 503 with no live worker")
+        assert get(r, "/readyz")[0] == 503
+    finally:
+        r.stop()
