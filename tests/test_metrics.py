@@ -66,7 +66,9 @@ def test_every_worker_has_its_series_from_the_start(mrelay):
             assert ("wsrelay_bytes_total", (("direction", d), ("worker", w))) in s
         assert ("wsrelay_handshake_seconds_count", (("worker", w),)) in s
         assert ("wsrelay_websocket_duration_seconds_count", (("worker", w),)) in s
-        assert ("wsrelay_worker_resident_memory_bytes", (("worker", w),)) in s
+        assert s[("wsrelay_worker_resident_memory_bytes", (("worker", w),))] > 1 << 20
+        assert s[("wsrelay_worker_open_fds", (("worker", w),))] > 3
+        assert s[("wsrelay_worker_cpu_seconds_total", (("worker", w),))] > 0
     assert s[("wsrelay_clients_limit", ())] == 3
     assert s[("wsrelay_build_info", (("version", __import__("relay").__version__),))] == 1
     assert ("wsrelay_worker_restarts_total", ()) in s
