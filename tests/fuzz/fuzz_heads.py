@@ -8,7 +8,8 @@ Run by an operator, for as long as there is time (not collected by pytest)::
     python tests/fuzz/fuzz_heads.py crash-<sha1>                  # replay a finding
 
 The first input byte picks the target: request head, response head, chunked
-body, or the configuration loader; the rest is the input. The invariants are
+body, the configuration loader (environment), or an ``--env-file``'s text
+(``read_env_file`` then ``load``); the rest is the input. The invariants are
 the ones the hypothesis properties check (tests/fuzz/invariants.py): only the
 parser's own error, the same answer whole and in pieces, forwarded requests
 that keep their meaning. A crash file is a regression test to add to
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -28,7 +30,8 @@ with atheris.instrument_imports():
     from relay import config, framing, handshake, http_head  # noqa: F401
     from tests.fuzz import invariants
 
-TARGETS = ("request", "response", "body", "config")
+TARGETS = ("request", "response", "body", "config", "envfile")
+_ENV_FILE = os.path.join(tempfile.mkdtemp(prefix="wsrelay-fuzz-"), "fuzz.env")
 
 
 def _cuts(fdp: atheris.FuzzedDataProvider, n: int) -> list[int]:
@@ -54,6 +57,19 @@ def test_one_input(data: bytes) -> None:
         buf = fdp.ConsumeBytes(fdp.remaining_bytes())
         invariants.check_body_scanner(length, buf, cuts)
         invariants.check_body_scanner(length, buf)
+    elif target == "envfile":
+        with open(_ENV_FILE, "wb") as f:
+            f.write(fdp.ConsumeBytes(fdp.remaining_bytes()))
+        try:
+            values = config.read_env_file(_ENV_FILE)
+        except config.ConfigError as e:
+            assert e.lines
+            return
+        assert all(isinstance(k, str) and isinstance(v, str) for k, v in values.items())
+        try:
+            config.load({}, env_file=_ENV_FILE, require_origin=False).to_json()
+        except config.ConfigError as e:
+            assert e.lines
     else:
         environ = {}
         for _ in range(fdp.ConsumeIntInRange(0, 6)):
