@@ -122,6 +122,11 @@ def test_demo_as_a_user_runs_it():
                 await ws.send("user message")
                 return await ws.recv()
         assert run(echo()) == "user message"
+        # the demo origin also serves the page with the long-polling fallback (tests/test_browser.py)
+        import urllib.request
+        with urllib.request.urlopen(url.replace("ws://", "http://"), timeout=10) as resp:
+            page = resp.read()
+        assert resp.status == 200 and b"new WebSocket" in page and b"/lp/poll" in page
     finally:
         p.send_signal(signal.SIGINT)
         code = p.wait(30)
