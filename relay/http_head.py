@@ -41,27 +41,39 @@ class HeadError(Exception):
 class Head:
     """Fields shared by requests and responses: raw header lines and lookups."""
 
-    __slots__ = ("fields", "head_len")
+    __slots__ = ("_index", "fields", "head_len")
 
     def __init__(self, fields: list[tuple[bytes, bytes, bytes]], head_len: int):
         #: (lowercased name, raw line, value) per header line, in order.
         self.fields = fields
         #: bytes of the buffer the head took, terminator included.
         self.head_len = head_len
+        self._index: dict[bytes, list[bytes]] | None = None
+
+    def _lookup(self) -> dict[bytes, list[bytes]]:
+        # Built on the first lookup: a handshake asks a dozen questions of the
+        # same head, each of which would otherwise scan every field.
+        index = self._index
+        if index is None:
+            index = self._index = {}
+            for name, _line, value in self.fields:
+                if name in index:
+                    index[name].append(value)
+                else:
+                    index[name] = [value]
+        return index
 
     def get(self, lname: bytes) -> bytes | None:
-        for name, _line, value in self.fields:
-            if name == lname:
-                return value
-        return None
+        values = self._lookup().get(lname)
+        return values[0] if values else None
 
     def get_all(self, lname: bytes) -> list[bytes]:
-        return [value for name, _line, value in self.fields if name == lname]
+        return list(self._lookup().get(lname, ()))
 
     def tokens(self, lname: bytes) -> set[bytes]:
         """Comma-separated, case-insensitive tokens of every line of a header."""
         out: set[bytes] = set()
-        for value in self.get_all(lname):
+        for value in self._lookup().get(lname, ()):
             out.update(t.strip().lower() for t in value.split(b","))
         out.discard(b"")
         return out

@@ -38,6 +38,7 @@ handshake benchmark in SECURITY.md show the cost is within noise.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
 import logging
@@ -67,6 +68,17 @@ _PER_CONNECTION = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errn
                              errno.EOPNOTSUPP, errno.ENETUNREACH})
 
 
+class _Accepted(socket.socket):
+    """An accepted connection, as cheap as a socket object gets: built from
+    the descriptor ``_accept()`` returns, with the family and type given (no
+    getsockopt), and both read back as plain ints — ``socket.socket`` turns
+    them into enums on every access, and uvloop reads them three times."""
+
+    __slots__ = ()
+    family = _socket.socket.family
+    type = _socket.socket.type
+
+
 class Acceptor:
     """Accepts from one listening socket into ``factory()`` protocols."""
 
@@ -83,6 +95,7 @@ class Acceptor:
         self.overdue_batch = 1
         self.loop = asyncio.get_running_loop()
         self.fd = sock.fileno()
+        self.family = sock.family
         self.watching = False
         self.closed = False
         self.timer: asyncio.TimerHandle | None = None
@@ -141,7 +154,7 @@ class Acceptor:
         taken = 0
         for _ in range(n):
             try:
-                conn, _addr = sock.accept()
+                fd, _addr = sock._accept()
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as e:
@@ -149,7 +162,9 @@ class Acceptor:
                     continue
                 self._failed(e)
                 break
-            conn.setblocking(False)
+            # No setblocking(False): libuv's uv_tcp_open makes the descriptor
+            # non-blocking when the transport adopts it.
+            conn = _Accepted(self.family, socket.SOCK_STREAM, 0, fd)
             taken += 1
             self.pending += 1
             task = self.loop.create_task(self.loop.connect_accepted_socket(self.factory, conn))
