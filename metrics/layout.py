@@ -34,9 +34,12 @@ HTTP = PING_TIMEOUTS + 1                       # + status code
 # Gauges read by sibling workers to balance accepts (workers/accept.py).
 LOAD = HTTP + HTTP_CODES  # open connections of any kind, as of the last accept
 ACCEPTING = LOAD + 1      # 1 while the worker takes new connections
-SIZE = ACCEPTING + 1
+# time.monotonic() of the worker's last 1 s sweep: the supervisor replaces a
+# worker whose event loop stopped turning (workers/supervisor.py, HUNG_AFTER).
+HEARTBEAT = ACCEPTING + 1
+SIZE = HEARTBEAT + 1
 
-GAUGES = (CONNECTIONS, LOAD, ACCEPTING)
+GAUGES = (CONNECTIONS, LOAD, ACCEPTING, HEARTBEAT)
 
 
 def bucket_index(buckets: tuple[float, ...], value: float) -> int:

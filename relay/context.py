@@ -140,6 +140,7 @@ class Context:
 
     # -- the sweep ----------------------------------------------------------------
     def start_sweeping(self) -> None:
+        self.m[layout.HEARTBEAT] = time.monotonic()
         self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)
 
     def stop_sweeping(self) -> None:
@@ -148,6 +149,7 @@ class Context:
         self._publish_bytes()
 
     def _sweep(self) -> None:
+        self.m[layout.HEARTBEAT] = time.monotonic()
         self._publish_bytes()
         limit = self.settings.idle_timeout
         if limit:

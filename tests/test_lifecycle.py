@@ -161,6 +161,29 @@ def test_a_stalled_worker_costs_latency_not_service(ws_origin):
                 s.close()
 
 
+def test_an_unresponsive_worker_is_killed_and_replaced(ws_origin):
+    """A worker whose event loop stops turning (here: SIGSTOP, as a blocking
+    call would) serves nobody: after HUNG_AFTER without a heartbeat the
+    supervisor kills and replaces it, counts the restart, and the sibling
+    serves throughout."""
+    from workers.supervisor import HUNG_AFTER
+
+    with Relay(ws_origin.addr, workers=2) as r:
+        stuck = r.worker_pids()[0]
+        os.kill(stuck, signal.SIGSTOP)
+        t0 = time.monotonic()
+        r.wait_log(f"(pid {stuck}) unresponsive for", timeout=HUNG_AFTER + 5)
+        wait_for(lambda: r.worker_pids().get(0) not in (None, stuck), 10, what="a replacement worker 0")
+        waited = time.monotonic() - t0
+        print(f"stuck worker replaced after {waited:.1f}s")
+        assert HUNG_AFTER - 1.5 <= waited <= HUNG_AFTER + 8
+        r.wait_log(f"(pid {stuck}) died (signal SIGKILL)")  # the restart path: logged and counted
+        for _ in range(6):
+            with socket.create_connection(("127.0.0.1", r.port), timeout=5) as s:
+                s.sendall(upgrade_request("/"))
+                assert status_of(read_head(s)[0]) == 101
+
+
 def test_sigterm_drains_open_websocket_and_exits_0(ws_origin):
     r = Relay(ws_origin.addr, workers=2, env={"RELAY_DRAIN_TIMEOUT": "3"}).start()
     try:

@@ -44,6 +44,10 @@ log = logging.getLogger("wsrelay")
 
 RESTART_BACKOFF_MAX = 10.0
 HEALTHY_AFTER = 5.0  # a worker that lived this long resets its backoff
+# A worker whose event loop has not turned for this long (its 1 s sweep stamps
+# metrics.layout.HEARTBEAT) is stuck — a blocking call, a runaway loop — and
+# serves nobody: it is killed and replaced, as gunicorn does with --timeout.
+HUNG_AFTER = 10.0
 #: Exit codes of a worker that cannot join this supervisor (workers/child.py).
 INCOMPATIBLE = {
     child.EXIT_LAYOUT: "the installed wsrelay changed the shared-memory layout; "
@@ -54,7 +58,7 @@ INCOMPATIBLE = {
 
 
 class Worker:
-    __slots__ = ("pid", "index", "slot", "generation", "ready", "started", "ready_fd", "draining")
+    __slots__ = ("pid", "index", "slot", "generation", "ready", "started", "ready_fd", "draining", "killed")
 
     def __init__(self, pid: int, index: int, slot: int, generation: int, ready_fd: int):
         self.pid = pid
@@ -64,6 +68,7 @@ class Worker:
         self.ready = False
         self.started = time.monotonic()
         self.ready_fd = ready_fd
+        self.killed = False
         self.draining = False
 
 
@@ -415,9 +420,26 @@ class Supervisor:
         now = time.monotonic()
         if self.endpoint is not None:
             self.endpoint.expire()
+        fresh = False
+        for w in list(self.workers.values()):
+            if not w.ready or w.killed:
+                continue
+            silent = now - self.shared.counters(w.slot)[layout.HEARTBEAT]
+            if silent < HUNG_AFTER:
+                fresh = True
+                continue
+            log.error("worker %d (pid %d) unresponsive for %.0fs (its event loop is blocked): killing it",
+                      w.index, w.pid, silent)
+            w.killed = True
+            try:
+                os.kill(w.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         if self.watchdog and now >= self.next_watchdog:
             self.next_watchdog = now + self.watchdog
-            if any(w.ready for w in self.workers.values()):
+            # systemd restarts the whole service only when no worker is serving:
+            # a single stuck one is replaced above.
+            if fresh:
                 systemd.notify("WATCHDOG=1")
         if self.stopping and self.workers and now > self.stop_deadline:
             log.warning("drain deadline passed: killing %d workers", len(self.workers))
