@@ -297,6 +297,19 @@ def test_sighup_reload_drops_nothing_and_applies_the_new_env_file(ws_origin, tmp
             assert status_of(read_head(s)[0]) == 403
 
 
+def test_reload_applies_a_new_log_level_to_supervisor_and_workers(ws_origin, tmp_path):
+    env_file = tmp_path / "wsrelay.env"
+    env_file.write_text(f"RELAY_ORIGIN={ws_origin.addr}\nRELAY_LOG_LEVEL=info\n")
+    with Relay(None, workers=1, args=("--env-file", str(env_file))) as r:
+        assert " DEBUG " not in r.text()
+        env_file.write_text(f"RELAY_ORIGIN={ws_origin.addr}\nRELAY_LOG_LEVEL=debug\n")
+        r.signal(signal.SIGHUP)
+        r.wait_log("reload: generation 1 accepting")
+        new = r.worker_pids()[0]
+        r.wait_log(f"(pid {new}) accepting")  # the new worker's debug line
+        r.wait_log(f"(pid {new}) ready")  # the supervisor's own
+
+
 def test_invalid_env_file_on_reload_keeps_serving(ws_origin, tmp_path):
     env_file = tmp_path / "wsrelay.env"
     env_file.write_text(f"RELAY_ORIGIN={ws_origin.addr}\n")

@@ -230,6 +230,8 @@ class Supervisor:
             log.warning("RELAY_METRICS_LISTEN changes need a restart; keeping %s", self.settings.metrics_listen)
         self.settings = new
         self.shared.limit = new.max_clients
+        # The new generation inherits the supervisor's level (workers/child.py).
+        logging.getLogger().setLevel(getattr(logging, new.log_level.upper()))
         self.generation += 1
         self.reloading = True
         self.failures.clear()
