@@ -310,6 +310,48 @@ def test_reload_applies_a_new_log_level_to_supervisor_and_workers(ws_origin, tmp
         r.wait_log(f"(pid {new}) ready")  # the supervisor's own
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_quick_reloads_moving_the_listener_leave_only_the_last_one_open(ws_origin, tmp_path):
+    """A second SIGHUP before the first new generation is ready, each moving
+    RELAY_LISTEN: the first address is closed once the old generation drains,
+    the intermediate one at once, and only the last one serves."""
+    first, second, third = _free_port(), _free_port(), _free_port()
+    env_file = tmp_path / "wsrelay.env"
+
+    def listen_on(port: int) -> None:
+        env_file.write_text(f"RELAY_ORIGIN={ws_origin.addr}\nRELAY_LISTEN=127.0.0.1:{port}\n"
+                            "RELAY_DRAIN_TIMEOUT=1\n")
+
+    def refused(port: int) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+                s.sendall(upgrade_request("/"))
+                return s.recv(1) == b""  # accepted by a closing queue: no answer
+        except (ConnectionRefusedError, ConnectionResetError):
+            return True
+        except TimeoutError:  # queued on a socket nobody accepts from: the leak
+            return False
+
+    listen_on(first)
+    with Relay(None, workers=1, args=("--env-file", str(env_file))) as r:
+        listen_on(second)
+        r.signal(signal.SIGHUP)
+        r.wait_log("starting worker generation 1")
+        listen_on(third)
+        r.signal(signal.SIGHUP)
+        r.wait_log("starting worker generation 2")
+        r.wait_log("reload: generation 2 accepting")
+        with socket.create_connection(("127.0.0.1", third), timeout=5) as s:
+            s.sendall(upgrade_request("/"))
+            assert status_of(read_head(s)[0]) == 101
+        wait_for(lambda: refused(first) and refused(second), 10, what="the first two addresses closed")
+
+
 def test_invalid_env_file_on_reload_keeps_serving(ws_origin, tmp_path):
     env_file = tmp_path / "wsrelay.env"
     env_file.write_text(f"RELAY_ORIGIN={ws_origin.addr}\n")

@@ -223,7 +223,13 @@ class Supervisor:
             except ConfigError as e:
                 log.error("reload refused: %s", e)
                 return
-            self.old_socks = self.socks
+            if self.reloading and getattr(self, "old_socks", None):
+                # A reload still starting had bound these; the running generation
+                # keeps the original ones, which stay the ones to close later.
+                for sock in self.socks:
+                    sock.close()
+            else:
+                self.old_socks = self.socks
             self.socks = socks
             self.listen_key = new.listen
         if new.metrics_listen != self.settings.metrics_listen:
