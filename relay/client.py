@@ -21,7 +21,7 @@ from relay.frames_tunnel import FramesTunnel
 from relay.handshake import (check_upgrade_response, forward_head, is_upgrade, origin_allowed,
                              path_allowed, validate_upgrade)
 from relay.http_head import HEAD_END, HeadError, Request, parse_request_head
-from relay.origin import OriginHead, OriginUnavailable
+from relay.origin import OriginClosed, OriginHead, OriginUnavailable
 from relay.responses import refusal
 from relay.tunnel import Tunnel
 
@@ -228,15 +228,24 @@ class ClientConnection(asyncio.Protocol):
         try:
             try:
                 async with asyncio.timeout(s.connect_timeout):
-                    origin_t, oproto, addr = await ctx.origins.connect(OriginHead)
-                    rec.origin = str(addr)
                     # Frames sent before the 101 (a client that does not wait) go
                     # with the head; in frames mode they go through the tracker.
                     early = bytes(self.buf[req.head_len:])
-                    origin_t.write(forward_head(req, self.peer_ip, ctx.proto, True)
-                                   + (b"" if ctx.frames else early))
                     self.buf.clear()
-                    resp = await oproto.head
+                    head = forward_head(req, self.peer_ip, ctx.proto, True) + (b"" if ctx.frames else early)
+                    for tries_left in range(ctx.origins.count - 1, -1, -1):
+                        origin_t, oproto, addr = await ctx.origins.connect(OriginHead)
+                        rec.origin = str(addr)
+                        origin_t.write(head)
+                        try:
+                            resp = await oproto.head
+                            break
+                        except OriginClosed:
+                            # Closed without a byte of answer: the next origin may serve.
+                            origin_t.abort()
+                            origin_t = None
+                            if not tries_left:
+                                raise
             except TimeoutError:
                 return self._refuse(504, "timeout", rec)
             except OriginUnavailable:

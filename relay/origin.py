@@ -20,6 +20,15 @@ class OriginUnavailable(Exception):
     """Every origin refused or failed the connection: 502."""
 
 
+class OriginClosed(HeadError):
+    """The origin accepted the connection and closed it without a byte of
+    answer (restarting, overloaded): safe to try the next origin, as nginx's
+    ``proxy_next_upstream error`` does; a 502 when none is left."""
+
+    def __init__(self) -> None:
+        super().__init__(502, "origin closed before answering", "origin_error")
+
+
 class OriginHead(asyncio.Protocol):
     """Collects the origin's response head; reading pauses once it is complete."""
 
@@ -51,13 +60,18 @@ class OriginHead(asyncio.Protocol):
     def eof_received(self) -> bool:
         if not self.head.done():
             # The origin hung up before a complete head: a 502 now, not a 504 later.
-            self.head.set_exception(HeadError(502, "origin closed before answering", "origin_error"))
+            self.head.set_exception(self._closed())
             return False
         return True  # after the head, a FIN belongs to the tunnel (half-close)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.head.done():
-            self.head.set_exception(HeadError(502, "origin closed before answering", "origin_error"))
+            self.head.set_exception(self._closed())
+
+    def _closed(self) -> HeadError:
+        if self.buf:  # a truncated answer: the origin did act on the request
+            return HeadError(502, "origin closed in the middle of its answer", "origin_error")
+        return OriginClosed()
 
 
 def _consume(fut: asyncio.Future) -> None:
@@ -70,6 +84,8 @@ class Origins:
 
     def __init__(self, origins: tuple[Address, ...]):
         self._origins = origins
+        #: how many connections an upgrade may try (OriginClosed moves to the next)
+        self.count = len(origins)
         self._next = itertools.cycle(range(len(origins))) if origins else None
 
     async def connect(self, factory) -> tuple[asyncio.Transport, asyncio.Protocol, Address]:

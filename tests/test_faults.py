@@ -194,6 +194,38 @@ def test_origin_killed_fails_over_and_other_origin_tunnels_live_on(loop_thread, 
         doomed.stop() if doomed.server.is_serving() else None
 
 
+@pytest.mark.parametrize("then", ["close", "reset"])
+def test_an_origin_closing_before_answering_is_retried_on_the_next(loop_thread, ws_origin, then):
+    """An origin that accepts and hangs up without a byte of answer (a restart,
+    an overloaded accept queue) costs no client a 502 while another origin
+    serves: the upgrade moves on, as nginx's proxy_next_upstream does. An
+    origin that answered part of a head is not retried (test below)."""
+    flaky = RawOrigin(loop_thread, answer(b"", then=then)).start()
+    try:
+        with Relay(f"{flaky.addr},{ws_origin.addr}", workers=1) as r:
+            for _ in range(6):  # round-robin: half of them try the flaky origin first
+                with socket.create_connection(("127.0.0.1", r.port), timeout=5) as s:
+                    s.sendall(upgrade_request("/"))
+                    assert status_of(read_head(s)[0]) == 101
+            assert flaky.connections >= 3
+    finally:
+        flaky.stop()
+
+
+def test_a_truncated_origin_answer_is_a_502_not_a_retry(loop_thread, ws_origin):
+    truncated = RawOrigin(loop_thread, answer(b"HTTP/1.1 101 Swi")).start()
+    try:
+        with Relay(f"{truncated.addr},{ws_origin.addr}", workers=1) as r:
+            statuses = []
+            for _ in range(4):
+                with socket.create_connection(("127.0.0.1", r.port), timeout=5) as s:
+                    s.sendall(upgrade_request("/"))
+                    statuses.append(status_of(read_head(s)[0]))
+            assert sorted(statuses) == [101, 101, 502, 502]
+    finally:
+        truncated.stop()
+
+
 def _origin_of(tunnels: list[socket.socket], raw: RawOrigin) -> list[bool]:
     """Which tunnels end at the raw echo origin: it echoes raw bytes, websockets does not."""
     out = []
