@@ -24,17 +24,34 @@ if TYPE_CHECKING:
     from relay.client import ClientConnection
     from relay.context import AccessRecord
 
-POOL_SIZE = 32
+#: idle origin connections kept per worker: more than a busy worker has
+#: requests in flight (the benchmark's 50 clients), still bounded.
+POOL_SIZE = 256
+#: an idle pooled connection is closed after this many seconds (nginx's
+#: upstream ``keepalive_timeout`` default).
+POOL_IDLE_TIMEOUT = 60.0
+#: a read timer this close to its deadline counts as expired (uvloop's
+#: timers have millisecond resolution).
+_TIMER_SLACK = 0.001
 
 
 class OriginConn(asyncio.Protocol):
-    """An origin connection for plain HTTP, reusable across exchanges."""
+    """An origin connection for plain HTTP, reusable across exchanges.
+
+    The read timeout lives here, not in the exchange: armed when an exchange
+    starts on a connection that has none pending, it checks the exchange's
+    last activity when it fires and re-arms for the remainder, so a request
+    that is answered in time costs no timer at all when the previous one's is
+    still pending (one ``call_later`` per connection per read timeout, not two
+    per request)."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.exchange: Exchange | None = None
-        self.pool: list[OriginConn] | None = None
+        self.pool: Pool | None = None
         self.addr = ""
+        self.idle_since = 0.0
+        self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -51,8 +68,11 @@ class OriginConn(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.pool is not None and self in self.pool:
+        if self.pool is not None:
             self.pool.remove(self)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         if self.exchange is not None:
             self.exchange.origin_lost()
 
@@ -64,33 +84,139 @@ class OriginConn(asyncio.Protocol):
         if self.exchange is not None and not self.exchange.req_body.done:
             self.exchange.conn.transport.resume_reading()
 
+    def check_timeout(self) -> None:
+        self.timer = None
+        ex = self.exchange
+        if ex is None or ex.done:
+            return  # idle or between exchanges: the next one arms it again
+        loop = ex.loop
+        remaining = ex.last + ex.ctx.settings.read_timeout - loop.time()
+        if remaining > _TIMER_SLACK:
+            self.timer = loop.call_later(remaining, self.check_timeout)
+        else:
+            ex.read_timeout()
 
-def _response_head(resp: Response, raw: bytes, keep: bool) -> bytes:
+
+class Pool:
+    """A worker's idle origin connections, most recently used last.
+
+    ``get`` takes the most recently used one (the warmest); the least recently
+    used are at the front, where one timer per pool closes those idle for
+    ``idle_timeout`` seconds."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, size: int = POOL_SIZE,
+                 idle_timeout: float = POOL_IDLE_TIMEOUT) -> None:
+        self.loop = loop
+        self.size = size
+        self.idle_timeout = idle_timeout
+        self.conns: list[OriginConn] = []
+        self.timer: asyncio.TimerHandle | None = None
+
+    def __len__(self) -> int:
+        return len(self.conns)
+
+    def get(self) -> OriginConn | None:
+        conns = self.conns
+        while conns:
+            origin = conns.pop()
+            origin.pool = None
+            if not origin.transport.is_closing():
+                return origin
+        return None
+
+    def put(self, origin: OriginConn) -> bool:
+        """Keep ``origin`` for the next request; False if the pool is full."""
+        if len(self.conns) >= self.size or origin.transport.is_closing():
+            return False
+        origin.pool = self
+        origin.idle_since = self.loop.time()
+        self.conns.append(origin)
+        if self.timer is None:
+            self.timer = self.loop.call_later(self.idle_timeout, self._expire)
+        return True
+
+    def remove(self, origin: OriginConn) -> None:
+        origin.pool = None
+        try:
+            self.conns.remove(origin)
+        except ValueError:
+            pass
+
+    def _expire(self) -> None:
+        self.timer = None
+        conns = self.conns
+        now = self.loop.time()
+        deadline = now - self.idle_timeout + _TIMER_SLACK
+        n = 0
+        while n < len(conns) and conns[n].idle_since <= deadline:
+            n += 1
+        if n:
+            expired = conns[:n]
+            del conns[:n]
+            for origin in expired:
+                origin.pool = None
+                origin.transport.close()
+        if conns:
+            self.timer = self.loop.call_later(conns[0].idle_since + self.idle_timeout - now, self._expire)
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        conns, self.conns = self.conns, []
+        for origin in conns:
+            origin.pool = None
+            origin.transport.close()
+
+
+def pool_of(ctx) -> Pool:
+    """The worker's pool, made on first use (``Context`` starts with a list)."""
+    pool = ctx.http_pool
+    if pool.__class__ is not Pool:
+        pool = ctx.http_pool = Pool(asyncio.get_running_loop())
+    return pool
+
+
+_DROP = HOP_BY_HOP - {b"transfer-encoding"}  # never drop the framing we relay the body by
+_KEEP_END = b"Connection: keep-alive\r\n\r\n"
+_CLOSE_END = b"Connection: close\r\n\r\n"
+
+
+def _response_head(resp: Response, raw: bytes, conn_tokens: set[bytes], keep: bool) -> bytes:
     """The origin's head with hop-by-hop fields replaced by our own Connection."""
-    # never drop the framing we relay the body by, whatever Connection names
-    drop = (HOP_BY_HOP - {b"transfer-encoding"}) | (resp.tokens(b"connection") - NEVER_NAMED)
+    drop = (_DROP | (conn_tokens - NEVER_NAMED)) if conn_tokens else _DROP
+    end = _KEEP_END if keep else _CLOSE_END
+    for name, _line, _v in resp.fields:
+        if name in drop:
+            break
+    else:  # nothing to drop (the common case): the head as received
+        return raw[:-2] + end
     lines = [raw[: raw.find(CRLF)]]
     lines.extend(line for name, line, _v in resp.fields if name not in drop)
-    lines.append(b"Connection: keep-alive" if keep else b"Connection: close")
-    lines.append(b"")
-    lines.append(b"")
+    lines.append(end)
     return CRLF.join(lines)
 
 
 class Exchange:
-    """One plain HTTP request and its response."""
+    """One plain HTTP request and its response.
+
+    With a pooled origin connection at hand the request goes out at once,
+    from the constructor: no Task per request. Only a new origin connection
+    is awaited, in a Task."""
 
     def __init__(self, conn: "ClientConnection", req) -> None:
         self.conn = conn
         self.ctx = ctx = conn.ctx
         self.req = req
         self.origin: OriginConn | None = None
+        self.origin_paused = False
         self.resp_buf = bytearray()
         self.resp_body: BodyScanner | None = None
         self.keep_client = False
-        self.timer: asyncio.TimerHandle | None = None
+        self.task: asyncio.Task | None = None
         self.done = False
-        self.record = ctx.record(conn.peer_ip, req.method, req.path)
+        # With the access log off nobody reads the record: don't build one.
+        self.record = ctx.record(conn.peer_ip, req.method, req.path) if ctx.access_log else None
         self.up = 0
         self.down = 0
         try:
@@ -107,44 +233,64 @@ class Exchange:
         conn_tokens = req.tokens(b"connection")
         self.keep_client = (b"close" not in conn_tokens) if req.version == b"1.1" else (b"keep-alive" in conn_tokens)
         # Bytes that followed the head in the same read.
-        self.pending = bytes(conn.buf[req.head_len:])
-        conn.buf.clear()
-        self.task = asyncio.ensure_future(self._start())
+        buf = conn.buf
+        self.pending = bytes(buf[req.head_len:]) if len(buf) > req.head_len else b""
+        buf.clear()
+        pool = pool_of(ctx)
+        self.loop = pool.loop
+        self.last = 0.0
+        origin = pool.get()
+        if origin is not None:
+            self._begin(origin)
+        else:
+            self.task = asyncio.ensure_future(self._connect())
 
     # -- connecting and sending the request ------------------------------------------
-    async def _start(self) -> None:
+    async def _connect(self) -> None:
         ctx = self.ctx
-        pool = ctx.http_pool
-        origin = None
-        while pool:
-            candidate = pool.pop()
-            if not candidate.transport.is_closing():
-                origin = candidate
-                break
-        if origin is None:
-            try:
-                async with asyncio.timeout(ctx.settings.connect_timeout):
-                    _t, origin, addr = await ctx.origins.connect(OriginConn)
-                origin.addr = str(addr)
-            except TimeoutError:
-                return self._fail(504, "timeout")
-            except OriginUnavailable:
-                return self._fail(502, "origin_error")
-            if self.done:  # the client went away meanwhile
-                origin.transport.close()
-                return
+        try:
+            async with asyncio.timeout(ctx.settings.connect_timeout):
+                _t, origin, addr = await ctx.origins.connect(OriginConn)
+            origin.addr = str(addr)
+        except TimeoutError:
+            return self._fail(504, "timeout")
+        except OriginUnavailable:
+            return self._fail(502, "origin_error")
+        if self.done:  # the client went away meanwhile
+            origin.transport.close()
+            return
+        self._begin(origin)
+
+    def _begin(self, origin: OriginConn) -> None:
+        """Send the request head, with whatever body followed it, in one write."""
         origin.exchange = self
-        origin.pool = None
         self.origin = origin
-        self.record.origin = origin.addr
-        head = forward_head(self.req, self.conn.peer_ip, ctx.proto, False)
-        origin.transport.write(head)
+        if self.record is not None:
+            self.record.origin = origin.addr
+        conn = self.conn
+        out = forward_head(self.req, conn.peer_ip, self.ctx.proto, False)
         pending, self.pending = self.pending, b""
-        self._arm_timer()
+        body = self.req_body
         if pending:
-            self.client_data(pending)
-        if not self.req_body.done:
-            self.conn.transport.resume_reading()
+            if body.done:
+                conn.buf += pending  # a pipelined next request: it waits for this one
+            else:
+                try:
+                    n = body.feed(pending)
+                except FramingError:
+                    return self._fail(400, "bad_request")
+                self.up += n
+                if n < len(pending):
+                    out += pending[:n]
+                    conn.buf += pending[n:]
+                else:
+                    out += pending
+        origin.transport.write(out)
+        self.last = self.loop.time()
+        if origin.timer is None:
+            origin.timer = self.loop.call_later(self.ctx.settings.read_timeout, origin.check_timeout)
+        if not body.done:
+            conn.transport.resume_reading()
 
     def client_data(self, data: bytes) -> None:
         if self.origin is None:
@@ -176,76 +322,88 @@ class Exchange:
     def client_lost(self) -> None:
         if not self.done:
             self.done = True
-            self._cancel_timer()
             if self.origin is not None:
                 self.origin.exchange = None
                 self.origin.transport.close()
-            elif not self.task.done():
+            elif self.task is not None and not self.task.done():
                 self.task.cancel()
 
     # -- the response ----------------------------------------------------------------
     def pause_origin(self, pause: bool) -> None:
         origin = self.origin
         if origin is not None and not origin.transport.is_closing():
+            self.origin_paused = pause
             if pause:
                 origin.transport.pause_reading()
             else:
                 origin.transport.resume_reading()
 
     def origin_data(self, data: bytes) -> None:
-        self._arm_timer()
+        self.last = self.loop.time()
         if self.resp_body is None:
-            self.resp_buf += data
             try:
-                self._parse_head()
+                self._parse_head(data)
             except (HeadError, FramingError) as e:
                 status = getattr(e, "status", 502)
                 self._fail(status, "origin_error")
             return
-        self._send_body(data)
+        out = self._body_part(data)
+        if out:
+            self.conn.transport.write(out)
+        if self.resp_body.done:
+            self._finish()
 
-    def _parse_head(self) -> None:
-        while self.resp_body is None:
-            resp = parse_response_head(self.resp_buf, MAX_RESPONSE_HEAD)
+    def _parse_head(self, data: bytes) -> None:
+        buf = self.resp_buf
+        if buf:
+            buf += data
+            data = bytes(buf)
+            buf.clear()
+        while True:
+            resp = parse_response_head(data, MAX_RESPONSE_HEAD)
             if resp is None:
+                buf += data
                 return
-            raw = bytes(self.resp_buf[: resp.head_len])
-            rest = bytes(self.resp_buf[resp.head_len:])
-            self.resp_buf.clear()
+            raw, rest = data[: resp.head_len], data[resp.head_len:]
             if 100 <= resp.status < 200:
                 if resp.status != 101:  # interim answers (100 Continue) pass through
                     self.conn.transport.write(raw)
-                self.resp_buf += rest
+                data = rest
                 continue
-            if self.req.method == b"HEAD" or resp.status in (204, 304):
-                length: int | None = 0
-            else:
-                length = body_framing(resp, is_request=False)
-            if length is None:
-                self.keep_client = False  # the body ends when the origin closes
-            self.status = resp.status
-            self.origin_keep = length is not None and b"close" not in resp.tokens(b"connection")
-            self.resp_body = BodyScanner(length)
-            self.conn.transport.write(_response_head(resp, raw, self.keep_client))
-            if rest:
-                self._send_body(rest)
-            elif self.resp_body.done:
-                self._finish()
+            break
+        if self.req.method == b"HEAD" or resp.status in (204, 304):
+            length: int | None = 0
+        else:
+            length = body_framing(resp, is_request=False)
+        if length is None:
+            self.keep_client = False  # the body ends when the origin closes
+        self.status = resp.status
+        conn_tokens = resp.tokens(b"connection")
+        self.origin_keep = length is not None and b"close" not in conn_tokens
+        self.resp_body = body = BodyScanner(length)
+        out = _response_head(resp, raw, conn_tokens, self.keep_client)
+        if rest:  # the body's start, often all of it: one write with the head
+            out += self._body_part(rest)
+        self.conn.transport.write(out)
+        if body.done:
+            self._finish()
 
-    def _send_body(self, data: bytes) -> None:
+    def _body_part(self, data: bytes) -> bytes:
+        """The part of ``data`` that belongs to the response body."""
         body = self.resp_body
         try:
             n = body.feed(data)
         except FramingError:
             self.keep_client = False
             self.origin_keep = False
-            n = 0
             body.state = 4
-        if n:
-            self.down += n
-            self.conn.transport.write(data[:n] if n < len(data) else data)
-        if body.done:
-            self._finish()
+            return b""
+        if n < len(data):
+            # Bytes past the end of the body: the connection is out of step.
+            self.origin_keep = False
+            data = data[:n]
+        self.down += n
+        return data
 
     def origin_eof(self) -> None:
         if self.resp_body is not None and self.resp_body.until_close:
@@ -263,31 +421,27 @@ class Exchange:
             self._finish()
         else:  # cut mid-body: the client must not take a truncated body as whole
             self.done = True
-            self._cancel_timer()
             self.conn.transport.abort()
 
     def _finish(self) -> None:
         if self.done:
             return
         self.done = True
-        self._cancel_timer()
         ctx = self.ctx
         ctx.count_http(self.status)
         rec = self.record
-        rec.status = self.status
-        rec.outcome = "proxied"
-        rec.duration_s = round(time.monotonic() - self.conn.started, 3)
-        rec.bytes_up = self.up
-        rec.bytes_down = self.down
-        ctx.log(rec)
+        if rec is not None:
+            rec.status = self.status
+            rec.outcome = "proxied"
+            rec.duration_s = round(time.monotonic() - self.conn.started, 3)
+            rec.bytes_up = self.up
+            rec.bytes_down = self.down
+            ctx.log(rec)
         origin = self.origin
         origin.exchange = None
-        if self.origin_keep and self.req_body.done and len(ctx.http_pool) < POOL_SIZE \
-                and not origin.transport.is_closing():
-            origin.pool = ctx.http_pool
-            origin.transport.resume_reading()  # it may have been paused for a slow client
-            ctx.http_pool.append(origin)
-        else:
+        if self.origin_paused:
+            origin.transport.resume_reading()  # it was paused for a slow client
+        if not (self.origin_keep and self.req_body.done and ctx.http_pool.put(origin)):
             origin.transport.close()
         self.conn.keepalive_done(self.keep_client)
 
@@ -296,7 +450,6 @@ class Exchange:
         if self.done:
             return
         self.done = True
-        self._cancel_timer()
         if self.origin is not None:
             self.origin.exchange = None
             self.origin.transport.abort()
@@ -305,17 +458,7 @@ class Exchange:
         else:
             self.conn.transport.abort()
 
-    def _arm_timer(self) -> None:
-        self._cancel_timer()
-        self.timer = asyncio.get_running_loop().call_later(self.ctx.settings.read_timeout, self._timeout)
-
-    def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
-    def _timeout(self) -> None:
-        self.timer = None
+    def read_timeout(self) -> None:
         self._fail(504, "timeout")
 
 
