@@ -233,7 +233,7 @@ class ClientConnection(asyncio.Protocol):
                     early = bytes(self.buf[req.head_len:])
                     self.buf.clear()
                     head = forward_head(req, self.peer_ip, ctx.proto, True) + (b"" if ctx.frames else early)
-                    for tries_left in range(ctx.origins.count - 1, -1, -1):
+                    for tries_left in range(len(ctx.origins) - 1, -1, -1):  # each origin once
                         origin_t, oproto, addr = await ctx.origins.connect(OriginHead)
                         rec.origin = str(addr)
                         origin_t.write(head)

@@ -84,9 +84,10 @@ class Origins:
 
     def __init__(self, origins: tuple[Address, ...]):
         self._origins = origins
-        #: how many connections an upgrade may try (OriginClosed moves to the next)
-        self.count = len(origins)
         self._next = itertools.cycle(range(len(origins))) if origins else None
+
+    def __len__(self) -> int:
+        return len(self._origins)
 
     async def connect(self, factory) -> tuple[asyncio.Transport, asyncio.Protocol, Address]:
         """Connect to one origin; the caller bounds the time with a timeout."""
