@@ -5,6 +5,11 @@ and says how many of them belong to the body and whether it is complete. It
 never copies or changes the body: the relay forwards the same bytes, still
 chunked, so the receiver sees exactly what the sender framed. Chunk-size and
 trailer lines have a cap; a malformed one raises :class:`FramingError`.
+
+The one exception is a chunked response for an HTTP/1.0 client, which must
+not see chunked framing (RFC 9112 §6.1, §7.1): with ``dechunk=True`` the
+scanner also records where the chunk data lies in each fed buffer, and
+:meth:`BodyScanner.payload` returns just those bytes (trailers are dropped).
 """
 
 from __future__ import annotations
@@ -28,10 +33,12 @@ class FramingError(Exception):
 class BodyScanner:
     """Tracks one body. ``length``: Content-Length, -1 chunked, None until close."""
 
-    __slots__ = ("remaining", "chunked", "state", "line", "until_close")
+    __slots__ = ("remaining", "chunked", "state", "line", "until_close", "spans")
 
-    def __init__(self, length: int | None):
+    def __init__(self, length: int | None, dechunk: bool = False):
         self.chunked = length == -1
+        #: (start, end) of chunk data in the last fed buffer, when de-chunking
+        self.spans: list[tuple[int, int]] | None = [] if dechunk and self.chunked else None
         self.until_close = length is None
         self.remaining = length if length and length > 0 else 0
         self.line = bytearray()
@@ -45,6 +52,18 @@ class BodyScanner:
     @property
     def done(self) -> bool:
         return self.state == _DONE
+
+    def finish(self) -> None:
+        """The body is over whatever the framing said: the sender closed (a
+        body delimited by close) or broke the framing (nothing more is relayed)."""
+        self.state = _DONE
+
+    def payload(self, data: bytes | bytearray | memoryview) -> bytes:
+        """The chunk data of ``data``, the buffer just fed (``dechunk=True`` only)."""
+        spans = self.spans
+        out = b"".join(data[a:b] for a, b in spans)
+        spans.clear()
+        return out
 
     def feed(self, data: bytes | bytearray | memoryview) -> int:
         """Consume from ``data``; returns how many bytes belong to this body."""
@@ -81,6 +100,8 @@ class BodyScanner:
         while pos < n and self.state != _DONE:
             if self.state == _DATA:
                 take = min(self.remaining, n - pos)
+                if self.spans is not None and take:
+                    self.spans.append((pos, pos + take))
                 pos += take
                 self.remaining -= take
                 if not self.remaining:

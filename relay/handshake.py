@@ -22,8 +22,11 @@ WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 # RFC 9110 §7.6.1: never forwarded as received. Upgrade and Connection are
 # re-added for upgrades; Proxy-Connection is a legacy hop-by-hop header.
+# Not Trailer: RFC 9110 §6.6.2 makes it end-to-end (RFC 2616 listed it), and
+# it must travel with the trailer section it announces; it is dropped only
+# where that section is (a chunked response de-chunked for an HTTP/1.0 client).
 HOP_BY_HOP = frozenset({
-    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+    b"connection", b"keep-alive", b"proxy-connection", b"te",
     b"transfer-encoding", b"upgrade",
 })
 # The edge owns these: what a client claims is replaced, except that

@@ -4,7 +4,7 @@ bytes) or :class:`HeadError` out. Nothing here touches a socket.
 Exceptions::
 
     HeadError(status, outcome)      the peer sent something we refuse
-      raised by parse_request_head   -> 400, 431, 505 (the client's fault)
+      raised by parse_request_head   -> 400, 414, 431, 505 (the client's fault)
       raised by parse_response_head  -> 502 (the origin's fault)
 
 The parser is strict where leniency lets a request mean two things to two
@@ -26,7 +26,7 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _BAD_TARGET = re.compile(rb"[\x00-\x20\x7f]")
 _VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])\Z")
-_STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([1-5][0-9][0-9])(?: [^\x00-\x08\x0a-\x1f\x7f]*)?\Z")
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: [^\x00-\x08\x0a-\x1f\x7f]*)?\Z")
 
 
 class HeadError(Exception):
@@ -95,11 +95,28 @@ class Request(Head):
 
 
 class Response(Head):
-    __slots__ = ("status",)
+    __slots__ = ("status", "version")
 
-    def __init__(self, status: int, fields: list[tuple[bytes, bytes, bytes]], head_len: int):
+    def __init__(self, status: int, fields: list[tuple[bytes, bytes, bytes]], head_len: int,
+                 version: bytes = b"1.1"):
         super().__init__(fields, head_len)
         self.status = status
+        #: b"1.1" or b"1.0", from the status line.
+        self.version = version
+
+
+def keeps_alive(head: Request | Response) -> bool:
+    """Whether the connection persists after this message (RFC 9112 §9.3).
+
+    A ``close`` option ends it; otherwise HTTP/1.1 persists by default and
+    HTTP/1.0 only with the ``keep-alive`` option (§9.3, and RFC 7230 §A.1.2
+    for the HTTP/1.0 keep-alive mechanism). The caller still ends a
+    connection whose message has no length (a body delimited by close).
+    """
+    tokens = head.tokens(b"connection")
+    if b"close" in tokens:
+        return False
+    return head.version == b"1.1" or b"keep-alive" in tokens
 
 
 def _head_bounds(buf: bytes | bytearray, max_bytes: int, error: HeadError) -> tuple[int, int] | None:
@@ -136,10 +153,22 @@ def parse_request_head(buf: bytes | bytearray, max_bytes: int) -> Request | None
     """Parse a request head at the start of ``buf``; ``None`` until it is complete.
 
     RFC 9112 §3 (request line), §5 (fields), §3.2 (exactly one Host in 1.1).
-    Raises :class:`HeadError` with 431 past ``max_bytes``, 505 for a version
-    other than HTTP/1.x, 400 for anything malformed.
+    Raises :class:`HeadError` with 414 when the request line alone passes
+    ``max_bytes``, 431 when the whole head does, 505 for a version other
+    than HTTP/1.x, 400 for anything malformed.
     """
-    bounds = _head_bounds(buf, max_bytes, HeadError(431, "request head too large"))
+    try:
+        bounds = _head_bounds(buf, max_bytes, HeadError(431, "request head too large"))
+    except HeadError:
+        # The request line alone does not fit: 414, as nginx answers when it
+        # overflows large_client_header_buffers (RFC 9110 §15.5.15).
+        start = 0
+        while buf.startswith(CRLF, start):
+            start += 2
+        eol = buf.find(CRLF, start)
+        if (eol if eol >= 0 else len(buf)) - start > max_bytes - 4:
+            raise HeadError(414, "request target too long") from None
+        raise
     if bounds is None:
         return None
     start, end = bounds
@@ -243,4 +272,4 @@ def parse_response_head(buf: bytes | bytearray, max_bytes: int) -> Response | No
     m = _STATUS_LINE.match(lines[0])
     if m is None:
         raise HeadError(502, "malformed origin status line", "origin_error")
-    return Response(int(m.group(1)), _fields(lines[1:], 502), end + 4)
+    return Response(int(m.group(2)), _fields(lines[1:], 502), end + 4, b"1.0" if m.group(1) == b"0" else b"1.1")

@@ -11,6 +11,7 @@ _REASONS = {
     403: "Forbidden",
     404: "Not Found",
     408: "Request Timeout",
+    414: "URI Too Long",
     426: "Upgrade Required",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",

@@ -7,7 +7,7 @@ import pytest
 from relay.framing import BodyScanner, FramingError
 from relay.handshake import (accept_key, check_upgrade_response, forward_head, is_upgrade, origin_allowed,
                              path_allowed, validate_upgrade)
-from relay.http_head import HeadError, body_framing, parse_request_head, parse_response_head
+from relay.http_head import HeadError, body_framing, keeps_alive, parse_request_head, parse_response_head
 
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
 GOOD = (b"GET /chat?x=1 HTTP/1.1\r\nHost: server.example.com\r\nUpgrade: websocket\r\n"
@@ -217,6 +217,48 @@ def test_chunked_scanner_any_split():
 def test_chunked_scanner_rejects_bad_framing(body):
     with pytest.raises(FramingError):
         BodyScanner(-1).feed(body)
+
+
+def test_dechunking_scanner_gives_the_chunk_data_at_any_split():
+    body = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-Sum: 42\r\n\r\n"
+    for split in range(len(body) + 1):
+        sc = BodyScanner(-1, dechunk=True)
+        first, second = body[:split], body[split:] + b"NEXT"
+        sc.feed(first)
+        out = sc.payload(first)
+        sc.feed(second)
+        out += sc.payload(second)
+        assert sc.done and out == b"hello world", split
+
+
+@pytest.mark.parametrize("head, keep", [
+    (b"HTTP/1.1 200 OK\r\n\r\n", True),
+    (b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", False),
+    (b"HTTP/1.1 200 OK\r\nConnection: Keep-Alive, CLOSE\r\n\r\n", False),
+    (b"HTTP/1.0 200 OK\r\n\r\n", False),
+    (b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\n\r\n", True),
+    (b"HTTP/1.0 200 OK\r\nConnection: x-foo\r\nConnection: Keep-Alive\r\n\r\n", True),
+    (b"HTTP/1.0 200 OK\r\nKeep-Alive: timeout=5\r\n\r\n", False),
+])
+def test_persistence_rfc9112_9_3(head, keep):
+    resp = parse_response_head(head, 16384)
+    assert keeps_alive(resp) is keep
+    req = parse(head.replace(b"HTTP/1.1 200 OK", b"GET / HTTP/1.1\r\nHost: x", 1)
+                .replace(b"HTTP/1.0 200 OK", b"GET / HTTP/1.0", 1))
+    assert keeps_alive(req) is keep
+
+
+def test_request_line_alone_over_the_limit_is_414_the_head_is_431():
+    for data in (b"GET /" + b"a" * 2000, b"GET /" + b"a" * 2000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"):
+        with pytest.raises(HeadError) as e:
+            parse(data, 1024)
+        assert e.value.status == 414
+    with pytest.raises(HeadError) as e:
+        parse(b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 2000, 1024)
+    assert e.value.status == 431
+    with pytest.raises(HeadError) as e:
+        parse(b"\r\n" * 600, 1024)  # empty lines only: nothing is a request line
+    assert e.value.status == 431
 
 
 def test_length_scanner():
