@@ -476,8 +476,10 @@ class Supervisor:
         return any(True for _ in self.workers)
 
     def ready(self) -> bool:
-        return self.ready_once and not self.stopping and any(w.ready and not w.draining
-                                                             for w in self.workers.values())
+        """``/readyz``: a worker accepts and the relay is not draining. Not
+        every worker: the first one serves (upgrades get their 101) while its
+        siblings start; systemd's ``READY=1`` still waits for all of them."""
+        return not self.stopping and any(w.ready and not w.draining for w in self.workers.values())
 
 
 class _MetricsSource:

@@ -53,9 +53,13 @@ def run(settings: Settings, socks: list[socket.socket], index: int, slot: int,
 
 async def _serve(settings: Settings, socks: list[socket.socket], index: int, slot: int,
                  shared: SharedState, ready_fd: int) -> int:
-    if os.environ.get("WSRELAY_FAULT") == "crash-on-start":
+    fault = os.environ.get("WSRELAY_FAULT")
+    if fault == "crash-on-start":
         # Fault injection for tests and chaos drills: a worker that cannot start.
         raise RuntimeError("WSRELAY_FAULT=crash-on-start")
+    if fault == "slow-start" and index > 0:
+        # ... or every worker but the first one slow to start (5 s).
+        await asyncio.sleep(5)
     loop = asyncio.get_running_loop()
     ctx = Context(settings, index, Admission(shared, slot, settings.max_clients_per_ip), shared.counters(slot))
     # Our own accept loop, not loop.create_server: see workers/accept.py (EMFILE).
