@@ -143,7 +143,10 @@ class ClientConnection(asyncio.Protocol):
         """Called by the HTTP exchange when its response is complete."""
         self.exchange = None
         if not keep or self.ctx.draining:
-            self._close()
+            # Linger rather than close: a client answered before the end of
+            # its body may still be sending it, and closing a socket with
+            # unread bytes resets it, which can destroy the answer in flight.
+            self.linger()
             return
         self.transport.resume_reading()
         self._await_head()
@@ -228,11 +231,15 @@ class ClientConnection(asyncio.Protocol):
         try:
             try:
                 async with asyncio.timeout(s.connect_timeout):
-                    # Frames sent before the 101 (a client that does not wait) go
-                    # with the head; in frames mode they go through the tracker.
+                    # Bytes after the upgrade head (frames of a client that does
+                    # not wait, or anything else) are held until the origin's
+                    # 101: sent with the head, an origin that refuses the upgrade
+                    # and keeps its connection would read them as the next
+                    # request, one no forwarding rule was applied to. After a
+                    # refusal they are dropped with the connection (relay_rejection).
                     early = bytes(self.buf[req.head_len:])
                     self.buf.clear()
-                    head = forward_head(req, self.peer_ip, ctx.proto, True) + (b"" if ctx.frames else early)
+                    head = forward_head(req, self.peer_ip, ctx.proto, True)
                     for tries_left in range(len(ctx.origins) - 1, -1, -1):  # each origin once
                         origin_t, oproto, addr = await ctx.origins.connect(OriginHead)
                         rec.origin = str(addr)
@@ -283,7 +290,7 @@ class ClientConnection(asyncio.Protocol):
             else:
                 tunnel = Tunnel(self.transport, origin_t, ctx.tunnel_ended, rec)
                 ctx.tunnel_opened(tunnel)
-                tunnel.start(bytes(oproto.buf), b"")
+                tunnel.start(bytes(oproto.buf), early)
         finally:
             if not handed_over:
                 ctx.admission.give(self.peer_ip)

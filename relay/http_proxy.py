@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING
 
 from relay.framing import BodyScanner, FramingError
 from relay.handshake import HOP_BY_HOP, NEVER_NAMED, forward_head
-from relay.http_head import CRLF, HeadError, Response, body_framing, parse_response_head
+from relay.http_head import CRLF, HeadError, Response, body_framing, keeps_alive, parse_response_head
 from relay.origin import MAX_RESPONSE_HEAD, OriginUnavailable
+from relay.tunnel import reset
 
 if TYPE_CHECKING:
     from relay.client import ClientConnection
@@ -33,6 +34,9 @@ POOL_IDLE_TIMEOUT = 60.0
 #: a read timer this close to its deadline counts as expired (uvloop's
 #: timers have millisecond resolution).
 _TIMER_SLACK = 0.001
+#: bytes of pipelined requests read ahead while a response is pending;
+#: beyond it the client is not read until the response is complete.
+PIPELINE_LIMIT = 64 * 1024
 
 
 class OriginConn(asyncio.Protocol):
@@ -74,15 +78,15 @@ class OriginConn(asyncio.Protocol):
             self.timer.cancel()
             self.timer = None
         if self.exchange is not None:
-            self.exchange.origin_lost()
+            self.exchange.origin_lost(exc)
 
     def pause_writing(self) -> None:
         if self.exchange is not None:
-            self.exchange.conn.transport.pause_reading()
+            self.exchange.pause_upload(True)
 
     def resume_writing(self) -> None:
-        if self.exchange is not None and not self.exchange.req_body.done:
-            self.exchange.conn.transport.resume_reading()
+        if self.exchange is not None:
+            self.exchange.pause_upload(False)
 
     def check_timeout(self) -> None:
         self.timer = None
@@ -178,13 +182,21 @@ def pool_of(ctx) -> Pool:
 
 
 _DROP = HOP_BY_HOP - {b"transfer-encoding"}  # never drop the framing we relay the body by
+# A de-chunked body (for an HTTP/1.0 client) is delimited by close: its
+# Transfer-Encoding goes, and the trailer section with the Trailer field.
+_DROP_DECHUNKED = HOP_BY_HOP | {b"trailer"}
 _KEEP_END = b"Connection: keep-alive\r\n\r\n"
 _CLOSE_END = b"Connection: close\r\n\r\n"
 
 
-def _response_head(resp: Response, raw: bytes, conn_tokens: set[bytes], keep: bool) -> bytes:
-    """The origin's head with hop-by-hop fields replaced by our own Connection."""
-    drop = (_DROP | (conn_tokens - NEVER_NAMED)) if conn_tokens else _DROP
+def _response_head(resp: Response, raw: bytes, conn_tokens: set[bytes], keep: bool,
+                   dechunk: bool = False) -> bytes:
+    """The origin's head with its hop-by-hop fields (RFC 9110 §7.6.1: those
+    listed and those its ``Connection`` names) replaced by the relay's own
+    ``Connection``: ``keep-alive`` or ``close``, whichever the relay will do."""
+    drop = _DROP_DECHUNKED if dechunk else _DROP
+    if conn_tokens:
+        drop = drop | (conn_tokens - NEVER_NAMED)
     end = _KEEP_END if keep else _CLOSE_END
     for name, _line, _v in resp.fields:
         if name in drop:
@@ -202,7 +214,17 @@ class Exchange:
 
     With a pooled origin connection at hand the request goes out at once,
     from the constructor: no Task per request. Only a new origin connection
-    is awaited, in a Task."""
+    is awaited, in a Task.
+
+    The client is read throughout, not only while its body streams: a reset
+    while the origin still holds the request (a long poll the client gave
+    up) closes the origin connection at once and is logged as
+    ``client_abort`` with status 499 (nginx's code). A half-close is not an
+    abort (HAProxy without ``option abortonclose``): the client still gets
+    its answer. Bytes after the request are the next, pipelined request:
+    kept (up to :data:`PIPELINE_LIMIT`, then reading pauses) and parsed only
+    once this response is complete.
+    """
 
     def __init__(self, conn: "ClientConnection", req) -> None:
         self.conn = conn
@@ -210,11 +232,14 @@ class Exchange:
         self.req = req
         self.origin: OriginConn | None = None
         self.origin_paused = False
+        #: the origin cannot take more request body: the client is not read
+        self.upload_paused = False
         self.resp_buf = bytearray()
         self.resp_body: BodyScanner | None = None
         self.keep_client = False
         self.task: asyncio.Task | None = None
         self.done = False
+        self.status = 0
         # With the access log off nobody reads the record: don't build one.
         self.record = ctx.record(conn.peer_ip, req.method, req.path) if ctx.access_log else None
         self.up = 0
@@ -230,8 +255,9 @@ class Exchange:
             conn._refuse(503, "draining", self.record, upgrade=False)
             return
         self.req_body = BodyScanner(length or 0)
-        conn_tokens = req.tokens(b"connection")
-        self.keep_client = (b"close" not in conn_tokens) if req.version == b"1.1" else (b"keep-alive" in conn_tokens)
+        self.keep_client = keeps_alive(req)
+        #: an HTTP/1.0 client: no chunked framing, no interim answers (RFC 9110 §15.2)
+        self.http10 = req.version == b"1.0"
         # Bytes that followed the head in the same read.
         buf = conn.buf
         self.pending = bytes(buf[req.head_len:]) if len(buf) > req.head_len else b""
@@ -289,8 +315,21 @@ class Exchange:
         self.last = self.loop.time()
         if origin.timer is None:
             origin.timer = self.loop.call_later(self.ctx.settings.read_timeout, origin.check_timeout)
-        if not body.done:
+        self._read_client()
+
+    def _read_client(self) -> None:
+        """Read the client unless the origin is behind on the body or the
+        pipelined bytes waiting for this response reach their limit."""
+        conn = self.conn
+        if self.upload_paused and not self.req_body.done or len(conn.buf) > PIPELINE_LIMIT:
+            conn.transport.pause_reading()
+        else:
             conn.transport.resume_reading()
+
+    def pause_upload(self, pause: bool) -> None:
+        """The origin's socket is full (``pause``) or drained again."""
+        self.upload_paused = pause
+        self._read_client()
 
     def client_data(self, data: bytes) -> None:
         if self.origin is None:
@@ -299,7 +338,8 @@ class Exchange:
         body = self.req_body
         if body.done:
             self.conn.buf += data  # a pipelined next request: wait for this one
-            self.conn.transport.pause_reading()
+            if len(self.conn.buf) > PIPELINE_LIMIT:
+                self.conn.transport.pause_reading()
             return
         try:
             n = body.feed(data)
@@ -307,10 +347,9 @@ class Exchange:
             return self._fail(400, "bad_request")
         self.up += n
         self.origin.transport.write(data[:n] if n < len(data) else data)
-        if body.done:
-            if n < len(data):
-                self.conn.buf += data[n:]
-            self.conn.transport.pause_reading()
+        if n < len(data):
+            self.conn.buf += data[n:]
+            self._read_client()
 
     def client_eof(self) -> bool:
         # A client that half-closes after its request still wants the answer.
@@ -320,13 +359,27 @@ class Exchange:
         return False
 
     def client_lost(self) -> None:
-        if not self.done:
-            self.done = True
-            if self.origin is not None:
-                self.origin.exchange = None
-                self.origin.transport.close()
-            elif self.task is not None and not self.task.done():
-                self.task.cancel()
+        """The client's connection is gone before the response was complete:
+        a client abort (nginx logs 499); the origin connection closes now."""
+        if self.done:
+            return
+        self.done = True
+        ctx = self.ctx
+        started = self.resp_body is not None
+        ctx.count_http(self.status if started else 499)
+        rec = self.record
+        if rec is not None:
+            rec.status = self.status if started else 499
+            rec.outcome = "client_abort"
+            rec.duration_s = round(time.monotonic() - self.conn.started, 3)
+            rec.bytes_up = self.up
+            rec.bytes_down = self.down
+            ctx.log(rec)
+        if self.origin is not None:
+            self.origin.exchange = None
+            self.origin.transport.abort()
+        elif self.task is not None and not self.task.done():
+            self.task.cancel()
 
     # -- the response ----------------------------------------------------------------
     def pause_origin(self, pause: bool) -> None:
@@ -365,23 +418,34 @@ class Exchange:
                 buf += data
                 return
             raw, rest = data[: resp.head_len], data[resp.head_len:]
-            if 100 <= resp.status < 200:
-                if resp.status != 101:  # interim answers (100 Continue) pass through
-                    self.conn.transport.write(raw)
-                data = rest
-                continue
-            break
+            if resp.status >= 200:
+                break
+            if resp.status == 101:
+                # Upgrade is hop-by-hop and was not forwarded: nothing asked to switch.
+                raise HeadError(502, "origin switched protocols on a plain HTTP request", "origin_error")
+            # Interim answers (RFC 9110 §15.2) pass through as HAProxy passes
+            # them, except to an HTTP/1.0 client, which must not get one.
+            if not self.http10:
+                self.conn.transport.write(raw)
+            data = rest
         if self.req.method == b"HEAD" or resp.status in (204, 304):
             length: int | None = 0
         else:
             length = body_framing(resp, is_request=False)
-        if length is None:
-            self.keep_client = False  # the body ends when the origin closes
+        # A chunked body for an HTTP/1.0 client is de-chunked and delimited by
+        # close (RFC 9112 §6.1 and §6.3 rule 8), as nginx does for 1.0 clients.
+        dechunk = length == -1 and self.http10
+        if length is None or dechunk:
+            self.keep_client = False  # the body ends when the connection does
+        if not self.req_body.done or self.ctx.draining:
+            # An answer before the whole request body (401, 413 to an upload):
+            # the rest of that body must never be read as a request, so the
+            # connection ends after this response, announced in its head.
+            self.keep_client = False
         self.status = resp.status
-        conn_tokens = resp.tokens(b"connection")
-        self.origin_keep = length is not None and b"close" not in conn_tokens
-        self.resp_body = body = BodyScanner(length)
-        out = _response_head(resp, raw, conn_tokens, self.keep_client)
+        self.origin_keep = length is not None and keeps_alive(resp)
+        self.resp_body = body = BodyScanner(length, dechunk=dechunk)
+        out = _response_head(resp, raw, resp.tokens(b"connection"), self.keep_client, dechunk)
         if rest:  # the body's start, often all of it: one write with the head
             out += self._body_part(rest)
         self.conn.transport.write(out)
@@ -389,39 +453,64 @@ class Exchange:
             self._finish()
 
     def _body_part(self, data: bytes) -> bytes:
-        """The part of ``data`` that belongs to the response body."""
+        """The part of ``data`` that the client gets of the response body."""
         body = self.resp_body
         try:
             n = body.feed(data)
         except FramingError:
-            self.keep_client = False
-            self.origin_keep = False
-            body.state = 4
+            # Broken framing mid-body: the client must not take what it got
+            # for the whole body (a de-chunked one ends at close): reset it.
+            self._cut()
             return b""
         if n < len(data):
             # Bytes past the end of the body: the connection is out of step.
             self.origin_keep = False
             data = data[:n]
         self.down += n
+        if body.spans is not None:
+            return body.payload(data)
         return data
 
     def origin_eof(self) -> None:
         if self.resp_body is not None and self.resp_body.until_close:
-            self.resp_body.state = 4
+            self.resp_body.finish()
             self.origin_keep = False
             self._finish()
 
-    def origin_lost(self) -> None:
+    def origin_lost(self, exc: Exception | None) -> None:
         if self.done:
             return
-        if self.resp_body is None:
+        body = self.resp_body
+        if body is None:
             self._fail(502, "origin_error")
-        elif self.resp_body.until_close:
+        elif body.until_close and exc is None:
+            body.finish()
             self.origin_keep = False
             self._finish()
-        else:  # cut mid-body: the client must not take a truncated body as whole
-            self.done = True
-            self.conn.transport.abort()
+        else:
+            self._cut()
+
+    def _cut(self) -> None:
+        """The response broke off mid-body (a reset, a cut before its end,
+        broken chunking): reset the client, so that no client can take a
+        truncated body for a whole one, even one delimited by close."""
+        if self.done:
+            return
+        self.done = True
+        ctx = self.ctx
+        ctx.count_http(self.status)  # its head went out
+        rec = self.record
+        if rec is not None:
+            rec.status = self.status
+            rec.outcome = "origin_error"
+            rec.duration_s = round(time.monotonic() - self.conn.started, 3)
+            rec.bytes_up = self.up
+            rec.bytes_down = self.down
+            ctx.log(rec)
+        if self.origin is not None:
+            self.origin.exchange = None
+            self.origin.transport.abort()
+        reset(self.conn.transport)
 
     def _finish(self) -> None:
         if self.done:
@@ -449,14 +538,13 @@ class Exchange:
     def _fail(self, status: int, outcome: str) -> None:
         if self.done:
             return
+        if self.resp_body is not None:
+            return self._cut()
         self.done = True
         if self.origin is not None:
             self.origin.exchange = None
             self.origin.transport.abort()
-        if self.resp_body is None:
-            self.conn._refuse(status, outcome, self.record, upgrade=False)
-        else:
-            self.conn.transport.abort()
+        self.conn._refuse(status, outcome, self.record, upgrade=False)
 
     def read_timeout(self) -> None:
         self._fail(504, "timeout")
@@ -473,7 +561,10 @@ class _RejectionRelay(asyncio.Protocol):
         try:
             n = self.body.feed(data)
         except FramingError:
-            n, self.body.state = 0, 4
+            self.body.finish()
+            self.transport.abort()
+            reset(self.conn.transport)  # a truncated body must not look whole
+            return
         if n:
             self.conn.transport.write(data[:n])
         if self.body.done:
@@ -484,13 +575,21 @@ class _RejectionRelay(asyncio.Protocol):
         self.transport = transport
 
     def connection_lost(self, exc) -> None:
-        if self.conn.state != 3:
+        if self.body.done:
+            return
+        if self.body.until_close and exc is None:
             self.conn.linger()
+        else:  # cut before the end of its body
+            reset(self.conn.transport)
 
 
 def relay_rejection(conn: "ClientConnection", origin_t: asyncio.Transport, oproto, resp: Response,
                     record: "AccessRecord") -> None:
-    """The origin refused an upgrade: its answer goes to the client verbatim."""
+    """The origin refused an upgrade: its answer goes to the client, then the
+    connection closes. The head loses its hop-by-hop fields and says
+    ``Connection: close`` (an origin's ``keep-alive`` would promise what the
+    relay does not do); whatever the client sent after its upgrade request is
+    dropped with the connection, never parsed."""
     conn.ctx.log(record)
     try:
         length = 0 if resp.status in (204, 304) else body_framing(resp, is_request=False)
@@ -498,8 +597,14 @@ def relay_rejection(conn: "ClientConnection", origin_t: asyncio.Transport, oprot
         length = None
     body = BodyScanner(length)
     data = bytes(oproto.buf)
-    head, rest = data[: resp.head_len], data[resp.head_len:]
-    n = body.feed(rest)
+    raw, rest = data[: resp.head_len], data[resp.head_len:]
+    head = _response_head(resp, raw, resp.tokens(b"connection"), keep=False)
+    try:
+        n = body.feed(rest)
+    except FramingError:
+        origin_t.abort()
+        reset(conn.transport)
+        return
     conn.transport.write(head + rest[:n])
     if body.done:
         origin_t.close()
