@@ -11,7 +11,8 @@ import logging
 import sys
 
 from relay import __version__
-from relay.config import ConfigError, Settings, load
+from relay.config import Settings, load
+from relay.errors import ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -20,8 +20,9 @@ from relay.context import AccessRecord, Context
 from relay.frames_tunnel import FramesTunnel
 from relay.handshake import (check_upgrade_response, forward_head, is_upgrade, origin_allowed,
                              path_allowed, validate_upgrade)
-from relay.http_head import HEAD_END, HeadError, Request, parse_request_head
-from relay.origin import OriginClosed, OriginHead, OriginUnavailable
+from relay.errors import HeadError, OriginClosed, OriginUnavailable
+from relay.http_head import HEAD_END, Request, parse_request_head
+from relay.origin import OriginHead
 from relay.responses import refusal
 from relay.tunnel import Tunnel
 

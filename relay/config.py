@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from relay.errors import ConfigError
+
 PREFIX = "RELAY_"
 
 
@@ -68,14 +70,6 @@ def _jsonable(s: Settings) -> dict[str, Any]:
         out[PREFIX + name.upper()] = v
     out["effective_workers"] = s.effective_workers()
     return out
-
-
-class ConfigError(Exception):
-    """One or more bad settings; ``lines`` holds one message per problem."""
-
-    def __init__(self, lines: list[str]):
-        super().__init__("\n".join(lines))
-        self.lines = lines
 
 
 class _Bad(ValueError):

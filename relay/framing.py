@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import re
 
+from relay.errors import FramingError
+
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\Z")
 # RFC 9112 §7.1.2: a trailer line is a field line (token, colon, no CTLs),
 # relayed as received, so it must not hide a bare CR or a NUL.
@@ -26,16 +28,17 @@ MAX_LINE = 4096
 _SIZE, _DATA, _DATA_CRLF, _TRAILER, _DONE = range(5)
 
 
-class FramingError(Exception):
-    """Malformed chunked framing."""
-
-
 class BodyScanner:
-    """Tracks one body. ``length``: Content-Length, -1 chunked, None until close."""
+    """Tracks one body. ``length``: Content-Length, -1 chunked, None until close.
 
-    __slots__ = ("remaining", "chunked", "state", "line", "until_close", "spans")
+    Raises :class:`~relay.errors.FramingError`: 400 for a request body, 502
+    for a response body (``response=True``)."""
 
-    def __init__(self, length: int | None, dechunk: bool = False):
+    __slots__ = ("remaining", "chunked", "state", "line", "until_close", "spans", "response")
+
+    def __init__(self, length: int | None, dechunk: bool = False, response: bool = False):
+        #: a response body (the origin's fault when malformed: 502) or a request body (400)
+        self.response = response
         self.chunked = length == -1
         #: (start, end) of chunk data in the last fed buffer, when de-chunking
         self.spans: list[tuple[int, int]] | None = [] if dechunk and self.chunked else None
@@ -77,6 +80,11 @@ class BodyScanner:
             return n
         return self._feed_chunked(data)
 
+    def _error(self, reason: str) -> FramingError:
+        if self.response:
+            return FramingError(reason, 502, "origin_error")
+        return FramingError(reason)
+
     def _line(self, data, pos: int) -> tuple[bytes | None, int]:
         # A line may hold MAX_LINE bytes plus its CRLF, however it is split
         # across reads: look for the LF only within the room left.
@@ -85,14 +93,14 @@ class BodyScanner:
         end = piece.find(b"\n")
         if end < 0:
             if len(piece) == room:
-                raise FramingError("chunk line too long")
+                raise self._error("chunk line too long")
             self.line += piece
             return None, len(data)
         self.line += piece[:end + 1]
         line = bytes(self.line)
         self.line.clear()
         if not line.endswith(b"\r\n"):
-            raise FramingError("chunk line not ended by CRLF")
+            raise self._error("chunk line not ended by CRLF")
         return line[:-2], pos + end + 1
 
     def _feed_chunked(self, data) -> int:
@@ -113,16 +121,16 @@ class BodyScanner:
             if self.state == _SIZE:
                 m = _CHUNK_SIZE.match(line)
                 if m is None:
-                    raise FramingError("bad chunk size line")
+                    raise self._error("bad chunk size line")
                 self.remaining = int(m.group(1), 16)
                 self.state = _DATA if self.remaining else _TRAILER
             elif self.state == _DATA_CRLF:
                 if line:
-                    raise FramingError("chunk data longer than its size")
+                    raise self._error("chunk data longer than its size")
                 self.state = _SIZE
             else:  # trailer section ends with an empty line
                 if not line:
                     self.state = _DONE
                 elif not _TRAILER_LINE.match(line):
-                    raise FramingError("bad trailer line")
+                    raise self._error("bad trailer line")
         return pos

@@ -16,7 +16,8 @@ import hashlib
 import posixpath
 from urllib.parse import unquote_to_bytes
 
-from relay.http_head import CRLF, HeadError, Request, Response
+from relay.errors import HeadError
+from relay.http_head import CRLF, Request, Response
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 

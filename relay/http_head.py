@@ -1,11 +1,9 @@
 """HTTP/1.1 message heads, sans-I/O: bytes in, a value, ``None`` (need more
 bytes) or :class:`HeadError` out. Nothing here touches a socket.
 
-Exceptions::
-
-    HeadError(status, outcome)      the peer sent something we refuse
-      raised by parse_request_head   -> 400, 414, 431, 505 (the client's fault)
-      raised by parse_response_head  -> 502 (the origin's fault)
+Errors (relay/errors.py): :class:`HeadError` with the status to answer,
+400, 414, 431 or 505 from :func:`parse_request_head` (the client's fault),
+502 from :func:`parse_response_head` (the origin's).
 
 The parser is strict where leniency lets a request mean two things to two
 hops (RFC 9112 §2.2, §3, §5, §6.1, §6.3, §11.2): no bare LF, no obsolete line
@@ -18,6 +16,8 @@ from __future__ import annotations
 
 import re
 
+from relay.errors import HeadError
+
 CRLF = b"\r\n"
 HEAD_END = b"\r\n\r\n"
 
@@ -27,15 +27,6 @@ _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _BAD_TARGET = re.compile(rb"[\x00-\x20\x7f]")
 _VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])\Z")
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: [^\x00-\x08\x0a-\x1f\x7f]*)?\Z")
-
-
-class HeadError(Exception):
-    """A head we refuse, with the status to answer and the metrics outcome."""
-
-    def __init__(self, status: int, reason: str, outcome: str = "bad_request"):
-        super().__init__(reason)
-        self.status = status
-        self.outcome = outcome
 
 
 class Head:

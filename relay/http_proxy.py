@@ -15,10 +15,11 @@ import asyncio
 import time
 from typing import TYPE_CHECKING
 
-from relay.framing import BodyScanner, FramingError
+from relay.errors import FramingError, HeadError, OriginUnavailable
+from relay.framing import BodyScanner
 from relay.handshake import HOP_BY_HOP, NEVER_NAMED, forward_head
-from relay.http_head import CRLF, HeadError, Response, body_framing, keeps_alive, parse_response_head
-from relay.origin import MAX_RESPONSE_HEAD, OriginUnavailable
+from relay.http_head import CRLF, Response, body_framing, keeps_alive, parse_response_head
+from relay.origin import MAX_RESPONSE_HEAD
 from relay.tunnel import reset
 
 if TYPE_CHECKING:
@@ -303,8 +304,8 @@ class Exchange:
             else:
                 try:
                     n = body.feed(pending)
-                except FramingError:
-                    return self._fail(400, "bad_request")
+                except FramingError as e:
+                    return self._fail(e.status, e.outcome)
                 self.up += n
                 if n < len(pending):
                     out += pending[:n]
@@ -343,8 +344,8 @@ class Exchange:
             return
         try:
             n = body.feed(data)
-        except FramingError:
-            return self._fail(400, "bad_request")
+        except FramingError as e:
+            return self._fail(e.status, e.outcome)
         self.up += n
         self.origin.transport.write(data[:n] if n < len(data) else data)
         if n < len(data):
@@ -397,8 +398,7 @@ class Exchange:
             try:
                 self._parse_head(data)
             except (HeadError, FramingError) as e:
-                status = getattr(e, "status", 502)
-                self._fail(status, "origin_error")
+                self._fail(e.status, e.outcome)
             return
         out = self._body_part(data)
         if out:
@@ -444,7 +444,7 @@ class Exchange:
             self.keep_client = False
         self.status = resp.status
         self.origin_keep = length is not None and keeps_alive(resp)
-        self.resp_body = body = BodyScanner(length, dechunk=dechunk)
+        self.resp_body = body = BodyScanner(length, dechunk=dechunk, response=True)
         out = _response_head(resp, raw, resp.tokens(b"connection"), self.keep_client, dechunk)
         if rest:  # the body's start, often all of it: one write with the head
             out += self._body_part(rest)
@@ -595,7 +595,7 @@ def relay_rejection(conn: "ClientConnection", origin_t: asyncio.Transport, oprot
         length = 0 if resp.status in (204, 304) else body_framing(resp, is_request=False)
     except HeadError:
         length = None
-    body = BodyScanner(length)
+    body = BodyScanner(length, response=True)
     data = bytes(oproto.buf)
     raw, rest = data[: resp.head_len], data[resp.head_len:]
     head = _response_head(resp, raw, resp.tokens(b"connection"), keep=False)

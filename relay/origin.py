@@ -11,22 +11,10 @@ import asyncio
 import itertools
 
 from relay.config import Address
-from relay.http_head import HeadError, Response, parse_response_head
+from relay.errors import HeadError, OriginClosed, OriginUnavailable
+from relay.http_head import Response, parse_response_head
 
 MAX_RESPONSE_HEAD = 64 * 1024
-
-
-class OriginUnavailable(Exception):
-    """Every origin refused or failed the connection: 502."""
-
-
-class OriginClosed(HeadError):
-    """The origin accepted the connection and closed it without a byte of
-    answer (restarting, overloaded): safe to try the next origin, as nginx's
-    ``proxy_next_upstream error`` does; a 502 when none is left."""
-
-    def __init__(self) -> None:
-        super().__init__(502, "origin closed before answering", "origin_error")
 
 
 class OriginHead(asyncio.Protocol):

@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from relay.config import VARIABLES, ConfigError, load
+from relay.config import VARIABLES, load
+from relay.errors import ConfigError
 from tests.helpers import ROOT, wait_for
 
 

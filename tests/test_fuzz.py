@@ -17,10 +17,11 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from relay.config import VARIABLES, ConfigError, Settings, load, read_env_file
-from relay.framing import MAX_LINE, BodyScanner, FramingError
+from relay.config import VARIABLES, Settings, load, read_env_file
+from relay.errors import ConfigError, FramingError, HeadError
+from relay.framing import MAX_LINE, BodyScanner
 from relay.handshake import forward_head
-from relay.http_head import HeadError, body_framing, parse_request_head, parse_response_head
+from relay.http_head import body_framing, parse_request_head, parse_response_head
 from tests.fuzz.invariants import (MAX_HEAD, check_body_scanner, check_forward_roundtrip, check_head_parser,
                                    check_request_semantics, check_response_semantics)
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from relay.framing import BodyScanner, FramingError
+from relay.errors import FramingError, HeadError
+from relay.framing import BodyScanner
 from relay.handshake import (accept_key, check_upgrade_response, forward_head, is_upgrade, origin_allowed,
                              path_allowed, validate_upgrade)
-from relay.http_head import HeadError, body_framing, keeps_alive, parse_request_head, parse_response_head
+from relay.http_head import body_framing, keeps_alive, parse_request_head, parse_response_head
 
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
 GOOD = (b"GET /chat?x=1 HTTP/1.1\r\nHost: server.example.com\r\nUpgrade: websocket\r\n"

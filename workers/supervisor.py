@@ -36,7 +36,8 @@ import time
 
 from metrics import layout
 from relay import __version__
-from relay.config import ConfigError, Settings, load
+from relay.config import Settings, load
+from relay.errors import ConfigError
 from relay.shared import SharedState
 from workers import child, systemd
 

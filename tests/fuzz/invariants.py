@@ -18,10 +18,11 @@ Each check raises AssertionError with the offending input on a violation.
 
 from __future__ import annotations
 
-from relay.framing import BodyScanner, FramingError
+from relay.errors import FramingError, HeadError
+from relay.framing import BodyScanner
 from relay.handshake import (FORWARDED, HOP_BY_HOP, NEVER_NAMED, check_upgrade_response, forward_head, is_upgrade,
                              origin_allowed, path_allowed, validate_upgrade)
-from relay.http_head import CRLF, HeadError, Request, Response, body_framing, parse_request_head, \
+from relay.http_head import CRLF, Request, Response, body_framing, parse_request_head, \
     parse_response_head
 
 #: a small cap so size errors are reachable by a fuzzer

@@ -1,0 +1,82 @@
+"""Every error the data plane raises, in one tree. Each carries the answer it
+gets, so no caller has to guess one::
+
+    Exception
+     ├── RelayError                .status: the HTTP answer, .outcome: the metrics outcome
+     │    ├── HeadError            a head we refuse: 400, 414, 431, 505 (the client's,
+     │    │    │                   relay/http_head.py) or 502 (the origin's)
+     │    │    └── OriginClosed    the origin closed before a byte of answer: 502,
+     │    │                        and the next origin may serve (relay/origins/)
+     │    ├── FramingError         a body's framing is broken: 400 for a request
+     │    │                        body, 502 for a response body (relay/http_body.py)
+     │    ├── OriginUnavailable    no origin accepted a connection: 502
+     │    └── OriginTimeout        no origin connection or answer in time: 504
+     ├── ProtocolError             a WebSocket peer broke RFC 6455 or the message
+     │                             limit: .code is the Close code (relay/frames.py)
+     └── ConfigError               bad settings: .lines, one message per problem
+                                   (relay/config.py)
+
+The text of an error is for logs; a peer only ever gets the status (or Close
+code) and the relay's canned answer for it (relay/responses.py).
+"""
+
+from __future__ import annotations
+
+
+class RelayError(Exception):
+    """A request the relay answers with :attr:`status` and counts as :attr:`outcome`."""
+
+    status = 500
+    outcome = "error"
+
+    def __init__(self, reason: str, status: int | None = None, outcome: str | None = None):
+        super().__init__(reason)
+        if status is not None:
+            self.status = status
+        if outcome is not None:
+            self.outcome = outcome
+
+
+class HeadError(RelayError):
+    """A request or response head we refuse (RFC 9112 §2-§5)."""
+
+    def __init__(self, status: int, reason: str, outcome: str = "bad_request"):
+        super().__init__(reason, status, outcome)
+
+
+class OriginClosed(HeadError):
+    """The origin accepted the connection and closed it without a byte of
+    answer (restarting, overloaded): safe to try the next origin, as nginx's
+    ``proxy_next_upstream error`` does; a 502 when none is left."""
+
+    def __init__(self) -> None:
+        super().__init__(502, "origin closed before answering", "origin_error")
+
+
+class FramingError(RelayError):
+    """Malformed body framing (RFC 9112 §6, §7): 400 in a request, 502 in a response."""
+
+    status = 400
+    outcome = "bad_request"
+
+
+class OriginUnavailable(RelayError):
+    """Every origin refused or failed the connection."""
+
+    status = 502
+    outcome = "origin_error"
+
+
+class OriginTimeout(RelayError):
+    """The origin did not connect or answer within its timeout."""
+
+    status = 504
+    outcome = "timeout"
+
+
+class ConfigError(Exception):
+    """One or more bad settings; ``lines`` holds one message per problem."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__("\n".join(lines))
+        self.lines = lines
