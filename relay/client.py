@@ -18,8 +18,8 @@ import time
 from relay import http_proxy
 from relay.context import AccessRecord, Context
 from relay.frames_tunnel import FramesTunnel
-from relay.handshake import (check_upgrade_response, forward_head, is_upgrade, origin_allowed,
-                             path_allowed, validate_upgrade)
+from relay.handshake import check_upgrade_response, is_upgrade, origin_allowed, path_allowed, validate_upgrade
+from relay.headers import forward_head
 from relay.errors import HeadError, OriginClosed, OriginUnavailable
 from relay.http_head import HEAD_END, Request, parse_request_head
 from relay.origin import OriginHead

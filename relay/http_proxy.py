@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 
 from relay.errors import FramingError, HeadError, OriginUnavailable
 from relay.framing import BodyScanner
-from relay.handshake import HOP_BY_HOP, NEVER_NAMED, forward_head
-from relay.http_head import CRLF, Response, body_framing, keeps_alive, parse_response_head
+from relay.headers import forward_head, response_head
+from relay.http_head import Response, body_framing, keeps_alive, parse_response_head
 from relay.origin import MAX_RESPONSE_HEAD
 from relay.tunnel import reset
 
@@ -180,34 +180,6 @@ def pool_of(ctx) -> Pool:
     if pool.__class__ is not Pool:
         pool = ctx.http_pool = Pool(asyncio.get_running_loop())
     return pool
-
-
-_DROP = HOP_BY_HOP - {b"transfer-encoding"}  # never drop the framing we relay the body by
-# A de-chunked body (for an HTTP/1.0 client) is delimited by close: its
-# Transfer-Encoding goes, and the trailer section with the Trailer field.
-_DROP_DECHUNKED = HOP_BY_HOP | {b"trailer"}
-_KEEP_END = b"Connection: keep-alive\r\n\r\n"
-_CLOSE_END = b"Connection: close\r\n\r\n"
-
-
-def _response_head(resp: Response, raw: bytes, conn_tokens: set[bytes], keep: bool,
-                   dechunk: bool = False) -> bytes:
-    """The origin's head with its hop-by-hop fields (RFC 9110 §7.6.1: those
-    listed and those its ``Connection`` names) replaced by the relay's own
-    ``Connection``: ``keep-alive`` or ``close``, whichever the relay will do."""
-    drop = _DROP_DECHUNKED if dechunk else _DROP
-    if conn_tokens:
-        drop = drop | (conn_tokens - NEVER_NAMED)
-    end = _KEEP_END if keep else _CLOSE_END
-    for name, _line, _v in resp.fields:
-        if name in drop:
-            break
-    else:  # nothing to drop (the common case): the head as received
-        return raw[:-2] + end
-    lines = [raw[: raw.find(CRLF)]]
-    lines.extend(line for name, line, _v in resp.fields if name not in drop)
-    lines.append(end)
-    return CRLF.join(lines)
 
 
 class Exchange:
@@ -445,7 +417,7 @@ class Exchange:
         self.status = resp.status
         self.origin_keep = length is not None and keeps_alive(resp)
         self.resp_body = body = BodyScanner(length, dechunk=dechunk, response=True)
-        out = _response_head(resp, raw, resp.tokens(b"connection"), self.keep_client, dechunk)
+        out = response_head(resp, raw, resp.tokens(b"connection"), self.keep_client, dechunk)
         if rest:  # the body's start, often all of it: one write with the head
             out += self._body_part(rest)
         self.conn.transport.write(out)
@@ -598,7 +570,7 @@ def relay_rejection(conn: "ClientConnection", origin_t: asyncio.Transport, oprot
     body = BodyScanner(length, response=True)
     data = bytes(oproto.buf)
     raw, rest = data[: resp.head_len], data[resp.head_len:]
-    head = _response_head(resp, raw, resp.tokens(b"connection"), keep=False)
+    head = response_head(resp, raw, resp.tokens(b"connection"), keep=False)
     try:
         n = body.feed(rest)
     except FramingError:

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from relay.config import VARIABLES, Settings, load, read_env_file
 from relay.errors import ConfigError, FramingError, HeadError
 from relay.framing import MAX_LINE, BodyScanner
-from relay.handshake import forward_head
+from relay.headers import forward_head
 from relay.http_head import body_framing, parse_request_head, parse_response_head
 from tests.fuzz.invariants import (MAX_HEAD, check_body_scanner, check_forward_roundtrip, check_head_parser,
                                    check_request_semantics, check_response_semantics)
@@ -314,11 +314,11 @@ def test_config_regressions_found_by_the_fuzzers():
 def test_response_framing_survives_connection_tokens():
     """The response side of the same smuggling: an origin's ``Connection:
     content-length`` must not strip the length the relay delimits the body by."""
-    from relay.http_proxy import _response_head
+    from relay.headers import response_head
 
     raw = b"HTTP/1.1 200 OK\r\nConnection: content-length, x-drop\r\nContent-Length: 2\r\nX-Drop: 1\r\n\r\n"
     resp = parse_response_head(raw, 4096)
-    out = _response_head(resp, raw, resp.tokens(b"connection"), True)
+    out = response_head(resp, raw, resp.tokens(b"connection"), True)
     assert b"\r\nContent-Length: 2\r\n" in out and b"X-Drop" not in out
 
 

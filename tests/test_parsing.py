@@ -6,8 +6,8 @@ import pytest
 
 from relay.errors import FramingError, HeadError
 from relay.framing import BodyScanner
-from relay.handshake import (accept_key, check_upgrade_response, forward_head, is_upgrade, origin_allowed,
-                             path_allowed, validate_upgrade)
+from relay.handshake import (accept_key, check_upgrade_response, is_upgrade, origin_allowed, path_allowed, validate_upgrade)
+from relay.headers import forward_head
 from relay.http_head import body_framing, keeps_alive, parse_request_head, parse_response_head
 
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from relay.errors import FramingError, HeadError
 from relay.framing import BodyScanner
-from relay.handshake import (FORWARDED, HOP_BY_HOP, NEVER_NAMED, check_upgrade_response, forward_head, is_upgrade,
-                             origin_allowed, path_allowed, validate_upgrade)
+from relay.handshake import check_upgrade_response, is_upgrade, origin_allowed, path_allowed, validate_upgrade
+from relay.headers import FORWARDED, HOP_BY_HOP, NEVER_NAMED, forward_head
 from relay.http_head import CRLF, Request, Response, body_framing, parse_request_head, \
     parse_response_head
 
