@@ -7,10 +7,9 @@ never a traceback), 1 anything unexpected.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from relay import __version__
+from relay import __version__, logs
 from relay.config import Settings, load
 from relay.errors import ConfigError
 
@@ -26,11 +25,6 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="run a built-in echo origin behind the relay and prove a round trip")
     d.add_argument("--port", type=int, default=8080, help="relay port (default 8080; a free one if taken)")
     return p
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(stream=sys.stderr, level=getattr(logging, level.upper()),
-                        format="%(asctime)s wsrelay[%(process)d] %(levelname)s %(message)s")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(settings: Settings, env_file: str | None, on_ready=None) -> int:
     from workers.supervisor import Supervisor
 
-    setup_logging(settings.log_level)
+    logs.setup(settings.log_level)
     try:
         return Supervisor(settings, env_file, on_ready=on_ready).run()
     except ConfigError as e:

@@ -16,7 +16,8 @@ import logging
 import time
 
 from relay import http_proxy
-from relay.context import AccessRecord, Context
+from relay.context import Context
+from relay.logs import AccessRecord
 from relay.frames_tunnel import FramesTunnel
 from relay.handshake import check_upgrade_response, is_upgrade, origin_allowed, path_allowed, validate_upgrade
 from relay.headers import forward_head

@@ -11,34 +11,14 @@ sweep sums them into the slot.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
-
-import msgspec
 
 from metrics import layout
 from relay.config import Settings
+from relay.logs import AccessLog, AccessRecord
 from relay.origin import Origins
 from relay.shared import Admission
 from relay.tunnel import Tunnel
-
-
-class AccessRecord(msgspec.Struct, omit_defaults=False):
-    time: float
-    worker: int
-    client: str
-    method: str
-    path: str
-    status: int
-    outcome: str
-    handshake_ms: float
-    duration_s: float
-    bytes_up: int
-    bytes_down: int
-    origin: str
-
-
-_encode = msgspec.json.Encoder().encode
 
 
 class Context:
@@ -58,6 +38,7 @@ class Context:
         self.draining = False
         self.idle = asyncio.Event()
         self.access_log = settings.access_log
+        self.access = AccessLog(settings.access_log, index)
         self._closed_up = 0
         self._closed_down = 0
         self.frames = settings.mode == "frames"
@@ -111,17 +92,10 @@ class Context:
             self.idle.set()
 
     def log(self, record: AccessRecord) -> None:
-        if self.access_log:
-            try:
-                os.write(1, _encode(record) + b"\n")
-            except OSError:
-                pass
+        self.access.write(record)
 
     def record(self, client: str, method: bytes, path: bytes) -> AccessRecord:
-        return AccessRecord(time=round(time.time(), 3), worker=self.index, client=client,
-                            method=method.decode("latin-1"), path=path.decode("latin-1")[:512],
-                            status=0, outcome="", handshake_ms=0.0, duration_s=0.0,
-                            bytes_up=0, bytes_down=0, origin="")
+        return self.access.record(client, method, path)
 
     def _publish_bytes(self) -> None:
         up, down = self._closed_up, self._closed_down

@@ -24,7 +24,7 @@ from relay.tunnel import reset
 
 if TYPE_CHECKING:
     from relay.client import ClientConnection
-    from relay.context import AccessRecord
+    from relay.logs import AccessRecord
 
 #: idle origin connections kept per worker: more than a busy worker has
 #: requests in flight (the benchmark's 50 clients), still bounded.

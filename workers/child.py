@@ -34,7 +34,7 @@ from typing import NoReturn
 
 import msgspec
 
-from relay import __version__, shared
+from relay import __version__, logs, shared
 from relay.config import Settings
 
 log = logging.getLogger("wsrelay.worker")
@@ -122,17 +122,15 @@ def exec_worker(argv: list[str], env: dict[str, str], fds: tuple[int, ...]) -> N
 # -- the worker's side ------------------------------------------------------------------
 
 def main() -> int:
-    from relay.cli import setup_logging
-
     try:
         h = msgspec.json.decode(os.environ.pop(ENV, ""), type=Handoff)
         if h.protocol != PROTOCOL:
             raise ValueError(f"hand-off protocol {h.protocol}, this version speaks {PROTOCOL}")
     except (msgspec.DecodeError, ValueError) as e:  # msgspec.ValidationError is a DecodeError
-        setup_logging("info")
+        logs.setup("info")
         log.error("worker (pid %d): cannot read the supervisor's hand-off: %s", os.getpid(), e)
         return EXIT_HANDOFF
-    setup_logging("info")
+    logs.setup("info")
     logging.getLogger().setLevel(h.log_level)
     mine = shared.fingerprint()
     if h.layout != mine:
