@@ -284,7 +284,7 @@ class ClientConnection(asyncio.Protocol):
             ctx.connections.discard(self)
             self.state = DONE
             if ctx.frames:
-                tunnel = FramesTunnel(self.transport, origin_t, ctx.tunnel_ended, rec, ctx.m,
+                tunnel = FramesTunnel(self.transport, origin_t, ctx.tunnel_ended, rec, ctx.counters,
                                       s.max_message_bytes)
                 ctx.tunnel_opened(tunnel)
                 head = resp.head_len  # the 101 goes as is; what follows it is frames

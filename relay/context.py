@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from metrics import layout
+from metrics.counters import Counters
 from relay.config import Settings
 from relay.logs import AccessLog, AccessRecord
 from relay.origin import Origins
@@ -22,11 +22,12 @@ from relay.tunnel import Tunnel
 
 
 class Context:
-    def __init__(self, settings: Settings, index: int, admission: Admission, counters: memoryview):
+    def __init__(self, settings: Settings, index: int, admission: Admission, counters: Counters):
         self.settings = settings
         self.index = index
         self.admission = admission
-        self.m = counters
+        #: this worker's counters in shared memory (metrics/counters.py)
+        self.counters = counters
         self.ws_paths = tuple(p.encode() for p in settings.ws_paths)
         self.proto = settings.forwarded_proto.encode()
         self.origins = Origins(settings.origin)
@@ -48,33 +49,26 @@ class Context:
 
     # -- counting -----------------------------------------------------------------
     def count_upgrade(self, outcome: str, status: int, handshake_s: float | None = None) -> None:
-        m = self.m
-        m[layout.UPGRADES + layout.OUTCOMES.index(outcome)] += 1
-        m[layout.HTTP + status] += 1
-        if handshake_s is not None:
-            m[layout.HANDSHAKE + layout.bucket_index(layout.HANDSHAKE_BUCKETS, handshake_s)] += 1
-            m[layout.HANDSHAKE + len(layout.HANDSHAKE_BUCKETS) + 1] += handshake_s
+        self.counters.upgrade(outcome, status, handshake_s)
 
     def count_http(self, status: int) -> None:
-        self.m[layout.HTTP + min(max(status, 0), layout.HTTP_CODES - 1)] += 1
+        self.counters.http(status)
 
     def tunnel_opened(self, tunnel: Tunnel) -> None:
         self.tunnels.add(tunnel)
-        self.m[layout.CONNECTIONS] = len(self.tunnels)
+        self.counters.tunnels(len(self.tunnels))
 
     def tunnel_ended(self, tunnel: Tunnel) -> None:
         self.tunnels.discard(tunnel)
         self.admission.give(tunnel.record.client if tunnel.record is not None else None)
-        m = self.m
-        m[layout.CONNECTIONS] = len(self.tunnels)
+        self.counters.tunnels(len(self.tunnels))
         self._closed_up += tunnel.up
         self._closed_down += tunnel.down
         if self.frames:
             self._closed_msgs_up += tunnel.messages_up
             self._closed_msgs_down += tunnel.messages_down
         duration = time.monotonic() - tunnel.started
-        m[layout.DURATION + layout.bucket_index(layout.DURATION_BUCKETS, duration)] += 1
-        m[layout.DURATION + len(layout.DURATION_BUCKETS) + 1] += duration
+        self.counters.tunnel_ended(duration)
         # Bytes are published by the 1 s sweep, not here: publishing sums every
         # open tunnel, which at each close would cost O(open tunnels) (0.7 ms
         # with 10,000 open), i.e. a core's worth under churn. The counter stays
@@ -102,19 +96,17 @@ class Context:
         for t in self.tunnels:
             up += t.client.nbytes
             down += t.origin.nbytes
-        self.m[layout.BYTES] = up
-        self.m[layout.BYTES + 1] = down
+        self.counters.bytes(up, down)
         if self.frames:
             up, down = self._closed_msgs_up, self._closed_msgs_down
             for t in self.tunnels:
                 up += t.messages_up
                 down += t.messages_down
-            self.m[layout.MESSAGES] = up
-            self.m[layout.MESSAGES + 1] = down
+            self.counters.messages(up, down)
 
     # -- the sweep ----------------------------------------------------------------
     def start_sweeping(self) -> None:
-        self.m[layout.HEARTBEAT] = time.monotonic()
+        self.counters.heartbeat(time.monotonic())
         self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)
 
     def stop_sweeping(self) -> None:
@@ -123,7 +115,7 @@ class Context:
         self._publish_bytes()
 
     def _sweep(self) -> None:
-        self.m[layout.HEARTBEAT] = time.monotonic()
+        self.counters.heartbeat(time.monotonic())
         self._publish_bytes()
         limit = self.settings.idle_timeout
         if limit:

@@ -73,7 +73,6 @@ import asyncio
 import os
 import time
 
-from metrics import layout
 from relay.frames import OP_CLOSE, OP_PONG, Control, FrameTracker, ProtocolError, close_frame, ping_frame
 from relay.tunnel import BUFFER, Side, Tunnel, reset
 
@@ -229,15 +228,15 @@ class FramesSide(Side):
 class FramesTunnel(Tunnel):
     """A tunnel whose two directions are tracked frame by frame."""
 
-    __slots__ = ("m", "deadline")
+    __slots__ = ("counters", "deadline")
 
     side_class = FramesSide
 
     def __init__(self, client_transport: asyncio.Transport, origin_transport: asyncio.Transport,
                  on_end, record, counters, max_message_bytes: int = 0) -> None:
         super().__init__(client_transport, origin_transport, on_end, record)
-        #: this worker's metrics slot (metrics/layout.py); written on closes only
-        self.m = counters
+        #: this worker's counters (metrics/counters.py); written on closes only
+        self.counters = counters
         #: when closing must be over (monotonic), 0.0 while open
         self.deadline = 0.0
         self.client.setup(CLIENT, max_message_bytes, self.started)
@@ -282,7 +281,7 @@ class FramesTunnel(Tunnel):
         """A Close (the peer's or ours) is now in ``src``'s stream: stop forwarding it."""
         src.close_out = True
         src.drop = src.slow = True
-        self.m[layout.close_index(src.index, code)] += 1
+        self.counters.close(src.index, code)
         self.settle()
 
     def settle(self) -> None:
@@ -357,7 +356,7 @@ class FramesTunnel(Tunnel):
                 side.ping_due = 0.0
             elif side.ping_due:
                 if now >= side.ping_due:
-                    self.m[layout.PING_TIMEOUTS] += 1
+                    self.counters.ping_timeout()
                     side.gone_code = GOING_AWAY
                     side.transport.abort()  # connection_lost sends the other side 1001
                     return

@@ -30,6 +30,7 @@ import mmap
 import os
 
 from metrics import layout
+from metrics.counters import Counters
 
 _HEADER = 8  # int64 slots in the header
 LIMIT = 0
@@ -81,7 +82,12 @@ class SharedState:
             raise ValueError(f"shared memory is {size} bytes, this layout needs {_size(nslots)}")
         return cls(nslots, 0, fd=fd)
 
-    def counters(self, slot: int) -> memoryview:
+    def counters(self, slot: int) -> Counters:
+        """The named counters of a slot (what workers write)."""
+        return Counters(self._counters[slot])
+
+    def values(self, slot: int) -> memoryview:
+        """A slot's raw values in metrics.layout order (what the supervisor folds and reads)."""
         return self._counters[slot]
 
     @property

@@ -15,7 +15,7 @@ accepts a bounded batch per wake-up. When ``accept()`` fails for lack of
 resources (EMFILE, ENFILE, ENOBUFS, ENOMEM) the worker stops watching for
 :data:`PAUSE` seconds: what waits in the backlog stays there for a sibling
 or for later, open connections keep being served, the failure is counted
-in the worker's ``metrics.layout.ACCEPT_ERRORS`` slot, and logged at most
+in the worker's ``accept_errors`` counter (metrics/counters.py), and logged at most
 once per :data:`LOG_EVERY` seconds with the count since the last line.
 Nothing spins: a failed accept costs one syscall per pause.
 
@@ -29,7 +29,7 @@ looks again :data:`DEFER` seconds later. Whatever is still queued by then has
 waited long enough: it takes it anyway, a few at first and twice as many on
 each consecutive overdue round, so a stalled sibling costs latency, never
 service. Loads travel through the workers' shared-memory slots
-(``metrics.layout.LOAD`` and ``ACCEPTING``), written at each wake-up.
+(``Counters.load`` and ``accepting``), written at each wake-up.
 
 The accepted socket becomes a uvloop transport through
 ``loop.connect_accepted_socket``; tests/test_exhaustion.py and the
@@ -46,7 +46,7 @@ import socket
 import time
 from collections.abc import Callable
 
-from metrics import layout
+from metrics.counters import Counters
 
 log = logging.getLogger("wsrelay.worker")
 
@@ -82,11 +82,11 @@ class _Accepted(socket.socket):
 class Acceptor:
     """Accepts from one listening socket into ``factory()`` protocols."""
 
-    def __init__(self, sock: socket.socket, factory: Callable[[], asyncio.Protocol], counters: memoryview,
-                 siblings: tuple[memoryview, ...] = (), load: Callable[[], int] = lambda: 0):
+    def __init__(self, sock: socket.socket, factory: Callable[[], asyncio.Protocol], counters: Counters,
+                 siblings: tuple[Counters, ...] = (), load: Callable[[], int] = lambda: 0):
         self.sock = sock
         self.factory = factory
-        self.m = counters
+        self.counters = counters
         #: the other workers' counter slots, to compare loads with
         self.siblings = siblings
         #: this worker's open connections (the accepted ones not yet made are added)
@@ -106,12 +106,12 @@ class Acceptor:
         if not self.closed and not self.watching:
             self.loop.add_reader(self.fd, self._accept)
             self.watching = True
-            self.m[layout.ACCEPTING] = 1
+            self.counters.accepting = True
 
     def close(self) -> None:
         """Stop accepting and close this process's copy of the socket."""
         self.closed = True
-        self.m[layout.ACCEPTING] = 0
+        self.counters.accepting = False
         if self.watching:
             self.loop.remove_reader(self.fd)
             self.watching = False
@@ -130,11 +130,11 @@ class Acceptor:
     def _ahead(self) -> bool:
         """Publish this worker's load; is it ahead of the least-loaded accepting sibling?"""
         mine = self.load() + self.pending
-        self.m[layout.LOAD] = mine
+        self.counters.load = mine
         least = None
         for c in self.siblings:
-            if c[layout.ACCEPTING] and (least is None or c[layout.LOAD] < least):
-                least = c[layout.LOAD]
+            if c.accepting and (least is None or c.load < least):
+                least = c.load
         return least is not None and mine > least + SLACK + mine // 16
 
     def _overdue(self) -> None:
@@ -181,7 +181,7 @@ class Acceptor:
             task.exception()
 
     def _failed(self, e: OSError) -> None:
-        self.m[layout.ACCEPT_ERRORS] += 1
+        self.counters.accept_error()
         self.unlogged += 1
         now = time.monotonic()
         if now - self.last_log >= LOG_EVERY:

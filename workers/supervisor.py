@@ -402,7 +402,7 @@ class Supervisor:
 
     def _retire(self, w: Worker) -> None:
         """Fold a dead worker's counters into its index's history, give back its clients."""
-        counters = self.shared.counters(w.slot)
+        counters = self.shared.values(w.slot)
         hist = self.history.setdefault(w.index, [0.0] * layout.SIZE)
         for i in range(layout.SIZE):
             if i not in layout.GAUGES:
@@ -433,7 +433,7 @@ class Supervisor:
         for w in list(self.workers.values()):
             if not w.ready or w.killed:
                 continue
-            silent = now - self.shared.counters(w.slot)[layout.HEARTBEAT]
+            silent = now - self.shared.counters(w.slot).last_heartbeat
             if silent < HUNG_AFTER:
                 fresh = True
                 continue
@@ -499,7 +499,7 @@ class _MetricsSource:
         for index, hist in sup.history.items():
             out.setdefault(index, list(hist))
         for w in sup.workers.values():
-            counters = sup.shared.counters(w.slot)
+            counters = sup.shared.values(w.slot)
             acc = out.setdefault(w.index, [0.0] * layout.SIZE)
             for i in range(layout.SIZE):
                 acc[i] += counters[i]

@@ -66,7 +66,7 @@ async def _serve(settings: Settings, socks: list[socket.socket], index: int, slo
     for sock in socks:
         sock.listen(settings.backlog)  # a reload may change RELAY_BACKLOG on the same socket
     siblings = tuple(shared.counters(i) for i in range(shared.nslots) if i != slot)
-    servers = [Acceptor(sock, lambda: ClientConnection(ctx), ctx.m, siblings,
+    servers = [Acceptor(sock, lambda: ClientConnection(ctx), ctx.counters, siblings,
                         lambda: len(ctx.connections) + len(ctx.tunnels)) for sock in socks]
     for server in servers:
         server.start()
