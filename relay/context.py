@@ -1,7 +1,11 @@
 """A worker's shared state: settings turned into ready-to-use values, the open
-connections, the counters in its shared-memory slot, and the once-a-second
-sweep that publishes byte counts, enforces the idle timeout and, in frames
-mode, pings silent peers and ends overdue closes (relay/frames_tunnel.py).
+connections and tunnels, the origin pool, the counters in its shared-memory
+slot, the access log, and the once-a-second sweep that publishes byte counts,
+enforces the idle timeout and runs the tunnel class's own housekeeping
+(frames mode: pings, overdue closes).
+
+The tunnel class is chosen once, here, from :data:`TUNNELS` keyed by
+``RELAY_MODE``; nothing else asks which mode runs.
 
 Counting happens per connection, never per chunk: a tunnel's byte counts (and
 in frames mode its message counts) are plain attributes of its sides; the
@@ -15,10 +19,16 @@ import time
 
 from metrics.counters import Counters
 from relay.config import Settings
+from relay.frames_tunnel import FramesTunnel
+from relay.http_head import Response
 from relay.logs import AccessLog, AccessRecord
-from relay.origin import Origins
+from relay.origins.dial import Origins
+from relay.origins.pool import Pool
 from relay.shared import Admission
 from relay.tunnel import Tunnel
+
+#: the tunnel class of each RELAY_MODE (README, "Settings")
+TUNNELS: dict[str, type[Tunnel]] = {"tunnel": Tunnel, "frames": FramesTunnel}
 
 
 class Context:
@@ -28,35 +38,35 @@ class Context:
         self.admission = admission
         #: this worker's counters in shared memory (metrics/counters.py)
         self.counters = counters
+        self.access = AccessLog(settings.access_log, index)
         self.ws_paths = tuple(p.encode() for p in settings.ws_paths)
         self.proto = settings.forwarded_proto.encode()
         self.origins = Origins(settings.origin)
+        #: idle origin connections for plain HTTP; closed when draining starts
+        self.pool = Pool(asyncio.get_running_loop())
+        self.tunnel_class = TUNNELS[settings.mode]
         self.tunnels: set[Tunnel] = set()
         #: connections before a tunnel exists (head phase, plain HTTP)
         self.connections: set = set()
-        #: idle origin connections for plain HTTP (relay.http_proxy)
-        self.http_pool: list = []
         self.draining = False
         self.idle = asyncio.Event()
-        self.access_log = settings.access_log
-        self.access = AccessLog(settings.access_log, index)
         self._closed_up = 0
         self._closed_down = 0
-        self.frames = settings.mode == "frames"
         self._closed_msgs_up = 0
         self._closed_msgs_down = 0
         self._sweeper: asyncio.TimerHandle | None = None
 
-    # -- counting -----------------------------------------------------------------
-    def count_upgrade(self, outcome: str, status: int, handshake_s: float | None = None) -> None:
-        self.counters.upgrade(outcome, status, handshake_s)
-
-    def count_http(self, status: int) -> None:
-        self.counters.http(status)
-
-    def tunnel_opened(self, tunnel: Tunnel) -> None:
+    # -- tunnels --------------------------------------------------------------------
+    def open_tunnel(self, client: asyncio.Transport, origin: asyncio.Transport, record: AccessRecord,
+                    response: Response, head: bytes, to_client: bytes, to_origin: bytes) -> Tunnel:
+        """Join ``client`` and ``origin`` after the origin's 101 (``response``):
+        ``head`` is that 101 as received, ``to_client`` what the origin sent
+        after it, ``to_origin`` what the client sent after its request."""
+        tunnel = self.tunnel_class.open(self, client, origin, record, response)
         self.tunnels.add(tunnel)
         self.counters.tunnels(len(self.tunnels))
+        tunnel.start(head, to_client, to_origin)
+        return tunnel
 
     def tunnel_ended(self, tunnel: Tunnel) -> None:
         self.tunnels.discard(tunnel)
@@ -64,7 +74,7 @@ class Context:
         self.counters.tunnels(len(self.tunnels))
         self._closed_up += tunnel.up
         self._closed_down += tunnel.down
-        if self.frames:
+        if tunnel.counts_messages:
             self._closed_msgs_up += tunnel.messages_up
             self._closed_msgs_down += tunnel.messages_down
         duration = time.monotonic() - tunnel.started
@@ -74,37 +84,41 @@ class Context:
         # with 10,000 open), i.e. a core's worth under churn. The counter stays
         # monotonic: the sweep adds this tunnel's final count to the closed sum.
         rec = tunnel.record
-        if rec is not None and self.access_log:
+        if rec is not None and self.access.enabled:
             rec.duration_s = round(duration, 3)
             rec.bytes_up = tunnel.up
             rec.bytes_down = tunnel.down
-            self.log(rec)
+            self.access.write(rec)
+        self.maybe_idle()
+
+    # -- draining -------------------------------------------------------------------
+    def start_draining(self) -> None:
+        """Stop keeping anything for later: idle keep-alive connections and
+        pooled origin connections close; what is in flight goes on."""
+        self.draining = True
+        self.pool.close()
+        for conn in list(self.connections):
+            conn.drain()
         self.maybe_idle()
 
     def maybe_idle(self) -> None:
         if self.draining and not self.tunnels and not self.connections:
             self.idle.set()
 
-    def log(self, record: AccessRecord) -> None:
-        self.access.write(record)
-
-    def record(self, client: str, method: bytes, path: bytes) -> AccessRecord:
-        return self.access.record(client, method, path)
-
+    # -- the sweep ----------------------------------------------------------------
     def _publish_bytes(self) -> None:
         up, down = self._closed_up, self._closed_down
         for t in self.tunnels:
             up += t.client.nbytes
             down += t.origin.nbytes
         self.counters.bytes(up, down)
-        if self.frames:
+        if self.tunnel_class.counts_messages:
             up, down = self._closed_msgs_up, self._closed_msgs_down
             for t in self.tunnels:
                 up += t.messages_up
                 down += t.messages_down
             self.counters.messages(up, down)
 
-    # -- the sweep ----------------------------------------------------------------
     def start_sweeping(self) -> None:
         self.counters.heartbeat(time.monotonic())
         self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)
@@ -118,8 +132,8 @@ class Context:
         self.counters.heartbeat(time.monotonic())
         self._publish_bytes()
         limit = self.settings.idle_timeout
+        now = time.monotonic()
         if limit:
-            now = time.monotonic()
             for t in list(self.tunnels):
                 total = t.client.nbytes + t.origin.nbytes
                 if total != t.last_bytes:
@@ -127,9 +141,5 @@ class Context:
                     t.last_active = now
                 elif now - t.last_active >= limit:
                     t.close()
-        if self.frames:
-            now = time.monotonic()
-            s = self.settings
-            for t in list(self.tunnels):
-                t.keepalive(now, s.ping_interval, s.ping_timeout)
+        self.tunnel_class.sweep(self.tunnels, now, self.settings)
         self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)

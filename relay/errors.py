@@ -7,8 +7,10 @@ gets, so no caller has to guess one::
      │    │    │                   relay/http_head.py) or 502 (the origin's)
      │    │    └── OriginClosed    the origin closed before a byte of answer: 502,
      │    │                        and the next origin may serve (relay/origins/)
+     │    ├── Refused              a valid request the edge's rules refuse: 403
+     │    │                        (path, Origin), 503 (limit, draining) (relay/gate.py)
      │    ├── FramingError         a body's framing is broken: 400 for a request
-     │    │                        body, 502 for a response body (relay/http_body.py)
+     │    │                        body, 502 for a response body (relay/framing.py)
      │    ├── OriginUnavailable    no origin accepted a connection: 502
      │    └── OriginTimeout        no origin connection or answer in time: 504
      ├── ProtocolError             a WebSocket peer broke RFC 6455 or the message
@@ -51,6 +53,14 @@ class OriginClosed(HeadError):
 
     def __init__(self) -> None:
         super().__init__(502, "origin closed before answering", "origin_error")
+
+
+class Refused(RelayError):
+    """A well-formed request the edge does not serve: a rule (403), the client
+    limit or a drain (503)."""
+
+    def __init__(self, status: int, reason: str, outcome: str):
+        super().__init__(reason, status, outcome)
 
 
 class FramingError(RelayError):

@@ -231,6 +231,29 @@ class FramesTunnel(Tunnel):
     __slots__ = ("counters", "deadline")
 
     side_class = FramesSide
+    counts_messages = True
+
+    @classmethod
+    def open(cls, ctx, client_transport: asyncio.Transport, origin_transport: asyncio.Transport,
+             record, response) -> "FramesTunnel":
+        return cls(client_transport, origin_transport, ctx.tunnel_ended, record, ctx.counters,
+                   ctx.settings.max_message_bytes)
+
+    @classmethod
+    def sweep(cls, tunnels, now: float, settings) -> None:
+        """Pings for silent peers, aborts for overdue closes."""
+        for t in list(tunnels):
+            t.keepalive(now, settings.ping_interval, settings.ping_timeout)
+
+    @classmethod
+    def drain(cls, tunnels: set, code: int, timeout: float,
+              loop: asyncio.AbstractEventLoop) -> asyncio.TimerHandle:
+        """Close ``tunnels`` with ``code`` spread over the first :data:`DRAIN_SPREAD`
+        of ``timeout`` (:func:`spread_closes`); tunnels opened since (upgrades
+        accepted before the drain) get theirs at the end of that window."""
+        window = DRAIN_SPREAD * timeout
+        spread_closes(tunnels, code, window, loop)
+        return loop.call_later(window, lambda: [t.shutdown(code) for t in list(tunnels)])
 
     def __init__(self, client_transport: asyncio.Transport, origin_transport: asyncio.Transport,
                  on_end, record, counters, max_message_bytes: int = 0) -> None:
@@ -242,16 +265,17 @@ class FramesTunnel(Tunnel):
         self.client.setup(CLIENT, max_message_bytes, self.started)
         self.origin.setup(ORIGIN, max_message_bytes, self.started)
 
-    def start(self, to_client: bytes, to_origin: bytes, head: bytes = b"") -> None:
-        """As Tunnel.start, but ``head`` (the origin's 101) goes to the client
-        untracked, and the frames that came with either head go through the trackers."""
-        if head:
-            self.client.transport.write(head)
+    def start(self, head: bytes, to_client: bytes, to_origin: bytes) -> None:
+        """As Tunnel.start, but the frames that came after either head go
+        through the trackers (the 101 itself goes to the client untracked)."""
+        self.client.transport.write(head)
         for side, data in ((self.origin, to_client), (self.client, to_origin)):
             if data:
                 side.nbytes += len(data)
                 side._slow(memoryview(data), len(data))
-        super().start(b"", b"")
+        for side in (self.client, self.origin):
+            if not side.transport.is_closing():
+                side.transport.resume_reading()
 
     @property
     def messages_up(self) -> int:

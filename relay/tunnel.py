@@ -126,12 +126,41 @@ def reset(transport: asyncio.BaseTransport) -> None:
 
 
 class Tunnel:
-    """A client and an origin connection joined after a 101."""
+    """A client and an origin connection joined after a 101 (``RELAY_MODE=tunnel``).
+
+    The worker's context builds one with :meth:`open` and starts it with
+    :meth:`start`; class-level hooks (:meth:`sweep`, :meth:`drain`,
+    :attr:`counts_messages`) are where another mode's tunnel class differs
+    (relay/frames_tunnel.py)."""
 
     __slots__ = ("client", "origin", "on_end", "started", "last_bytes", "last_active", "ended", "record")
 
     #: the protocol of each socket; relay.frames_tunnel swaps in its own
     side_class = Side
+    #: whether it counts messages (wsrelay_messages_total)
+    counts_messages = False
+    messages_up = messages_down = 0
+
+    @classmethod
+    def open(cls, ctx, client_transport: asyncio.Transport, origin_transport: asyncio.Transport,
+             record, response) -> "Tunnel":
+        """A tunnel for the worker context ``ctx``; ``response`` is the origin's 101."""
+        return cls(client_transport, origin_transport, ctx.tunnel_ended, record)
+
+    @classmethod
+    def sweep(cls, tunnels, now: float, settings) -> None:
+        """Once a second, from the worker's sweep: nothing to do in tunnel mode."""
+
+    @classmethod
+    def drain(cls, tunnels: set, code: int, timeout: float,
+              loop: asyncio.AbstractEventLoop) -> asyncio.TimerHandle | None:
+        """The worker drains (``timeout``: RELAY_DRAIN_TIMEOUT; ``code``: what
+        frames mode tells clients). Tunnel mode lets tunnels end by themselves
+        until the worker closes what is left; returns a timer to cancel, if any."""
+        return None
+
+    def shutdown(self, code: int) -> None:
+        """End the session the mode's way before the sockets close (tunnel mode: nothing)."""
 
     def __init__(self, client_transport: asyncio.Transport, origin_transport: asyncio.Transport,
                  on_end, record) -> None:
@@ -152,10 +181,10 @@ class Tunnel:
             t.set_protocol(_HOP)
             t.set_protocol(side)
 
-    def start(self, to_client: bytes, to_origin: bytes) -> None:
-        """Send what arrived before the switch (bytes after either head), then pump."""
-        if to_client:
-            self.client.transport.write(to_client)
+    def start(self, head: bytes, to_client: bytes, to_origin: bytes) -> None:
+        """Send the origin's 101 ``head`` and what followed it to the client,
+        what the client sent after its request to the origin, then pump."""
+        self.client.transport.write(head + to_client if to_client else head)
         if to_origin:
             self.origin.transport.write(to_origin)
         for side in (self.client, self.origin):

@@ -1,4 +1,4 @@
-"""The per-worker origin pool for plain HTTP (relay/http_proxy.py): it keeps
+"""The per-worker origin pool for plain HTTP (relay/origins/pool.py): it keeps
 more idle connections than a busy worker has clients (no reconnect churn),
 stays bounded, and closes connections left idle past its idle timeout.
 Real sockets on loopback; every wait polls with a deadline.
@@ -11,7 +11,7 @@ import socket
 
 import pytest
 
-from relay.http_proxy import OriginConn, Pool
+from relay.origins.pool import OriginConn, Pool
 from tests.helpers import Relay
 from tests.raw_origins import RawOrigin
 from tests.test_http_pool import keepalive_http

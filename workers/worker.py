@@ -27,7 +27,7 @@ import uvloop
 from relay.client import ClientConnection
 from relay.config import Settings
 from relay.context import Context
-from relay.frames_tunnel import DRAIN_SPREAD, GOING_AWAY, SERVICE_RESTART, spread_closes
+from relay.frames_tunnel import GOING_AWAY, SERVICE_RESTART
 from relay.shared import Admission, SharedState
 from workers.accept import Acceptor
 
@@ -88,19 +88,11 @@ async def _serve(settings: Settings, socks: list[socket.socket], index: int, slo
     log.debug("worker %d (pid %d) accepting", index, os.getpid())
 
     await drain.wait()
-    ctx.draining = True
     for server in servers:
         server.close()
-    for conn in list(ctx.connections):
-        conn.drain()
-    ctx.maybe_idle()
+    ctx.start_draining()
     code = close_code[0]
-    spreading = None
-    if ctx.frames and not now.is_set():
-        window = DRAIN_SPREAD * settings.drain_timeout
-        spread_closes(ctx.tunnels, code, window, loop)
-        # tunnels opened since (upgrades accepted before the drain) close at its end
-        spreading = loop.call_later(window, lambda: [t.shutdown(code) for t in list(ctx.tunnels)])
+    spreading = None if now.is_set() else ctx.tunnel_class.drain(ctx.tunnels, code, settings.drain_timeout, loop)
     if not now.is_set() and settings.drain_timeout > 0 and not ctx.idle.is_set():
         log.info("worker %d draining: %d tunnels, %d connections, up to %gs",
                  index, len(ctx.tunnels), len(ctx.connections), settings.drain_timeout)
@@ -111,12 +103,10 @@ async def _serve(settings: Settings, socks: list[socket.socket], index: int, slo
     if spreading is not None:
         spreading.cancel()
     for tunnel in list(ctx.tunnels):
-        if ctx.frames:
-            tunnel.shutdown(code)
+        tunnel.shutdown(code)
         tunnel.close()
     for conn in list(ctx.connections):
-        if conn.transport is not None:
-            conn.transport.close()
+        conn.close()
     ctx.stop_sweeping()
     # Let the closes flush; every transport is closing, so this is short.
     for _ in range(10):

@@ -1,23 +1,18 @@
-"""Talking to the origin before the tunnel exists: connect with round-robin
-and failover, then wait for the response head.
-
-Only addresses from ``RELAY_ORIGIN`` are ever connected to; nothing in a
-request can name another destination.
-"""
+"""The origin's answer to an upgrade request, read until its head is complete
+(RFC 9112 §4, RFC 9110 §15.2 for interim answers)."""
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 
-from relay.config import Address
-from relay.errors import HeadError, OriginClosed, OriginUnavailable
+from relay.errors import HeadError, OriginClosed
 from relay.http_head import Response, parse_response_head
 
+#: largest origin response head accepted (502 beyond)
 MAX_RESPONSE_HEAD = 64 * 1024
 
 
-class OriginHead(asyncio.Protocol):
+class UpgradeAnswer(asyncio.Protocol):
     """Collects the origin's final response head to an upgrade; reading pauses
     once it is complete, with ``buf`` starting at that head.
 
@@ -82,30 +77,3 @@ class OriginHead(asyncio.Protocol):
 def _consume(fut: asyncio.Future) -> None:
     if not fut.cancelled():
         fut.exception()
-
-
-class Origins:
-    """Round-robin over the configured origins, trying the next on a connect error."""
-
-    def __init__(self, origins: tuple[Address, ...]):
-        self._origins = origins
-        self._next = itertools.cycle(range(len(origins))) if origins else None
-
-    def __len__(self) -> int:
-        return len(self._origins)
-
-    async def connect(self, factory) -> tuple[asyncio.Transport, asyncio.Protocol, Address]:
-        """Connect to one origin; the caller bounds the time with a timeout."""
-        loop = asyncio.get_running_loop()
-        start = next(self._next)  # type: ignore[arg-type]
-        last: OSError | None = None
-        for i in range(len(self._origins)):
-            addr = self._origins[(start + i) % len(self._origins)]
-            try:
-                transport, protocol = await loop.create_connection(factory, addr.host, addr.port)
-            except OSError as e:
-                last = e
-                continue
-            # uvloop sets TCP_NODELAY on every TCP transport it creates.
-            return transport, protocol, addr
-        raise OriginUnavailable(str(last))

@@ -1,0 +1,55 @@
+"""Whether a request can be served, decided from its head alone, before
+anything is started for it (README, "What happens at the edge").
+
+:func:`admit_upgrade` and :func:`admit_request` either return what serving
+needs or raise a :class:`~relay.errors.RelayError` carrying the answer
+(400, 403, 426, 503, …). They touch no socket; the only state they change
+is the admission slot an upgrade takes last, once every other check passed,
+so a refused upgrade never holds one. The caller owns that slot from then on
+and gives it back exactly once (relay/upgrade.py, then the tunnel's end).
+
+Both planes ask here: the pure-Python client connection (relay/client.py)
+and, for connections whose head the native plane read, the native glue.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from relay.errors import Refused
+from relay.handshake import origin_allowed, path_allowed, validate_upgrade
+from relay.http_head import Request, body_framing
+
+if TYPE_CHECKING:
+    from relay.context import Context
+
+
+def admit_upgrade(ctx: "Context", req: Request, client_ip: str, first: bool) -> bytes:
+    """Check an upgrade request and take an admission slot for it.
+
+    ``first``: the connection's first request (served even while draining:
+    its client connected before the drain began, so a reload refuses
+    nothing). Returns the client's ``Sec-WebSocket-Key``. Raises
+    :class:`~relay.errors.HeadError` (400, 426: RFC 6455 §4.2.1) or
+    :class:`~relay.errors.Refused` (403 path or ``Origin``, 503 draining or
+    at the limit).
+    """
+    key = validate_upgrade(req)
+    if not path_allowed(req.path, ctx.ws_paths) or not origin_allowed(req.get(b"origin"),
+                                                                      ctx.settings.allowed_origins):
+        raise Refused(403, "path or Origin not allowed", "forbidden")
+    if ctx.draining and not first:
+        raise Refused(503, "draining", "draining")
+    if not ctx.admission.take(client_ip):
+        raise Refused(503, "client limit reached", "limit")
+    return key
+
+
+def admit_request(ctx: "Context", req: Request) -> int:
+    """Check a plain HTTP request; returns its body length (RFC 9112 §6.3:
+    ``-1`` chunked, ``0`` none). Raises :class:`~relay.errors.HeadError`
+    (400, ambiguous framing) or :class:`~relay.errors.Refused` (503 draining)."""
+    length = body_framing(req, is_request=True)
+    if ctx.draining:
+        raise Refused(503, "draining", "draining")
+    return length or 0

@@ -1,0 +1,195 @@
+"""An admitted upgrade, from its request to a running tunnel (README, "What
+happens at the edge"): connect to an origin, forward the head, read the
+answer; on a valid ``101`` the tunnel for ``RELAY_MODE`` takes both sockets,
+on any other answer the origin's refusal is relayed and the connection
+closes.
+
+The admission slot :mod:`relay.gate` took is this object's until the tunnel
+exists, then the tunnel's: given back here on every path that ends without
+one, and by the worker's context when the tunnel ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from relay.errors import FramingError, HeadError, OriginClosed, OriginUnavailable
+from relay.framing import BodyScanner
+from relay.handshake import check_upgrade_response
+from relay.headers import forward_head, response_head
+from relay.http_head import Request, Response, body_framing
+from relay.logs import AccessRecord
+from relay.origins.answer import UpgradeAnswer
+
+if TYPE_CHECKING:
+    from relay.client import ClientConnection
+
+log = logging.getLogger("wsrelay.worker")
+
+
+class Upgrade:
+    """Serves one upgrade request (a :class:`relay.client.Server`)."""
+
+    def __init__(self, conn: "ClientConnection", req: Request, key: bytes, record: AccessRecord,
+                 rest: bytes) -> None:
+        self.conn = conn
+        self.req = req
+        self.key = key
+        self.record = record
+        # Bytes after the upgrade head (frames of a client that does not wait,
+        # or anything else) are held until the origin's 101: sent with the
+        # head, an origin that refuses the upgrade and keeps its connection
+        # would read them as a next request no forwarding rule was applied to.
+        # After a refusal they are dropped with the connection.
+        self.early = rest
+        self.task = asyncio.ensure_future(self._run())
+        self.task.add_done_callback(self._done)
+
+    # -- the client's side (reading is paused: little arrives) -------------------------
+    def data(self, data: bytes) -> None:
+        self.early += data
+
+    def eof(self) -> bool:
+        return False
+
+    def lost(self) -> None:
+        if not self.task.done():
+            self.task.cancel()
+
+    def writable(self, ok: bool) -> None:
+        pass
+
+    # -- the origin handshake -----------------------------------------------------------
+    def _done(self, task: asyncio.Task) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("upgrade failed unexpectedly", exc_info=task.exception())
+        self.conn.refuse(502, "origin_error", None, upgrade=True)
+
+    async def _run(self) -> None:
+        conn, ctx, rec = self.conn, self.conn.ctx, self.record
+        origin_t: asyncio.Transport | None = None
+        handed_over = False
+        try:
+            try:
+                async with asyncio.timeout(ctx.settings.connect_timeout):
+                    origin_t, answer, resp = await self._ask_origin()
+            except TimeoutError:
+                return conn.refuse(504, "timeout", rec, upgrade=True)
+            except (OriginUnavailable, HeadError) as e:
+                return conn.refuse(e.status, e.outcome, rec, upgrade=True)
+            if resp.status != 101:
+                handed_over = True
+                ctx.admission.give(conn.client_ip)
+                rec.status = resp.status
+                rec.outcome = "origin_rejected"
+                ctx.counters.upgrade("origin_rejected", resp.status)
+                relay_refusal(conn, origin_t, answer, resp, rec)
+                return
+            try:
+                check_upgrade_response(resp, self.key)
+            except HeadError as e:
+                return conn.refuse(e.status, e.outcome, rec, upgrade=True)
+            handed_over = True
+            handshake_s = time.monotonic() - conn.started
+            rec.status = 101
+            rec.outcome = "upgraded"
+            rec.handshake_ms = round(handshake_s * 1000, 3)
+            ctx.counters.upgrade("upgraded", 101, handshake_s)
+            data = bytes(answer.buf)
+            ctx.open_tunnel(conn.hand_over(), origin_t, rec, resp,
+                            head=data[:resp.head_len], to_client=data[resp.head_len:], to_origin=self.early)
+        finally:
+            if not handed_over:
+                ctx.admission.give(conn.client_ip)
+                if origin_t is not None:
+                    origin_t.abort()
+
+    async def _ask_origin(self) -> tuple[asyncio.Transport, UpgradeAnswer, Response]:
+        """Connect, send the head, await the final answer's head. An origin that
+        closes without a byte of answer is left for the next (each once)."""
+        ctx = self.conn.ctx
+        head = forward_head(self.req, self.conn.client_ip, ctx.proto, True)
+        for tries_left in range(len(ctx.origins) - 1, -1, -1):
+            origin_t, answer, addr = await ctx.origins.connect(UpgradeAnswer)
+            self.record.origin = str(addr)
+            origin_t.write(head)
+            try:
+                return origin_t, answer, await answer.head
+            except OriginClosed:
+                origin_t.abort()
+                if not tries_left:
+                    raise
+        raise AssertionError("not reached")
+
+
+# -- an origin's refusal, relayed -------------------------------------------------------
+
+class _RefusalBody(asyncio.Protocol):
+    """Carries the rest of an origin's non-101 answer to the client, then closes."""
+
+    def __init__(self, conn: "ClientConnection", body: BodyScanner):
+        self.conn = conn
+        self.body = body
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            n = self.body.feed(data)
+        except FramingError:
+            self.body.finish()
+            self.transport.abort()
+            self.conn.reset()  # a truncated body must not look whole
+            return
+        if n:
+            self.conn.send(data[:n])
+        if self.body.done:
+            self.conn.finished(keep=False)
+            self.transport.close()
+
+    def connection_lost(self, exc) -> None:
+        if self.body.done:
+            return
+        if self.body.until_close and exc is None:
+            self.conn.finished(keep=False)
+        else:  # cut before the end of its body
+            self.conn.reset()
+
+
+def relay_refusal(conn: "ClientConnection", origin_t: asyncio.Transport, answer: UpgradeAnswer,
+                  resp: Response, record: AccessRecord) -> None:
+    """The origin refused an upgrade: its answer goes to the client, then the
+    connection closes. The head loses its hop-by-hop fields and says
+    ``Connection: close`` (an origin's ``keep-alive`` would promise what the
+    relay does not do); whatever the client sent after its upgrade request is
+    dropped with the connection, never parsed."""
+    conn.ctx.access.write(record)
+    try:
+        length = 0 if resp.status in (204, 304) else body_framing(resp, is_request=False)
+    except HeadError:
+        length = None
+    body = BodyScanner(length, response=True)
+    data = bytes(answer.buf)
+    raw, rest = data[: resp.head_len], data[resp.head_len:]
+    head = response_head(resp, raw, resp.tokens(b"connection"), keep=False)
+    try:
+        n = body.feed(rest)
+    except FramingError:
+        origin_t.abort()
+        conn.reset()
+        return
+    conn.send(head + rest[:n])
+    if body.done:
+        origin_t.close()
+        conn.finished(keep=False)
+        return
+    carrier = _RefusalBody(conn, body)
+    carrier.transport = origin_t
+    origin_t.set_protocol(carrier)
+    origin_t.resume_reading()
