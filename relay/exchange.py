@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 #: bytes of pipelined requests read ahead while a response is pending;
 #: beyond it the client is not read until the response is complete.
 PIPELINE_LIMIT = 64 * 1024
+#: RFC 9110 §9.2.2: requests that may be sent again
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
 class Exchange:
@@ -67,6 +69,11 @@ class Exchange:
         self.task: asyncio.Task | None = None
         self.done = False
         self.status = 0
+        #: the origin connection came from the pool (it may have closed meanwhile)
+        self.reused = False
+        #: what the first write to the origin held (head and body at hand),
+        #: while it may be sent again: until the origin answers a byte
+        self.sent: bytes | None = None
         self.up = 0
         self.down = 0
         self.last = 0.0
@@ -80,6 +87,7 @@ class Exchange:
         self.loop = pool.loop
         origin = pool.get()
         if origin is not None:
+            self.reused = True
             self._begin(origin)
         else:
             self.task = asyncio.ensure_future(self._connect())
@@ -97,6 +105,14 @@ class Exchange:
             return self._fail(e.status, e.outcome)
         if self.done:  # the client went away meanwhile
             origin.transport.close()
+            return
+        if self.sent is not None:  # sending again what a stale pooled connection lost
+            self.origin = origin
+            if self.record is not None:
+                self.record.origin = origin.addr
+            sent, self.sent = self.sent, None
+            self.last = self.loop.time()
+            origin.serve(self, sent, self.ctx.settings.read_timeout)
             return
         self._begin(origin)
 
@@ -124,6 +140,8 @@ class Exchange:
                 else:
                     out += pending
         self.last = self.loop.time()
+        if self.reused and self.req.method in IDEMPOTENT:
+            self.sent = out
         origin.serve(self, out, self.ctx.settings.read_timeout)
         self._read_client()
 
@@ -148,6 +166,7 @@ class Exchange:
         except FramingError as e:
             return self._fail(e.status, e.outcome)
         self.up += n
+        self.sent = None  # more than the first write went: it cannot be sent again
         self.origin.transport.write(data[:n] if n < len(data) else data)
         if n < len(data):
             self.unread = self.conn.unread(data[n:])
@@ -198,6 +217,7 @@ class Exchange:
 
     def origin_data(self, data: bytes) -> None:
         self.last = self.loop.time()
+        self.sent = None
         if self.resp_body is None:
             try:
                 self._parse_head(data)
@@ -286,6 +306,8 @@ class Exchange:
             return
         body = self.resp_body
         if body is None:
+            if self.sent is not None:
+                return self._resend()
             self._fail(502, "origin_error")
         elif body.until_close and exc is None:
             body.finish()
@@ -293,6 +315,15 @@ class Exchange:
             self._finish()
         else:
             self._cut()
+
+    def _resend(self) -> None:
+        """A pooled connection the origin closed before answering (its idle
+        timeout raced our reuse): send the same idempotent request once more,
+        on a new connection, as nginx does for a cached upstream connection."""
+        self.origin.release()
+        self.origin = None
+        self.reused = False
+        self.task = asyncio.ensure_future(self._connect())
 
     # -- endings ------------------------------------------------------------------------
     def _account(self, status: int, outcome: str) -> None:

@@ -390,3 +390,34 @@ def test_request_line_over_the_limit_is_414(raw):
         out = recv_all(s)
     assert heads_in(out) == [b"HTTP/1.1 431 Request Header Fields Too Large"], out[:200]
     assert origin.connections == 0
+
+
+# -- a pooled origin connection closed under our feet ------------------------------------------
+
+async def answer_once_per_connection(origin, c):
+    """Answers the first request with keep-alive, then closes on the next one
+    without answering: its idle timeout raced the relay's reuse."""
+    c.writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    await c.writer.drain()
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        data = await c.reader.read(65536)
+        if not data:
+            return
+        buf += data
+    origin.received += buf  # the request that was lost
+
+
+@pytest.mark.parametrize("method, status", [("GET", 200), ("DELETE", 200), ("POST", 502)])
+def test_stale_pooled_connection_resends_only_idempotent_requests(raw, method, status):
+    origin, relay = raw(answer_once_per_connection)
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as s:
+        s.sendall(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
+        head, rest = read_head(s)
+        while len(rest) < 2:
+            rest += s.recv(65536)
+        s.sendall(f"{method} /second HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode())
+        out = recv_all(s)
+    assert heads_in(out)[0].split(b" ")[1] == str(status).encode(), out
+    # the first connection was reused (and lost the request); a retry opens one more
+    assert origin.connections == (2 if status == 200 else 1)
