@@ -34,7 +34,7 @@ from relay.errors import HeadError, RelayError
 from relay.exchange import Exchange
 from relay.handshake import is_upgrade
 from relay.http_head import HEAD_END, parse_request_head
-from relay.logs import AccessRecord
+from relay.logs import AccessRecord, new_request_id
 from relay.responses import refusal
 from relay.tunnel import reset
 from relay.upgrade import Upgrade
@@ -154,7 +154,8 @@ class ClientConnection(asyncio.Protocol):
         try:
             req = parse_request_head(self.buf, self.ctx.settings.max_header_bytes)
         except HeadError as e:
-            self.refuse(e.status, e.outcome if e.status != 431 else "bad_request", None, upgrade=False)
+            self.refuse(e.status, e.outcome if e.status != 431 else "bad_request", self._unparsed_record(),
+                        upgrade=False)
             return
         if req is None:
             return
@@ -165,25 +166,42 @@ class ClientConnection(asyncio.Protocol):
         self.buf.clear()
         ctx = self.ctx
         upgrade = is_upgrade(req)
-        record = ctx.access.record(self.client_ip, req.method, req.path) \
+        request_id = new_request_id()
+        record = ctx.access.record(self.client_ip, req.method, req.path, req.get(b"user-agent"),
+                                   req.get(b"x-forwarded-for"), request_id.decode()) \
             if upgrade or ctx.access.enabled else None
         self._to(SERVING)
         try:
             if upgrade:
                 key = gate.admit_upgrade(ctx, req, self.client_ip, self.requests == 1)
-                self.server = Upgrade(self, req, key, record, rest)
+                self.server = Upgrade(self, req, key, record, rest, request_id)
             else:
                 length = gate.admit_request(ctx, req)
-                self.server = Exchange(self, req, length, record, rest)
+                self.server = Exchange(self, req, length, record, rest, request_id)
         except RelayError as e:
             self.refuse(e.status, e.outcome, record, upgrade=upgrade)
+
+    def _unparsed_record(self) -> AccessRecord | None:
+        """An access record for a head that did not parse: what its request line seems to say."""
+        if not self.ctx.access.enabled:
+            return None
+        first = bytes(self.buf[:min(len(self.buf), 1024)]).lstrip(b"\r\n").split(b"\r\n", 1)[0].split(b" ")
+        return self.ctx.access.record(self.client_ip, first[0] if len(first) > 1 else b"",
+                                      first[1] if len(first) > 1 else b"")
 
     def _head_timeout(self) -> None:
         self.timer = None
         if self.state is not HEAD:
             return
         if self.buf:  # a started head that never finished: slowloris or a dead client
-            self.ctx.counters.http(408)
+            ctx = self.ctx
+            ctx.counters.http(408)
+            record = self._unparsed_record()
+            if record is not None:
+                record.status = 408
+                record.outcome = "client_timeout"
+                record.duration_s = round(time.monotonic() - self.started, 3)
+                ctx.access.write(record)
         self.close()
 
     # -- the seam: what a server may do with its connection ---------------------------

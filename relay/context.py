@@ -24,6 +24,7 @@ from relay.http_head import Response
 from relay.logs import AccessLog, AccessRecord
 from relay.origins.dial import Origins
 from relay.origins.pool import Pool
+from relay.origins.report import FailureLog
 from relay.shared import Admission
 from relay.tunnel import Tunnel
 
@@ -41,7 +42,7 @@ class Context:
         self.access = AccessLog(settings.access_log, index)
         self.ws_paths = tuple(p.encode() for p in settings.ws_paths)
         self.proto = settings.forwarded_proto.encode()
-        self.origins = Origins(settings.origin)
+        self.origins = Origins(settings.origin, FailureLog())
         #: idle origin connections for plain HTTP; closed when draining starts
         self.pool = Pool(asyncio.get_running_loop())
         self.tunnel_class = TUNNELS[settings.mode]

@@ -71,10 +71,15 @@ class FramingError(RelayError):
 
 
 class OriginUnavailable(RelayError):
-    """Every origin refused or failed the connection."""
+    """Every origin refused or failed the connection; :attr:`origin` is the
+    last one tried."""
 
     status = 502
     outcome = "origin_error"
+
+    def __init__(self, reason: str, origin: str = ""):
+        super().__init__(reason)
+        self.origin = origin
 
 
 class OriginTimeout(RelayError):

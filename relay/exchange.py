@@ -52,11 +52,12 @@ class Exchange:
     is awaited, in a Task."""
 
     def __init__(self, conn: "ClientConnection", req: Request, length: int, record: AccessRecord | None,
-                 rest: bytes) -> None:
+                 rest: bytes, request_id: bytes) -> None:
         self.conn = conn
         self.ctx = ctx = conn.ctx
         self.req = req
         self.record = record
+        self.request_id = request_id
         self.origin: OriginConn | None = None
         self.origin_paused = False
         #: the origin cannot take more request body: the client is not read
@@ -100,8 +101,12 @@ class Exchange:
                 _t, origin, addr = await ctx.origins.connect(OriginConn)
             origin.addr = str(addr)
         except TimeoutError:
+            ctx.origins.failures.failed("", "connect timeout",
+                                        f"RELAY_CONNECT_TIMEOUT={ctx.settings.connect_timeout:g}s", 504)
             return self._fail(504, "timeout")
         except OriginUnavailable as e:
+            if self.record is not None:
+                self.record.origin = e.origin
             return self._fail(e.status, e.outcome)
         if self.done:  # the client went away meanwhile
             origin.transport.close()
@@ -122,7 +127,7 @@ class Exchange:
         if self.record is not None:
             self.record.origin = origin.addr
         conn = self.conn
-        out = forward_head(self.req, conn.client_ip, self.ctx.proto, False)
+        out = forward_head(self.req, conn.client_ip, self.ctx.proto, False, self.request_id)
         pending, self.pending = self.pending, b""
         body = self.req_body
         if pending:
@@ -213,6 +218,8 @@ class Exchange:
         return None if self.done else self.last + self.ctx.settings.read_timeout
 
     def read_timeout(self) -> None:
+        self.ctx.origins.failures.failed(self.origin.addr, "timeout", f"no answer within "
+                                         f"RELAY_READ_TIMEOUT={self.ctx.settings.read_timeout:g}s", 504)
         self._fail(504, "timeout")
 
     def origin_data(self, data: bytes) -> None:
@@ -222,6 +229,7 @@ class Exchange:
             try:
                 self._parse_head(data)
             except (HeadError, FramingError) as e:
+                self.ctx.origins.failures.failed(self.origin.addr, "bad answer", str(e))
                 self._fail(e.status, e.outcome)
             return
         out = self._body_part(data)
@@ -308,12 +316,14 @@ class Exchange:
         if body is None:
             if self.sent is not None:
                 return self._resend()
+            self.ctx.origins.failures.failed(self.origin.addr, "closed", "before answering a request")
             self._fail(502, "origin_error")
         elif body.until_close and exc is None:
             body.finish()
             self.origin_keep = False
             self._finish()
         else:
+            self.ctx.origins.failures.failed(self.origin.addr, "cut", "in the middle of a response body")
             self._cut()
 
     def _resend(self) -> None:

@@ -24,7 +24,9 @@ HOP_BY_HOP = frozenset({
 })
 # The edge owns these: what a client claims is replaced, except that
 # X-Forwarded-For gets the client's address appended (as nginx does).
-FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
+# X-Request-ID is the edge's too: a client could otherwise pick the id that
+# origins log and correlate by (Envoy generates it the same way).
+FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-request-id"})
 # A peer may name any header in Connection to have it dropped (RFC 9110
 # §7.6.1), but never these: without Content-Length the origin would read the
 # body the relay still forwards as the next request (request smuggling), and
@@ -61,14 +63,15 @@ def response_head(resp: Response, raw: bytes, conn_tokens: set[bytes], keep: boo
     return CRLF.join(lines)
 
 
-def forward_head(req: Request, client_ip: str, proto: bytes, upgrade: bool) -> bytes:
+def forward_head(req: Request, client_ip: str, proto: bytes, upgrade: bool, request_id: bytes = b"") -> bytes:
     """The head to send to the origin, built in one join.
 
     Header lines pass through byte for byte, except the hop-by-hop ones, those
-    the Connection header names, and the X-Forwarded-* family (underscore
-    spellings included), which the edge sets itself. For an upgrade,
-    ``Connection: Upgrade`` and the client's Upgrade line are kept; for plain
-    HTTP the origin connection is kept alive.
+    the Connection header names, and the X-Forwarded-* family and
+    X-Request-ID (underscore spellings included), which the edge sets itself
+    (``request_id``, when given). For an upgrade, ``Connection: Upgrade`` and
+    the client's Upgrade line are kept; for plain HTTP the origin connection
+    is kept alive.
     """
     named = req.tokens(b"connection") - NEVER_NAMED
     drop = HOP_BY_HOP | FORWARDED | named
@@ -100,6 +103,8 @@ def forward_head(req: Request, client_ip: str, proto: bytes, upgrade: bool) -> b
     lines.append(b"X-Forwarded-Proto: " + proto)
     if host:
         lines.append(b"X-Forwarded-Host: " + host)
+    if request_id:
+        lines.append(b"X-Request-ID: " + request_id)
     lines.append(b"Connection: Upgrade" if upgrade else b"Connection: keep-alive")
     lines.append(b"")
     lines.append(b"")

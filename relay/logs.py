@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import sys
 import time
 
@@ -26,7 +27,7 @@ def setup(level: str) -> None:
 class AccessRecord(msgspec.Struct, omit_defaults=False):
     """One access log line; fields as the README's "Logs" section lists them."""
 
-    time: float
+    time: str            # RFC 3339 UTC, when the line was written (the end)
     worker: int
     client: str
     method: str
@@ -38,29 +39,66 @@ class AccessRecord(msgspec.Struct, omit_defaults=False):
     bytes_up: int
     bytes_down: int
     origin: str
+    user_agent: str
+    x_forwarded_for: str  # as the client sent it
+    request_id: str       # the X-Request-ID the origin got
 
 
 _encode = msgspec.json.Encoder().encode
+# Workers are fresh interpreters (workers/child.py): each seeds its own generator.
+_random = random.Random(os.urandom(16))
+
+
+def new_request_id() -> bytes:
+    """A request id: 32 hex digits, 128 random bits, as nginx's ``$request_id``
+    (a seeded PRNG, not a syscall per request: ids need to be unique, not secret)."""
+    return b"%032x" % _random.getrandbits(128)
+
+
+class _Clock:
+    """RFC 3339 timestamps with milliseconds, the date part formatted once a second."""
+
+    __slots__ = ("second", "prefix")
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.prefix = ""
+
+    def now(self) -> str:
+        t = time.time()
+        second = int(t)
+        if second != self.second:
+            self.second = second
+            self.prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self.prefix}.{int((t - second) * 1000):03d}Z"
+
+
+def _text(value: bytes | None, limit: int = 512) -> str:
+    return value[:limit].decode("latin-1") if value else ""
 
 
 class AccessLog:
     """A worker's access log on stdout (fd 1)."""
 
-    __slots__ = ("enabled", "worker")
+    __slots__ = ("enabled", "worker", "clock")
 
     def __init__(self, enabled: bool, worker: int) -> None:
         self.enabled = enabled
         self.worker = worker
+        self.clock = _Clock()
 
-    def record(self, client: str, method: bytes, path: bytes) -> AccessRecord:
-        """A record for a request that starts now; callers fill in the rest."""
-        return AccessRecord(time=round(time.time(), 3), worker=self.worker, client=client,
-                            method=method.decode("latin-1"), path=path.decode("latin-1")[:512],
+    def record(self, client: str, method: bytes, path: bytes, user_agent: bytes | None = None,
+               x_forwarded_for: bytes | None = None, request_id: str = "") -> AccessRecord:
+        """A record for a request; callers fill in the rest and :meth:`write` it at the end."""
+        return AccessRecord(time="", worker=self.worker, client=client,
+                            method=_text(method, 32), path=_text(path),
                             status=0, outcome="", handshake_ms=0.0, duration_s=0.0,
-                            bytes_up=0, bytes_down=0, origin="")
+                            bytes_up=0, bytes_down=0, origin="", user_agent=_text(user_agent),
+                            x_forwarded_for=_text(x_forwarded_for), request_id=request_id)
 
     def write(self, record: AccessRecord) -> None:
         if self.enabled:
+            record.time = self.clock.now()
             try:
                 os.write(1, _encode(record) + b"\n")
             except OSError:

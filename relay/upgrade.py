@@ -34,11 +34,12 @@ class Upgrade:
     """Serves one upgrade request (a :class:`relay.client.Server`)."""
 
     def __init__(self, conn: "ClientConnection", req: Request, key: bytes, record: AccessRecord,
-                 rest: bytes) -> None:
+                 rest: bytes, request_id: bytes) -> None:
         self.conn = conn
         self.req = req
         self.key = key
         self.record = record
+        self.request_id = request_id
         # Bytes after the upgrade head (frames of a client that does not wait,
         # or anything else) are held until the origin's 101: sent with the
         # head, an origin that refuses the upgrade and keeps its connection
@@ -74,12 +75,19 @@ class Upgrade:
         origin_t: asyncio.Transport | None = None
         handed_over = False
         try:
+            failures = ctx.origins.failures
             try:
                 async with asyncio.timeout(ctx.settings.connect_timeout):
                     origin_t, answer, resp = await self._ask_origin()
             except TimeoutError:
+                failures.failed(rec.origin, "timeout", f"no answer to an upgrade within "
+                                f"RELAY_CONNECT_TIMEOUT={ctx.settings.connect_timeout:g}s", 504)
                 return conn.refuse(504, "timeout", rec, upgrade=True)
-            except (OriginUnavailable, HeadError) as e:
+            except OriginUnavailable as e:
+                rec.origin = e.origin
+                return conn.refuse(e.status, e.outcome, rec, upgrade=True)
+            except HeadError as e:
+                failures.failed(rec.origin, "bad answer", str(e))
                 return conn.refuse(e.status, e.outcome, rec, upgrade=True)
             if resp.status != 101:
                 handed_over = True
@@ -92,6 +100,7 @@ class Upgrade:
             try:
                 check_upgrade_response(resp, self.key)
             except HeadError as e:
+                failures.failed(rec.origin, "bad answer", str(e))
                 return conn.refuse(e.status, e.outcome, rec, upgrade=True)
             handed_over = True
             handshake_s = time.monotonic() - conn.started
@@ -112,14 +121,15 @@ class Upgrade:
         """Connect, send the head, await the final answer's head. An origin that
         closes without a byte of answer is left for the next (each once)."""
         ctx = self.conn.ctx
-        head = forward_head(self.req, self.conn.client_ip, ctx.proto, True)
+        head = forward_head(self.req, self.conn.client_ip, ctx.proto, True, self.request_id)
         for tries_left in range(len(ctx.origins) - 1, -1, -1):
             origin_t, answer, addr = await ctx.origins.connect(UpgradeAnswer)
             self.record.origin = str(addr)
             origin_t.write(head)
             try:
                 return origin_t, answer, await answer.head
-            except OriginClosed:
+            except OriginClosed as e:
+                ctx.origins.failures.failed(str(addr), "closed", str(e))
                 origin_t.abort()
                 if not tries_left:
                     raise

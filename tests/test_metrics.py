@@ -4,6 +4,7 @@ the JSON access log (SPEC §7, issue 4)."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import os
 import re
@@ -187,7 +188,7 @@ def test_access_log_line_of_a_finished_session(ws_origin):
         assert rec["status"] == 101 and rec["origin"] == ws_origin.addr
         assert 0 < rec["handshake_ms"] < 5000
         assert 0.3 <= rec["duration_s"] < 10
-        assert t0 - 1 <= rec["time"] <= time.time()
+        assert t0 - 1 <= _epoch(rec["time"]) <= time.time()
         # up: a masked 5-byte text frame (2+4+5) and a masked Close 1000 (2+4+2);
         # down: the echoed frame (2+5) and the origin's Close 1000 (2+2)
         assert rec["bytes_up"] == 11 + 8 and rec["bytes_down"] == 7 + 4, rec
@@ -272,7 +273,7 @@ def test_access_log_line_of_a_plain_http_request(aio_origin):
         assert rec["worker"] in (0, 1) and rec["client"] == "127.0.0.1" and rec["path"] == "/form"
         assert rec["status"] == 200 and rec["outcome"] == "proxied" and rec["origin"] == aio_origin.addr
         assert rec["bytes_up"] == len(body) and rec["bytes_down"] == len(body)
-        assert 0 <= rec["duration_s"] < 5 and t0 - 1 <= rec["time"] <= time.time()
+        assert 0 <= rec["duration_s"] < 5 and t0 - 1 <= _epoch(rec["time"]) <= time.time()
 
 
 def test_counters_never_go_backwards_for_a_worker_index_across_a_restart(ws_origin):
@@ -332,3 +333,9 @@ def test_health_and_readiness_without_a_live_worker(ws_origin):
         assert get(r, "/readyz")[0] == 503
     finally:
         r.stop()
+
+
+def _epoch(rfc3339: str) -> float:
+    """The access log's time: RFC 3339 in UTC with milliseconds."""
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", rfc3339), rfc3339
+    return datetime.datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()

@@ -12,13 +12,15 @@ import itertools
 
 from relay.config import Address
 from relay.errors import OriginUnavailable
+from relay.origins.report import FailureLog
 
 
 class Origins:
     """Round-robin over the configured origins, trying the next on a connect error."""
 
-    def __init__(self, origins: tuple[Address, ...]):
+    def __init__(self, origins: tuple[Address, ...], failures: FailureLog | None = None):
         self._origins = origins
+        self.failures = failures or FailureLog()
         self._next = itertools.cycle(range(len(origins))) if origins else None
 
     def __len__(self) -> int:
@@ -39,7 +41,8 @@ class Origins:
                 transport, protocol = await loop.create_connection(factory, addr.host, addr.port)
             except OSError as e:
                 last = e
+                self.failures.failed(str(addr), "connect failed", e.strerror or str(e))
                 continue
             # uvloop sets TCP_NODELAY on every TCP transport it creates.
             return transport, protocol, addr
-        raise OriginUnavailable(str(last))
+        raise OriginUnavailable(str(last), str(addr))

@@ -94,14 +94,14 @@ def check_request_semantics(buf: bytes, max_bytes: int = MAX_HEAD) -> None:
 
 def check_forward_roundtrip(req: Request, upgrade: bool, client_ip: str = "203.0.113.7") -> bytes:
     """forward_head keeps the request's meaning and injects nothing."""
-    out = forward_head(req, client_ip, b"http", upgrade)
+    out = forward_head(req, client_ip, b"http", upgrade, b"0123456789abcdef0123456789abcdef")
     again = parse_request_head(out, len(out))
     assert again is not None and again.head_len == len(out), (req.fields, out)
     assert (again.method, again.target, again.path) == (req.method, req.target, req.path), out
     named = req.tokens(b"connection")
     kept = [line for name, line, _v in req.fields
             if name not in HOP_BY_HOP and name not in FORWARDED and (name not in named or name in NEVER_NAMED)]
-    ours = {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"connection"}
+    ours = {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-request-id", b"connection"}
     if upgrade:
         ours.add(b"upgrade")
     if not upgrade:
@@ -124,6 +124,7 @@ def check_forward_roundtrip(req: Request, upgrade: bool, client_ip: str = "203.0
     assert again.get_all(b"host") == (req.get_all(b"host") or [b""]), out
     xff = again.get_all(b"x-forwarded-for")
     assert len(xff) == 1 and xff[0].endswith(client_ip.encode()), xff
+    assert again.get_all(b"x-request-id") == [b"0123456789abcdef0123456789abcdef"], out
     return out
 
 
