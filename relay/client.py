@@ -176,7 +176,7 @@ class ClientConnection(asyncio.Protocol):
                 key = gate.admit_upgrade(ctx, req, self.client_ip, self.requests == 1)
                 self.server = Upgrade(self, req, key, record, rest, request_id)
             else:
-                length = gate.admit_request(ctx, req)
+                length = gate.admit_request(ctx, req, self.requests == 1)
                 self.server = Exchange(self, req, length, record, rest, request_id)
         except RelayError as e:
             self.refuse(e.status, e.outcome, record, upgrade=upgrade)

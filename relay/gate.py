@@ -45,11 +45,12 @@ def admit_upgrade(ctx: "Context", req: Request, client_ip: str, first: bool) -> 
     return key
 
 
-def admit_request(ctx: "Context", req: Request) -> int:
+def admit_request(ctx: "Context", req: Request, first: bool) -> int:
     """Check a plain HTTP request; returns its body length (RFC 9112 §6.3:
-    ``-1`` chunked, ``0`` none). Raises :class:`~relay.errors.HeadError`
-    (400, ambiguous framing) or :class:`~relay.errors.Refused` (503 draining)."""
+    ``-1`` chunked, ``0`` none). ``first`` as for :func:`admit_upgrade`.
+    Raises :class:`~relay.errors.HeadError` (400, ambiguous framing) or
+    :class:`~relay.errors.Refused` (503 draining)."""
     length = body_framing(req, is_request=True)
-    if ctx.draining:
+    if ctx.draining and not first:
         raise Refused(503, "draining", "draining")
     return length or 0

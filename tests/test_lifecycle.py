@@ -222,20 +222,25 @@ def test_sigterm_drains_open_websocket_and_exits_0(ws_origin):
 def test_connections_accepted_before_the_drain_are_served(ws_origin):
     """The race a reload would otherwise lose: a worker accepted a connection,
     then got SIGTERM before the request arrived. That first request is served
-    (101), while a kept-alive connection asking again gets 503 draining."""
+    (101, or the origin's answer for plain HTTP), while a kept-alive connection
+    asking again gets 503 draining."""
     r = Relay(ws_origin.addr, workers=1, env={"RELAY_DRAIN_TIMEOUT": "5"}).start()
     try:
         before = worker_fds(r)
         fresh = socket.create_connection(("127.0.0.1", r.port), timeout=10)
+        fresh_http = socket.create_connection(("127.0.0.1", r.port), timeout=10)
         kept = socket.create_connection(("127.0.0.1", r.port), timeout=10)
         kept.sendall(b"GET /headers HTTP/1.1\r\nHost: x\r\n\r\n")
         head, _ = read_head(kept)
         assert b"connection: close" not in head.lower()
-        wait_for(lambda: worker_fds(r) >= before + 2, 5, what="the worker to accept both connections")
+        wait_for(lambda: worker_fds(r) >= before + 3, 5, what="the worker to accept the connections")
         r.signal(signal.SIGTERM)
         r.wait_log("draining")
         fresh.sendall(upgrade_request("/"))
         assert status_of(read_head(fresh)[0]) == 101
+        fresh_http.sendall(b"GET /plain HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status_of(read_head(fresh_http)[0]) != 503  # the origin's own answer
+        fresh_http.close()
         assert closed_by_peer(kept, 5)  # an idle kept-alive connection is closed at once
         fresh.close()
         assert r.proc.wait(10) == 0
