@@ -1,4 +1,4 @@
-"""The frame-aware pump of ``RELAY_MODE=frames`` (SPEC §6): the zero-copy
+"""The frame-aware pump of ``RELAY_MODE=frames`` (README, "Settings"): the zero-copy
 tunnel of :mod:`relay.tunnel`, with a :class:`~relay.frames.FrameTracker` on
 each direction so the relay knows where the frame boundaries are and can speak
 WebSocket at them.
@@ -30,7 +30,13 @@ What it does with that knowledge:
   frame breaking RFC 6455 (1002: reserved opcode, RSV2/3, a control frame
   fragmented or over 125 bytes, an unmasked client frame or a masked origin
   frame) → that Close to the offender, 1001 to the other side; the offending
-  frame is never passed on.
+  frame is never passed on. With permessage-deflate agreed, a compressed
+  message counts inflated (relay/frames.py, relay/deflate.py); when it goes
+  over the limit (or turns out invalid, 1002) only after part of a frame
+  spanning reads was passed on, the rest is held back, the offender gets its
+  Close and the other side's connection is closed (``ProtocolError.cut``: no
+  Close can follow half a frame). A side quiet for a sweep gives its
+  inflater's zlib state back (:meth:`FramesTunnel.keepalive`).
 - **Metrics**: messages per direction are the trackers' counts, published by
   the sweep and at tunnel end (no metric call per chunk). Close frames are
   counted as they are written (rare): ``side`` is the side whose stream the
@@ -73,6 +79,8 @@ import asyncio
 import os
 import time
 
+from relay.deflate import PerMessageDeflate
+from relay.handshake import negotiated_deflate
 from relay.frames import OP_CLOSE, OP_PONG, Control, FrameTracker, ProtocolError, close_frame, ping_frame
 from relay.tunnel import BUFFER, Side, Tunnel, reset
 
@@ -101,9 +109,9 @@ class FramesSide(Side):
     __slots__ = ("index", "tracker", "slow", "pending", "drop", "closing", "close_out", "failed",
                  "gone_code", "ping_payload", "ping_due", "seen", "quiet_since")
 
-    def setup(self, index: int, max_message_bytes: int, now: float) -> None:
+    def setup(self, index: int, max_message_bytes: int, now: float, deflate=None) -> None:
         self.index = index
-        self.tracker = FrameTracker(index == CLIENT, max_message_bytes)
+        self.tracker = FrameTracker(index == CLIENT, max_message_bytes, deflate)
         #: the rare path is needed: something pending, or the stream is dropped
         self.slow = False
         #: frames waiting for this stream's next boundary: (frame, close code or None)
@@ -234,10 +242,19 @@ class FramesTunnel(Tunnel):
     counts_messages = True
 
     @classmethod
+    def check_response(cls, response, settings) -> None:
+        """With a message limit, a 101 agreeing extensions the limit cannot
+        measure through is a 502 (relay.handshake.negotiated_deflate)."""
+        if settings.max_message_bytes:
+            negotiated_deflate(response)
+
+    @classmethod
     def open(cls, ctx, client_transport: asyncio.Transport, origin_transport: asyncio.Transport,
              record, response) -> "FramesTunnel":
-        return cls(client_transport, origin_transport, ctx.tunnel_ended, record, ctx.counters,
-                   ctx.settings.max_message_bytes)
+        limit = ctx.settings.max_message_bytes
+        # what the limit inflates by (README "Frames mode"); check_response passed it
+        deflate = negotiated_deflate(response) if limit else None
+        return cls(client_transport, origin_transport, ctx.tunnel_ended, record, ctx.counters, limit, deflate)
 
     @classmethod
     def sweep(cls, tunnels, now: float, settings) -> None:
@@ -256,14 +273,18 @@ class FramesTunnel(Tunnel):
         return loop.call_later(window, lambda: [t.shutdown(code) for t in list(tunnels)])
 
     def __init__(self, client_transport: asyncio.Transport, origin_transport: asyncio.Transport,
-                 on_end, record, counters, max_message_bytes: int = 0) -> None:
+                 on_end, record, counters, max_message_bytes: int = 0,
+                 deflate: PerMessageDeflate | None = None) -> None:
+        """``deflate``: the permessage-deflate the origin's 101 agreed
+        (relay.handshake.negotiated_deflate), so the limit counts compressed
+        messages inflated; None when none was, or with no limit."""
         super().__init__(client_transport, origin_transport, on_end, record)
         #: this worker's counters (metrics/counters.py); written on closes only
         self.counters = counters
         #: when closing must be over (monotonic), 0.0 while open
         self.deadline = 0.0
-        self.client.setup(CLIENT, max_message_bytes, self.started)
-        self.origin.setup(ORIGIN, max_message_bytes, self.started)
+        self.client.setup(CLIENT, max_message_bytes, self.started, deflate)
+        self.origin.setup(ORIGIN, max_message_bytes, self.started, deflate)
 
     def start(self, head: bytes, to_client: bytes, to_origin: bytes) -> None:
         """As Tunnel.start, but the frames that came after either head go
@@ -339,12 +360,21 @@ class FramesTunnel(Tunnel):
         super().close()
 
     def protocol_error(self, src: FramesSide, e: ProtocolError) -> None:
-        """``src`` broke the protocol or the message limit: e.code to it, 1001 to the other side."""
+        """``src`` broke the protocol or the message limit: e.code to it, 1001 to
+        the other side — or, when src's stream was cut inside the bad frame
+        (a compressed message found too big after part of it passed), the
+        other side's connection is closed: no frame can follow half a frame."""
         if e.plan and not src.drop:
             src._forward(e.plan)
         src.failed = True
         self.close_toward(src, e.code)
-        self.close_toward(src.peer, GOING_AWAY)  # src's stream: at a boundary, the bad frame held
+        if e.cut:
+            src.closing = True
+            src.pending = None
+            if not src.peer.lost:
+                src.peer.transport.close()  # flushes what went before, then FIN
+        else:
+            self.close_toward(src.peer, GOING_AWAY)  # src's stream: at a boundary, the bad frame held
         src.drop = src.slow = True
         self.settle()
 
@@ -378,7 +408,10 @@ class FramesTunnel(Tunnel):
                 side.seen = side.nbytes
                 side.quiet_since = now
                 side.ping_due = 0.0
-            elif side.ping_due:
+                continue
+            if side.tracker.inflating:
+                side.tracker.rest()  # quiet for a sweep: zlib state back if it can be rebuilt
+            if side.ping_due:
                 if now >= side.ping_due:
                     self.counters.ping_timeout()
                     side.gone_code = GOING_AWAY

@@ -4,6 +4,8 @@
 - :func:`validate_upgrade` applies RFC 6455 §4.2.1 (400, or 426 for another version).
 - :func:`path_allowed` and :func:`origin_allowed` are the 403 checks.
 - :func:`check_upgrade_response` verifies the origin's 101 (RFC 6455 §4.1).
+- :func:`negotiated_deflate` reads what permessage-deflate the 101 agreed
+  (RFC 7692 §7.1), for the frames-mode message limit.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import hashlib
 import posixpath
 from urllib.parse import unquote_to_bytes
 
+from relay.deflate import ExtensionError, PerMessageDeflate, parse_extensions
 from relay.errors import HeadError
 from relay.http_head import Request, Response
 
@@ -115,3 +118,17 @@ def check_upgrade_response(resp: Response, key: bytes) -> None:
         raise HeadError(502, "origin's 101 lacks Upgrade: websocket", "origin_error")
     if resp.get(b"sec-websocket-accept") != accept_key(key):
         raise HeadError(502, "origin's 101 has a wrong Sec-WebSocket-Accept", "origin_error")
+
+
+def negotiated_deflate(resp: Response) -> PerMessageDeflate | None:
+    """The permessage-deflate parameters of the origin's 101, or None when it
+    agreed no extension. Raises HeadError(502, outcome ``origin_error``) when
+    the 101 agreed something a message limit cannot measure through: another
+    extension, or parameters RFC 7692 §7.1 forbids (relay.deflate.parse_extensions)."""
+    values = resp.get_all(b"sec-websocket-extensions")
+    if not values:
+        return None
+    try:
+        return parse_extensions(values)
+    except ExtensionError as e:
+        raise HeadError(502, f"origin's 101: {e}", "origin_error") from None

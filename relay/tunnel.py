@@ -148,6 +148,11 @@ class Tunnel:
         return cls(client_transport, origin_transport, ctx.tunnel_ended, record)
 
     @classmethod
+    def check_response(cls, response, settings) -> None:
+        """The origin's 101, already checked against RFC 6455: raise HeadError
+        if this mode cannot carry what it agreed. Tunnel mode carries anything."""
+
+    @classmethod
     def sweep(cls, tunnels, now: float, settings) -> None:
         """Once a second, from the worker's sweep: nothing to do in tunnel mode."""
 

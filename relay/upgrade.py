@@ -99,6 +99,7 @@ class Upgrade:
                 return
             try:
                 check_upgrade_response(resp, self.key)
+                ctx.tunnel_class.check_response(resp, ctx.settings)  # frames mode: what the limit measures by
             except HeadError as e:
                 failures.failed(rec.origin, "bad answer", str(e))
                 return conn.refuse(e.status, e.outcome, rec, upgrade=True)

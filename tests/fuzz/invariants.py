@@ -4,21 +4,30 @@ Shared by the hypothesis properties (tests/test_fuzz.py) and the atheris
 target (tests/fuzz/fuzz_heads.py), so both check exactly the same things:
 
 - any input either parses or raises the parser's own error (HeadError,
-  FramingError, ConfigError) — never anything else (h11's fuzz invariant);
+  FramingError, ConfigError, ExtensionError, the frame tracker's
+  ProtocolError) — never anything else (h11's fuzz invariant);
 - fed whole or in pieces (one byte at a time, or cut anywhere), the result is
   the same: the relay re-parses a growing buffer, so a head must not mean
   one thing in one read and another in two;
 - a parsed request, forwarded with ``forward_head``, parses again into the
   same method, target, end-to-end header lines and body framing, and the
   forwarded bytes hold no line the client did not send besides our own
-  ``X-Forwarded-*`` and ``Connection`` (no header injection, no smuggling).
+  ``X-Forwarded-*`` and ``Connection`` (no header injection, no smuggling);
+- a frame stream (relay.frames.FrameTracker, with or without permessage-
+  deflate measured) gives the same verdict however it is cut: same error
+  code or none, same control frames and message count, the same bytes
+  released — except that a compressed message found too big (or invalid)
+  only after part of a frame was released in an earlier piece releases that
+  part (``ProtocolError.cut``), and never more of the frame than that.
 
 Each check raises AssertionError with the offending input on a violation.
 """
 
 from __future__ import annotations
 
+from relay.deflate import ExtensionError, PerMessageDeflate, parse_extensions
 from relay.errors import FramingError, HeadError
+from relay.frames import Control, FrameTracker, ProtocolError
 from relay.framing import BodyScanner
 from relay.handshake import check_upgrade_response, is_upgrade, origin_allowed, path_allowed, validate_upgrade
 from relay.headers import FORWARDED, HOP_BY_HOP, NEVER_NAMED, forward_head
@@ -207,3 +216,88 @@ def response_for(resp_bytes: bytes) -> Response | None:
         return parse_response_head(resp_bytes, MAX_HEAD)
     except HeadError:
         return None
+
+
+def check_extensions(values: list[bytes]) -> PerMessageDeflate | None | str:
+    """parse_extensions raises only ExtensionError, and a list of header
+    lines means what the same lines joined into one do (RFC 9110 §5.3).
+    Returns the value, or "error"."""
+    def once(vals):
+        try:
+            return parse_extensions(vals)
+        except ExtensionError as e:
+            assert str(e), vals
+            return "error"
+    whole = once(values)
+    if values:
+        assert once([b", ".join(values)]) == whole, values
+    if isinstance(whole, PerMessageDeflate):
+        assert 8 <= whole.server_max_window_bits <= 15 and 8 <= whole.client_max_window_bits <= 15
+    return whole
+
+
+def track(data: bytes, client_to_server: bool, limit: int, deflate, cuts) -> tuple:
+    """Feed ``data`` to a fresh tracker cut at ``cuts``; a comparable outcome:
+    ("ok", released, held, controls, messages, at_boundary) or
+    ("error", code, released, cut, controls, messages)."""
+    t = FrameTracker(client_to_server=client_to_server, max_message_bytes=limit, deflate=deflate)
+    out = bytearray()
+    controls: list = []
+
+    def release(plan, start, end):
+        if plan is None:
+            out.extend(data[start:end])
+            return
+        for item in plan:
+            if isinstance(item, Control):
+                controls.append((item.opcode, item.payload))
+                out.extend(item.raw)
+            else:
+                out.extend(item)
+
+    prev = 0
+    try:
+        for c in [*sorted(set(cuts)), len(data)]:
+            if not prev <= c <= len(data):
+                continue
+            release(t.feed(memoryview(data), prev, c), prev, c)
+            assert len(out) + t.held == c, (data, cuts)  # nothing lost or invented
+            prev = c
+    except ProtocolError as e:
+        assert e.code in (1002, 1009), e
+        release(e.plan, 0, 0)
+        assert not e.cut or not t.at_boundary
+        return ("error", e.code, bytes(out), e.cut, controls, t.messages)
+    return ("ok", bytes(out), t.held, controls, t.messages, t.at_boundary)
+
+
+def check_frame_tracker(data: bytes, client_to_server: bool, limit: int = 0, deflate=None, cuts=()) -> tuple:
+    """Whole vs cut at ``cuts`` (every byte by default); returns the whole outcome."""
+    whole = track(data, client_to_server, limit, deflate, [])
+    pieces = track(data, client_to_server, limit, deflate, range(1, len(data)) if cuts is None else cuts)
+    if whole[0] == "ok":
+        assert pieces == whole, f"pieces {pieces!r} != whole {whole!r} for {data!r}"
+        assert data.startswith(whole[1]) and len(whole[1]) + whole[2] == len(data)
+        return whole
+    assert pieces[0] == "error" and pieces[1] == whole[1], (pieces, whole, data)
+    assert not whole[3], "one piece cannot be cut inside a frame"
+    assert (pieces[4], pieces[5]) == (whole[4], whole[5]), (pieces, whole, data)
+    released, more = whole[2], pieces[2]
+    assert data.startswith(released) and data.startswith(more), (pieces, whole, data)
+    if pieces[3]:
+        # part of the bad frame went out, and nothing after it
+        assert len(released) < len(more) < len(released) + _frame_len(data, len(released), client_to_server)
+    else:
+        assert more == released, (pieces, whole, data)
+    return whole
+
+
+def _frame_len(data: bytes, pos: int, masked: bool) -> int:
+    """Length of the frame starting at ``pos`` (header included), RFC 6455 §5.2."""
+    n = data[pos + 1] & 0x7F
+    h = 2
+    if n == 126:
+        n, h = int.from_bytes(data[pos + 2:pos + 4], "big"), 4
+    elif n == 127:
+        n, h = int.from_bytes(data[pos + 2:pos + 10], "big"), 10
+    return h + (4 if masked else 0) + n
