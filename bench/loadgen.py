@@ -12,6 +12,20 @@ Modes:
   64-byte echo + close; counts complete cycles and their latency.
 - ``idle``: opens ``--conns`` connections (``--connect-concurrency`` at a
   time), does one echo on each, then holds them until told to stop.
+- ``echo --deflate``: the echo loop with permessage-deflate (RFC 7692). Each
+  connection offers ``permessage-deflate`` (no window parameter, so the
+  origin cannot shrink ours) and refuses a 101 without it; it sends text-like
+  JSON records of ``--size`` bytes, each compressed with context takeover as
+  a browser's zlib would (compress + ``Z_SYNC_FLUSH``, the final ``00 00 ff
+  ff`` stripped, RSV1 set). The records are distinct (a pool of at least 4
+  windows' worth), so no message is a copy of one still in the window. They
+  are compressed once per process, not per send (:func:`deflate_sequence`):
+  the first pass from an empty window, the second with the pool before it in
+  the window, which is the window of every later pass too, so the bytes sent
+  are exactly what a compressor would send and the load generator costs what
+  it costs uncompressed. The origin echoes them as they are (same messages in
+  the same order: the same window both ways, so the same bytes are a valid
+  stream towards the client).
 - ``http``: closed loop of plain HTTP/1.1 on kept-alive connections (raw
   uvloop protocol clients, no picows): every connection sends ``GET / HTTP/1.1``
   with a ``Host``, reads until the response is complete by its Content-Length
@@ -33,8 +47,10 @@ import array
 import asyncio
 import json
 import os
+import random
 import sys
 import time
+import zlib
 
 import uvloop
 from picows import WSCloseCode, WSListener, WSMsgType, ws_connect
@@ -58,6 +74,8 @@ class Run:
         self.active = 0
         self.all_done: asyncio.Future | None = None
         self.error_kinds: dict[str, int] = {}
+        self.first: list[bytes] = []   # --deflate: the compressed sequence (deflate_sequence)
+        self.steady: list[bytes] = []
 
     def error(self, kind: str) -> None:
         self.errors += 1
@@ -121,11 +139,103 @@ class EchoClient(WSListener):
 
 
 
+# -- permessage-deflate ----------------------------------------------------------------
+
+DEFLATE_OFFER = {"Sec-WebSocket-Extensions": "permessage-deflate"}
+
+
+def records(rnd: random.Random, size: int) -> bytes:
+    """``size`` bytes of a JSON array of order records (what a trading or
+    chat feed sends): repeated keys, random values."""
+    syms = ("BTC-USD", "ETH-USD", "EUR-USD", "AAPL", "MSFT", "TSLA", "NVDA", "AMZN")
+    parts, n = [], 1
+    while n < size:
+        rec = ('{"seq":%d,"sym":"%s","side":"%s","px":%d.%02d,"qty":%d,"user":"u%05d"}'
+               % (rnd.randrange(10 ** 7), rnd.choice(syms), rnd.choice(("buy", "sell")), rnd.randrange(1, 5000),
+                  rnd.randrange(100), rnd.randrange(1, 1000), rnd.randrange(10 ** 5)))
+        parts.append(rec)
+        n += len(rec) + 1
+    return (b"[" + ",".join(parts).encode())[:size - 1] + b"]"
+
+
+def deflate_sequence(size: int, seed: int = 7) -> tuple[list[bytes], list[bytes], list[bytes]]:
+    """(plain, first, steady): distinct records, then each compressed with
+    context takeover from an empty window (the first pass), then again with
+    the whole pool before it (every later pass sees that same window)."""
+    rnd = random.Random(seed)
+    plain = [records(rnd, size) for _ in range(max(8, -(-4 * 32768 // size)))]
+    c = zlib.compressobj(wbits=-15)  # zlib's defaults, a 32 KiB window: a browser's
+    passes = []
+    for _ in range(2):
+        out = []
+        for m in plain:
+            data = c.compress(m) + c.flush(zlib.Z_SYNC_FLUSH)
+            out.append(data[:-4])
+        passes.append(out)
+    return plain, passes[0], passes[1]
+
+
+class DeflateEchoClient(EchoClient):
+    """EchoClient sending the compressed sequence (RSV1 set); the echo is counted as is."""
+
+    def __init__(self, run: Run):
+        super().__init__(run)
+        self.i = 0
+
+    def on_ws_connected(self, transport) -> None:
+        self.transport = transport
+        agreed = transport.response.headers.get("Sec-WebSocket-Extensions", "") if transport.response else ""
+        if "permessage-deflate" not in agreed or "client_" in agreed:
+            # not agreed, or agreed with a window or no-takeover rule our stream does not keep
+            self.run.error("deflate_not_agreed")
+            self.closing = True
+            transport.disconnect(graceful=False)
+
+    def _next(self) -> bytes:
+        r = self.run
+        i = self.i
+        self.i = i + 1
+        n = len(r.steady)
+        return r.first[i] if i < n else r.steady[i % n]
+
+    def go(self) -> None:
+        self.sent_at = now_ns()
+        self.waiting = True
+        self.transport.send(BINARY, self._next(), True, True)
+
+    def on_ws_frame(self, transport, frame) -> None:
+        if frame.msg_type is BINARY:
+            now = now_ns()
+            if self.reply is not None:
+                if not self.reply.done():
+                    self.reply.set_result(None)
+                return
+            r = self.run
+            if r.measure_from <= now < r.measure_to:
+                r.lat.append(now - self.sent_at)
+                r.msgs += 1
+            if now < r.stop_at:
+                self.sent_at = now
+                transport.send(BINARY, self._next(), True, True)
+            else:
+                self.finish()
+        elif frame.msg_type is CLOSE:
+            transport.send_close(frame.get_close_code())
+            transport.disconnect()
+
+
 async def _connect(url: str, run: Run, sem: asyncio.Semaphore | None = None) -> EchoClient | None:
     async def once():
         try:
-            transport, client = await ws_connect(lambda: EchoClient(run), url, websocket_handshake_timeout=30,
-                                                 max_frame_size=64 << 20)
+            if run.first:
+                transport, client = await ws_connect(lambda: DeflateEchoClient(run), url,
+                                                     websocket_handshake_timeout=30, max_frame_size=64 << 20,
+                                                     extra_headers=DEFLATE_OFFER)
+                if client is not None and client.closing:
+                    return None
+            else:
+                transport, client = await ws_connect(lambda: EchoClient(run), url, websocket_handshake_timeout=30,
+                                                     max_frame_size=64 << 20)
         except Exception as e:  # a refused or failed handshake is a result, not a crash
             run.error(type(e).__name__)
             return None
@@ -181,6 +291,10 @@ async def _close_all(clients: list[EchoClient], timeout: float = 5.0) -> None:
 
 async def echo_mode(a: argparse.Namespace) -> dict:
     run = Run(a.size)
+    ratio = None
+    if a.deflate:
+        plain, run.first, run.steady = deflate_sequence(a.size)
+        ratio = round(sum(map(len, run.steady)) / sum(map(len, plain)), 3)
     sem = asyncio.Semaphore(a.connect_concurrency)
     clients = [c for c in await asyncio.gather(*(_connect(a.url, run, sem) for _ in range(a.conns))) if c]
     _emit("READY", {"connected": len(clients), "errors": run.errors})
@@ -198,8 +312,11 @@ async def echo_mode(a: argparse.Namespace) -> dict:
         except TimeoutError:
             run.error("no_echo_after_stop")
     await _close_all(clients)
-    return {"mode": "echo", "connected": len(clients), "msgs": run.msgs, "bytes": run.msgs * a.size,
-            "window_s": a.duration, "errors": run.errors, "error_kinds": run.error_kinds, "lat": run.lat}
+    out = {"mode": "echo", "connected": len(clients), "msgs": run.msgs, "bytes": run.msgs * a.size,
+           "window_s": a.duration, "errors": run.errors, "error_kinds": run.error_kinds, "lat": run.lat}
+    if ratio is not None:
+        out["deflate_ratio"] = ratio  # compressed / plain bytes, steady state
+    return out
 
 
 class HandshakeClient(WSListener):
@@ -418,6 +535,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--url", required=True)
     ap.add_argument("--conns", type=int, default=10, help="connections (echo, idle, http) or loops (handshake)")
     ap.add_argument("--size", type=int, default=64, help="message size in bytes (echo)")
+    ap.add_argument("--deflate", action="store_true",
+                    help="echo: offer permessage-deflate and send compressed records (see the module docstring)")
     ap.add_argument("--warmup", type=float, default=1.0, help="seconds before the measuring window")
     ap.add_argument("--duration", type=float, default=5.0, help="seconds measured (idle: seconds held, unsteered)")
     ap.add_argument("--connect-concurrency", type=int, default=64)

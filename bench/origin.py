@@ -1,5 +1,12 @@
 """The echo origin: a picows WebSocket server that sends every data frame back.
 
+A client offering ``permessage-deflate`` gets it (``Sec-WebSocket-Extensions:
+permessage-deflate`` in the 101: 15-bit windows, context takeover both ways)
+and its compressed frames back as they came, RSV1 included: the client sends
+each message once and in order, so both directions have the same window and
+the same bytes are a valid compressed stream back (what a zlib echo server
+with the same settings would send; bench/loadgen.py ``--deflate``).
+
     python -m bench.origin [--listen 127.0.0.1:0] [--procs 1] [--http 127.0.0.1:0]
 
 Prints ``listening on HOST:PORT`` once the socket is bound, then ``ready``
@@ -63,7 +70,7 @@ class HttpResponder(asyncio.Protocol):
 
 def _serve(sock: socket.socket, ready_w: int, http_sock: socket.socket | None = None) -> None:
     import uvloop
-    from picows import WSListener, WSMsgType, ws_create_server
+    from picows import WSListener, WSMsgType, WSUpgradeResponse, WSUpgradeResponseWithListener, ws_create_server
 
     BINARY, TEXT, CONT, CLOSE = WSMsgType.BINARY, WSMsgType.TEXT, WSMsgType.CONTINUATION, WSMsgType.CLOSE
 
@@ -78,8 +85,27 @@ def _serve(sock: socket.socket, ready_w: int, http_sock: socket.socket | None = 
                 transport.send_close(frame.get_close_code())
                 transport.disconnect()
 
+    class DeflateEcho(WSListener):
+        """Echo keeping RSV1 (permessage-deflate agreed)."""
+
+        def on_ws_frame(self, transport, frame):
+            t = frame.msg_type
+            if t is BINARY or t is TEXT or t is CONT:
+                transport.send(t, frame.get_payload_as_memoryview(), frame.fin, frame.rsv1)
+            elif t is CLOSE:
+                transport.send_close(frame.get_close_code())
+                transport.disconnect()
+
+    agreed = {"Sec-WebSocket-Extensions": "permessage-deflate"}
+
+    def listener(req):
+        if "permessage-deflate" in req.headers.get("Sec-WebSocket-Extensions", ""):
+            return WSUpgradeResponseWithListener(WSUpgradeResponse.create_101_response(extra_headers=agreed),
+                                                 DeflateEcho())
+        return Echo()
+
     async def main() -> None:
-        await ws_create_server(lambda _req: Echo(), sock=sock, backlog=4096,
+        await ws_create_server(listener, sock=sock, backlog=4096,
                                max_frame_size=64 << 20, websocket_handshake_timeout=30)
         if http_sock is not None:
             await asyncio.get_running_loop().create_server(HttpResponder, sock=http_sock, backlog=4096)

@@ -333,7 +333,13 @@ SYSTEMS = {
                             env={"RELAY_METRICS_LISTEN": f"{HOST}:0"}, scrape_every=1.0),
     # the cost of frames mode (RELAY_MODE=frames: frame headers tracked both ways)
     "wsrelay-frames": dict(label="wsrelay (1 worker, frames mode)", workers=1, env={"RELAY_MODE": "frames"}),
+    # ... with a message limit: compressed messages inflated both ways to be measured
+    "wsrelay-frames-limit": dict(label="wsrelay (1 worker, frames mode, 1 MiB limit)", workers=1,
+                                 env={"RELAY_MODE": "frames", "RELAY_MAX_MESSAGE_BYTES": str(1 << 20)}),
 }
+
+#: a variant also compared with another than plain wsrelay: the limit's cost is frames mode with it ÷ without
+BASELINES = {"wsrelay-frames-limit": "wsrelay-frames"}
 
 
 def make(key: str) -> System:

@@ -51,6 +51,12 @@ def rows(run: dict) -> list[list[str]]:
                 fig += f" = {r['x_wsrelay']:.2f}× wsrelay (1 worker)"
                 if r.get("x_wsrelay_core") is not None:
                     fig += f", {r['x_wsrelay_core']:.2f}× per core"
+            if r.get("x_base") is not None:
+                fig += f"; {r['x_base']:.2f}× {SYSTEMS[r['base']]['label']}"
+                if r.get("x_base_core") is not None:
+                    fig += f", {r['x_base_core']:.2f}× per core"
+            if r.get("deflate_ratio") is not None and key == w["systems"][0]:
+                fig += f" (compressed to {r['deflate_ratio']:.0%})"
             per_core = f"{_fmt(r.get('per_core'), unit)}" if r.get("per_core") else "–"
             err = str(r["errors"]) + (f" ({r['failed']} failed)" if r["failed"] else "")
             pc = "–" if r.get("proxy_cpu") is None or key == "direct" else f"{r['proxy_cpu'] * 100:.0f}%"

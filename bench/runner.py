@@ -41,6 +41,7 @@ class Workload:
     metric: str = "msgs/s"    # the figure the ratios are taken on
     higher_better: bool = True
     pinned: bool = True       # follow --pin (the scaling workload never pins)
+    deflate: bool = False     # echo with permessage-deflate (bench/loadgen.py --deflate)
 
 
 def workloads(quick: bool, idle_conns: int) -> list[Workload]:
@@ -58,6 +59,11 @@ def workloads(quick: bool, idle_conns: int) -> list[Workload]:
                  systems=("wsrelay", "wsrelay-2w"), pinned=False),
         Workload("metrics-64", "64 B echo, 50 conns, /metrics off vs on", "echo", 50, 64,
                  systems=("wsrelay", "wsrelay-metrics")),
+        # permessage-deflate end to end; the message limit makes frames mode inflate both ways
+        Workload("deflate-64", "64 B compressed echo, 50 conns", "echo", 50, 64, deflate=True,
+                 systems=("direct", "haproxy", "wsrelay", "wsrelay-frames", "wsrelay-frames-limit")),
+        Workload("deflate-4k", "4 KiB compressed echo, 50 conns", "echo", 50, 4096, deflate=True,
+                 systems=("direct", "haproxy", "wsrelay", "wsrelay-frames", "wsrelay-frames-limit")),
         # plain HTTP/1.1 (the long-polling fallback): keep-alive GETs to the origin's HTTP port,
         # size = the origin's response body (bench.origin.HTTP_BODY)
         Workload("http-rate", "HTTP GET, 128 B body, 50 keep-alive conns", "http", 50, 128, metric="req/s"),
@@ -145,6 +151,8 @@ def run_trial(w: Workload, key: str, origin_pid: int, origin_port: int, opts, tm
             argv = [sys.executable, "-m", "bench.loadgen", "--steered", "--mode", w.mode, "--url", sysm.url,
                     "--conns", str(n), "--size", str(w.size), "--warmup", str(warmup),
                     "--duration", str(duration), "--lat-file", str(tmp / f"lat-{i}.bin")]
+            if w.deflate:
+                argv.append("--deflate")
             children.append(Child(argv, cpus.load))
         connect_timeout = 30 + w.conns / 200
         readies = [c.line("READY", connect_timeout) for c in children]
@@ -176,6 +184,8 @@ def run_trial(w: Workload, key: str, origin_pid: int, origin_port: int, opts, tm
             msgs = sum(r["msgs"] for r in results)
             rate = msgs / duration
             proxy_cpu, origin_cpu, load_cpu = ((b - a) / wall for a, b in zip(cpu0, cpu1))
+            if w.deflate:
+                res["deflate_ratio"] = results[0].get("deflate_ratio")
             res.update(msgs=msgs, msgs_s=rate, mb_s=rate * w.size / 1e6, proxy_cpu=proxy_cpu,
                        origin_cpu=origin_cpu, load_cpu=load_cpu, connected=connected,
                        **_latency(tmp, len(children)))
@@ -314,7 +324,7 @@ def _trial_line(w: Workload, t: dict) -> str:
 
 
 NUMERIC = ("value", "per_core", "msgs_s", "mb_s", "p50_us", "p99_us", "p999_us", "proxy_cpu", "origin_cpu",
-           "load_cpu", "proxy_us_per_msg", "rss_before_kib", "rss_after_kib", "connected")
+           "load_cpu", "proxy_us_per_msg", "rss_before_kib", "rss_after_kib", "connected", "deflate_ratio")
 
 
 def summarize(wls: list[Workload], trials: list[dict]) -> dict:
@@ -349,6 +359,13 @@ def summarize(wls: list[Workload], trials: list[dict]) -> dict:
                 row["x_wsrelay"] = (row["value"] or 0) / base
                 row["x_wsrelay_core"] = ((row.get("per_core") or 0) / rows["wsrelay"]["per_core"]
                                          if rows["wsrelay"].get("per_core") else None)
+        # ... and some against another variant too (proxies.BASELINES)
+        for key, other in proxies.BASELINES.items():
+            row, ref = rows.get(key), rows.get(other)
+            if row and ref and ref.get("value"):
+                row["base"] = other
+                row["x_base"] = (row["value"] or 0) / ref["value"]
+                row["x_base_core"] = ((row.get("per_core") or 0) / ref["per_core"] if ref.get("per_core") else None)
         out[w.key] = rows
     return out
 

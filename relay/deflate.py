@@ -289,9 +289,23 @@ class Inflater:
             if not data:
                 return
 
+    def whole(self, data) -> None:
+        """:meth:`begin`, :meth:`feed` and :meth:`finish` for a message in one
+        piece; one call to zlib when it is small (as websockets does below 2 KiB)."""
+        self.begin()
+        if len(data) < 2048:
+            self.feed(bytes(data) + TAIL)
+        else:
+            self.feed(data)
+            self.feed(TAIL)
+        self._ended()
+
     def finish(self) -> None:
         """The message's last payload byte was fed."""
         self.feed(TAIL)
+        self._ended()
+
+    def _ended(self) -> None:
         self._open = False
         if not self.takeover:
             d, self._d = self._d, None

@@ -451,6 +451,15 @@ class FrameTracker:
                     if h > end:
                         break  # hold the header; no state changed yet
                     f = h + ln
+                    if kind == _Z_WHOLE and f <= end:
+                        # the common case, inline: a whole message in the chunk
+                        try:
+                            self._meter.whole(_unmask(buf[h:f], bytes(buf[h - 4:h])) if xmask else buf[h:f])
+                        except InflateError as e:
+                            self._fail(e.code, e.reason, plan, buf, seg, pos, messages)
+                        pos = f
+                        messages += 1
+                        continue
                     self._inflate(buf, kind, h, f if f < end else end, f <= end, plan, seg, pos, messages)
                     if kind != _Z_WHOLE:
                         kinds = self._kinds = _OPEN_Z if kind != _Z_LAST else self._idle_t

@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,64 @@ def test_generated_haproxy_config_is_valid(tmp_path):
     haproxy = shutil.which("haproxy", path="/usr/sbin:/usr/bin:/usr/local/sbin")
     p = subprocess.run([haproxy, "-c", "-f", str(conf)], capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+# -- the compressed echo (deflate-64, deflate-4k) --------------------------------------
+
+def test_deflate_sequence_is_a_valid_stream_of_distinct_records():
+    """What loadgen --deflate sends, pass after pass, inflates back to the
+    records with one inflater kept across messages (context takeover), and
+    no record is repeated within a window."""
+    from bench.loadgen import deflate_sequence
+    for size in (64, 4096):
+        plain, first, steady = deflate_sequence(size)
+        assert all(len(p) == size for p in plain) and len(set(plain)) == len(plain)
+        assert len(plain) * size >= 4 * 32768
+        d = zlib.decompressobj(-15)
+        assert [d.decompress(c + b"\x00\x00\xff\xff") for c in first + steady + steady] == plain * 3
+        assert sum(map(len, steady)) < 0.5 * sum(map(len, plain))  # text-like: it does compress
+
+
+WS_ECHO = """
+import asyncio
+from websockets.asyncio.server import serve
+async def echo(ws):
+    async for m in ws:
+        await ws.send(m)
+async def main():
+    async with serve(echo, "127.0.0.1", 0, ping_interval=None) as s:
+        print(s.sockets[0].getsockname()[1], flush=True)
+        await asyncio.Future()
+asyncio.run(main())
+"""
+
+
+def test_loadgen_deflate_against_an_origin_that_really_inflates():
+    """websockets inflates every message (and would close with 1002 on bad
+    data) and compresses its answers with its own window: the load
+    generator's stream is real permessage-deflate."""
+    origin = subprocess.Popen([sys.executable, "-c", WS_ECHO], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(origin.stdout.readline())
+        for size in (64, 4096):
+            p = run("-m", "bench.loadgen", "--mode", "echo", "--deflate", "--url", f"ws://127.0.0.1:{port}/",
+                    "--conns", "2", "--size", str(size), "--warmup", "0.1", "--duration", "0.5")
+            assert p.returncode == 0, p.stderr
+            result = json.loads(p.stdout.splitlines()[-1].split(" ", 1)[1])
+            assert result["msgs"] > 0 and result["errors"] == 0, result
+    finally:
+        origin.kill()
+        origin.wait(10)
+
+
+def test_runner_deflate_through_the_measuring_relay(tmp_path):
+    """The picows origin echoes the compressed frames as they came; wsrelay
+    with a limit inflates both directions, so a stream invalid either way
+    would end in errors here."""
+    p = run("-m", "bench", "--only", "deflate-64", "--systems", "direct", "wsrelay-frames-limit", "--rounds", "1",
+            "--duration", "0.5", "--warmup", "0.2", "--out", str(tmp_path), timeout=90)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    summary = json.loads((tmp_path / "results.json").read_text())["summary"]["deflate-64"]
+    for key in ("direct", "wsrelay-frames-limit"):
+        assert summary[key]["value"] > 0 and summary[key]["errors"] == 0, summary[key]
+    assert 0 < summary["direct"]["deflate_ratio"] < 0.5
