@@ -1,6 +1,7 @@
 """Profile wsrelay's worker under one of the benchmark's workloads.
 
     python -m bench.profile --workload handshake [--seconds 10] [--native] [--out bench/out]
+    python -m bench.profile --workload deflate-4k --system wsrelay-frames-limit
 
 Starts the echo origin, wsrelay with one worker and the load generators,
 then runs ``py-spy record`` on the worker process (``pip install py-spy``).
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--native", action="store_true", help="include native frames (py-spy --native)")
     ap.add_argument("--rate", type=int, default=250, help="samples per second")
+    ap.add_argument("--system", default="wsrelay", help="which wsrelay system of bench/proxies.py (default wsrelay)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
     a = ap.parse_args(argv)
     if shutil.which("py-spy") is None:
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="wsrelay-profile-"))
     origin, oport = runner.start_origin(1, None)
-    relay = proxies.make("wsrelay")
+    relay = proxies.make(a.system)
     children: list[runner.Child] = []
     try:
         relay.start(origin.http_port if w.mode == "http" else oport, tmp, None)
@@ -75,11 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         for n in runner._split(w.conns, w.procs):
             children.append(runner.Child(
                 [sys.executable, "-m", "bench.loadgen", "--mode", w.mode, "--url", relay.url, "--conns", str(n),
-                 "--size", str(w.size), "--warmup", "1", "--duration", str(a.seconds + 2)], None))
+                 "--size", str(w.size), "--warmup", "1", "--duration", str(a.seconds + 2)]
+                + (["--deflate"] if w.deflate else []), None))
         for c in children:
             c.line("READY", 120)
         time.sleep(1.0)
-        base = a.out / f"profile-{w.key}"
+        base = a.out / f"profile-{w.key}" if a.system == "wsrelay" else a.out / f"profile-{w.key}-{a.system}"
         # --native has to stop the process to unwind C stacks; Python-only sampling need not
         spy = ["py-spy", "record", "--pid", str(worker), "--duration", str(int(a.seconds)), "--rate", str(a.rate)]
         spy += ["--native"] if a.native else ["--nonblocking"]
