@@ -14,7 +14,15 @@ gets, so no caller has to guess one::
      │    ├── OriginUnavailable    no origin accepted a connection: 502
      │    └── OriginTimeout        no origin connection or answer in time: 504
      ├── ProtocolError             a WebSocket peer broke RFC 6455 or the message
-     │                             limit: .code is the Close code (relay/frames.py)
+     │                             limit: .code is the Close code, .cut when the
+     │                             stream stopped inside the bad frame (relay/frames.py)
+     ├── InflateError              a compressed message is invalid (.code 1002) or
+     │                             too big inflated (1009); the frame tracker turns
+     │                             it into a ProtocolError (relay/deflate.py)
+     ├── ValueError
+     │    └── ExtensionError       the origin's 101 agreed extensions the message limit
+     │                             cannot measure through; a HeadError 502 at the
+     │                             handshake (relay/deflate.py)
      └── ConfigError               bad settings: .lines, one message per problem
                                    (relay/config.py)
 
