@@ -1,4 +1,4 @@
-"""The frame-aware pump of ``RELAY_MODE=frames`` (README, "Settings"): the zero-copy
+"""The frame-aware pump of ``RELAY_MODE=frames`` (README, "Frames mode"): the zero-copy
 tunnel of :mod:`relay.tunnel`, with a :class:`~relay.frames.FrameTracker` on
 each direction so the relay knows where the frame boundaries are and can speak
 WebSocket at them.
