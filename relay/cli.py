@@ -1,4 +1,4 @@
-"""``wsrelay`` (also ``python -m relay``): run, demo, check, --version (SPEC §2).
+"""``wsrelay`` (also ``python -m relay``): run, demo, check, --version (README: "Pointing it at your origin").
 
 Exit codes: 0 done, 2 bad configuration (one line per problem on stderr,
 never a traceback), 1 anything unexpected.
@@ -43,9 +43,34 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wsrelay: {line}", file=sys.stderr)
         return 2
     if args.command == "check":
-        sys.stdout.write(settings.to_json().decode() + "\n")
-        return 0
+        return check(settings)
     return run(settings, args.env_file)
+
+
+def check(settings: Settings) -> int:
+    """Print the effective settings as JSON (indented on a terminal, one line
+    otherwise, for scripts), and a note on stderr for each listen address that
+    cannot be bound right now: normal for the relay you are about to reload,
+    but a second ``wsrelay run`` would refuse to start."""
+    from workers import listening
+
+    if sys.stdout.isatty():
+        import json
+
+        sys.stdout.write(json.dumps(settings.to_dict(), indent=2) + "\n")
+    else:
+        sys.stdout.write(settings.to_json().decode() + "\n")
+    addresses = [("RELAY_LISTEN", a) for a in settings.listen]
+    if settings.metrics_listen is not None:
+        addresses.append(("RELAY_METRICS_LISTEN", settings.metrics_listen))
+    for variable, addr in addresses:
+        if addr.port == 0:
+            continue
+        problem = listening.probe(addr)
+        if problem is not None:
+            print(f"wsrelay: note: {listening.why(variable, addr, problem)} "
+                  f"(fine if that is the running relay you are about to reload; a second relay would refuse to start)", file=sys.stderr)
+    return 0
 
 
 def run(settings: Settings, env_file: str | None, on_ready=None) -> int:

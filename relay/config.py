@@ -1,20 +1,24 @@
-"""Settings: every ``RELAY_*`` variable of SPEC §3 as one typed, validated value.
+"""Settings: every ``RELAY_*`` variable of the README's "Settings" table as
+one typed, validated value.
 
 Sources, later wins: defaults, the process environment, then ``--env-file``
-(the file is what a reload re-reads, so it must be able to change anything).
-A bad value never becomes a traceback: :func:`load` raises
-:class:`ConfigError` holding one line per problem, each naming the variable,
-the value and what is expected.
+(the file is what a reload re-reads, so it must be able to change anything;
+its syntax is systemd's ``EnvironmentFile=``, :mod:`relay.envfile`). A bad
+value never becomes a traceback: :func:`load` raises :class:`ConfigError`
+holding one line per problem — every problem of the file and of the values
+at once — each naming the variable, the value and what is expected.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import msgspec
 
+from relay import envfile
 from relay.errors import ConfigError
 
 PREFIX = "RELAY_"
@@ -51,25 +55,36 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     access_log: bool = True
     backlog: int = 4096
     forwarded_proto: Literal["http", "https"] = "http"
+    pid_file: str = ""
 
     def effective_workers(self) -> int:
         return self.workers or len(os.sched_getaffinity(0))
 
+    def to_dict(self) -> dict[str, Any]:
+        """``{"RELAY_X": value, ..., "effective_workers": n}``, the fields in
+        :data:`SECRETS` replaced by :data:`REDACTED` when set: what ``wsrelay
+        check`` prints and ``/config`` serves."""
+        out: dict[str, Any] = {}
+        for name in self.__struct_fields__:
+            v = getattr(self, name)
+            if isinstance(v, Address):
+                v = str(v)
+            elif isinstance(v, tuple) and v and isinstance(v[0], Address):
+                v = [str(a) for a in v]
+            if name in SECRETS and v:
+                v = REDACTED
+            out[PREFIX + name.upper()] = v
+        out["effective_workers"] = self.effective_workers()
+        return out
+
     def to_json(self) -> bytes:
-        return msgspec.json.encode(_jsonable(self))
+        return msgspec.json.encode(self.to_dict())
 
 
-def _jsonable(s: Settings) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name in s.__struct_fields__:
-        v = getattr(s, name)
-        if isinstance(v, Address):
-            v = str(v)
-        elif isinstance(v, tuple) and v and isinstance(v[0], Address):
-            v = [str(a) for a in v]
-        out[PREFIX + name.upper()] = v
-    out["effective_workers"] = s.effective_workers()
-    return out
+#: Settings whose values are never printed or served (``wsrelay check``,
+#: ``/config``, logs): a credential added later goes here. None exists yet.
+SECRETS: frozenset[str] = frozenset()
+REDACTED = "(redacted)"
 
 
 class _Bad(ValueError):
@@ -79,25 +94,24 @@ class _Bad(ValueError):
 # --- field parsers: str -> typed value, or _Bad("expected ...") ---------------
 
 
-def _address(text: str, default_host: str | None = None) -> Address:
+def _address(text: str, example: str = "0.0.0.0:8080") -> Address:
     text = text.strip()
+    v6_example = "[::1]:9000" if example.startswith("10.") else "[::]:8080"
     if text.startswith("["):
         host, sep, port = text[1:].partition("]:")
         if not sep:
-            raise _Bad("expected host:port, e.g. [::]:8080")
+            raise _Bad(f"expected host:port, e.g. {v6_example}")
     else:
         host, sep, port = text.rpartition(":")
         if not sep:
-            if default_host is None:
-                raise _Bad("expected host:port, e.g. 0.0.0.0:8080")
-            host, port = default_host, text
+            raise _Bad(f"expected host:port, e.g. {example}")
         if ":" in host:
-            raise _Bad("expected an IPv6 host in brackets, e.g. [::1]:8080")
-    if not host and default_host is None:
-        raise _Bad("expected host:port with a host")
+            raise _Bad(f"expected an IPv6 host in brackets, e.g. {v6_example}")
+    if not host:
+        raise _Bad(f"expected host:port with a host, e.g. {example}")
     if not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise _Bad("expected a port number 0-65535")
-    return Address(host or default_host or "", int(port))
+    return Address(host, int(port))
 
 
 def _listen(text: str) -> tuple[Address, ...]:
@@ -105,6 +119,9 @@ def _listen(text: str) -> tuple[Address, ...]:
     if not parts:
         raise _Bad("expected at least one host:port")
     return tuple(_address(p) for p in parts)
+
+
+_ORIGIN_EXAMPLE = "10.0.0.5:9000"
 
 
 def _origins(text: str) -> tuple[Address, ...]:
@@ -122,9 +139,12 @@ def _origins(text: str) -> tuple[Address, ...]:
         part = part.rstrip("/")
         if "/" in part:
             raise _Bad("expected an origin without a path")
-        out.append(_address(part))
+        addr = _address(part, _ORIGIN_EXAMPLE)
+        if addr.port == 0:
+            raise _Bad(f"expected an origin port 1-65535, e.g. {_ORIGIN_EXAMPLE}")
+        out.append(addr)
     if not out:
-        raise _Bad("expected at least one origin host:port")
+        raise _Bad(f"expected at least one origin host:port, e.g. {_ORIGIN_EXAMPLE}")
     return tuple(out)
 
 
@@ -194,7 +214,14 @@ def _choice(*choices: str) -> Callable[[str], str]:
 
 
 def _metrics_listen(text: str) -> Address | None:
-    return _address(text) if text.strip() else None
+    return _address(text, "127.0.0.1:9108") if text.strip() else None
+
+
+def _pid_file(text: str) -> str:
+    text = text.strip()
+    if text and not text.startswith("/"):
+        raise _Bad("expected an absolute path, e.g. /run/wsrelay.pid (empty: none)")
+    return text
 
 
 _PARSERS: dict[str, Callable[[str], Any]] = {
@@ -220,6 +247,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "access_log": _bool,
     "backlog": _int(1, 1 << 20),
     "forwarded_proto": _choice("http", "https"),
+    "pid_file": _pid_file,
 }
 
 assert set(_PARSERS) == set(Settings.__struct_fields__), "every setting needs a parser"
@@ -228,59 +256,84 @@ assert set(_PARSERS) == set(Settings.__struct_fields__), "every setting needs a 
 VARIABLES: tuple[str, ...] = tuple(PREFIX + name.upper() for name in Settings.__struct_fields__)
 
 
-def read_env_file(path: str) -> dict[str, str]:
-    """Parse ``KEY=value`` lines; ``#`` comments, blank lines, ``export`` and quotes allowed."""
+def read_env_file_all(path: str) -> tuple[dict[str, str], list[str]]:
+    """The assignments of an env file and its problems (``--env-file PATH:N: ...``)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as e:
-        raise ConfigError([f"--env-file {path}: cannot read: {e.strerror}"]) from None
+        return {}, [f"--env-file {path}: cannot read: {e.strerror}"]
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise ConfigError([f"--env-file {path}: not UTF-8 text"]) from None
-    out: dict[str, str] = {}
-    problems = []
-    for n, raw in enumerate(lines, 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("export "):
-            line = line[7:].lstrip()
-        key, sep, value = line.partition("=")
-        key = key.strip()
-        if not sep or not key.replace("_", "").isalnum():
-            problems.append(f"--env-file {path}:{n}: expected KEY=value, got {raw.strip()!r}")
-            continue
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-            value = value[1:-1]
-        out[key] = value
+        return {}, [f"--env-file {path}: not UTF-8 text"]
+    assignments, problems = envfile.parse(text)
+    return ({a.key: a.value for a in assignments},
+            [f"--env-file {path}:{p.removeprefix('line ')}" for p in problems])
+
+
+def read_env_file(path: str) -> dict[str, str]:
+    """Parse ``path`` as systemd's EnvironmentFile= would (:mod:`relay.envfile`);
+    raises :class:`ConfigError` with every problem of the file."""
+    values, problems = read_env_file_all(path)
     if problems:
         raise ConfigError(problems)
-    return out
+    return values
+
+
+def _quote(text: str) -> str:
+    return msgspec.json.encode(text).decode()
+
+
+def _whitespace(text: str) -> str | None:
+    """Whitespace inside a value (around commas is fine): the usual cause is an
+    inline comment, which neither wsrelay nor systemd's EnvironmentFile= has."""
+    if not any(c.isspace() for p in text.split(",") for c in p.strip()):
+        return None
+    if "#" in text:
+        return "contains whitespace — an inline comment? Comments must start the line"
+    return "contains whitespace (list items are separated by commas)"
+
+
+def _unknown(key: str) -> str:
+    close = difflib.get_close_matches(key, VARIABLES, n=1, cutoff=0.75)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return (f"{key}: unknown setting ({hint}every setting is listed in the README's Settings table "
+            f"and in deploy/wsrelay.env)")
 
 
 def load(environ: Mapping[str, str] | None = None, env_file: str | None = None,
          require_origin: bool = True) -> Settings:
-    """Build :class:`Settings` from the environment and an optional env file."""
+    """Build :class:`Settings` from the environment and an optional env file.
+
+    Raises :class:`ConfigError` with one line per problem, all of them: the
+    env file's syntax, unknown variables, bad values, a missing origin."""
     source = dict(os.environ if environ is None else environ)
-    if env_file:
-        source.update(read_env_file(env_file))
-    values: dict[str, Any] = {}
     problems: list[str] = []
+    unreadable = False
+    if env_file:
+        values_from_file, problems = read_env_file_all(env_file)
+        source.update(values_from_file)
+        unreadable = bool(problems) and problems[0].startswith(f"--env-file {env_file}: ")
+    values: dict[str, Any] = {}
     for key, text in source.items():
         if not key.startswith(PREFIX):
             continue
         name = key[len(PREFIX):].lower()
         parser = _PARSERS.get(name)
         if parser is None:
-            problems.append(f"{key}: unknown setting (known: see `wsrelay check` or the README)")
+            problems.append(_unknown(key))
             continue
-        try:
-            values[name] = parser(text)
-        except _Bad as e:
-            problems.append(f"{key}={text!r}: {e}")
-    if require_origin and "origin" not in values and not any(p.startswith(PREFIX + "ORIGIN") for p in problems):
-        problems.append(f"{PREFIX}ORIGIN is not set: expected the origin server, e.g. 127.0.0.1:9000")
+        reason = _whitespace(text)
+        if reason is None:
+            try:
+                values[name] = parser(text)
+                continue
+            except _Bad as e:
+                reason = f": {e}"
+        problems.append(f"{key}: {_quote(text)}{reason if reason.startswith(':') else ' ' + reason}")
+    if require_origin and not unreadable and "origin" not in values and not any(p.startswith(PREFIX + "ORIGIN") for p in problems):
+        problems.append(f"{PREFIX}ORIGIN is not set: expected the origin server(s), e.g. {_ORIGIN_EXAMPLE}")
     if problems:
         raise ConfigError(problems)
     return Settings(**values)

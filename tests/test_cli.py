@@ -68,7 +68,7 @@ def test_missing_origin_is_reported():
 
 def test_env_file_overrides_environment(tmp_path):
     f = tmp_path / "wsrelay.env"
-    f.write_text("# comment\nRELAY_ORIGIN=127.0.0.1:9001\nexport RELAY_WORKERS=4\nRELAY_WS_PATHS=\"/ws,/live\"\n")
+    f.write_text("# comment\nRELAY_ORIGIN=127.0.0.1:9001\nRELAY_WORKERS=4\nRELAY_WS_PATHS=\"/ws,/live\"\n")
     out = wsrelay("check", "--env-file", str(f), env={"RELAY_WORKERS": "1"})
     assert out.returncode == 0, out.stderr
     s = json.loads(out.stdout)
@@ -88,6 +88,85 @@ def test_several_problems_one_line_each():
     with pytest.raises(ConfigError) as e:
         load({"RELAY_ORIGIN": "x", "RELAY_WORKERS": "-1", "RELAY_IDLE_TIMEOUT": "soon"})
     assert len(e.value.lines) == 3
+
+
+def test_check_reports_every_problem_one_line_each(tmp_path):
+    """The old check stopped at the env file's first problem."""
+    f = tmp_path / "bad.env"
+    f.write_text("RELAY_WS_PATHS=/ws  # only the app socket\nnot a setting\nexport RELAY_MODE=frames\n"
+                 "RELAY_WORKERS=many\nRELAY_ORIGIN='127.0.0.1:9001 # primary'\n")
+    out = wsrelay("check", "--env-file", str(f))
+    assert out.returncode == 2 and out.stdout == ""
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 5, out.stderr
+    assert all(line.startswith("wsrelay: ") for line in lines)
+    text = out.stderr
+    assert f"{f}:2: expected KEY=value" in text and f"{f}:3: `export`" in text
+    assert 'RELAY_WS_PATHS: "/ws  # only the app socket" contains whitespace — an inline comment? ' \
+           'Comments must start the line' in text
+    assert 'RELAY_ORIGIN: "127.0.0.1:9001 # primary" contains whitespace — an inline comment?' in text
+    assert 'RELAY_WORKERS: "many": expected an integer' in text
+
+
+def test_unknown_variable_points_somewhere_that_works():
+    """The old message said "see `wsrelay check`", which refuses to run while it is set."""
+    out = wsrelay("check", env={"RELAY_ORIGIN": "127.0.0.1:9000", "RELAY_WS_PATH": "/ws"})
+    assert out.returncode == 2
+    assert "wsrelay check" not in out.stderr
+    assert "did you mean RELAY_WS_PATHS?" in out.stderr and "README" in out.stderr
+
+
+def test_check_json_is_indented_on_a_terminal():
+    import pty
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    env.update(RELAY_ORIGIN="127.0.0.1:9000", RELAY_LISTEN="127.0.0.1:0", RELAY_METRICS_LISTEN="")
+    master, slave = pty.openpty()
+    try:
+        p = subprocess.Popen([sys.executable, "-m", "relay", "check"], env=env, cwd=ROOT, stdout=slave,
+                             stderr=subprocess.PIPE)
+        os.close(slave)
+        out = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the terminal's other end is closed
+                break
+            if not chunk:
+                break
+            out += chunk
+        assert p.wait(20) == 0
+    finally:
+        os.close(master)
+    text = out.decode().replace("\r\n", "\n")
+    assert text.startswith("{\n  \"RELAY_LISTEN\": [")
+    assert json.loads(text)["RELAY_ORIGIN"] == ["127.0.0.1:9000"]
+    # Not a terminal: one line, for scripts.
+    out = wsrelay("check", env={"RELAY_ORIGIN": "127.0.0.1:9000"})
+    assert out.stdout.count("\n") == 1
+
+
+def test_check_says_when_a_listen_address_is_taken():
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        out = wsrelay("check", env={"RELAY_ORIGIN": "127.0.0.1:9000", "RELAY_LISTEN": f"127.0.0.1:{port}",
+                                    "RELAY_METRICS_LISTEN": ""})
+        # check probed without keeping anything: the holder still listens alone
+        taken.settimeout(5)
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            conn, _ = taken.accept()
+            conn.close()
+    assert out.returncode == 0, out.stderr  # the running relay about to be reloaded holds it: fine
+    assert json.loads(out.stdout)["RELAY_LISTEN"] == [f"127.0.0.1:{port}"]
+    line = out.stderr.strip()
+    assert line.startswith(f"wsrelay: note: RELAY_LISTEN: 127.0.0.1:{port} is already in use by pid {os.getpid()} ")
+    assert "\n" not in line
+    # A free address: no note.
+    out = wsrelay("check", env={"RELAY_ORIGIN": "127.0.0.1:9000", "RELAY_LISTEN": "127.0.0.1:0",
+                                "RELAY_METRICS_LISTEN": ""})
+    assert out.returncode == 0 and out.stderr == ""
 
 
 def test_listen_port_in_use_is_a_clear_error():
