@@ -3,8 +3,8 @@ keeps them at their target through crashes, reloads and shutdown.
 
 A worker is forked and at once execs a fresh interpreter
 (:mod:`workers.child`), so each generation runs the wsrelay installed now: a
-``SIGHUP`` after an upgrade rolls the new version out. Fork safety (SPEC §5)
-is therefore trivially true: nothing of the supervisor's state outlives the
+``SIGHUP`` after an upgrade rolls the new version out. Fork safety is therefore
+trivially true: nothing of the supervisor's state outlives the
 exec but the descriptors handed over. The supervisor still stays
 single-threaded with no event loop — a plain ``selectors`` loop. Signal
 handlers only queue the signal; the loop dispatches ``_on_<signal>``. One
@@ -16,17 +16,19 @@ supervisor: its workers exit with :data:`workers.child.EXIT_LAYOUT` before
 touching shared memory, and the reload is refused as a bad env file would be
 (the running generation keeps serving; nothing restarts in a loop).
 
-Why one inherited SO_REUSEPORT socket and not one per worker: with a socket
+Why one inherited listening socket and not one per worker: with a socket
 per worker the kernel hashes each connection to one worker's queue, and the
 connections queued on a worker that exits are reset. With one socket shared by
 every worker, a worker that stops accepting leaves its queue to the others, so
 drains and reloads drop nothing; each worker accepts from the shared queue
 whenever its loop is free, which spreads load by actual availability
-(measured in tests/test_lifecycle.py).
+(measured in tests/test_lifecycle.py). The socket is bound without
+SO_REUSEPORT, so no other process can join it (workers/listening.py).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import selectors
@@ -36,10 +38,10 @@ import time
 
 from metrics import layout
 from relay import __version__
-from relay.config import Settings, load
+from relay.config import Address, Settings, load
 from relay.errors import ConfigError
 from relay.shared import SharedState
-from workers import child, systemd
+from workers import child, listening, systemd
 
 log = logging.getLogger("wsrelay")
 
@@ -73,23 +75,35 @@ class Worker:
         self.draining = False
 
 
-def bind(settings: Settings) -> list[socket.socket]:
-    socks = []
-    for addr in settings.listen:
-        family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        try:
-            sock.bind((addr.host, addr.port))
-        except OSError as e:
+def bind(settings: Settings, held: dict[socket.socket, Address | None] | None = None) -> list[socket.socket]:
+    """One listening socket per ``RELAY_LISTEN`` address: the one in ``held``
+    (socket -> its address) when this relay serves that address already — a
+    reload's new generation inherits it — else a new one, never shared with
+    another process (workers/listening.py). Raises :class:`ConfigError` naming
+    the address when one cannot be bound; nothing bound here is then kept."""
+    reuse = {addr: sock for sock, addr in (held or {}).items() if addr is not None}
+    socks: list[socket.socket] = []
+    fresh: list[socket.socket] = []
+    try:
+        for addr in settings.listen:
+            sock = reuse.get(addr)
+            if sock is None:
+                try:
+                    sock = listening.bind(addr, settings.backlog)
+                except OSError as e:
+                    if held and listening.holder(addr.port, pids=[str(os.getpid())]):
+                        raise ConfigError([f"RELAY_LISTEN: {addr} overlaps an address this relay serves now; "
+                                           f"moving between overlapping addresses needs a restart"]) from None
+                    line = listening.why("RELAY_LISTEN", addr, e)
+                    if e.errno == errno.EADDRINUSE:
+                        line += ": refusing to share it with another process; stop that one or choose another address"
+                    raise ConfigError([line]) from None
+                fresh.append(sock)
+            socks.append(sock)
+    except ConfigError:
+        for sock in fresh:
             sock.close()
-            raise ConfigError([f"RELAY_LISTEN={addr}: cannot bind: {e.strerror}"]) from None
-        sock.listen(settings.backlog)
-        sock.setblocking(False)
-        socks.append(sock)
+        raise
     return socks
 
 
@@ -113,7 +127,9 @@ class Supervisor:
         self.signals: list[int] = []
         self.sel = selectors.DefaultSelector()
         self.endpoint = None
-        self.socks: list[socket.socket] = []
+        self.socks: list[socket.socket] = []   # the newest generation's listening sockets
+        self.running: list[socket.socket] = []  # those of the generation serving during a reload
+        self.held: dict[socket.socket, Address | None] = {}  # every one we hold -> its address
         self.listen_key = settings.listen
         self.before_reload = settings  # what a refused upgrade goes back to
         self.blocked: set[int] = set()  # indices whose worker cannot join, until the next SIGHUP
@@ -126,6 +142,8 @@ class Supervisor:
         self.socks = activated or bind(s)
         for sock in self.socks:
             sock.setblocking(False)
+        self.held = dict.fromkeys(activated) if activated else dict(zip(self.socks, s.listen))
+        self.running = self.socks
         n = s.effective_workers()
         self.shared = SharedState(max(64, 4 * n), s.max_clients)
         self._install_signals()
@@ -201,8 +219,7 @@ class Supervisor:
         self.stop_deadline = time.monotonic() + self.settings.drain_timeout + 5
         # Close our copy of the listening sockets: once the workers close
         # theirs, new connection attempts are refused instead of queued.
-        for sock in self.socks:
-            sock.close()
+        self._close_socks(keep=())
         self._signal_all(signal.SIGTERM)
         for w in self.workers.values():
             w.draining = True
@@ -220,17 +237,17 @@ class Supervisor:
             self.before_reload = self.settings
         if new.listen != self.listen_key:
             try:
-                socks = bind(new)
+                socks = bind(new, self.held)
             except ConfigError as e:
-                log.error("reload refused: %s", e)
+                log.error("reload refused, still serving the running configuration: %s", e)
                 return
-            if self.reloading and getattr(self, "old_socks", None):
-                # A reload still starting had bound these; the running generation
-                # keeps the original ones, which stay the ones to close later.
-                for sock in self.socks:
-                    sock.close()
-            else:
-                self.old_socks = self.socks
+            for addr, sock in zip(new.listen, socks):
+                self.held.setdefault(sock, addr)
+            if not self.reloading:
+                self.running = self.socks
+            # A reload still starting may have bound sockets that neither the
+            # running generation nor this one uses: close them now.
+            self._close_socks(keep=(*self.running, *socks))
             self.socks = socks
             self.listen_key = new.listen
         if new.metrics_listen != self.settings.metrics_listen:
@@ -246,6 +263,13 @@ class Supervisor:
         self.blocked.clear()
         systemd.notify("RELOADING=1")
         log.info("SIGHUP: starting worker generation %d, then draining the old one", self.generation)
+
+    def _close_socks(self, keep) -> None:
+        """Close every listening socket we hold but those in ``keep``."""
+        for sock in list(self.held):
+            if not any(sock is k for k in keep):
+                del self.held[sock]
+                sock.close()
 
     def _signal_all(self, sig: int, only=None) -> None:
         for w in self.workers.values():
@@ -323,9 +347,8 @@ class Supervisor:
             # SIGUSR1, not SIGTERM: the worker drains alike, but in frames mode
             # tells its clients 1012 Service Restart instead of 1001 Going Away.
             self._signal_all(signal.SIGUSR1, only=lambda w: w in old)
-            for sock in getattr(self, "old_socks", []) or []:
-                sock.close()
-            self.old_socks = []
+            self._close_socks(keep=self.socks)
+            self.running = self.socks
             systemd.notify("READY=1\nSTATUS=reloaded")
             log.info("reload: generation %d accepting, draining %d old workers", self.generation, len(old))
 
@@ -374,10 +397,8 @@ class Supervisor:
                 x.draining = True
             self._signal_all(signal.SIGTERM, only=lambda x: x in failed)
             prev = self.before_reload
-            if getattr(self, "old_socks", None):
-                for sock in self.socks:
-                    sock.close()
-                self.socks, self.old_socks = self.old_socks, []
+            self._close_socks(keep=self.running)
+            self.socks = self.running
             self.settings, self.listen_key = prev, prev.listen
             self.shared.limit = prev.max_clients
             # The running workers are the current generation again.
@@ -469,7 +490,7 @@ class Supervisor:
             self.endpoint = Endpoint.bind(addr.host, addr.port, registry=registry,
                                           healthy=self.healthy, ready=self.ready)
         except OSError as e:
-            raise ConfigError([f"RELAY_METRICS_LISTEN={addr}: cannot bind: {e.strerror}"]) from None
+            raise ConfigError([listening.why("RELAY_METRICS_LISTEN", addr, e)]) from None
         self.endpoint.register(self.sel)
         log.info("metrics on http://%s:%d/metrics", addr.host, self.endpoint.port)
 
