@@ -22,9 +22,18 @@ def _parser() -> argparse.ArgumentParser:
                        ("check", "validate the settings and print them as JSON")):
         c = sub.add_parser(name, help=text, description=text)
         c.add_argument("--env-file", metavar="PATH", help="read RELAY_* settings from this file too")
-    d = sub.add_parser("demo", help="run a built-in echo origin behind the relay and prove a round trip")
-    d.add_argument("--port", type=int, default=8080, help="relay port (default 8080; a free one if taken)")
+    d = sub.add_parser("demo", help="run a built-in echo origin behind the relay and prove a round trip",
+                       description="The relay in front of a built-in echo origin, with the RELAY_* settings "
+                                   "`run` reads (RELAY_ORIGIN excepted); proves one round trip, serves until Ctrl-C.")
+    d.add_argument("--port", type=int, default=8080,
+                   help="relay port when RELAY_LISTEN is not set (default 8080; a free one if taken)")
+    d.add_argument("--env-file", metavar="PATH", help="read RELAY_* settings from this file too")
     return p
+
+
+def print_problems(e: ConfigError) -> None:
+    for line in e.lines:
+        print(f"wsrelay: {line}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,12 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from relay.demo import main as demo
 
-        return demo(args.port)
+        return demo(args.port, args.env_file)
     try:
         settings = load(env_file=args.env_file, require_origin=True)
     except ConfigError as e:
-        for line in e.lines:
-            print(f"wsrelay: {line}", file=sys.stderr)
+        print_problems(e)
         return 2
     if args.command == "check":
         return check(settings)
@@ -80,6 +88,5 @@ def run(settings: Settings, env_file: str | None, on_ready=None) -> int:
     try:
         return Supervisor(settings, env_file, on_ready=on_ready).run()
     except ConfigError as e:
-        for line in e.lines:
-            print(f"wsrelay: {line}", file=sys.stderr)
+        print_problems(e)
         return 2

@@ -1,9 +1,15 @@
-"""``wsrelay demo``: the embedded default, with no configuration.
+"""``wsrelay demo``: the relay in front of a built-in origin, no configuration needed.
 
 Starts the demo origin (:mod:`relay.demo_origin`: WebSocket echo, a page
-with a long-polling fallback) on loopback in its own process, runs the real
-supervisor with two workers in front of it, prints the URLs, proves one round
+with a polling fallback) on loopback in its own process, runs the real
+supervisor in front of it with the same ``RELAY_*`` settings ``wsrelay run``
+reads (environment, then ``--env-file``), prints the URLs, proves one round
 trip through the relay with a plain blocking client, and serves until Ctrl-C.
+
+Only what a demo needs differs from ``run``, and only while the variable is
+not set: ``RELAY_LISTEN`` 127.0.0.1:8080 (``--port``; a free port if taken),
+``RELAY_WORKERS`` 2, ``RELAY_METRICS_LISTEN`` 127.0.0.1:9108 (a free port if
+taken), ``RELAY_ACCESS_LOG`` 0. ``RELAY_ORIGIN`` is always the demo origin.
 """
 
 from __future__ import annotations
@@ -14,8 +20,10 @@ import signal
 import socket
 import sys
 
-from relay.config import Address, Settings
-from relay.handshake import accept_key
+import msgspec
+
+from relay.config import Address, ConfigError, load, read_env_file_all
+from relay.handshake import accept_key, path_allowed
 
 
 def _bind_loopback(port: int) -> socket.socket:
@@ -37,7 +45,7 @@ def _free_port(preferred: int) -> int:
 
 
 def serve_origin(sock: socket.socket) -> None:
-    """The demo origin (echo, page, long polling) in this process, on uvloop."""
+    """The demo origin (echo, page, polling) in this process, on uvloop."""
     import uvloop
 
     from relay.demo_origin import serve_demo
@@ -45,12 +53,13 @@ def serve_origin(sock: socket.socket) -> None:
     uvloop.run(serve_demo(sock))
 
 
-def round_trip(port: int, text: str, timeout: float = 5.0) -> str:
-    """One text message through ws://127.0.0.1:port/ with a minimal blocking client."""
+def round_trip(host: str, port: int, path: str, text: str, timeout: float = 5.0) -> str:
+    """One text message through ws://host:port/path with a minimal blocking client."""
     key = base64.b64encode(os.urandom(16))
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                  b"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n" % (port, key))
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        s.sendall(b"GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  b"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                  % (path.encode(), _hostport(host, port).encode(), key))
         buf = b""
         while b"\r\n\r\n" not in buf:
             chunk = s.recv(4096)
@@ -72,9 +81,44 @@ def round_trip(port: int, text: str, timeout: float = 5.0) -> str:
         return rest[2: 2 + (rest[1] & 0x7F)].decode()
 
 
-def main(port: int = 8080) -> int:
-    from relay.cli import run
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
+
+def _connect_host(host: str) -> str:
+    """Where a local client reaches a listen address (a wildcard: loopback)."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+
+
+DEMO_PAGE_SOCKET = "/ws"  # the path relay/demo_page.html opens its WebSocket on
+
+
+def demo_environ(port: int, env_file: str | None) -> dict[str, str]:
+    """The environment ``run`` would see, plus the demo's defaults where unset."""
+    environ = dict(os.environ)
+    from_file = read_env_file_all(env_file)[0] if env_file else {}
+    given = set(environ) | set(from_file)
+    if "RELAY_ORIGIN" in given:
+        print("wsrelay demo: RELAY_ORIGIN ignored: the demo brings its own origin", file=sys.stderr)
+    defaults = {"RELAY_LISTEN": f"127.0.0.1:{_free_port(port)}", "RELAY_WORKERS": "2",
+                "RELAY_ACCESS_LOG": "0"}
+    if "RELAY_METRICS_LISTEN" not in given:
+        defaults["RELAY_METRICS_LISTEN"] = f"127.0.0.1:{_free_port(9108)}"
+    for key, value in defaults.items():
+        if key not in given:
+            environ[key] = value
+    environ.pop("RELAY_ORIGIN", None)
+    return environ
+
+
+def main(port: int = 8080, env_file: str | None = None) -> int:
+    from relay.cli import print_problems, run
+
+    try:
+        settings = load(demo_environ(port, env_file), env_file, require_origin=False)
+    except ConfigError as e:
+        print_problems(e)
+        return 2
     origin_sock = _bind_loopback(0)
     origin_port = origin_sock.getsockname()[1]
     pid = os.fork()
@@ -85,28 +129,33 @@ def main(port: int = 8080) -> int:
         finally:
             os._exit(0)
     origin_sock.close()
-    relay_port = _free_port(port)
-    metrics_port = _free_port(9108)
-    settings = Settings(listen=(Address("127.0.0.1", relay_port),),
-                        origin=(Address("127.0.0.1", origin_port),),
-                        workers=2, metrics_listen=Address("127.0.0.1", metrics_port), access_log=False)
+    settings = msgspec.structs.replace(settings, origin=(Address("127.0.0.1", origin_port),))
 
-    def ready(_sup) -> None:
-        url = f"ws://127.0.0.1:{relay_port}/"
+    def ready(sup) -> None:
+        host = _connect_host(settings.listen[0].host)
+        base = _hostport(host, sup.port)
+        path = settings.ws_paths[0]
+        url = f"ws://{base}{path}"
         try:
-            answer = round_trip(relay_port, "hello through wsrelay")
+            answer = round_trip(host, sup.port, path, "hello through wsrelay")
         except OSError as e:
             print(f"wsrelay demo: round trip FAILED: {e}", file=sys.stderr, flush=True)
             os.kill(os.getpid(), signal.SIGTERM)
             return
-        print(f"wsrelay demo: relay on {url} -> echo origin on ws://127.0.0.1:{origin_port}/\n"
-              f"wsrelay demo: open http://127.0.0.1:{relay_port}/ in a browser for the demo page\n"
-              f"wsrelay demo: round trip OK: sent 'hello through wsrelay', got {answer!r}\n"
-              f"wsrelay demo: metrics on http://127.0.0.1:{metrics_port}/metrics\n"
-              f"wsrelay demo: try it:  python -m websockets {url}   (Ctrl-C to stop)", flush=True)
+        lines = [f"relay on {url} -> echo origin on ws://127.0.0.1:{origin_port}/",
+                 f"open http://{base}/ in a browser for the demo page"]
+        if not path_allowed(DEMO_PAGE_SOCKET.encode(), tuple(p.encode() for p in settings.ws_paths)):
+            lines.append(f"(RELAY_WS_PATHS refuses upgrades on {DEMO_PAGE_SOCKET}, where the page opens its "
+                         f"WebSocket: it will fall back to polling)")
+        lines.append(f"round trip OK: sent 'hello through wsrelay', got {answer!r}")
+        if settings.metrics_listen is not None and sup.endpoint is not None:
+            m = settings.metrics_listen
+            lines.append(f"metrics on http://{_hostport(_connect_host(m.host), sup.endpoint.port)}/metrics")
+        lines.append(f"try it:  python -m websockets {url}   (pip install websockets; Ctrl-C to stop)")
+        print("\n".join("wsrelay demo: " + line for line in lines), flush=True)
 
     try:
-        return run(settings, None, on_ready=ready)
+        return run(settings, env_file, on_ready=ready)
     finally:
         try:
             os.kill(pid, signal.SIGTERM)

@@ -142,6 +142,55 @@ class Relay:
                 pass
 
 
+def wsrelay_command() -> list[str]:
+    """The installed ``wsrelay`` script when there is one (what the README runs), else ``python -m relay``."""
+    script = os.path.join(os.path.dirname(sys.executable), "wsrelay")
+    return [script] if os.access(script, os.X_OK) else [sys.executable, "-m", "relay"]
+
+
+class Demo:
+    """``wsrelay demo`` as a user runs it, with ``env`` added to a clean environment."""
+
+    def __init__(self, *args: str, env: dict | None = None):
+        e = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+        e.update(PYTHONUNBUFFERED="1", **(env or {}))
+        self.proc = subprocess.Popen([*wsrelay_command(), "demo", *args], env=e, cwd=ROOT,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.lines: list[str] = []
+        threading.Thread(target=Relay._pump, args=(self.proc.stdout, self.lines), daemon=True).start()
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_ready(self, timeout: float = 30) -> "Demo":
+        def seen():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"demo exited ({self.proc.returncode}):\n{self.text()}")
+            return "wsrelay demo: try it:" in self.text()
+        wait_for(seen, timeout, what="the demo's round trip")
+        return self
+
+    def url(self, what: str) -> str:
+        pattern = {"ws": r"relay on (ws://\S+)", "page": r"open (http://\S+) in a browser",
+                   "metrics": r"metrics on (http://\S+)"}[what]
+        return re.search(pattern, self.text()).group(1)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            return self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def __enter__(self) -> "Demo":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 def _alive_child(pid: int, parent: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:

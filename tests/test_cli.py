@@ -13,7 +13,7 @@ import pytest
 
 from relay.config import VARIABLES, load
 from relay.errors import ConfigError
-from tests.helpers import ROOT, wait_for
+from tests.helpers import ROOT, Demo, wait_for
 
 
 def wsrelay(*args, env=None, timeout=20):
@@ -183,31 +183,50 @@ def test_listen_port_in_use_is_a_clear_error():
 
 def test_demo_as_a_user_runs_it():
     """`wsrelay demo`: prints the URL, proves a round trip, exits 0 on Ctrl-C."""
-    e = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
-    p = subprocess.Popen([sys.executable, "-m", "relay", "demo", "--port", "0"], env=e, cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    import threading
-    threading.Thread(target=lambda: [lines.append(x) for x in iter(p.stdout.readline, "")], daemon=True).start()
-    try:
-        wait_for(lambda: any("round trip OK" in x for x in lines) or p.poll() is not None, 30, what="demo")
-        text = "".join(lines)
+    from websockets.asyncio.client import connect
+
+    from tests.test_tunnel import run
+
+    with Demo("--port", "0") as demo:
+        demo.wait_ready()
+        text = demo.text()
         assert "round trip OK" in text, text
-        url = re.search(r"relay on (ws://127\.0\.0\.1:\d+/)", text).group(1)
-        from tests.test_tunnel import run
-        from websockets.asyncio.client import connect
+        url = demo.url("ws")
+        assert re.fullmatch(r"ws://127\.0\.0\.1:\d+/", url)
 
         async def echo():
             async with connect(url) as ws:
                 await ws.send("user message")
                 return await ws.recv()
         assert run(echo()) == "user message"
-        # the demo origin also serves the page with the long-polling fallback (tests/test_browser.py)
+        # the demo origin also serves the page with the polling fallback (tests/test_browser.py)
         import urllib.request
-        with urllib.request.urlopen(url.replace("ws://", "http://"), timeout=10) as resp:
+        with urllib.request.urlopen(demo.url("page"), timeout=10) as resp:
             page = resp.read()
-        assert resp.status == 200 and b"new WebSocket" in page and b"/lp/poll" in page
-    finally:
-        p.send_signal(signal.SIGINT)
-        code = p.wait(30)
+        assert resp.status == 200 and b"new WebSocket" in page and b"/poll/recv" in page
+        code = demo.stop()
     assert code == 0
+
+
+def test_demo_honours_the_settings_run_reads(tmp_path):
+    """The demo built its settings in code and read no RELAY_* variable: with
+    RELAY_WS_PATHS=/elsewhere it still allowed upgrades on /ws."""
+    from tests.helpers import raw_exchange, status_of, upgrade_request
+
+    env_file = tmp_path / "demo.env"
+    env_file.write_text("RELAY_MODE=frames\n")
+    with Demo("--port", "0", "--env-file", str(env_file),
+              env={"RELAY_WS_PATHS": "/elsewhere", "RELAY_WORKERS": "1", "RELAY_ORIGIN": "10.0.0.5:9000"}) as demo:
+        demo.wait_ready()
+        text = demo.text()
+        port = int(re.search(r"relay on ws://127\.0\.0\.1:(\d+)/elsewhere ", text).group(1))
+        assert "RELAY_ORIGIN ignored" in text
+        assert ", 1 workers," in text and "mode frames" in text
+        assert "it will fall back to polling" in text
+        assert status_of(raw_exchange(port, upgrade_request("/ws"))) == 403
+    with Demo("--port", "0", env={"RELAY_WORKERS": "many", "RELAY_WS_PATHS": "ws"}) as demo:
+        assert demo.proc.wait(20) == 2
+        wait_for(lambda: len(demo.lines) >= 2, 5, what="two lines")
+    assert len(demo.lines) == 2, demo.text()
+    assert demo.lines[0].startswith('wsrelay: RELAY_WORKERS: "many": expected an integer')
+    assert demo.lines[1].startswith('wsrelay: RELAY_WS_PATHS: "ws": expected')
