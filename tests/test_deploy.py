@@ -204,8 +204,18 @@ def env_entries() -> list[tuple[bool, str, str, int]]:
     return out
 
 
-def test_env_file_passes_wsrelay_check():
+def test_untouched_env_file_fails_check_until_the_origin_is_set(tmp_path):
+    """Shipped with RELAY_ORIGIN set, check passed on the untouched file and
+    "check, then enable --now" started a relay answering 502 to everything."""
     r = subprocess.run([sys.executable, "-m", "relay", "check", "--env-file", str(ENV_FILE)],
+                       capture_output=True, text=True, timeout=30, env=clean_env(), cwd=ROOT)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == [
+        "wsrelay: RELAY_ORIGIN is not set: expected the origin server(s), e.g. 10.0.0.5:9000"]
+    # Uncommenting the example line is all it takes.
+    edited = tmp_path / "wsrelay.env"
+    edited.write_text(ENV_FILE.read_text().replace("#RELAY_ORIGIN=", "RELAY_ORIGIN=", 1))
+    r = subprocess.run([sys.executable, "-m", "relay", "check", "--env-file", str(edited)],
                        capture_output=True, text=True, timeout=30, env=clean_env(), cwd=ROOT)
     assert r.returncode == 0, r.stderr
     effective = json.loads(r.stdout)
@@ -223,7 +233,7 @@ def test_env_file_lists_every_variable_exactly_once():
 def test_env_file_sets_only_what_a_first_deployment_must_and_documents_every_line():
     lines = ENV_FILE.read_text().splitlines()
     active = {key for commented, key, _, _ in env_entries() if not commented}
-    assert active == {"RELAY_ORIGIN", "RELAY_LISTEN"}
+    assert active == {"RELAY_LISTEN"}
     for _, key, _, i in env_entries():
         above = lines[i - 1] if i else ""
         assert above.startswith("# ") and not ENV_LINE.match(above), f"{key} has no explanation above it"
@@ -233,10 +243,10 @@ def test_env_file_defaults_are_the_real_defaults():
     """Uncommenting every line changes nothing: the documented defaults are the code's."""
     entries = env_entries()
     everything = config.load({key: value for _, key, value, _ in entries})
-    first = config.load({key: value for commented, key, value, _ in entries if not commented})
-    assert everything == first
-    assert first == config.Settings(origin=first.origin, listen=first.listen)
-    assert first.listen == config.Settings().listen
+    first = config.load({key: value for commented, key, value, _ in entries if not commented},
+                        require_origin=False)
+    assert everything == config.Settings(origin=everything.origin, listen=first.listen)
+    assert first == config.Settings()
 
 
 # -- the sysctl file -------------------------------------------------------------------------
