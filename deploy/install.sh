@@ -2,7 +2,7 @@
 # Install wsrelay as a hardened systemd service (Debian/Ubuntu), from the
 # checkout this script lives in. Idempotent: a second run changes nothing.
 #
-#   sudo deploy/install.sh                 install or upgrade
+#   sudo deploy/install.sh                 install or upgrade (README: "Deploying")
 #   sudo deploy/install.sh --uninstall     remove it (an edited env file stays)
 #   sudo deploy/install.sh --uninstall --purge
 #
@@ -25,9 +25,14 @@ umask 022   # the service's dynamic user must be able to read the venv and the e
 usage() {
     cat <<'EOF'
 usage: install.sh [options]
-  --root DIR               install below DIR instead of / (staging, tests); no systemctl/sysctl
+  --root DIR               install below DIR instead of /, for inspection and tests only: the
+                           venv's scripts name DIR in their first line, so the tree cannot be
+                           copied to a host (run install.sh there); no systemctl/sysctl
   --prefix DIR             venv location as the service sees it (default /opt/wsrelay)
-  --python PY              interpreter for the venv, Python >= 3.11 (default python3)
+  --python PY              interpreter for the venv, Python >= 3.11, outside /home, /root and
+                           /run/user (the unit's ProtectHome=yes hides those: pyenv, uv and
+                           conda interpreters usually live there). Default: python3 on PATH,
+                           or /usr/bin/python3 when that one is hidden
   --system-site-packages   let the venv see PY's packages (with --no-deps: nothing downloaded)
   --no-deps                do not install dependencies (they must come from PY's site-packages)
   --pip-arg ARG            pass ARG to pip install (repeatable), e.g. --pip-arg=--no-index
@@ -42,7 +47,8 @@ say() { echo "install.sh: $*"; }
 
 ROOT=/
 PREFIX=/opt/wsrelay
-PYTHON=python3
+PYTHON=
+DEFAULT_PYTHON=python3
 SYSTEM_SITE=0
 NO_DEPS=0
 UNINSTALL=0
@@ -75,6 +81,9 @@ case "$PREFIX" in
 esac
 PREFIX=${PREFIX%/}
 [ -n "$PREFIX" ] || die "--prefix must not be /"
+# What the unit's ProtectHome=yes makes invisible to the service.
+hidden() { case "$1/" in /home/*|/root/*|/run/user/*) return 0 ;; *) return 1 ;; esac; }
+
 case "$PREFIX/" in
     /home/*|/root/*|/run/user/*)
         die "--prefix $PREFIX is hidden from the service by ProtectHome=yes; use e.g. /opt/wsrelay" ;;
@@ -169,6 +178,11 @@ put_conffile() {   # src dest mode
     # Edited by the operator (or not ours): keep it; what we recorded stays,
     # so it keeps counting as edited.
     record "${old:-edited}" "$rel"
+    if [ "$old" = "$new" ]; then
+        # Our version is the one installed last time: nothing new to merge.
+        say "kept edited $rel"
+        return 0
+    fi
     if [ -f "$dest.dist" ] && cmp -s "$src" "$dest.dist"; then
         say "kept edited $rel (new version unchanged in $rel.dist)"
     else
@@ -267,10 +281,43 @@ if [ $UNINSTALL -eq 1 ]; then
     exit 0
 fi
 
-# -- the venv --------------------------------------------------------------------
+# -- the interpreter ----------------------------------------------------------------
+# The venv links to its interpreter and loads the standard library from the
+# interpreter's installation (even with --copies), so both must be visible to
+# the service: a pyenv, uv or conda Python under /root or /home is not
+# (ProtectHome=yes), and the service would fail at start (status 127/203).
+# Prints the first hidden path the interpreter needs, or nothing.
+hidden_part() {   # python
+    local path
+    while read -r path; do
+        if hidden "$path"; then echo "$path"; return 0; fi
+    done < <("$1" -c 'import os, sys; print(os.path.realpath(sys.executable)); print(os.path.realpath(sys.base_prefix))' 2>/dev/null)
+    return 0
+}
+
 PY="$VENV/bin/python"
+if [ -x "$PY" ]; then
+    where=$(hidden_part "$PY")
+    [ -z "$where" ] || die "the venv $PREFIX uses $where, which ProtectHome=yes hides from the service;" \
+        "remove it (install.sh --uninstall) and install again with --python /usr/bin/python3"
+fi
+if [ -z "$PYTHON" ] && [ ! -x "$PY" ]; then
+    PYTHON=$DEFAULT_PYTHON
+    if command -v "$PYTHON" >/dev/null 2>&1 && [ -n "$(hidden_part "$PYTHON")" ] \
+        && [ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+        say "$PYTHON on PATH lives in $(hidden_part "$PYTHON"), hidden from the service by ProtectHome=yes:" \
+            "using /usr/bin/python3 ($(/usr/bin/python3 -V 2>&1))"
+        PYTHON=/usr/bin/python3
+    fi
+fi
+
+# -- the venv --------------------------------------------------------------------
 if [ ! -x "$PY" ]; then
     command -v "$PYTHON" >/dev/null 2>&1 || die "no interpreter $PYTHON (use --python)"
+    where=$(hidden_part "$PYTHON")
+    [ -z "$where" ] || die "$PYTHON lives in $where, which the unit's ProtectHome=yes hides from the service" \
+        "(it could not start: status 127). Use an interpreter outside /home, /root and /run/user," \
+        "e.g. --python /usr/bin/python3 (Debian 12: Python 3.11; apt-get install python3-venv)"
     "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
         || die "$PYTHON is $("$PYTHON" -V 2>&1); wsrelay needs Python >= 3.11 (use --python)"
     venv_args=(--without-pip)
@@ -281,7 +328,7 @@ fi
 if ! "$PY" -m pip --version >/dev/null 2>&1; then
     if ! "$PY" -m ensurepip --default-pip >/dev/null 2>&1; then
         if [ -z "$R" ] && command -v apt-get >/dev/null 2>&1 \
-            && case "$(readlink -f "$(command -v "$PYTHON")")" in /usr/bin/python3*) true ;; *) false ;; esac; then
+            && case "$(readlink -f "$(command -v "${PYTHON:-$DEFAULT_PYTHON}")")" in /usr/bin/python3*) true ;; *) false ;; esac; then
             say "installing python3-venv (ensurepip) with apt-get"
             apt-get install -y --no-install-recommends python3-venv >/dev/null
             "$PY" -m ensurepip --default-pip >/dev/null
@@ -369,4 +416,7 @@ if live_systemd; then
     fi
 elif [ -z "$R" ]; then
     say "systemd is not running here: daemon-reload and sysctl --system skipped"
+else
+    say "--root: $R is for inspection only: the venv's scripts start with #!$VENV/bin/python," \
+        "so the tree cannot be copied to a host; run install.sh on the host itself"
 fi

@@ -547,12 +547,46 @@ def test_listen_fds_for_another_pid_are_ignored(ws_origin):
 
 # -- the installer ------------------------------------------------------------------------------
 
-def run_install(src: Path, root: Path, *args: str) -> str:
-    r = subprocess.run(["bash", str(src / "deploy" / "install.sh"), "--root", str(root), "--python", sys.executable,
+def _hidden(path: str) -> bool:
+    """Hidden from the service by the unit's ProtectHome=yes."""
+    return (os.path.realpath(path) + "/").startswith(("/home/", "/root/", "/run/user/"))
+
+
+def _python_ok(python: str) -> bool:
+    """Python >= 3.11 with this interpreter's ABI (it will import our compiled dependencies)."""
+    r = subprocess.run([python, "-c", "import sys; print(sys.version_info >= (3, 11), sys.implementation.cache_tag)"],
+                       capture_output=True, text=True, timeout=30)
+    return r.stdout.split() == ["True", sys.implementation.cache_tag]
+
+
+def service_python() -> str:
+    """An interpreter the service could run: this one unless ProtectHome=yes hides it
+    (a pyenv, uv or conda Python under /root or /home), else Debian's /usr/bin/python3."""
+    if not _hidden(sys.executable) and not _hidden(sys.base_prefix):
+        return sys.executable
+    if os.path.exists("/usr/bin/python3") and _python_ok("/usr/bin/python3"):
+        return "/usr/bin/python3"
+    pytest.skip("no Python >= 3.11 outside home directories (apt-get install python3 python3-venv)")
+
+
+def install_env() -> dict[str, str]:
+    """The environment install.sh runs in: this interpreter's packages on PYTHONPATH
+    (with --no-deps nothing is downloaded, and another interpreter needs them)."""
+    import site
+
+    return clean_env(PYTHONPATH=os.pathsep.join(site.getsitepackages()))
+
+
+def run_install(src: Path, root: Path, *args: str, python: str | None = None, check: bool = True,
+                env: dict | None = None) -> str:
+    r = subprocess.run(["bash", str(src / "deploy" / "install.sh"), "--root", str(root),
+                        *(["--python", python or service_python()] if python != "" else []),
                         "--system-site-packages", "--no-deps", *args],
-                       capture_output=True, text=True, timeout=300, env=clean_env())
-    assert r.returncode == 0, r.stdout + r.stderr
-    return r.stdout
+                       capture_output=True, text=True, timeout=300, env=env or install_env())
+    if check:
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r.stdout
+    return r
 
 
 def tree(root: Path) -> dict[str, tuple]:
@@ -589,6 +623,7 @@ def installed(tmp_path_factory):
         shutil.copytree(Path(ROOT) / package, src / package, ignore=ignore)
     root = base / "root"
     first = run_install(src, root)
+    _see_this_environment(root / PREFIX.lstrip("/"))
     return src, root, first
 
 
@@ -668,14 +703,81 @@ def test_installed_wsrelay_serves_through_its_env_file(installed, ws_origin, tmp
 
 
 def _see_this_environment(venv: Path) -> None:
-    """When the tests run in a venv, --system-site-packages sees the base interpreter,
-    not this venv: point the installed venv at this one's packages (after its own)."""
-    if sys.prefix == sys.base_prefix:
+    """When the tests run in a venv or the installed venv uses another interpreter,
+    --system-site-packages does not see this environment's packages: point the
+    installed venv at them (after its own)."""
+    if sys.prefix == sys.base_prefix and service_python() == sys.executable:
         return
     import site
 
     lib = next((venv / "lib").glob("python3*/site-packages"))
     (lib / "zz-test-environment.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+
+
+def test_second_run_after_an_edit_writes_no_dist_file(installed, tmp_path):
+    """The same checkout again after the operator edited the env file: there is
+    no new version to merge (the old installer wrote a .dist and said there was)."""
+    src, root, _ = installed
+    root2 = tmp_path / "root"
+    shutil.copytree(root, root2, symlinks=True)
+    env = root2 / "etc/wsrelay/wsrelay.env"
+    env.write_text(env.read_text() + "RELAY_ORIGIN=10.0.0.5:9000\n")
+    out = run_install(src, root2)
+    assert not (root2 / "etc/wsrelay/wsrelay.env.dist").exists()
+    assert "kept edited /etc/wsrelay/wsrelay.env\n" in out
+    assert ".dist" not in out and "new version" not in out
+    assert "RELAY_ORIGIN=10.0.0.5:9000" in env.read_text()
+
+
+def test_root_is_for_inspection_only(installed):
+    """The staged venv's scripts name the staging directory: the installer says so."""
+    _, root, first = installed
+    venv = root / PREFIX.lstrip("/")
+    assert f"--root: {root} is for inspection only" in first
+    assert (venv / "bin" / "wsrelay").read_text().splitlines()[0] == f"#!{venv}/bin/python"
+
+
+@pytest.fixture
+def home_python():
+    """An interpreter under a home directory, as pyenv, uv or conda install them:
+    this one if it is (pyenv's, on the development machines), else a copy in /home."""
+    if _hidden(sys.base_prefix):
+        yield sys.executable
+        return
+    if not os.access("/home", os.W_OK):
+        pytest.skip("/home is not writable")
+    home = tempfile.mkdtemp(prefix="wsrelay-test-", dir="/home")
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--copies", "--without-pip", f"{home}/py"], check=True,
+                       timeout=120)
+        yield f"{home}/py/bin/python"
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_interpreter_hidden_by_protecthome_is_refused(home_python, tmp_path):
+    """The unit's ProtectHome=yes hides /root and /home: a venv made from a pyenv
+    Python there cannot start (status 127). Refused, with what to do instead."""
+    r = run_install(Path(ROOT), tmp_path / "root", python=home_python, check=False)
+    assert r.returncode == 1
+    assert "ProtectHome=yes hides from the service" in r.stderr and "--python /usr/bin/python3" in r.stderr
+    assert not (tmp_path / "root" / PREFIX.lstrip("/")).exists()
+
+
+def test_default_interpreter_avoids_a_hidden_python3(home_python, tmp_path, installed):
+    """python3 first on PATH is a pyenv one: the default becomes /usr/bin/python3."""
+    if not (os.path.exists("/usr/bin/python3") and _python_ok("/usr/bin/python3")):
+        pytest.skip("no Debian python3 >= 3.11")
+    src, _, _ = installed
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "python3").symlink_to(home_python)
+    env = install_env()
+    env["PATH"] = f"{bindir}:{env['PATH']}"
+    out = run_install(src, tmp_path / "root", python="", env=env)
+    assert "hidden from the service by ProtectHome=yes: using /usr/bin/python3" in out
+    venv_python = tmp_path / "root" / PREFIX.lstrip("/") / "bin" / "python"
+    assert not _hidden(os.path.realpath(venv_python))
 
 
 def test_install_keeps_edited_config_and_uninstalls(installed, tmp_path):
