@@ -9,7 +9,7 @@ values into the history of its worker index, so a series never goes backwards.
 from __future__ import annotations
 
 OUTCOMES = ("upgraded", "origin_rejected", "bad_request", "forbidden", "limit",
-            "origin_error", "timeout", "draining")
+            "origin_error", "timeout", "draining", "limit_ip")
 DIRECTIONS = ("upstream", "downstream")
 SIDES = ("client", "origin")
 # Close codes tracked by frames mode; anything else is counted as "other".

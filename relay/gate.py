@@ -40,8 +40,9 @@ def admit_upgrade(ctx: "Context", req: Request, client_ip: str, first: bool) -> 
         raise Refused(403, "path or Origin not allowed", "forbidden")
     if ctx.draining and not first:
         raise Refused(503, "draining", "draining")
-    if not ctx.admission.take(client_ip):
-        raise Refused(503, "client limit reached", "limit")
+    refused = ctx.admission.take(client_ip)  # "limit" or "limit_ip": counted apart (deploy/alerts.yml)
+    if refused:
+        raise Refused(503, "client limit reached", refused)
     return key
 
 

@@ -140,19 +140,22 @@ class Admission:
         self._per_ip = per_ip
         self._ips: dict[str, int] = {}
 
-    def take(self, ip: str | None = None) -> bool:
+    def take(self, ip: str | None = None) -> str | None:
+        """Admit one client: None, or the outcome that refused it — ``"limit_ip"``
+        (``RELAY_MAX_CLIENTS_PER_IP``) or ``"limit"`` (the global limit), counted
+        apart so that an alert on the global limit does not fire on one busy address."""
         if self._per_ip and ip is not None and self._ips.get(ip, 0) >= self._per_ip:
-            return False
+            return "limit_ip"
         fcntl.lockf(self._fd, fcntl.LOCK_EX)
         try:
             if sum(self._clients) >= self._header[LIMIT]:
-                return False
+                return "limit"
             self._clients[self._slot] += 1
         finally:
             fcntl.lockf(self._fd, fcntl.LOCK_UN)
         if self._per_ip and ip is not None:
             self._ips[ip] = self._ips.get(ip, 0) + 1
-        return True
+        return None
 
     def give(self, ip: str | None = None) -> None:
         self._clients[self._slot] -= 1

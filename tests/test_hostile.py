@@ -194,7 +194,9 @@ def test_oversized_and_malformed_frames_pass_through_untouched(raw_echo):
 
 # -- per-IP limit ------------------------------------------------------------------------
 
-def test_max_clients_per_ip_refuses_with_503_and_counts_limit(ws_origin):
+def test_max_clients_per_ip_refuses_with_503_and_counts_limit_ip(ws_origin):
+    """Counted as outcome limit_ip, never limit: the global-limit alert
+    (deploy/alerts.yml, WsrelayClientsAtLimit) must not fire on one busy address."""
     with Relay(ws_origin.addr, workers=1, env={"RELAY_MAX_CLIENTS_PER_IP": "3"}) as r:
         with contextlib.ExitStack() as stack:
             for _ in range(3):
@@ -203,7 +205,8 @@ def test_max_clients_per_ip_refuses_with_503_and_counts_limit(ws_origin):
                 s.sendall(upgrade_request("/"))
                 head, _ = read_head(s)
             assert status_of(head) == 503 and b"Retry-After: 5" in head
-            assert metric(r, "wsrelay_websocket_upgrades_total", 'outcome="limit"') == 1
+            assert metric(r, "wsrelay_websocket_upgrades_total", 'outcome="limit_ip"') == 1
+            assert metric(r, "wsrelay_websocket_upgrades_total", 'outcome="limit"') == 0
             assert metric(r, "wsrelay_clients") == 3
         # the count is given back as tunnels close: three more fit, twice over
         wait_for(lambda: metric(r, "wsrelay_clients") == 0, 10, what="clients back to 0")
@@ -212,7 +215,7 @@ def test_max_clients_per_ip_refuses_with_503_and_counts_limit(ws_origin):
                 for _ in range(3):
                     stack.enter_context(ws_connect(r.url + "/", open_timeout=5))
             wait_for(lambda: metric(r, "wsrelay_clients") == 0, 10, what="clients back to 0")
-        assert metric(r, "wsrelay_websocket_upgrades_total", 'outcome="limit"') == 1
+        assert metric(r, "wsrelay_websocket_upgrades_total", 'outcome="limit_ip"') == 1
         assert echo_ok(r) < 1.0
 
 

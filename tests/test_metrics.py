@@ -61,7 +61,7 @@ def test_every_worker_has_its_series_from_the_start(mrelay):
     for w in ("0", "1"):
         assert ("wsrelay_websocket_connections", (("worker", w),)) in s
         for outcome in ("upgraded", "origin_rejected", "bad_request", "forbidden", "limit", "origin_error",
-                        "timeout", "draining"):
+                        "timeout", "draining", "limit_ip"):
             assert ("wsrelay_websocket_upgrades_total", (("outcome", outcome), ("worker", w))) in s
         for d in ("upstream", "downstream"):
             assert ("wsrelay_bytes_total", (("direction", d), ("worker", w))) in s
@@ -215,17 +215,6 @@ def test_prometheus_config_and_alert_rules_pass_promtool():
     out = subprocess.run(["promtool", "check", "rules", "deploy/alerts.yml"], cwd=ROOT,
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stdout + out.stderr
-
-
-def test_grafana_dashboard_queries_known_metrics():
-    with open(os.path.join(ROOT, "deploy", "grafana-dashboard.json")) as f:
-        dash = json.load(f)
-    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
-    assert len(exprs) >= 6
-    known = ("wsrelay_websocket_connections", "wsrelay_websocket_upgrades_total", "wsrelay_http_requests_total",
-             "wsrelay_bytes_total", "wsrelay_handshake_seconds", "wsrelay_clients", "wsrelay_worker_")
-    for e in exprs:
-        assert any(k in e for k in known), e
 
 
 def test_slow_and_idle_scrapers_never_stall_the_supervisor(ws_origin):
