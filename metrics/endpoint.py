@@ -1,5 +1,7 @@
-"""``/metrics``, ``/healthz`` and ``/readyz``, served from the supervisor's
-single-threaded select loop: no thread, so forking workers stays safe.
+"""``/metrics``, ``/healthz``, ``/readyz`` and ``/config``, served from the
+supervisor's single-threaded select loop: no thread, so forking workers stays
+safe. ``/config`` is whatever JSON the supervisor's ``config`` callable
+returns (the running settings, secrets redacted, its generation and version).
 
 Requests are tiny; each connection is read without blocking until its head is
 complete, answered without blocking, and closed. Everything is bounded: the
@@ -24,11 +26,13 @@ MAX_CONNECTIONS = 64
 
 class Endpoint:
     def __init__(self, sock: socket.socket, registry: CollectorRegistry,
-                 healthy: Callable[[], bool], ready: Callable[[], bool]):
+                 healthy: Callable[[], bool], ready: Callable[[], bool],
+                 config: Callable[[], bytes] | None = None):
         self.sock = sock
         self.registry = registry
         self.healthy = healthy
         self.ready = ready
+        self.config = config
         #: connection -> [request bytes, deadline, answer still to send or None]
         self._pending: dict[socket.socket, list] = {}
         self._sel: selectors.BaseSelector | None = None
@@ -131,7 +135,9 @@ class Endpoint:
         if path == b"/readyz":
             ok = self.ready()
             return _response(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
-        return _response(404, b"not found: try /metrics, /healthz or /readyz\n")
+        if path == b"/config" and self.config is not None:
+            return _response(200, self.config(), "application/json", method == b"HEAD")
+        return _response(404, b"not found: try /metrics, /healthz, /readyz or /config\n")
 
 
 _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}

@@ -1,7 +1,8 @@
-"""``wsrelay`` (also ``python -m relay``): run, demo, check, --version (README: "Pointing it at your origin").
+"""``wsrelay`` (also ``python -m relay``): run, demo, check, status, reload,
+stop, --version (README: "Pointing it at your origin", "Seeing what runs").
 
 Exit codes: 0 done, 2 bad configuration (one line per problem on stderr,
-never a traceback), 1 anything unexpected.
+never a traceback), 3 (status, reload, stop) no relay running, 1 anything else.
 """
 
 from __future__ import annotations
@@ -28,6 +29,15 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=int, default=8080,
                    help="relay port when RELAY_LISTEN is not set (default 8080; a free one if taken)")
     d.add_argument("--env-file", metavar="PATH", help="read RELAY_* settings from this file too")
+    st = sub.add_parser("status", help="show what the running relay serves (its /config)",
+                        description="Version, pid, generation, workers, the last reload's outcome and the "
+                                    "effective settings of the relay at RELAY_METRICS_LISTEN (its /config).")
+    st.add_argument("--env-file", metavar="PATH", help="read RELAY_METRICS_LISTEN from this file too")
+    st.add_argument("--json", action="store_true", help="print /config as served")
+    for name, text in (("reload", "SIGHUP to the relay in RELAY_PID_FILE, then its outcome (outside systemd)"),
+                       ("stop", "SIGTERM to the relay in RELAY_PID_FILE, then wait for its drain (outside systemd)")):
+        c = sub.add_parser(name, help=text, description=text)
+        c.add_argument("--env-file", metavar="PATH", help="read RELAY_PID_FILE from this file too")
     return p
 
 
@@ -45,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         from relay.demo import main as demo
 
         return demo(args.port, args.env_file)
+    if args.command in ("status", "reload", "stop"):
+        from relay import control
+
+        if args.command == "status":
+            return control.status(args.env_file, args.json)
+        return getattr(control, args.command)(args.env_file)
     try:
         settings = load(env_file=args.env_file, require_origin=True)
     except ConfigError as e:

@@ -302,6 +302,29 @@ def _unknown(key: str) -> str:
             f"and in deploy/wsrelay.env)")
 
 
+def load_one(name: str, environ: Mapping[str, str] | None = None, env_file: str | None = None) -> Any:
+    """One setting (``"metrics_listen"``), from the same sources as :func:`load`,
+    without judging the others: what ``wsrelay status|reload|stop`` need from a
+    file that may have been edited since the relay started."""
+    key = PREFIX + name.upper()
+    source = dict(os.environ if environ is None else environ)
+    if env_file:
+        values, problems = read_env_file_all(env_file)
+        if problems and not values:
+            raise ConfigError(problems)
+        source.update(values)
+    if key not in source:
+        return getattr(Settings(), name)
+    text = source[key]
+    reason = _whitespace(text)
+    if reason is None:
+        try:
+            return _PARSERS[name](text)
+        except _Bad as e:
+            reason = f": {e}"
+    raise ConfigError([f"{key}: {_quote(text)}{reason if reason.startswith(':') else ' ' + reason}"])
+
+
 def load(environ: Mapping[str, str] | None = None, env_file: str | None = None,
          require_origin: bool = True) -> Settings:
     """Build :class:`Settings` from the environment and an optional env file.

@@ -18,10 +18,36 @@ import time
 import msgspec
 
 
+def stderr_is_journal() -> bool:
+    """Whether stderr is connected to journald: systemd sets JOURNAL_STREAM to
+    its device:inode (systemd.exec(5)), and the journal stamps every line itself."""
+    dev, _, ino = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(2)
+    except OSError:
+        return False
+    return dev.isdigit() and ino.isdigit() and (st.st_dev, st.st_ino) == (int(dev), int(ino))
+
+
+class _JournalFormatter(logging.Formatter):
+    """No timestamp (the journal has one per line) and sd-daemon(3)'s ``<N>``
+    priority prefix, so ``journalctl -p warning`` selects by level."""
+
+    PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{self.PRIORITY.get(record.levelno, 6)}>" + super().format(record)
+
+
 def setup(level: str) -> None:
-    """The service log on stderr at ``level`` (``debug`` … ``error``)."""
-    logging.basicConfig(stream=sys.stderr, level=getattr(logging, level.upper()),
-                        format="%(asctime)s wsrelay[%(process)d] %(levelname)s %(message)s")
+    """The service log on stderr at ``level`` (``debug`` … ``error``); on the
+    journal without our timestamp and with a priority prefix per line."""
+    handler = logging.StreamHandler(sys.stderr)
+    if stderr_is_journal():
+        handler.setFormatter(_JournalFormatter("wsrelay[%(process)d] %(levelname)s %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s wsrelay[%(process)d] %(levelname)s %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
 
 
 class AccessRecord(msgspec.Struct, omit_defaults=False):

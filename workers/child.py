@@ -2,7 +2,7 @@
 ``python -P -m workers.child``. Every worker — each generation a ``SIGHUP``
 starts, each restart — is a fresh interpreter running the wsrelay installed
 on disk *now*, not the code the supervisor imported when it started, so a
-reload is also how an upgrade rolls out (SPEC §5).
+reload is also how an upgrade rolls out (README: "Deploying", the upgrade row).
 
 What crosses the exec is explicit: a :class:`Handoff`, JSON in the
 ``WSRELAY_WORKER`` environment variable, and the descriptors it names (the
@@ -137,6 +137,9 @@ def main() -> int:
         log.error("worker %d (pid %d): wsrelay %s lays out shared memory as %s, the supervisor as %s",
                   h.index, os.getpid(), __version__, mine, h.layout)
         return EXIT_LAYOUT
+    from workers import proctitle
+
+    proctitle.set(f"wsrelay: worker {h.index} (generation {h.generation})")
     try:
         settings = msgspec.json.decode(h.settings, type=Settings)
     except msgspec.DecodeError as e:

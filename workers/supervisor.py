@@ -36,12 +36,14 @@ import signal
 import socket
 import time
 
+import msgspec
+
 from metrics import layout
 from relay import __version__
 from relay.config import Address, Settings, load
 from relay.errors import ConfigError
 from relay.shared import SharedState
-from workers import child, listening, systemd
+from workers import child, listening, pidfile, proctitle, systemd
 
 log = logging.getLogger("wsrelay")
 
@@ -134,9 +136,25 @@ class Supervisor:
         self.before_reload = settings  # what a refused upgrade goes back to
         self.blocked: set[int] = set()  # indices whose worker cannot join, until the next SIGHUP
         self.exit_code = 0
+        self.started_at = time.time()
+        self.reloads = 0  # finished reloads, applied or refused: what /config's "last_reload" counts
+        self.last_reload: dict | None = None
 
     # -- public -------------------------------------------------------------------
     def run(self) -> int:
+        """Serve until stopped; returns the exit code. Raises ConfigError when it
+        cannot start (an address or the pid file is taken)."""
+        proctitle.set("wsrelay: supervisor")
+        pid_file = self.settings.pid_file
+        if pid_file:
+            pidfile.claim(pid_file)
+        try:
+            return self._run()
+        finally:
+            if pid_file:
+                pidfile.release(pid_file)
+
+    def _run(self) -> int:
         s = self.settings
         activated = systemd.listen_fds()
         self.socks = activated or bind(s)
@@ -232,6 +250,7 @@ class Supervisor:
         except ConfigError as e:
             for line in e.lines:
                 log.error("reload refused, still serving the running configuration: %s", line)
+            self._reloaded(e.lines)
             return
         if not self.reloading:
             self.before_reload = self.settings
@@ -240,6 +259,7 @@ class Supervisor:
                 socks = bind(new, self.held)
             except ConfigError as e:
                 log.error("reload refused, still serving the running configuration: %s", e)
+                self._reloaded(e.lines)
                 return
             for addr, sock in zip(new.listen, socks):
                 self.held.setdefault(sock, addr)
@@ -252,6 +272,10 @@ class Supervisor:
             self.listen_key = new.listen
         if new.metrics_listen != self.settings.metrics_listen:
             log.warning("RELAY_METRICS_LISTEN changes need a restart; keeping %s", self.settings.metrics_listen)
+        if new.pid_file != self.settings.pid_file:
+            log.warning("RELAY_PID_FILE changes need a restart; keeping %s", self.settings.pid_file or "none")
+        new = msgspec.structs.replace(new, metrics_listen=self.settings.metrics_listen,
+                                      pid_file=self.settings.pid_file)
         self.settings = new
         self.shared.limit = new.max_clients
         # The new generation inherits the supervisor's level (workers/child.py).
@@ -263,6 +287,24 @@ class Supervisor:
         self.blocked.clear()
         systemd.notify("RELOADING=1")
         log.info("SIGHUP: starting worker generation %d, then draining the old one", self.generation)
+
+    def _reloaded(self, problems: list[str]) -> None:
+        """Record how the last SIGHUP ended, for /config and `wsrelay status`."""
+        self.reloads += 1
+        self.last_reload = {"count": self.reloads, "time": _iso(time.time()),
+                            "result": "refused" if problems else "applied", "problems": problems}
+
+    def config(self) -> bytes:
+        """``/config``: what runs now. ``settings`` are the current generation's
+        (the one starting, while ``reloading``), secrets redacted."""
+        return msgspec.json.encode({
+            "version": __version__, "pid": os.getpid(), "started": _iso(self.started_at),
+            "generation": self.generation, "reloading": self.reloading, "env_file": self.env_file,
+            "last_reload": self.last_reload,
+            "workers": [{"index": w.index, "pid": w.pid, "generation": w.generation, "ready": w.ready,
+                         "draining": w.draining} for w in sorted(self.workers.values(),
+                                                                 key=lambda w: (w.generation, w.index))],
+            "settings": self.settings.to_dict()})
 
     def _close_socks(self, keep) -> None:
         """Close every listening socket we hold but those in ``keep``."""
@@ -351,6 +393,7 @@ class Supervisor:
             self.running = self.socks
             systemd.notify("READY=1\nSTATUS=reloaded")
             log.info("reload: generation %d accepting, draining %d old workers", self.generation, len(old))
+            self._reloaded([])
 
     def _reap(self) -> None:
         while True:
@@ -392,6 +435,7 @@ class Supervisor:
         supervisor: refuse the reload that started it, never restart it in a loop."""
         if self.reloading:
             log.error("reload refused, still serving the running generation: %s", reason)
+            self._reloaded([reason])
             failed = [x for x in self.workers.values() if x.generation == self.generation]
             for x in failed:
                 x.draining = True
@@ -488,7 +532,7 @@ class Supervisor:
         addr = s.metrics_listen
         try:
             self.endpoint = Endpoint.bind(addr.host, addr.port, registry=registry,
-                                          healthy=self.healthy, ready=self.ready)
+                                          healthy=self.healthy, ready=self.ready, config=self.config)
         except OSError as e:
             raise ConfigError([listening.why("RELAY_METRICS_LISTEN", addr, e)]) from None
         self.endpoint.register(self.sel)
@@ -553,6 +597,10 @@ class _MetricsSource:
             acc[1] += cpu
             acc[2] += fds
         return {str(i): tuple(v) for i, v in sorted(out.items())}  # type: ignore[misc]
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 def _sockname(sock: socket.socket) -> str:
