@@ -1,4 +1,4 @@
-"""The relay's own short answers (SPEC §4), built once at import.
+"""The relay's own short answers (README: "What happens at the edge"), built once at import.
 
 Every refusal closes the connection; the body is one line of text so a human
 with curl sees why. Exception text never reaches the peer.

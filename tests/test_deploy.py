@@ -1,4 +1,4 @@
-"""deploy/ (SPEC §8) and the supervisor's side of the systemd contract (§5).
+"""deploy/ (README: "Deploying") and the supervisor's side of the systemd contract.
 
 - The unit files pass ``systemd-analyze verify`` with no warning at all (a
   typo in a directive is only a warning there, so any output fails), and the

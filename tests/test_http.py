@@ -1,4 +1,4 @@
-"""Plain HTTP pass-through, the long-polling fallback (SPEC §4, issue 5):
+"""Plain HTTP pass-through, the long-polling fallback (README: "Long polling, the fallback"; issue 5):
 an aiohttp origin behind the real relay."""
 
 from __future__ import annotations

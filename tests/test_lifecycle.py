@@ -1,5 +1,5 @@
 """The process model under real signals: the global limit, crashes, spread,
-drain, reload and restart backoff (SPEC §4 global limit, §5)."""
+drain, reload and restart backoff (README: "Lifecycle")."""
 
 from __future__ import annotations
 

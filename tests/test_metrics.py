@@ -1,5 +1,5 @@
 """Observability against the real supervisor: /metrics, /healthz, /readyz and
-the JSON access log (SPEC §7, issue 4)."""
+the JSON access log (README: "Observability"; issue 4)."""
 
 from __future__ import annotations
 

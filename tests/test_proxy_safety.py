@@ -1,4 +1,4 @@
-"""No open proxy, no header injection (SPEC §4: the relay never chooses a
+"""No open proxy, no header injection (README: "What happens at the edge": the relay never chooses a
 destination from the request).
 
 A "victim" server listens on another loopback port and counts connections:

@@ -1,4 +1,4 @@
-"""Every refusal of SPEC §4, from raw sockets against the real relay."""
+"""Every refusal of the README's "What happens at the edge", from raw sockets against the real relay."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Upgrades rolled out by SIGHUP (SPEC §5): every worker is a fresh interpreter
+"""Upgrades rolled out by SIGHUP (README: "Deploying", the upgrade row): every worker is a fresh interpreter
 (workers/child.py), so a reload runs the code installed now; an installed
 version whose shared-memory layout differs is refused like a bad env file.
 

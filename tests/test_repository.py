@@ -1,0 +1,39 @@
+"""The repository says what it is: the license it claims, and citations a reader
+can follow (the README, never a SPEC that is not in the repository)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tomllib
+
+from tests.helpers import ROOT
+
+
+def tracked_files() -> list[str]:
+    out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    if out.returncode == 0 and out.stdout:
+        return out.stdout.splitlines()
+    return [os.path.relpath(os.path.join(d, f), ROOT) for d, _, fs in os.walk(ROOT) if ".git" not in d for f in fs]
+
+
+def test_no_citation_of_a_spec_that_is_not_here():
+    cited = []
+    for rel in tracked_files():
+        if rel.endswith((".png", ".pyc")) or rel.startswith("tests/test_repository.py"):
+            continue
+        try:
+            text = open(os.path.join(ROOT, rel), encoding="utf-8").read()
+        except (OSError, UnicodeDecodeError):
+            continue
+        cited += [f"{rel}:{n}" for n, line in enumerate(text.splitlines(), 1) if re.search(r"\bSPEC\b", line)]
+    assert cited == []
+
+
+def test_license_file_matches_pyproject():
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        assert tomllib.load(f)["project"]["license"] == {"text": "MIT"}
+    text = open(os.path.join(ROOT, "LICENSE")).read()
+    assert text.startswith("MIT License\n\nCopyright (c) the wsrelay authors\n")
+    assert "THE SOFTWARE IS PROVIDED \"AS IS\", WITHOUT WARRANTY OF ANY KIND" in text
