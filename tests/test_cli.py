@@ -230,3 +230,24 @@ def test_demo_honours_the_settings_run_reads(tmp_path):
     assert len(demo.lines) == 2, demo.text()
     assert demo.lines[0].startswith('wsrelay: RELAY_WORKERS: "many": expected an integer')
     assert demo.lines[1].startswith('wsrelay: RELAY_WS_PATHS: "ws": expected')
+
+
+def readme_demo_session() -> list[str]:
+    text = open(os.path.join(ROOT, "README.md")).read()
+    quick = text.split("## Quick start", 1)[1]
+    block = re.search(r"```\n(\d{4}-.*?)```", quick, re.S).group(1)
+    return block.replace("^C", "").splitlines()
+
+
+def test_readme_demo_session_is_real_output():
+    """Every line `wsrelay demo` prints, through Ctrl-C, is in the README's
+    session and the other way round (timestamps, pids and ports aside; the
+    order of the workers' own lines varies)."""
+    def norm(lines: list[str]) -> list[str]:
+        return sorted(re.sub(r"\d+", "N", line) for line in lines if line.strip())
+
+    with Demo("--port", "0") as demo:
+        demo.wait_ready()
+        assert demo.stop() == 0
+        wait_for(lambda: "wsrelay stopped" in demo.text(), 5, what="the last line")
+    assert norm(demo.lines) == norm(readme_demo_session())
