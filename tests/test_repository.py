@@ -37,3 +37,18 @@ def test_license_file_matches_pyproject():
     text = open(os.path.join(ROOT, "LICENSE")).read()
     assert text.startswith("MIT License\n\nCopyright (c) the wsrelay authors\n")
     assert "THE SOFTWARE IS PROVIDED \"AS IS\", WITHOUT WARRANTY OF ANY KIND" in text
+
+
+def test_quick_start_installs_into_a_venv():
+    """Debian 12's own Python refuses a plain `pip install` (PEP 668,
+    externally-managed-environment): the quick start makes a venv first and
+    names the Python it needs, the one pyproject.toml requires."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    quick = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    first_block = re.search(r"```sh\n(.*?)```", quick, re.S).group(1)
+    venv = first_block.index("-m venv")
+    activate = first_block.index("/bin/activate")
+    assert venv < activate < first_block.index("pip install")
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        requires = tomllib.load(f)["project"]["requires-python"]
+    assert requires == ">=3.11" and "Python ≥ 3.11" in quick.split("```", 1)[0]
