@@ -25,7 +25,8 @@ import time
 import urllib.error
 import urllib.request
 
-from relay.config import ConfigError, load_one
+from relay.config import load_one
+from relay.errors import ConfigError
 
 NOT_RUNNING = 3
 

@@ -22,7 +22,8 @@ import sys
 
 import msgspec
 
-from relay.config import Address, ConfigError, load, read_env_file_all
+from relay.config import Address, load, read_env_file_all
+from relay.errors import ConfigError
 from relay.handshake import accept_key, path_allowed
 
 

@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay import envfile
-from relay.config import ConfigError, load
+from relay.config import load
+from relay.errors import ConfigError
 
 _LIB = sorted(glob.glob("/usr/lib/*/systemd/libsystemd-shared-*.so") + glob.glob("/lib/*/systemd/libsystemd-shared-*.so"))
 

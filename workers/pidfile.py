@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from relay.config import ConfigError
+from relay.errors import ConfigError
 
 #: What a supervisor's /proc/PID/cmdline starts with (its process title).
 TITLE = "wsrelay: supervisor"
