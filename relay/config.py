@@ -139,10 +139,7 @@ def _origins(text: str) -> tuple[Address, ...]:
         part = part.rstrip("/")
         if "/" in part:
             raise _Bad("expected an origin without a path")
-        addr = _address(part, _ORIGIN_EXAMPLE)
-        if addr.port == 0:
-            raise _Bad(f"expected an origin port 1-65535, e.g. {_ORIGIN_EXAMPLE}")
-        out.append(addr)
+        out.append(_address(part, _ORIGIN_EXAMPLE))
     if not out:
         raise _Bad(f"expected at least one origin host:port, e.g. {_ORIGIN_EXAMPLE}")
     return tuple(out)
