@@ -52,3 +52,17 @@ def test_quick_start_installs_into_a_venv():
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         requires = tomllib.load(f)["project"]["requires-python"]
     assert requires == ">=3.11" and "Python ≥ 3.11" in quick.split("```", 1)[0]
+
+
+def test_every_package_is_installed():
+    """`pip install .` installs only the packages pyproject.toml lists: a
+    subpackage left out imports in the checkout and fails once installed."""
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
+    found = set()
+    for top in ("relay", "workers", "metrics"):
+        for dirpath, dirnames, filenames in os.walk(os.path.join(ROOT, top)):
+            dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+            if "__init__.py" in filenames:
+                found.add(os.path.relpath(dirpath, ROOT).replace(os.sep, "."))
+    assert found == listed
