@@ -1,4 +1,4 @@
-"""RELAY_MODE=frames through the real relay (README: "Settings", RELAY_MODE; issue 9): the interop
+"""RELAY_MODE=frames through the real relay (README: "Frames mode"; issue 9): the interop
 cases of tunnel mode, clean closes when a side drops, spread drains with 1001
 and 1012, keepalive pings, the message limit, protocol errors, and the
 metrics. Real websockets/aiohttp peers and raw sockets, loopback only."""
