@@ -46,6 +46,8 @@ class Upgrade:
         # would read them as a next request no forwarding rule was applied to.
         # After a refusal they are dropped with the connection.
         self.early = rest
+        #: the admission slot the gate took is ours until a tunnel takes it
+        self.holds_slot = True
         self.task = asyncio.ensure_future(self._run())
         self.task.add_done_callback(self._done)
 
@@ -68,12 +70,22 @@ class Upgrade:
         if task.cancelled() or task.exception() is None:
             return
         log.error("upgrade failed unexpectedly", exc_info=task.exception())
-        self.conn.refuse(502, "origin_error", None, upgrade=True)
+        self._refuse(502, "origin_error")
+
+    def _release(self) -> None:
+        """Give the admission slot back (once): before any answer is written,
+        so a client that reads its refusal and then the metrics sees it back."""
+        if self.holds_slot:
+            self.holds_slot = False
+            self.conn.ctx.admission.give(self.conn.client_ip)
+
+    def _refuse(self, status: int, outcome: str) -> None:
+        self._release()
+        self.conn.refuse(status, outcome, self.record, upgrade=True)
 
     async def _run(self) -> None:
         conn, ctx, rec = self.conn, self.conn.ctx, self.record
         origin_t: asyncio.Transport | None = None
-        handed_over = False
         try:
             failures = ctx.origins.failures
             try:
@@ -82,41 +94,41 @@ class Upgrade:
             except TimeoutError:
                 failures.failed(rec.origin, "timeout", f"no answer to an upgrade within "
                                 f"RELAY_CONNECT_TIMEOUT={ctx.settings.connect_timeout:g}s", 504)
-                return conn.refuse(504, "timeout", rec, upgrade=True)
+                return self._refuse(504, "timeout")
             except OriginUnavailable as e:
                 rec.origin = e.origin
-                return conn.refuse(e.status, e.outcome, rec, upgrade=True)
+                return self._refuse(e.status, e.outcome)
             except HeadError as e:
                 failures.failed(rec.origin, "bad answer", str(e))
-                return conn.refuse(e.status, e.outcome, rec, upgrade=True)
+                return self._refuse(e.status, e.outcome)
             if resp.status != 101:
-                handed_over = True
-                ctx.admission.give(conn.client_ip)
+                self._release()
                 rec.status = resp.status
                 rec.outcome = "origin_rejected"
                 ctx.counters.upgrade("origin_rejected", resp.status)
                 relay_refusal(conn, origin_t, answer, resp, rec)
+                origin_t = None  # relay_refusal owns it now
                 return
             try:
                 check_upgrade_response(resp, self.key)
                 ctx.tunnel_class.check_response(resp, ctx.settings)  # frames mode: what the limit measures by
             except HeadError as e:
                 failures.failed(rec.origin, "bad answer", str(e))
-                return conn.refuse(e.status, e.outcome, rec, upgrade=True)
-            handed_over = True
+                return self._refuse(e.status, e.outcome)
             handshake_s = time.monotonic() - conn.started
             rec.status = 101
             rec.outcome = "upgraded"
             rec.handshake_ms = round(handshake_s * 1000, 3)
             ctx.counters.upgrade("upgraded", 101, handshake_s)
             data = bytes(answer.buf)
+            self.holds_slot = False  # the tunnel's now: given back when it ends
             ctx.open_tunnel(conn.hand_over(), origin_t, rec, resp,
                             head=data[:resp.head_len], to_client=data[resp.head_len:], to_origin=self.early)
+            origin_t = None
         finally:
-            if not handed_over:
-                ctx.admission.give(conn.client_ip)
-                if origin_t is not None:
-                    origin_t.abort()
+            self._release()
+            if origin_t is not None:
+                origin_t.abort()
 
     async def _ask_origin(self) -> tuple[asyncio.Transport, UpgradeAnswer, Response]:
         """Connect, send the head, await the final answer's head. An origin that

@@ -36,11 +36,13 @@ def browser():
         b.close()
 
 
-def visit(browser, url: str, shot) -> tuple[str, int, str]:
+def visit(browser, url: str, shot, also: str = "true") -> tuple[str, int, str]:
+    """Open ``url`` and wait for 4 messages received (and the JS condition ``also``)."""
     page = browser.new_page()
     try:
         page.goto(url, timeout=15000)
-        page.wait_for_function("Number(document.getElementById('received').textContent) >= 4", timeout=20000)
+        page.wait_for_function(f"Number(document.getElementById('received').textContent) >= 4 && ({also})",
+                               timeout=20000)
         page.screenshot(path=str(shot))
         return (page.inner_text("#mode"), int(page.inner_text("#received")), page.inner_text("#log"))
     finally:
@@ -74,7 +76,8 @@ def test_page_falls_back_to_polling_when_upgrade_is_refused(browser, tmp_path):
     """README: `RELAY_WS_PATHS=/elsewhere wsrelay demo` (the page then says "polling")."""
     with Demo("--port", "0", env={"RELAY_WS_PATHS": "/elsewhere"}) as demo:
         demo.wait_ready()
-        mode, received, log = visit(browser, demo.url("page"), tmp_path / "polling.png")
+        mode, received, log = visit(browser, demo.url("page"), tmp_path / "polling.png",
+                                    also="document.getElementById('log').textContent.includes('server tick')")
         forbidden = metric(demo.url("metrics"), "wsrelay_websocket_upgrades_total", outcome="forbidden")
         ok = metric(demo.url("metrics"), "wsrelay_http_requests_total", code="200")
     assert mode == "polling"
