@@ -112,6 +112,8 @@ def origin_differences(subject: OriginView, anchors: dict[str, OriginView]) -> l
         near = [a for a in every if _near(m, a)]
         if not near:
             out.append(Difference("origin-extra-message", m.short()))
+        elif any(_covers(a, m) for a in near):
+            out.append(Difference("origin-extra-message", f"{m.short()} (forwarded more often than by any anchor)"))
         elif not m.proxied and all(a.proxied for a in near):
             out.append(Difference("origin-unproxied", m.short()))
         elif m.after_close and not any(a.after_close for a in near):
