@@ -43,7 +43,7 @@ FINDINGS = {
 #: kinds that are deliberate or harmless differences: counted, listed in SECURITY.md
 BENIGN = {
     "stricter-refusal": "wsrelay refused (4xx) a request at least one anchor forwarded",
-    "stricter-response": "wsrelay answered 502 to an origin answer that breaks RFC 9112, "
+    "stricter-response": "wsrelay answered 502 to (or cut) an origin answer that breaks RFC 9112, "
                          "which an anchor relayed",
     "refusal-status": "both refused, with different status codes",
     "fewer-headers": "wsrelay forwarded a request with fewer header lines than the anchors",
@@ -216,14 +216,17 @@ def _classify_mismatch(subject: Observed, anchors: dict[str, Observed]) -> Diffe
                 return Difference("stricter-response", f"{desc} ({'; '.join(problems)})")
             return Difference("client-proxy-error", desc)
     last = finals[-1] if finals else None
+    problems = subject.origin.problems()
     for o in anchors.values():
         theirs = shape(o.client)
-        # wsrelay cut an origin answer whose framing a strict reading refuses,
-        # where an anchor relayed it whole (its head was already on its way)
-        if last is not None and last.from_origin and not last.complete and subject.client.closed \
-                and len(theirs) >= len(mine) and theirs[:len(mine) - 1] == mine[:-1] \
-                and theirs[len(mine) - 1][:3] == mine[-1][:3] and subject.origin.problems():
-            return Difference("stricter-response", f"{desc} ({'; '.join(subject.origin.problems())})")
+        if not problems or not subject.client.closed or len(theirs) <= len(mine) - 1:
+            continue
+        # wsrelay cut (or reset before any byte of) an origin answer whose
+        # framing a strict reading refuses, where an anchor relayed it whole
+        cut = last is not None and last.from_origin and not last.complete \
+            and theirs[:len(mine) - 1] == mine[:-1] and theirs[len(mine) - 1][:3] == mine[-1][:3]
+        if cut or (theirs[:len(mine)] == mine and len(theirs) > len(mine)):
+            return Difference("stricter-response", f"{desc} ({'; '.join(problems)})")
     for o in anchors.values():
         theirs = shape(o.client)
         # wsrelay announced a close and closed where an anchor kept serving

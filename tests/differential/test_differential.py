@@ -92,18 +92,23 @@ def test_no_connection_leaked_between_inputs(harness):
 
 
 def test_known_differences_still_exist():
-    """Each excuse for generated inputs points at a corpus case still marked
-    known_bug: when the lead fixes one and flips its case, its entry here goes too."""
+    """Each excuse for generated inputs points at a corpus case that still
+    shows it: a bug's case is still marked known_bug (when the lead fixes it and
+    flips the case, its entry in known.py goes too); a deliberate difference's
+    case still allows one of its kinds."""
     by_name = {c.name: c for c in CORPUS}
     for k in KNOWN:
         assert k.corpus in by_name, f"known.py names {k.corpus}, which is not in the corpus"
-        assert by_name[k.corpus].known_bug, \
-            f"{k.corpus} is fixed (no known_bug): remove its entry from tests/differential/known.py"
+        case = by_name[k.corpus]
+        if k.deliberate:
+            assert case.allow & k.kinds and not case.known_bug, f"{k.corpus} does not allow {sorted(k.kinds)}"
+        else:
+            assert case.known_bug, f"{k.corpus} is fixed (no known_bug): remove its entry from known.py"
 
 
 def test_explain_needs_the_pattern():
     from tests.differential.compare import Difference
     finding = Difference("client-boundary", "x")
-    assert explain(frozenset({"http10-client-chunked"}), finding) is not None
-    assert explain(frozenset({"http10-client"}), finding) is None
-    assert explain(frozenset({"http10-client-chunked"}), Difference("origin-extra-message", "x")) is None
+    assert explain(frozenset({"bare-lf-head", "upgrade"}), finding) is not None
+    assert explain(frozenset({"upgrade"}), finding) is None
+    assert explain(frozenset({"bare-lf-head"}), Difference("origin-extra-message", "x")) is None
