@@ -27,6 +27,8 @@ FINDINGS = {
                         "(no X-Forwarded-For entry of its own): request smuggling",
     "origin-after-close": "a request was written to an origin connection whose last answer ended it "
                           "(RFC 9112 §9.3)",
+    "origin-authority": "a forwarded request names another host (Host, without case or port) than both "
+                        "anchors told the origin (RFC 9112 §3.2.2: an absolute-form target's authority wins)",
     "origin-extra-header": "a forwarded request carries a header line or trailer neither anchor forwarded",
     "origin-extra-bytes": "bytes reached the origin (tunnel or unparseable) that neither anchor forwarded",
     "client-boundary": "the client's sequence of responses (count, origin, body, tunnel bytes) differs "
@@ -49,6 +51,8 @@ BENIGN = {
     "fewer-headers": "wsrelay forwarded a request with fewer header lines than the anchors",
     "fewer-messages": "wsrelay forwarded fewer requests than an anchor (it refused or stopped earlier)",
     "closes-early": "wsrelay closed the client connection (announced) where an anchor kept serving it",
+    "unanswered-refusal": "an anchor refused a request whose head the client never completed before it closed; "
+                          "wsrelay waits for a whole head before judging it",
     "interim": "the 1xx interim answers the client got differ",
 }
 
@@ -86,8 +90,8 @@ def _near(m: Message, a: Message) -> bool:
 def _covers(a: Message, m: Message) -> bool:
     if m.complete:
         return a.key() == m.key()
-    return (a.method, a.target, a.headers, a.xff, a.proxied, a.after_close) == \
-        (m.method, m.target, m.headers, m.xff, m.proxied, m.after_close) and a.body.startswith(m.body)
+    return (a.method, a.target, a.authority, a.headers, a.xff, a.proxied, a.after_close) == \
+        (m.method, m.target, m.authority, m.headers, m.xff, m.proxied, m.after_close) and a.body.startswith(m.body)
 
 
 def _multiset_minus(a, b) -> list:
@@ -118,6 +122,9 @@ def origin_differences(subject: OriginView, anchors: dict[str, OriginView]) -> l
             out.append(Difference("origin-unproxied", m.short()))
         elif m.after_close and not any(a.after_close for a in near):
             out.append(Difference("origin-after-close", m.short()))
+        elif all(a.authority != m.authority for a in near):
+            out.append(Difference("origin-authority", f"{m.short()}: host {m.authority!r}, anchors "
+                                                      f"{sorted({a.authority for a in near})!r}"))
         else:
             extra = [h for h in set(m.headers) | set(m.trailers) | {(b"x-forwarded-for", x) for x in m.xff}
                      if all(h not in a.headers and h not in a.trailers
@@ -227,6 +234,12 @@ def _classify_mismatch(subject: Observed, anchors: dict[str, Observed]) -> Diffe
             and theirs[:len(mine) - 1] == mine[:-1] and theirs[len(mine) - 1][:3] == mine[-1][:3]
         if cut or (theirs[:len(mine)] == mine and len(theirs) > len(mine)):
             return Difference("stricter-response", f"{desc} ({'; '.join(problems)})")
+    for o in anchors.values():
+        theirs = shape(o.client)
+        # the client left mid-request; an anchor refused the partial head at once
+        if subject.client_end in ("close", "reset") and theirs[:len(mine)] == mine and len(theirs) > len(mine) \
+                and all(t == ("proxy",) for t in theirs[len(mine):]):
+            return Difference("unanswered-refusal", desc)
     for o in anchors.values():
         theirs = shape(o.client)
         # wsrelay announced a close and closed where an anchor kept serving

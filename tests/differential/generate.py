@@ -135,6 +135,8 @@ def request(draw, index: int) -> tuple[bytes, dict]:
                                                           b"/r%d/../x" % index, b"/r%d#frag" % index]))
     if b"#" in target:
         features.add("target-fragment")
+    if b"other.test" in target:
+        features.add("target-absolute-other")
     fields: list[bytes] = []
     if version == b"1.1" or draw(st.booleans()):
         host = draw(st.sampled_from([HOST.rstrip(b"\r\n")] * 6 + [

@@ -33,6 +33,18 @@ def _k(corpus: str, features: set[str], kinds: set[str], reason: str, deliberate
 
 
 KNOWN = [
+    _k("119-http10-client-chunked-trailer", {"http10-client-chunked"}, {"client-missing-header", "client-boundary"},
+       "an HTTP/1.0 client gets no trailers and no Trailer field; HAProxy 2.6 sends it chunked framing, so only "
+       "nginx can agree, and an input where nginx refuses something else has no anchor that does",
+       deliberate=True),
+    _k("120-h2c-upgrade-answered-101", {"101-to-non-websocket"}, {"client-proxy-error", "client-boundary"},
+       "a 101 to anything but a WebSocket upgrade is a 502 (no h2c tunnel); both anchors tunnel it", deliberate=True),
+    _k("121-fragment-target-content-length-list", {"target-fragment"}, {"origin-extra-message", "client-boundary"},
+       "a fragment in the target is forwarded: HAProxy refuses it, nginx forwards it but refuses other things"),
+    _k("122-absolute-form-other-authority", {"target-absolute-other"},
+       {"origin-authority", "origin-extra-message", "origin-extra-header", "client-boundary"},
+       "an absolute-form target naming another host keeps the client's Host (nginx sends the target's, "
+       "HAProxy refuses)"),
     _k("015-early-hints-before-101", {"interim-before-101"},
        {"client-boundary", "origin-extra-bytes", "client-unannounced-close"},
        "a 1xx before a 101 is consumed and the tunnel works; nginx 1.22 takes the 1xx for the final answer "

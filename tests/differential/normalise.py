@@ -9,9 +9,10 @@ Two views of one proxy's run of one case:
   connection, parsed as a lenient origin server would read it (RFC 9112, but
   tolerating bare LF and obsolete folding, so raw bytes a proxy let through
   show up as the extra requests or header lines they would become) into
-  :class:`Message` values: method, origin-form target, the header multiset
-  minus the fields each proxy legitimately owns (:data:`PROXY_OWNED`), the
-  body after de-framing, trailers, and whether the proxy appended its own
+  :class:`Message` values: method, origin-form target, the host it names
+  (Host, lowercased, without port), the header multiset minus the fields
+  each proxy legitimately owns (:data:`PROXY_OWNED`), the body after
+  de-framing, trailers, and whether the proxy appended its own
   ``X-Forwarded-For`` entry — a request that reached the origin without it
   was never parsed by the proxy (raw bytes that became a request: the
   signature of request smuggling). Bytes after a message the origin answered
@@ -187,12 +188,15 @@ class Message:
     complete: bool = True
     after_close: bool = False
     version: bytes = b"1.1"
+    #: the host the origin is told (Host, lowercased, without a port: what
+    #: nginx's $host keeps), b"" when there is none
+    authority: bytes = b""
 
     def key(self) -> tuple:
         """What two proxies must agree on for "the same request" (not the version:
         nginx forwards HTTP/1.0 requests as 1.1, which asks for the same thing)."""
-        return (self.method, self.target, self.headers, self.body, self.trailers, self.xff, self.proxied,
-                self.complete, self.after_close)
+        return (self.method, self.target, self.authority, self.headers, self.body, self.trailers, self.xff,
+                self.proxied, self.complete, self.after_close)
 
     def short(self) -> str:
         extra = "" if self.proxied else " NOT-PROXIED"
@@ -200,6 +204,17 @@ class Message:
         extra += " AFTER-CLOSE" if self.after_close else ""
         return (f"{self.method.decode('latin-1')} {self.target.decode('latin-1')}"
                 f" body={self.body[:40]!r}{'...' if len(self.body) > 40 else ''}{extra}")
+
+
+def host_name(value: bytes | None) -> bytes:
+    """The host part of a Host value, lowercased: proxies may rewrite case and
+    port (nginx's ``$host`` drops both), not which host the request names."""
+    if not value:
+        return b""
+    value = value.strip().lower()
+    if value.startswith(b"["):
+        return value[:value.find(b"]") + 1]
+    return value.split(b":", 1)[0]
 
 
 def origin_form(target: bytes) -> bytes:
@@ -267,9 +282,10 @@ def parse_requests(data: bytes, stop_after: int | None = None) -> ParsedRequests
         proxied = bool(xff) and xff[-1] == CLIENT_IP
         if proxied:
             xff.pop()
+        host = next((v for n, v in fields if n == b"host"), None)
         messages.append(Message(method, origin_form(target), _multiset(fields, PROXY_OWNED), body,
                                 _multiset(trailers, frozenset()), tuple(xff), proxied, complete,
-                                version=version[5:]))
+                                version=version[5:], authority=host_name(host)))
         spans.append((start, pos))
         if not complete:
             break

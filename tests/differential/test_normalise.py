@@ -68,6 +68,18 @@ def test_stop_after_leaves_the_rest():
     assert len(parsed.messages) == 1 and parsed.leftover == b"GET /2 HTTP/1.1\r\n\r\n"
 
 
+def test_the_host_named_ignores_case_and_port():
+    names = [parse_requests(b"GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % h).messages[0].authority
+             for h in (b"Example.TEST:8080", b"example.test", b"[::1]:80", b"")]
+    assert names == [b"example.test", b"example.test", b"[::1]", b""]
+
+
+def test_another_host_named_is_a_finding():
+    mine = _origin(_msg(b"/x", authority=b"example.test"))
+    kinds = [d.kind for d in origin_differences(mine, {"nginx": _origin(_msg(b"/x", authority=b"other.test"))})]
+    assert kinds == ["origin-authority"]
+
+
 def test_origin_form():
     assert origin_form(b"http://a:1") == b"/"
     assert origin_form(b"HTTPS://a?x") == b"/?x"
@@ -213,6 +225,15 @@ def test_refusals_status_codes_and_strictness_are_differences_not_findings():
     both = {"nginx": _client(R1 + R2), "haproxy": _client(R1 + R2)}
     failed = client_differences(_client(R1 + E502, closed=True), both)
     assert [d.kind for d in failed] == ["client-proxy-error"]
+
+
+def test_a_partial_head_an_anchor_refused_at_once():
+    sent = b"GET / HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\nHost: b\r\nX"
+    left = Observed(_origin(), client_view(R1, sent, True), client_end="close")
+    diffs = client_differences(left, {"nginx": _client(R1 + E400, closed=True), "haproxy": _client(E400, closed=True)})
+    assert [d.kind for d in diffs] == ["unanswered-refusal"] and not diffs[0].finding
+    left.client_end = "open"  # the client still waits: no answer is a hang
+    assert "client-boundary" in [d.kind for d in client_differences(left, {"nginx": _client(R1 + E400, closed=True)})]
 
 
 def test_hop_by_hop_and_end_to_end_headers_of_responses():
