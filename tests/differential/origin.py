@@ -67,7 +67,7 @@ class OriginConnection:
             self.writer.write(data)
             self.listener.activity.touch()
 
-    async def answer(self, ans: Answer, msg_index: int | None) -> None:
+    def answer(self, ans: Answer, msg_index: int | None) -> None:
         data = ans.send
         if b"{accept}" in data:
             key = b""
@@ -118,7 +118,7 @@ class OriginConnection:
             t.close()
         self.listener.activity.touch()
 
-    async def received(self, data: bytes) -> None:
+    def received(self, data: bytes) -> None:
         self.events.append(("in", data))
         if self.mode == "echo":
             self._send(data)
@@ -130,16 +130,16 @@ class OriginConnection:
         for i, m in enumerate(parsed.messages):
             if i >= self.heads:
                 self.heads = i + 1
-                await self._event("head", i)
+                self._event("head", i)
                 if self.mode != "http":
                     return
             if m.complete and i >= self.requests:
                 self.requests = i + 1
-                await self._event("request", i)
+                self._event("request", i)
                 if self.mode != "http":
                     return
 
-    async def _event(self, kind: str, index: int) -> None:
+    def _event(self, kind: str, index: int) -> None:
         listener = self.listener
         if kind == "head":
             listener.heads += 1
@@ -152,7 +152,7 @@ class OriginConnection:
             if parsed.messages[index].method == b"HEAD":
                 ans = Answer("request", DEFAULT_RESPONSE[:-len(b"default")])
         if ans is not None:
-            await self.answer(ans, index)
+            self.answer(ans, index)
         listener.activity.touch()
 
     async def run(self) -> None:
@@ -160,13 +160,13 @@ class OriginConnection:
         try:
             ans = listener.take("connect")
             if ans is not None:
-                await self.answer(ans, None)
+                self.answer(ans, None)
             while True:
                 data = await self.reader.read(65536)
                 if not data:
                     self.events.append(("fin", b""))
                     break
-                await self.received(data)
+                self.received(data)
         except (ConnectionError, OSError):
             self.events.append(("reset", b""))
         finally:

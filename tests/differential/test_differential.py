@@ -18,9 +18,10 @@ the last run's.
 from __future__ import annotations
 
 import os
+import random
 
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, given, seed, settings
 
 from tests.differential import case as corpus_files
 from tests.differential import proxies
@@ -71,18 +72,24 @@ def test_corpus(harness, run, case):
 def test_generated(harness, run):
     """Generated framing/Connection/Expect/1xx/pipelining/early-close inputs:
     no finding that a known difference (tests/differential/known.py) does not explain."""
-    random = "WSRELAY_DIFF_EXAMPLES" in os.environ
-
-    @settings(max_examples=EXAMPLES, deadline=None, derandomize=not random, database=None,
-              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
-    @given(cases())
-    def play(case):
-        run.generated.append(harness.run(case))
-
+    if "WSRELAY_DIFF_EXAMPLES" in os.environ:
+        run.seed = random.randrange(2**32)  # random inputs, the seed in the summary
+        play = seed(run.seed)(_play(harness, run, derandomize=False))
+    else:
+        play = _play(harness, run, derandomize=True)
     play()
     assert len(run.generated) >= min(EXAMPLES, 10)
     bad = [v for v in run.generated if run.unexplained(v)]
     assert not bad, "\n\n".join(v.report() + "\ninput: " + repr(v.case.to_json()) for v in bad)
+
+
+def _play(harness, run, derandomize: bool):
+    @settings(max_examples=EXAMPLES, deadline=None, derandomize=derandomize, database=None,
+              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    @given(cases())
+    def play(case):
+        run.generated.append(harness.run(case))
+    return play
 
 
 def test_no_connection_leaked_between_inputs(harness):
