@@ -37,14 +37,16 @@ from dataclasses import dataclass, field
 CLIENT_IP = b"127.0.0.1"
 
 #: Request fields a proxy owns, sets or may drop without changing what the
-#: request asks for: routing (Host is rewritten by nginx's ``$host``),
-#: hop-by-hop fields and framing (RFC 9110 §7.6.1; bodies are compared after
-#: de-framing instead), ``Expect`` (nginx answers it itself) and the
-#: ``X-Forwarded-*`` family (X-Forwarded-For is kept apart, see Message.xff).
+#: request asks for: routing (Host is rewritten by nginx's ``$host``; the host
+#: it names is compared apart, see Message.authority), hop-by-hop fields and
+#: framing (RFC 9110 §7.6.1; bodies are compared after de-framing instead),
+#: ``Expect`` (nginx answers it itself), the ``X-Forwarded-*`` family
+#: (X-Forwarded-For is kept apart, see Message.xff) and ``X-Request-ID``,
+#: which wsrelay's edge sets on every request (README).
 PROXY_OWNED = frozenset({
     b"host", b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding",
     b"content-length", b"expect", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
-    b"x-forwarded-port", b"x-real-ip", b"via",
+    b"x-forwarded-port", b"x-real-ip", b"via", b"x-request-id",
 })
 
 #: Response fields a proxy owns or re-frames: compared nowhere.
