@@ -33,7 +33,7 @@ from relay.context import Context
 from relay.errors import HeadError, RelayError
 from relay.exchange import Exchange
 from relay.handshake import is_upgrade
-from relay.http_head import HEAD_END, parse_request_head
+from relay.http_head import BARE_LF_END, HEAD_END, parse_request_head
 from relay.logs import AccessRecord, new_request_id
 from relay.responses import refusal
 from relay.tunnel import reset
@@ -84,6 +84,8 @@ class ClientConnection(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.server: Server | None = None
         self.requests = 0
+        #: the current request is a HEAD: answers to it carry no body
+        self.head_request = False
 
     def _to(self, state: State) -> None:
         assert state in TRANSITIONS[self.state], f"{self.state.name} -> {state.name}"
@@ -106,10 +108,15 @@ class ClientConnection(asyncio.Protocol):
                 self.started = time.monotonic()
             self.buf += data
             # Parse again only when these bytes may end the head (or overflow
-            # it): a head trickled in small reads must not cost a scan of the
-            # whole buffer per read (quadratic with RELAY_MAX_HEADER_BYTES).
-            if len(self.buf) > self.ctx.settings.max_header_bytes or HEAD_END in self.buf[-len(data) - 3:]:
+            # it, or end it with bare LFs, which is refused): a head trickled
+            # in small reads must not cost a scan of the whole buffer per read
+            # (quadratic with RELAY_MAX_HEADER_BYTES).
+            if len(self.buf) > self.ctx.settings.max_header_bytes:
                 self._try_head()
+            else:
+                tail = self.buf[-len(data) - 3:]
+                if HEAD_END in tail or BARE_LF_END in tail:
+                    self._try_head()
         elif state is SERVING:
             self.server.data(data)
         elif state is LINGER:
@@ -154,6 +161,7 @@ class ClientConnection(asyncio.Protocol):
         try:
             req = parse_request_head(self.buf, self.ctx.settings.max_header_bytes)
         except HeadError as e:
+            self.head_request = self.buf.lstrip(b"\r\n")[:5] in (b"HEAD ", b"HEAD\t")
             self.refuse(e.status, e.outcome if e.status != 431 else "bad_request", self._unparsed_record(),
                         upgrade=False)
             return
@@ -161,6 +169,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self._cancel_timer()
         self.requests += 1
+        self.head_request = req.method == b"HEAD"
         self.transport.pause_reading()
         rest = bytes(self.buf[req.head_len:])
         self.buf.clear()
@@ -251,7 +260,7 @@ class ClientConnection(asyncio.Protocol):
             record.outcome = outcome
             record.duration_s = round(time.monotonic() - self.started, 3)
             ctx.access.write(record)
-        self.transport.write(refusal(status))
+        self.transport.write(refusal(status, self.head_request))
         self._linger()
 
     def reset(self) -> None:

@@ -127,7 +127,7 @@ class Exchange:
         if self.record is not None:
             self.record.origin = origin.addr
         conn = self.conn
-        out = forward_head(self.req, conn.client_ip, self.ctx.proto, False, self.request_id)
+        out = forward_head(self.req, conn.client_ip, self.ctx.proto, False, self.request_id, origin.addr.encode())
         pending, self.pending = self.pending, b""
         body = self.req_body
         if pending:

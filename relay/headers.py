@@ -63,7 +63,12 @@ def response_head(resp: Response, raw: bytes, conn_tokens: set[bytes], keep: boo
     return CRLF.join(lines)
 
 
-def forward_head(req: Request, client_ip: str, proto: bytes, upgrade: bool, request_id: bytes = b"") -> bytes:
+# Names whose underscore spelling never reaches the origin (see forward_head).
+NO_UNDERSCORE = FORWARDED | HOP_BY_HOP | {b"content-length"}
+
+
+def forward_head(req: Request, client_ip: str, proto: bytes, upgrade: bool, request_id: bytes = b"",
+                 default_host: bytes = b"localhost") -> bytes:
     """The head to send to the origin, built in one join.
 
     Header lines pass through byte for byte, except the hop-by-hop ones, those
@@ -71,7 +76,9 @@ def forward_head(req: Request, client_ip: str, proto: bytes, upgrade: bool, requ
     X-Request-ID (underscore spellings included), which the edge sets itself
     (``request_id``, when given). For an upgrade, ``Connection: Upgrade`` and
     the client's Upgrade line are kept; for plain HTTP the origin connection
-    is kept alive.
+    is kept alive. An HTTP/1.0 request without Host gets ``default_host`` (the
+    origin's address, as nginx's ``$proxy_host``): the origin reads HTTP/1.1,
+    which requires one.
     """
     named = req.tokens(b"connection") - NEVER_NAMED
     drop = HOP_BY_HOP | FORWARDED | named
@@ -87,17 +94,27 @@ def forward_head(req: Request, client_ip: str, proto: bytes, upgrade: bool, requ
             elif not upgrade and name == b"transfer-encoding":
                 lines.append(line)  # the body is relayed as received, still chunked
             continue
-        if b"_" in name and name.replace(b"_", b"-") in FORWARDED:
+        if b"_" in name and name.replace(b"_", b"-") in NO_UNDERSCORE:
             # CGI and many WSGI/Rack servers read X_Forwarded_For as
-            # X-Forwarded-For: a client could forge what the edge sets. Other
-            # names with underscores pass, as HAProxy does (nginx drops them all).
+            # X-Forwarded-For: a client could forge what the edge sets, and
+            # Transfer_Encoding or Content_Length would frame the body otherwise
+            # at such an origin (smuggling). Other names with underscores pass,
+            # as HAProxy does (nginx drops them all).
             continue
         if name == b"host":
+            if req.authority is not None:
+                # RFC 9112 §3.2.2: a proxy forwarding an absolute-form request
+                # generates Host from its target, not the client's Host (nginx too).
+                continue
             host = value
         lines.append(line)
+    if req.authority is not None:
+        host = req.authority
+        lines.append(b"Host: " + host)
     if host is None:
-        # HTTP/1.0 without Host, forwarded as HTTP/1.1: an empty one (RFC 9112 §3.2)
-        lines.append(b"Host: ")
+        # HTTP/1.0 without Host, forwarded as HTTP/1.1 (RFC 9112 §3.2, §3.3:
+        # the server's default authority); not X-Forwarded-Host: the client named none
+        lines.append(b"Host: " + default_host)
     xff.append(client_ip.encode("ascii"))
     lines.append(b"X-Forwarded-For: " + b", ".join(xff))
     lines.append(b"X-Forwarded-Proto: " + proto)

@@ -24,7 +24,13 @@ HEAD_END = b"\r\n\r\n"
 # RFC 9110 §5.6.2 token; §5.5 field values: VCHAR, obs-text, SP and HTAB.
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-_BAD_TARGET = re.compile(rb"[\x00-\x20\x7f]")
+# '#' too: a fragment is never part of a request-target (RFC 9112 §3.2).
+_BAD_TARGET = re.compile(rb"[\x00-\x20#\x7f]")
+# RFC 9110 §7.2 Host = uri-host [ ":" port ] (RFC 3986 §3.2.2): an IP literal
+# or a reg-name, never empty here (an http(s) target has an authority; nginx
+# refuses an empty Host too).
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(?::[0-9]*)?\Z")
+BARE_LF_END = b"\n\n"
 _VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])\Z")
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: [^\x00-\x08\x0a-\x1f\x7f]*)?\Z")
 
@@ -71,10 +77,10 @@ class Head:
 
 
 class Request(Head):
-    __slots__ = ("method", "target", "path", "version")
+    __slots__ = ("method", "target", "path", "version", "authority")
 
     def __init__(self, method: bytes, target: bytes, path: bytes, version: bytes,
-                 fields: list[tuple[bytes, bytes, bytes]], head_len: int):
+                 fields: list[tuple[bytes, bytes, bytes]], head_len: int, authority: bytes | None = None):
         super().__init__(fields, head_len)
         self.method = method
         #: origin-form target (absolute-form is rewritten): path and query.
@@ -83,6 +89,9 @@ class Request(Head):
         self.path = path
         #: b"1.1" or b"1.0".
         self.version = version
+        #: the host[:port] of an absolute-form target, which replaces Host
+        #: when the request is forwarded (RFC 9112 §3.2.2); None for origin-form.
+        self.authority = authority
 
 
 class Response(Head):
@@ -117,6 +126,10 @@ def _head_bounds(buf: bytes | bytearray, max_bytes: int, error: HeadError) -> tu
         start += 2
     end = buf.find(HEAD_END, start)
     if end < 0:
+        if buf.find(BARE_LF_END, start) >= 0:
+            # A head ended by bare LFs: refused (README), not waited on until the
+            # handshake timeout; RFC 9112 §2.2 lets a recipient refuse bare LF.
+            raise HeadError(error.status if error.status == 502 else 400, "bare LF in the head", error.outcome)
         if len(buf) > max_bytes:
             raise error
         return None
@@ -178,30 +191,37 @@ def parse_request_head(buf: bytes | bytearray, max_bytes: int) -> Request | None
     version = b"1.1" if m.group(2) != b"0" else b"1.0"
     if method == b"CONNECT":
         raise HeadError(400, "CONNECT is not relayed: wsrelay is not a forward proxy")
-    target = _origin_form(method, target)
+    target, authority = _origin_form(method, target)
     fields = _fields(lines[1:], 400)
-    req = Request(method, target, target.partition(b"?")[0], version, fields, end + 4)
+    req = Request(method, target, target.partition(b"?")[0], version, fields, end + 4, authority)
     hosts = req.get_all(b"host")
     if len(hosts) > 1 or (version == b"1.1" and not hosts):
         raise HeadError(400, "a request needs exactly one Host header")
+    if hosts and not _HOST.match(hosts[0]):
+        raise HeadError(400, "invalid Host")
     return req
 
 
-def _origin_form(method: bytes, target: bytes) -> bytes:
-    """RFC 9112 §3.2: accept absolute-form but never route by it; forward origin-form."""
+def _origin_form(method: bytes, target: bytes) -> tuple[bytes, bytes | None]:
+    """RFC 9112 §3.2: accept absolute-form but never route by it; forward
+    origin-form. Returns (origin-form target, the absolute form's authority)."""
     if target.startswith(b"/"):
-        return target
+        return target, None
     if target == b"*" and method == b"OPTIONS":
-        return target
+        return target, None
     lower = target[:8].lower()
     for scheme in (b"http://", b"https://", b"ws://", b"wss://"):
         if lower.startswith(scheme):
             rest = target[len(scheme):]
             cut = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0), default=-1)
+            authority = rest if cut < 0 else rest[:cut]
+            if not _HOST.match(authority):
+                # userinfo included: RFC 9110 §4.2.4 says to treat it as an error
+                raise HeadError(400, "malformed authority in the request target")
             if cut < 0:
-                return b"/"
+                return b"/", authority
             rest = rest[cut:]
-            return rest if rest.startswith(b"/") else b"/" + rest
+            return (rest if rest.startswith(b"/") else b"/" + rest), authority
     raise HeadError(400, "malformed request target")
 
 
@@ -228,10 +248,12 @@ def body_framing(head: Head, is_request: bool = True) -> int | None:
             raise HeadError(status if is_request else 502, "unsupported Transfer-Encoding", outcome)
         return -1
     if cl:
-        values = {v.strip() for c in cl for v in c.split(b",")}
-        if len(values) != 1:
-            raise HeadError(status, "conflicting Content-Length values", outcome)
-        value = values.pop()
+        # One line, one value. RFC 9110 §8.6 lets a recipient accept a list of
+        # identical values, but the relay forwards the line as received: the
+        # next hop might read "5, 5" otherwise. Refused, as nginx does.
+        if len(cl) != 1 or b"," in cl[0]:
+            raise HeadError(status, "Content-Length repeated or a list", outcome)
+        value = cl[0]
         if not value.isdigit() or len(value) > 18:
             raise HeadError(status, "invalid Content-Length", outcome)
         return int(value)

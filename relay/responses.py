@@ -39,7 +39,13 @@ def _build(status: int) -> bytes:
 
 
 REFUSALS: dict[int, bytes] = {status: _build(status) for status in _REASONS}
+# The same answers to a HEAD request: the head alone (RFC 9110 §9.3.2).
+_HEAD_ONLY: dict[int, bytes] = {status: answer[: answer.index(b"\r\n\r\n") + 4]
+                                for status, answer in REFUSALS.items()}
 
 
-def refusal(status: int) -> bytes:
-    return REFUSALS.get(status) or REFUSALS[500]
+def refusal(status: int, head_request: bool = False) -> bytes:
+    """The canned answer for ``status`` (500 for one we have none for);
+    without its body when answering a HEAD request."""
+    table = _HEAD_ONLY if head_request else REFUSALS
+    return table.get(status) or table[500]

@@ -180,7 +180,6 @@ def test_malformed_origin_heads_are_502(data):
 
 @pytest.mark.parametrize("headers,expected", [
     (b"", None), (b"Content-Length: 10\r\n", 10), (b"Transfer-Encoding: chunked\r\n", -1),
-    (b"Content-Length: 5\r\nContent-Length: 5\r\n", 5),
 ])
 def test_body_framing(headers, expected):
     req = parse(b"POST / HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n")
@@ -191,6 +190,8 @@ def test_body_framing(headers, expected):
     b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
     b"Content-Length: 5\r\nContent-Length: 6\r\n",
     b"Content-Length: 5, 6\r\n",
+    b"Content-Length: 5\r\nContent-Length: 5\r\n",  # forwarded as received: refused, as nginx does
+    b"Content-Length: 5, 5\r\n",
     b"Content-Length: -1\r\n",
     b"Content-Length: 0x10\r\n",
     b"Transfer-Encoding: gzip\r\n",
@@ -281,3 +282,37 @@ def test_every_refusal_is_a_short_answer_with_connection_close(status):
     assert b"Content-Length: %d" % len(body) in lines and 0 < len(body) < 64
     assert (b"Sec-WebSocket-Version: 13" in lines) is (status == 426)
     assert (b"Retry-After: 5" in lines) is (status == 503)
+
+
+@pytest.mark.parametrize("data", [
+    b"GET / HTTP/1.1\nHost: x\n\n",                       # bare-LF head: refused at once, not waited on
+    b"GET / HTTP/1.1\r\nHost: x\n\n",
+    b"GET /a#frag HTTP/1.1\r\nHost: x\r\n\r\n",           # a fragment is not in a request-target
+    b"GET / HTTP/1.1\r\nHost:\r\n\r\n",                   # empty Host (nginx refuses it too)
+    b"GET / HTTP/1.1\r\nHost: exa mple\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x:80:80\r\n\r\n",
+    b"GET http://user@x/ HTTP/1.1\r\nHost: x\r\n\r\n",    # userinfo: RFC 9110 §4.2.4
+])
+def test_heads_refused_by_the_differential_findings(data):
+    with pytest.raises(HeadError) as e:
+        parse(data)
+    assert e.value.status == 400
+
+
+def test_absolute_form_authority_becomes_host():
+    """RFC 9112 §3.2.2: a proxy forwarding absolute-form generates Host from the target."""
+    req = parse(b"GET http://Other.Test:8080/x?y HTTP/1.1\r\nHost: example.test\r\n\r\n")
+    assert (req.target, req.authority) == (b"/x?y", b"Other.Test:8080")
+    out = forward_head(req, "127.0.0.1", b"http", upgrade=False)
+    assert b"\r\nHost: Other.Test:8080\r\n" in out and b"example.test" not in out
+    assert b"\r\nX-Forwarded-Host: Other.Test:8080\r\n" in out
+    again = parse(b"GET / HTTP/1.0\r\n\r\n")  # no Host at all: the origin's address
+    assert b"\r\nHost: 10.0.0.5:9000\r\n" in forward_head(again, "127.0.0.1", b"http", False,
+                                                         default_host=b"10.0.0.5:9000")
+
+
+def test_refusals_to_head_carry_no_body():
+    from relay.responses import refusal
+    for status in (400, 403, 431, 503):
+        full, head_only = refusal(status), refusal(status, head_request=True)
+        assert full.startswith(head_only) and head_only.endswith(b"\r\n\r\n") and len(full) > len(head_only)

@@ -188,6 +188,22 @@ def test_underscore_spellings_of_forwarded_headers_are_dropped(relay, origin, up
     assert b"\r\nx-forwarded-for: 127.0.0.1\r\n" in seen
 
 
+def test_underscore_spellings_of_framing_headers_are_dropped(relay, origin):
+    """Found by the differential harness: ``Transfer_Encoding: chunked`` (or
+    ``Content_Length``) passed on; an origin that maps ``_`` to ``-`` would read
+    a chunked body where the relay forwarded none (request smuggling)."""
+    before = len(origin.heads)
+    data = (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer_Encoding: chunked\r\nContent_Length: 40\r\n"
+            b"Keep_Alive: 1\r\nX_Kept: 1\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=5) as s:
+        s.sendall(data)
+        head, _ = read_head(s)
+    assert status_of(head) == 200
+    seen = last_head(origin, before).lower()
+    assert b"transfer_encoding" not in seen and b"content_length" not in seen and b"keep_alive" not in seen
+    assert b"\r\nx_kept: 1\r\n" in seen
+
+
 def test_smuggling_through_connection_tokens_is_neutralised(relay, origin):
     """Found by the fuzzers: ``Connection: content-length`` used to strip the
     length while the relay still sent the body, which the origin would then

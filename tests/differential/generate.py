@@ -138,7 +138,9 @@ def request(draw, index: int) -> tuple[bytes, dict]:
     if b"other.test" in target:
         features.add("target-absolute-other")
     fields: list[bytes] = []
-    if version == b"1.1" or draw(st.booleans()):
+    if version == b"1.0" and not draw(st.booleans()):
+        features.add("http10-no-host")
+    else:
         host = draw(st.sampled_from([HOST.rstrip(b"\r\n")] * 6 + [
             b"Host: example.test:80", b"host: example.test", b"Host:", b"Host: example.test\r\nHost: other.test",
             b"Host: exa mple.test", b"Host: example.test:80:80"]))

@@ -116,6 +116,6 @@ def test_known_differences_still_exist():
 def test_explain_needs_the_pattern():
     from tests.differential.compare import Difference
     finding = Difference("client-boundary", "x")
-    assert explain(frozenset({"bare-lf-head", "upgrade"}), finding) is not None
+    assert explain(frozenset({"interim-before-101", "upgrade"}), finding) is not None
     assert explain(frozenset({"upgrade"}), finding) is None
-    assert explain(frozenset({"bare-lf-head"}), Difference("origin-extra-message", "x")) is None
+    assert explain(frozenset({"interim-before-101"}), Difference("origin-extra-message", "x")) is None
