@@ -146,3 +146,14 @@ _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Servic
 def _response(status: int, body: bytes, ctype: str = "text/plain; charset=utf-8", head: bool = False) -> bytes:
     return (f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {ctype}\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + (b"" if head else body)
+
+
+def serve(host: str, port: int, source, healthy: Callable[[], bool], ready: Callable[[], bool],
+          config: Callable[[], bytes] | None = None) -> Endpoint:
+    """Bind the endpoint for a relay whose figures ``source`` gives
+    (metrics/source.py); raises OSError when the address cannot be bound."""
+    from metrics.collector import RelayCollector
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(RelayCollector(source))
+    return Endpoint.bind(host, port, registry=registry, healthy=healthy, ready=ready, config=config)

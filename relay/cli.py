@@ -76,7 +76,7 @@ def check(settings: Settings) -> int:
     otherwise, for scripts), and a note on stderr for each listen address that
     cannot be bound right now: normal for the relay you are about to reload,
     but a second ``wsrelay run`` would refuse to start."""
-    from workers import listening
+    from workers import listeners as listening
 
     if sys.stdout.isatty():
         import json

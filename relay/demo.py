@@ -134,11 +134,11 @@ def main(port: int = 8080, env_file: str | None = None) -> int:
 
     def ready(sup) -> None:
         host = _connect_host(settings.listen[0].host)
-        base = _hostport(host, sup.port)
+        base = _hostport(host, sup.listeners.port)
         path = settings.ws_paths[0]
         url = f"ws://{base}{path}"
         try:
-            answer = round_trip(host, sup.port, path, "hello through wsrelay")
+            answer = round_trip(host, sup.listeners.port, path, "hello through wsrelay")
         except OSError as e:
             print(f"wsrelay demo: round trip FAILED: {e}", file=sys.stderr, flush=True)
             os.kill(os.getpid(), signal.SIGTERM)
@@ -149,9 +149,9 @@ def main(port: int = 8080, env_file: str | None = None) -> int:
             lines.append(f"(RELAY_WS_PATHS refuses upgrades on {DEMO_PAGE_SOCKET}, where the page opens its "
                          f"WebSocket: it will fall back to polling)")
         lines.append(f"round trip OK: sent 'hello through wsrelay', got {answer!r}")
-        if settings.metrics_listen is not None and sup.endpoint is not None:
+        if settings.metrics_listen is not None and sup.status.endpoint is not None:
             m = settings.metrics_listen
-            lines.append(f"metrics on http://{_hostport(_connect_host(m.host), sup.endpoint.port)}/metrics")
+            lines.append(f"metrics on http://{_hostport(_connect_host(m.host), sup.status.endpoint.port)}/metrics")
         lines.append(f"try it:  python -m websockets {url}   (pip install websockets; Ctrl-C to stop)")
         print("\n".join("wsrelay demo: " + line for line in lines), flush=True)
 

@@ -43,6 +43,13 @@ ENV = "WSRELAY_WORKER"
 PROTOCOL = 1
 EXIT_HANDOFF = 76   # EX_PROTOCOL
 EXIT_LAYOUT = 78    # EX_CONFIG
+#: what the supervisor logs when a worker exits with one of them
+INCOMPATIBLE = {
+    EXIT_LAYOUT: "the installed wsrelay changed the shared-memory layout; "
+                 "this upgrade needs `systemctl restart wsrelay`",
+    EXIT_HANDOFF: "the installed wsrelay cannot read this supervisor's worker hand-off; "
+                  "this upgrade needs `systemctl restart wsrelay`",
+}
 
 
 class Handoff(msgspec.Struct, frozen=True):
