@@ -2,7 +2,7 @@
 while origins are restarted and workers are killed now and then.
 
     python -m bench.soak --duration 600 --clients 50 --workers 2
-    python -m bench.soak --duration 60 --json soak.json   # what tests/test_soak.py runs
+    python -m bench.soak --duration 60 --json soak.json   # what tests/system/relay/test_soak.py runs
 
 What runs: ``--origins`` picows echo origins (``bench.origin``, each its own
 process group, on fixed ports so one can be killed and started again), the

@@ -125,11 +125,13 @@ def _head_bounds(buf: bytes | bytearray, max_bytes: int, error: HeadError) -> tu
     while buf.startswith(CRLF, start):
         start += 2
     end = buf.find(HEAD_END, start)
+    lf = buf.find(BARE_LF_END, start, end if end >= 0 else len(buf))
+    if lf >= 0:
+        # A head ended by bare LFs: refused (README), not waited on until the
+        # handshake timeout; RFC 9112 §2.2 lets a recipient refuse bare LF. The
+        # same answer whether or not a CRLF CRLF follows (whole or trickled).
+        raise HeadError(error.status if error.status == 502 else 400, "bare LF in the head", error.outcome)
     if end < 0:
-        if buf.find(BARE_LF_END, start) >= 0:
-            # A head ended by bare LFs: refused (README), not waited on until the
-            # handshake timeout; RFC 9112 §2.2 lets a recipient refuse bare LF.
-            raise HeadError(error.status if error.status == 502 else 400, "bare LF in the head", error.outcome)
         if len(buf) > max_bytes:
             raise error
         return None

@@ -1,7 +1,7 @@
 import pytest
 
-from tests.helpers import LoopThread, Relay
-from tests.origins import AiohttpOrigin, SilentOrigin, WebsocketsOrigin
+from tests.support.relay import LoopThread, Relay
+from tests.support.origins import AiohttpOrigin, SilentOrigin, WebsocketsOrigin
 
 
 @pytest.fixture(scope="session")

@@ -32,7 +32,7 @@ service. Loads travel through the workers' shared-memory slots
 (``Counters.load`` and ``accepting``), written at each wake-up.
 
 The accepted socket becomes a uvloop transport through
-``loop.connect_accepted_socket``; tests/test_exhaustion.py and the
+``loop.connect_accepted_socket``; tests/system/relay/test_exhaustion.py and the
 handshake benchmark in SECURITY.md show the cost is within noise.
 """
 

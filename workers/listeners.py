@@ -7,7 +7,7 @@ connections queued on a worker that exits are reset. With one socket shared by
 every worker, a worker that stops accepting leaves its queue to the others, so
 drains and reloads drop nothing; each worker accepts from the shared queue
 whenever its loop is free, which spreads load by actual availability
-(measured in tests/test_lifecycle.py).
+(measured in tests/system/workers/test_lifecycle.py).
 
 The supervisor binds each ``RELAY_LISTEN`` address once, *without*
 ``SO_REUSEPORT``: every worker inherits that one socket, so nothing needs

@@ -27,7 +27,7 @@ from tests.differential import proxies
 from tests.differential.generate import cases
 from tests.differential.runner import Harness
 from tests.differential.summary import Run
-from tests.helpers import LoopThread
+from tests.support.relay import LoopThread
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,7 @@
   one worker / one thread, HTTP/1.1 keep-alive to the upstream, WebSocket
   upgrades passed through), so the anchors are the ones the README's
   figures compare against.
-- ``wsrelay``: the real supervisor with one worker (:class:`tests.helpers.Relay`),
+- ``wsrelay``: the real supervisor with one worker (:class:`tests.support.relay.Relay`),
   ``RELAY_ALLOWED_ORIGINS`` set so the corpus can reach the 403 refusal.
 """
 
@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from bench import proxies as bench_proxies
-from tests.helpers import Relay
+from tests.support.relay import Relay
 
 ANCHORS = ("nginx", "haproxy")
 NAMES = ("wsrelay",) + ANCHORS

@@ -13,7 +13,7 @@ body, the configuration loader (environment), or an ``--env-file``'s text
 the ones the hypothesis properties check (tests/fuzz/invariants.py): only the
 parser's own error, the same answer whole and in pieces, forwarded requests
 that keep their meaning. A crash file is a regression test to add to
-tests/test_fuzz.py before fixing the parser.
+tests/unit/test_fuzz.py before fixing the parser.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The invariants every sans-I/O parser of wsrelay keeps, whatever the input.
 
-Shared by the hypothesis properties (tests/test_fuzz.py) and the atheris
+Shared by the hypothesis properties (tests/unit/test_fuzz.py) and the atheris
 target (tests/fuzz/fuzz_heads.py), so both check exactly the same things:
 
 - any input either parses or raises the parser's own error (HeadError,

@@ -1,0 +1,1 @@
+"""What the tests share: the relay launcher, origins, raw-socket helpers, the /metrics scraper."""

@@ -1,0 +1,129 @@
+"""The access log (README, "Logs"): every request that got an answer has a
+line — refusals of heads that did not even parse included — with an RFC 3339
+end time, the client's User-Agent and X-Forwarded-For as received, and the
+X-Request-ID the origin got (the edge's own, never a client's)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+import socket
+import time
+
+import pytest
+
+from tests.support.net import raw_exchange, status_of, upgrade_request
+from tests.support.raw_origins import RawOrigin, answer, echo_after_101, header
+from tests.support.relay import Relay, wait_for
+
+
+async def http_or_ws(origin, c):
+    if b"upgrade: websocket" in c.head.lower():
+        await echo_after_101(origin, c)
+    else:
+        await answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")(origin, c)
+
+
+@pytest.fixture(scope="module")
+def origin(loop_thread):
+    with RawOrigin(loop_thread, http_or_ws) as o:
+        yield o
+
+
+@pytest.fixture(scope="module")
+def relay(origin):
+    with Relay(origin.addr, workers=1, env={"RELAY_HANDSHAKE_TIMEOUT": "0.5"}) as r:
+        yield r
+
+
+def line_for(relay, **want) -> dict:
+    def find():
+        for text in relay.access:
+            rec = json.loads(text)
+            if all(rec.get(k) == v for k, v in want.items()):
+                return rec
+        return None
+    return wait_for(find, 5, what=f"an access log line with {want}")
+
+
+@pytest.mark.parametrize("request_bytes, status, method, path", [
+    (b"CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: x\r\n\r\n", 400, "CONNECT", "127.0.0.1:22"),
+    (b"GET /bad HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n", 400, "GET", "/bad"),
+    (b"GET /h2 HTTP/2.0\r\nHost: x\r\n\r\n", 505, "GET", "/h2"),
+    (b"GET /big HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 20000 + b"\r\n\r\n", 431, "GET", "/big"),
+    (b"GET /" + b"l" * 20000 + b" HTTP/1.1\r\n\r\n", 414, "GET", "/" + "l" * 511),
+])
+def test_heads_refused_while_being_read_get_a_line(relay, request_bytes, status, method, path):
+    assert status_of(raw_exchange(relay.port, request_bytes)) == status
+    rec = line_for(relay, status=status, method=method, path=path)
+    assert rec["outcome"] == "bad_request" and rec["client"] == "127.0.0.1"
+
+
+def test_a_head_that_never_completes_is_logged_408(relay):
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=5) as s:
+        s.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n")
+        assert s.recv(100) == b""  # closed at the handshake timeout
+    rec = line_for(relay, status=408)
+    assert (rec["method"], rec["path"], rec["outcome"]) == ("GET", "/slow", "client_timeout")
+
+
+@pytest.mark.parametrize("upgrade", [False, True], ids=["http", "upgrade"])
+def test_fields_operators_look_for_first(relay, origin, upgrade):
+    before = len(origin.heads)
+    extra = "User-Agent: probe/1.0\r\nX-Forwarded-For: 198.51.100.4\r\nX-Request-ID: chosen-by-client\r\n"
+    t0 = time.time()
+    if upgrade:
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=5) as s:
+            s.sendall(upgrade_request("/ws-log", extra=extra))
+            assert status_of(s.recv(4096)) == 101
+        path = "/ws-log"
+    else:
+        out = raw_exchange(relay.port, f"GET /http-log HTTP/1.1\r\nHost: x\r\n{extra}Connection: close\r\n\r\n"
+                           .encode())
+        assert status_of(out) == 200
+        path = "/http-log"
+    rec = line_for(relay, path=path)
+    seen = origin.heads[before]
+    request_id = header(seen, b"x-request-id")
+    assert re.fullmatch(rb"[0-9a-f]{32}", request_id), seen  # the edge's own, not the client's
+    assert seen.lower().count(b"x-request-id") == 1
+    assert rec["request_id"] == request_id.decode()
+    assert rec["user_agent"] == "probe/1.0" and rec["x_forwarded_for"] == "198.51.100.4"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", rec["time"]), rec["time"]
+    end = datetime.datetime.fromisoformat(rec["time"].replace("Z", "+00:00")).timestamp()
+    assert t0 - 1 <= end <= time.time() + 1
+
+
+def test_request_ids_differ(relay, origin):
+    before = len(origin.heads)
+    for _ in range(20):
+        raw_exchange(relay.port, b"GET /id HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    ids = {header(h, b"x-request-id") for h in origin.heads[before:]}
+    assert len(ids) == 20
+
+
+def test_origin_failures_reach_the_service_log_rate_limited(loop_thread):
+    """Nothing listens on the origin's port: every client gets a 502 naming the
+    origin in its access log line, and stderr says why, once (not per client)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]  # closed again: nobody listens there
+    with Relay(f"127.0.0.1:{dead}", workers=1) as r:
+        for i in range(20):
+            path = b"/ws" if i % 2 else b"/http"
+            req = upgrade_request("/ws") if i % 2 else b"GET /http HTTP/1.1\r\nHost: x\r\n\r\n"
+            assert status_of(raw_exchange(r.port, req)) == 502, path
+        rec = line_for(r, status=502)
+        assert rec["origin"] == f"127.0.0.1:{dead}" and rec["outcome"] == "origin_error"
+        r.wait_log(f"origin 127.0.0.1:{dead} connect failed: Connection refused", timeout=5)
+        assert r.text().count(f"origin 127.0.0.1:{dead} connect failed") == 1, r.text()
+        assert "clients get 502" in r.text()
+
+
+def test_a_silent_origin_is_named_with_its_timeout(silent_origin):
+    with Relay(silent_origin.addr, workers=1, env={"RELAY_CONNECT_TIMEOUT": "0.3"}) as r:
+        assert status_of(raw_exchange(r.port, upgrade_request("/ws"))) == 504
+        r.wait_log(f"origin {silent_origin.addr} timeout: no answer to an upgrade within "
+                   "RELAY_CONNECT_TIMEOUT=0.3s", timeout=5)
+        assert line_for(r, status=504)["origin"] == silent_origin.addr
