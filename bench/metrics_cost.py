@@ -58,7 +58,7 @@ def sweep_cost(tunnels: int, repeat: int = 200) -> float:
     """Seconds one sweep (bytes published + idle check) takes with ``tunnels`` open."""
     from relay.config import load
     from relay.context import Context
-    from relay.shared import Admission, SharedState
+    from relay.shared_memory import Admission, SharedState
 
     async def go() -> float:
         settings = load({"RELAY_ORIGIN": "127.0.0.1:9", "RELAY_IDLE_TIMEOUT": "600"})

@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from relay import __version__, logs
+from relay import __version__
 from relay.config import Settings, load
 from relay.errors import ConfigError
+from relay.serve import print_problems, run
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,11 +40,6 @@ def _parser() -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=text, description=text)
         c.add_argument("--env-file", metavar="PATH", help="read RELAY_PID_FILE from this file too")
     return p
-
-
-def print_problems(e: ConfigError) -> None:
-    for line in e.lines:
-        print(f"wsrelay: {line}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,14 +91,3 @@ def check(settings: Settings) -> int:
             print(f"wsrelay: note: {listening.why(variable, addr, problem)} "
                   f"(fine if that is the running relay you are about to reload; a second relay would refuse to start)", file=sys.stderr)
     return 0
-
-
-def run(settings: Settings, env_file: str | None, on_ready=None) -> int:
-    from workers.supervisor import Supervisor
-
-    logs.setup(settings.log_level)
-    try:
-        return Supervisor(settings, env_file, on_ready=on_ready).run()
-    except ConfigError as e:
-        print_problems(e)
-        return 2

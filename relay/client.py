@@ -5,8 +5,8 @@ client connected on and whatever serves its requests.
 asks :mod:`relay.gate` whether it can be served, and hands it to a *server*:
 an :class:`~relay.upgrade.Upgrade` or an :class:`~relay.exchange.Exchange`.
 A server talks to the connection only through the methods under "the seam"
-below, and the connection calls its server only through :class:`Server`.
-Nothing else reaches into either. The compiled data plane, TLS and the
+below (relay/seam.py's ``Connection``), and the connection calls its server
+only through relay/seam.py's ``Server``. Nothing else reaches into either. The compiled data plane, TLS and the
 PROXY protocol plug in here: a transport of another kind, a state before
 ``HEAD``, or a head read elsewhere and handed in with :meth:`unread`.
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from typing import Protocol
 
 from relay import gate
 from relay.context import Context
@@ -36,6 +35,7 @@ from relay.handshake import is_upgrade
 from relay.http_head import BARE_LF_END, HEAD_END, parse_request_head
 from relay.logs import AccessRecord, new_request_id
 from relay.responses import refusal
+from relay.seam import Server
 from relay.tunnel import reset
 from relay.upgrade import Upgrade
 
@@ -59,15 +59,6 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     TUNNEL: frozenset(),
     CLOSED: frozenset(),
 }
-
-
-class Server(Protocol):
-    """What serves one request; the connection calls it with what happens to the client."""
-
-    def data(self, data: bytes) -> None: ...       # bytes the client sent
-    def eof(self) -> bool: ...                     # the client half-closed; True keeps our side open
-    def lost(self) -> None: ...                    # the client's connection is gone
-    def writable(self, ok: bool) -> None: ...      # the client's socket is full (False) or drained (True)
 
 
 class ClientConnection(asyncio.Protocol):

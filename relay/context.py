@@ -25,7 +25,7 @@ from relay.logs import AccessLog, AccessRecord
 from relay.origins.dial import Origins
 from relay.origins.pool import Pool
 from relay.origins.report import FailureLog
-from relay.shared import Admission
+from relay.shared_memory import Admission
 from relay.tunnel import Tunnel
 
 #: the tunnel class of each RELAY_MODE (README, "Settings")

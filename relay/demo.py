@@ -113,7 +113,7 @@ def demo_environ(port: int, env_file: str | None) -> dict[str, str]:
 
 
 def main(port: int = 8080, env_file: str | None = None) -> int:
-    from relay.cli import print_problems, run
+    from relay.serve import print_problems, run
 
     try:
         settings = load(demo_environ(port, env_file), env_file, require_origin=False)

@@ -10,7 +10,7 @@ gets, so no caller has to guess one::
      │    ├── Refused              a valid request the edge's rules refuse: 403
      │    │                        (path, Origin), 503 (limit, draining) (relay/gate.py)
      │    ├── FramingError         a body's framing is broken: 400 for a request
-     │    │                        body, 502 for a response body (relay/framing.py)
+     │    │                        body, 502 for a response body (relay/http_body.py)
      │    ├── OriginUnavailable    no origin accepted a connection: 502
      │    └── OriginTimeout        no origin connection or answer in time: 504
      ├── ProtocolError             a WebSocket peer broke RFC 6455 or the message

@@ -4,7 +4,7 @@ the fallback"): one :class:`Exchange` per request.
 The request head goes to the origin rebuilt by
 :func:`relay.headers.forward_head`; bodies stream both ways as received
 (Content-Length or still chunked; de-chunked only for an HTTP/1.0 client),
-delimited by :class:`relay.framing.BodyScanner`, never buffered whole: a side
+delimited by :class:`relay.http_body.BodyScanner`, never buffered whole: a side
 that cannot keep up pauses reading on the other. ``RELAY_READ_TIMEOUT``
 bounds each wait for the origin (504 if no answer has started). Origin
 connections come from, and go back to, the worker's pool
@@ -24,18 +24,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
 
 from relay.errors import FramingError, HeadError, OriginUnavailable
-from relay.framing import BodyScanner
+from relay.http_body import BodyScanner
 from relay.headers import forward_head, response_head
 from relay.http_head import Request, body_framing, keeps_alive, parse_response_head
 from relay.logs import AccessRecord
+from relay.seam import Connection
 from relay.origins.answer import MAX_RESPONSE_HEAD
 from relay.origins.pool import OriginConn
 
-if TYPE_CHECKING:
-    from relay.client import ClientConnection
 
 #: bytes of pipelined requests read ahead while a response is pending;
 #: beyond it the client is not read until the response is complete.
@@ -45,13 +43,13 @@ IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"
 
 
 class Exchange:
-    """One plain HTTP request and its response (a :class:`relay.client.Server`).
+    """One plain HTTP request and its response (a :class:`relay.seam.Server`).
 
     With a pooled origin connection at hand the request goes out at once,
     from the constructor: no Task per request. Only a new origin connection
     is awaited, in a Task."""
 
-    def __init__(self, conn: "ClientConnection", req: Request, length: int, record: AccessRecord | None,
+    def __init__(self, conn: Connection, req: Request, length: int, record: AccessRecord | None,
                  rest: bytes, request_id: bytes) -> None:
         self.conn = conn
         self.ctx = ctx = conn.ctx

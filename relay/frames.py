@@ -324,11 +324,6 @@ class FrameTracker:
         return self._left
 
     @property
-    def in_message(self) -> bool:
-        """True between the first and the last frame of a fragmented message."""
-        return self._kinds is not self._idle_t
-
-    @property
     def inflating(self) -> bool:
         """True while zlib state is held to measure compressed messages."""
         return self._meter is not None and self._meter.holding

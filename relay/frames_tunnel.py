@@ -76,6 +76,7 @@ protocol, with the costs above.
 from __future__ import annotations
 
 import asyncio
+import enum
 import os
 import time
 
@@ -99,6 +100,17 @@ BAD_GATEWAY = 1014
 CLIENT, ORIGIN = 0, 1
 
 
+class Close(enum.Enum):
+    """Where the closing handshake stands in one side's stream (RFC 6455 §7.1.1)."""
+
+    OPEN = "no Close in this stream"
+    QUEUED = "a Close of the relay's waits for this stream's next boundary"
+    SENT = "a Close (the peer's or the relay's) is in this stream: nothing follows it"
+
+
+OPEN, QUEUED, SENT = Close
+
+
 class FramesSide(Side):
     """One socket of a frames-mode tunnel; its tracker follows the stream it sends.
 
@@ -106,7 +118,7 @@ class FramesSide(Side):
     Frames of the relay towards this side are injected into the peer's stream.
     """
 
-    __slots__ = ("index", "tracker", "slow", "pending", "drop", "closing", "close_out", "failed",
+    __slots__ = ("index", "tracker", "slow", "pending", "drop", "close", "failed",
                  "gone_code", "ping_payload", "ping_due", "seen", "quiet_since")
 
     def setup(self, index: int, max_message_bytes: int, now: float, deflate=None) -> None:
@@ -119,10 +131,8 @@ class FramesSide(Side):
         #: bytes from this side are no longer forwarded (past a Close in its
         #: stream, or the peer is gone); Close frames in them are still noted
         self.drop = False
-        #: a Close is in this side's stream, or queued for it
-        self.closing = False
-        #: a Close has been written into this side's stream
-        self.close_out = False
+        #: the closing handshake in this side's stream: OPEN -> QUEUED -> SENT
+        self.close = OPEN
         #: this side broke the protocol; its tracker is dead
         self.failed = False
         #: what the other side is told when this one vanishes without a Close
@@ -215,7 +225,7 @@ class FramesSide(Side):
         if self.peer.lost or not pending:
             return
         for frame, code in pending:
-            if self.close_out:
+            if self.close is SENT:
                 break
             self.peer.transport.write(frame)
             if code is not None:
@@ -310,21 +320,20 @@ class FramesTunnel(Tunnel):
     def close_toward(self, side: FramesSide, code: int) -> None:
         """Send ``side`` a Close with ``code``, at the next boundary of the peer's stream."""
         src = side.peer
-        if side.lost or src.closing:
+        if side.lost or src.close is not OPEN:
             return
-        src.closing = True
+        src.close = QUEUED
         self._arm()
         src.inject(close_frame(code, mask=side.index == ORIGIN), code)
 
     def close_passed(self, src: FramesSide, code: int) -> None:
         """A peer's own Close went through ``src``'s stream."""
-        src.closing = True
         self._arm()
         self.close_written(src, code)
 
     def close_written(self, src: FramesSide, code: int) -> None:
         """A Close (the peer's or ours) is now in ``src``'s stream: stop forwarding it."""
-        src.close_out = True
+        src.close = SENT
         src.drop = src.slow = True
         self.counters.close(src.index, code)
         self.settle()
@@ -336,7 +345,7 @@ class FramesTunnel(Tunnel):
         for side in (self.client, self.origin):
             if side.lost or side.transport.is_closing():
                 continue
-            if side.peer.close_out and (side.tracker.close_code is not None or side.failed):
+            if side.peer.close is SENT and (side.tracker.close_code is not None or side.failed):
                 side.transport.close()
 
     def _arm(self) -> None:
@@ -355,7 +364,7 @@ class FramesTunnel(Tunnel):
         """Close now: 1001 both ways where a stream is at a boundary, then the sockets."""
         for side in (self.client, self.origin):
             src = side.peer
-            if not src.closing and not side.lost and src.tracker.at_boundary and src.pending is None:
+            if src.close is OPEN and not side.lost and src.tracker.at_boundary and src.pending is None:
                 self.close_toward(side, GOING_AWAY)
         super().close()
 
@@ -369,7 +378,8 @@ class FramesTunnel(Tunnel):
         src.failed = True
         self.close_toward(src, e.code)
         if e.cut:
-            src.closing = True
+            if src.close is OPEN:
+                src.close = QUEUED
             src.pending = None
             if not src.peer.lost:
                 src.peer.transport.close()  # flushes what went before, then FIN
@@ -384,9 +394,9 @@ class FramesTunnel(Tunnel):
         side.pending = None
         if not peer.lost:
             peer.drop = peer.slow = True  # nothing to forward to: only its Close matters now
-            if not side.closing and not side.failed and side.tracker.at_boundary:
+            if side.close is OPEN and not side.failed and side.tracker.at_boundary:
                 self.close_toward(peer, side.gone_code)
-            elif not side.close_out:
+            elif side.close is not SENT:
                 # Its stream stopped inside a frame: what the peer got is corrupt.
                 if exc is not None:
                     reset(peer.transport)
@@ -402,7 +412,7 @@ class FramesTunnel(Tunnel):
                 self.abort()
             return
         for side in (self.client, self.origin):
-            if side.lost or side.peer.closing:
+            if side.lost or side.peer.close is not OPEN:
                 continue
             if side.nbytes != side.seen:
                 side.seen = side.nbytes

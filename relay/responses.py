@@ -10,7 +10,6 @@ _REASONS = {
     400: "Bad Request",
     403: "Forbidden",
     404: "Not Found",
-    408: "Request Timeout",
     414: "URI Too Long",
     426: "Upgrade Required",
     431: "Request Header Fields Too Large",

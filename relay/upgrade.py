@@ -14,26 +14,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
 
 from relay.errors import FramingError, HeadError, OriginClosed, OriginUnavailable
-from relay.framing import BodyScanner
+from relay.http_body import BodyScanner
 from relay.handshake import check_upgrade_response
 from relay.headers import forward_head, response_head
 from relay.http_head import Request, Response, body_framing
 from relay.logs import AccessRecord
+from relay.seam import Connection
 from relay.origins.answer import UpgradeAnswer
 
-if TYPE_CHECKING:
-    from relay.client import ClientConnection
 
 log = logging.getLogger("wsrelay.worker")
 
 
 class Upgrade:
-    """Serves one upgrade request (a :class:`relay.client.Server`)."""
+    """Serves one upgrade request (a :class:`relay.seam.Server`)."""
 
-    def __init__(self, conn: "ClientConnection", req: Request, key: bytes, record: AccessRecord,
+    def __init__(self, conn: Connection, req: Request, key: bytes, record: AccessRecord,
                  rest: bytes, request_id: bytes) -> None:
         self.conn = conn
         self.req = req
@@ -154,7 +152,7 @@ class Upgrade:
 class _RefusalBody(asyncio.Protocol):
     """Carries the rest of an origin's non-101 answer to the client, then closes."""
 
-    def __init__(self, conn: "ClientConnection", body: BodyScanner):
+    def __init__(self, conn: Connection, body: BodyScanner):
         self.conn = conn
         self.body = body
         self.transport: asyncio.Transport | None = None
@@ -185,7 +183,7 @@ class _RefusalBody(asyncio.Protocol):
             self.conn.reset()
 
 
-def relay_refusal(conn: "ClientConnection", origin_t: asyncio.Transport, answer: UpgradeAnswer,
+def relay_refusal(conn: Connection, origin_t: asyncio.Transport, answer: UpgradeAnswer,
                   resp: Response, record: AccessRecord) -> None:
     """The origin refused an upgrade: its answer goes to the client, then the
     connection closes. The head loses its hop-by-hop fields and says

@@ -15,7 +15,7 @@ Before touching anything shared, the worker checks it can: it exits with
 
 - :data:`EXIT_HANDOFF` when the hand-off, or the settings in it, no longer
   decode (or name another :data:`PROTOCOL`);
-- :data:`EXIT_LAYOUT` when :func:`relay.shared.fingerprint` differs: the
+- :data:`EXIT_LAYOUT` when :func:`relay.shared_memory.fingerprint` differs: the
   installed version lays out shared memory differently.
 
 The supervisor treats both as a refused reload. The two numbers are a
@@ -34,7 +34,7 @@ from typing import NoReturn
 
 import msgspec
 
-from relay import __version__, logs, shared
+from relay import __version__, logs, shared_memory
 from relay.config import Settings
 
 log = logging.getLogger("wsrelay.worker")
@@ -63,7 +63,7 @@ class Handoff(msgspec.Struct, frozen=True):
     shared_fd: int
     ready_fd: int
     sockets: tuple[int, ...]
-    layout: str            # the supervisor's relay.shared.fingerprint()
+    layout: str            # the supervisor's relay.shared_memory.fingerprint()
     log_level: int         # the supervisor's root logger level
     settings: msgspec.Raw  # relay.config.Settings, decoded after the layout check
 
@@ -73,11 +73,11 @@ class Handoff(msgspec.Struct, frozen=True):
 
 # -- the supervisor's side ------------------------------------------------------------
 
-def handoff(settings: Settings, index: int, slot: int, generation: int, state: shared.SharedState,
+def handoff(settings: Settings, index: int, slot: int, generation: int, state: shared_memory.SharedState,
             ready_fd: int, socks: list[socket.socket]) -> Handoff:
     return Handoff(protocol=PROTOCOL, index=index, slot=slot, generation=generation, nslots=state.nslots,
                    shared_fd=state.fd, ready_fd=ready_fd, sockets=tuple(s.fileno() for s in socks),
-                   layout=shared.fingerprint(), log_level=logging.getLogger().getEffectiveLevel(),
+                   layout=shared_memory.fingerprint(), log_level=logging.getLogger().getEffectiveLevel(),
                    settings=msgspec.Raw(msgspec.json.encode(settings)))
 
 
@@ -139,7 +139,7 @@ def main() -> int:
         return EXIT_HANDOFF
     logs.setup("info")
     logging.getLogger().setLevel(h.log_level)
-    mine = shared.fingerprint()
+    mine = shared_memory.fingerprint()
     if h.layout != mine:
         log.error("worker %d (pid %d): wsrelay %s lays out shared memory as %s, the supervisor as %s",
                   h.index, os.getpid(), __version__, mine, h.layout)
@@ -155,7 +155,7 @@ def main() -> int:
     try:
         for fd in h.fds():
             os.set_inheritable(fd, False)
-        state = shared.SharedState.attach(h.shared_fd, h.nslots)
+        state = shared_memory.SharedState.attach(h.shared_fd, h.nslots)
         socks = [socket.socket(fileno=fd) for fd in h.sockets]
         log.info("worker %d (pid %d) running wsrelay %s, generation %d", h.index, os.getpid(), __version__,
                  h.generation)

@@ -9,25 +9,39 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import msgspec
 
-from metrics.source import LiveWorker, Source
+from metrics.source import History, LiveWorker, Source
 from relay import __version__
+from relay.config import Settings
 from relay.errors import ConfigError
+from relay.shared_memory import SharedState
 from workers.listeners import why
-
-if TYPE_CHECKING:
-    from workers.supervisor import Supervisor
+from workers.workerset import Restarts, WorkerSet
 
 log = logging.getLogger("wsrelay")
+
+
+class Supervised(Protocol):
+    """What :class:`Status` reads of the supervisor (workers/supervisor.py)."""
+
+    settings: Settings
+    env_file: str | None
+    generation: int
+    reload: object | None    # a reload in progress
+    stopping: bool
+    workers: WorkerSet
+    shared: SharedState
+    history: History
+    restarts: Restarts
 
 
 class Status:
     """The supervisor's face: read-only views over its public state."""
 
-    def __init__(self, sup: "Supervisor") -> None:
+    def __init__(self, sup: Supervised) -> None:
         self.sup = sup
         self.started_at = time.time()
         #: finished reloads, applied or refused

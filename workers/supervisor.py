@@ -35,7 +35,7 @@ from metrics.source import History
 from relay import __version__
 from relay.config import Settings, load
 from relay.errors import ConfigError
-from relay.shared import SharedState
+from relay.shared_memory import SharedState
 from workers import child, pidfile, proctitle, systemd
 from workers.listeners import Listeners
 from workers.status import Status

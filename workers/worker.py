@@ -28,7 +28,7 @@ from relay.client import ClientConnection
 from relay.config import Settings
 from relay.context import Context
 from relay.frames_tunnel import GOING_AWAY, SERVICE_RESTART
-from relay.shared import Admission, SharedState
+from relay.shared_memory import Admission, SharedState
 from workers.accept import Acceptor
 
 log = logging.getLogger("wsrelay.worker")

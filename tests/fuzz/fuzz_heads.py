@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import atheris  # noqa: E402
 
 with atheris.instrument_imports():
-    from relay import config, framing, handshake, http_head  # noqa: F401
+    from relay import config, handshake, http_body, http_head  # noqa: F401
     from tests.fuzz import invariants
 
 TARGETS = ("request", "response", "body", "config", "envfile")

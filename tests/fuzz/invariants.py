@@ -28,7 +28,7 @@ from __future__ import annotations
 from relay.deflate import ExtensionError, PerMessageDeflate, parse_extensions
 from relay.errors import FramingError, HeadError
 from relay.frames import Control, FrameTracker, ProtocolError
-from relay.framing import BodyScanner
+from relay.http_body import BodyScanner
 from relay.handshake import check_upgrade_response, is_upgrade, origin_allowed, path_allowed, validate_upgrade
 from relay.headers import FORWARDED, HOP_BY_HOP, NEVER_NAMED, NO_UNDERSCORE, forward_head
 from relay.http_head import CRLF, Request, Response, body_framing, parse_request_head, \

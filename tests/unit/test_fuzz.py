@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from relay.config import VARIABLES, Settings, load, read_env_file
 from relay.errors import ConfigError, FramingError, HeadError
-from relay.framing import MAX_LINE, BodyScanner
+from relay.http_body import MAX_LINE, BodyScanner
 from relay.headers import forward_head
 from relay.http_head import body_framing, parse_request_head, parse_response_head
 from tests.fuzz.invariants import (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from relay.errors import FramingError, HeadError
-from relay.framing import BodyScanner
+from relay.http_body import BodyScanner
 from relay.handshake import (
     accept_key,
     check_upgrade_response,

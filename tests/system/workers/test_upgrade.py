@@ -21,7 +21,7 @@ from pathlib import Path
 import msgspec
 from websockets.sync.client import connect
 
-from relay import shared
+from relay import shared_memory
 from relay.config import Address, Settings, load
 from tests.support.probes import echo_ok
 from tests.support.relay import ROOT, Relay, wait_for
@@ -133,7 +133,7 @@ def test_a_worker_refuses_what_it_cannot_read_before_touching_shared_memory():
                       settings=msgspec.Raw(b"{}"))
     r = _worker_with(msgspec.json.encode(h).decode())
     assert r.returncode == child.EXIT_LAYOUT, r.stderr
-    assert shared.fingerprint() in r.stderr and "v0-h8-s1-0000" in r.stderr
+    assert shared_memory.fingerprint() in r.stderr and "v0-h8-s1-0000" in r.stderr
 
 
 def test_a_worker_restarted_after_an_incompatible_install_stays_down_until_sighup(ws_origin, tmp_path):
@@ -161,9 +161,9 @@ def test_a_worker_restarted_after_an_incompatible_install_stays_down_until_sighu
 
 SUPERVISOR_WITH_ANOTHER_LAYOUT = """\
 import sys
-from relay import shared
+from relay import shared_memory
 from relay.cli import main
-shared.fingerprint = lambda: "v0-h8-s1-0000"  # as if the package changed right after it started
+shared_memory.fingerprint = lambda: "v0-h8-s1-0000"  # as if the package changed right after it started
 sys.exit(main(["run"]))
 """
 

@@ -163,6 +163,3 @@ class Admission:
             n = self._ips.pop(ip, 0) - 1
             if n > 0:
                 self._ips[ip] = n
-
-    def held(self) -> int:
-        return self._clients[self._slot]
