@@ -1,0 +1,153 @@
+"""A worker's native data plane: the engine, polled from the event loop, and
+:class:`NativeTunnel`, the worker context's tunnel class in tunnel mode when
+the native plane is on: held like a :class:`relay.tunnel.Tunnel` (``open``,
+``start``, ``close``, ``abort``, ``record``, ``started``, ``up``/``down``
+once ended, ``on_end(tunnel)`` exactly once, the class hooks).
+
+Handing a tunnel over: the head phase ran on uvloop transports; at the 101
+both sockets are duplicated out of their transports, which are then dropped
+without a shutdown (closing one descriptor of a duplicated pair sends
+nothing), and the engine owns the duplicates. Nothing can be lost or
+doubled in between: reading was paused on both transports when their heads
+were complete (relay/client.py, relay/origin.py), so uvloop holds no
+unread byte, and what arrived behind a head was already handed to us as
+``to_client``/``to_origin``. A transport that still holds unsent bytes
+cannot be handed over (uvloop would drop them): such a tunnel, and one
+whose descriptors cannot be duplicated (EMFILE), stays on the Python data
+plane, and the access log says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+from relay.native import Engine
+from relay.tunnel import READ_SIZE, Tunnel
+
+
+class _Gone(asyncio.Protocol):
+    """The protocol of a transport whose socket the engine took: hears nothing."""
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pass
+
+
+_GONE = _Gone()
+
+
+class NativeTunnel:
+    """A tunnel whose sockets the engine owns."""
+
+    __slots__ = ("plane", "cfd", "ofd", "id", "on_end", "record", "started", "up", "down", "ended")
+
+    #: relay.context reads byte counts and idle times of native tunnels from
+    #: the engine in one call per sweep, not per tunnel
+    native = True
+    counts_messages = False
+    messages_up = messages_down = 0
+
+    @classmethod
+    def open(cls, ctx, client_transport: asyncio.Transport, origin_transport: asyncio.Transport,
+             record, response):
+        """The native tunnel of ``ctx``'s plane, or a :class:`relay.tunnel.Tunnel`
+        where the sockets cannot be handed over (see the module docstring)."""
+        return ctx.native.tunnel(client_transport, origin_transport, ctx.tunnel_ended, record)
+
+    sweep = Tunnel.sweep
+    drain = Tunnel.drain
+
+    def shutdown(self, code: int) -> None:
+        """Tunnel mode: nothing before the sockets close."""
+
+    def __init__(self, plane: "NativePlane", cfd: int, ofd: int, on_end, record) -> None:
+        self.plane = plane
+        self.cfd = cfd
+        self.ofd = ofd
+        self.id: int | None = None
+        self.on_end = on_end
+        self.record = record
+        self.started = time.monotonic()
+        #: final byte counts, set when the tunnel ends (open ones: bytes())
+        self.up = 0
+        self.down = 0
+        self.ended = False
+
+    def start(self, head: bytes, to_client: bytes, to_origin: bytes) -> None:
+        """Send the origin's 101 ``head`` and what followed it to the client,
+        what the client sent after its request to the origin, then pump (the
+        tunnel may end at once)."""
+        try:
+            self.id = self.plane.engine.tunnel(self.cfd, self.ofd, head + to_client, to_origin, self)
+        except OSError:
+            os.close(self.cfd)
+            os.close(self.ofd)
+            self.plane.ended(self, 0, 0)
+
+    def bytes(self) -> tuple[int, int]:
+        """(up, down) so far."""
+        if self.ended or self.id is None:
+            return self.up, self.down
+        return self.plane.engine.bytes(self.id) or (self.up, self.down)
+
+    def close(self) -> None:
+        """Close both sockets cleanly, flushing what is pending."""
+        if self.id is not None:
+            self.plane.engine.close(self.id)
+
+    def abort(self) -> None:
+        if self.id is not None:
+            self.plane.engine.abort(self.id)
+
+
+def _detach(transport: asyncio.Transport) -> int:
+    """A duplicate of the transport's socket descriptor (close-on-exec)."""
+    return os.dup(transport.get_extra_info("socket").fileno())
+
+
+class NativePlane:
+    """One engine per worker, its epoll descriptor watched by the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, read_size: int = READ_SIZE) -> None:
+        self.loop = loop
+        self.engine = Engine(read_size, self.ended)
+        self.fd = self.engine.fileno()
+        loop.add_reader(self.fd, self.engine.poll)
+
+    @staticmethod
+    def ended(tunnel: NativeTunnel, up: int, down: int) -> None:
+        tunnel.up = up
+        tunnel.down = down
+        tunnel.ended = True
+        tunnel.on_end(tunnel)
+
+    def tunnel(self, client_t: asyncio.Transport, origin_t: asyncio.Transport, on_end, record):
+        """Take both sockets; a :class:`relay.tunnel.Tunnel` where they cannot be taken."""
+        if client_t.get_write_buffer_size() or origin_t.get_write_buffer_size():
+            return Tunnel(client_t, origin_t, on_end, record)
+        try:
+            cfd = _detach(client_t)
+        except OSError:
+            return Tunnel(client_t, origin_t, on_end, record)
+        try:
+            ofd = _detach(origin_t)
+        except OSError:
+            os.close(cfd)
+            return Tunnel(client_t, origin_t, on_end, record)
+        for t in (client_t, origin_t):
+            t.set_protocol(_GONE)
+            t.abort()  # closes uvloop's descriptor only: the socket lives on in ours
+        if record is not None:
+            record.data_plane = "native"
+        return NativeTunnel(self, cfd, ofd, on_end, record)
+
+    def open_bytes(self) -> tuple[int, int]:
+        """(up, down) read so far by the tunnels still open."""
+        return self.engine.open_bytes
+
+    def close_idle(self, seconds: float) -> int:
+        return self.engine.close_idle(seconds)
+
+    def stop(self) -> None:
+        self.loop.remove_reader(self.fd)
