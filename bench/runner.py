@@ -26,7 +26,7 @@ from pathlib import Path
 from bench import procstat, proxies
 
 ANCHORS = ("nginx", "haproxy")
-PROXIED = ("nginx", "haproxy", "naive", "wsrelay")
+PROXIED = ("nginx", "haproxy", "naive", "wsrelay", "wsrelay-python")
 
 
 @dataclass
