@@ -1,8 +1,9 @@
 """Both data planes relay the same byte streams and endings (RELAY_DATA_PLANE,
 relay/native): random sequences of sends both ways, backpressure (one end
 stops reading while the other pushes megabytes), half-closes in either
-order, resets from either end, played through a real native relay and a
-real Python relay, each step waiting for its effect before the next. The
+order, resets from either end, played through a real native relay (its
+engine on io_uring, and again on epoll) and a real Python relay, each step
+waiting for its effect before the next. The
 two must agree with each other and with what a byte-transparent TCP tunnel
 would do: every byte in order, a FIN as a FIN with the other direction
 still open, a reset as a reset, and the access log counting the same bytes.
@@ -57,8 +58,10 @@ def origin_listener():
 def relays(origin_listener):
     addr = "127.0.0.1:%d" % origin_listener.getsockname()[1]
     with Relay(addr, workers=1, metrics=False, env={"RELAY_DATA_PLANE": "native"}) as n, \
+            Relay(addr, workers=1, metrics=False, env={"RELAY_DATA_PLANE": "native",
+                                                        "WSRELAY_NATIVE_BACKEND": "epoll"}) as ne, \
             Relay(addr, workers=1, metrics=False, env={"RELAY_DATA_PLANE": "python"}) as p:
-        yield {"native": n, "python": p}
+        yield {"native": n, "native-epoll": ne, "python": p}
 
 
 def recv_exactly(s: socket.socket, n: int) -> bytes:
@@ -181,9 +184,11 @@ def play(relay: Relay, listener: socket.socket, steps, end: str, seed: int) -> d
 def test_both_data_planes_carry_the_same_streams_and_endings(relays, origin_listener, steps, end, seed):
     got = {plane: play(r, origin_listener, steps, end, seed) for plane, r in relays.items()}
     n, p = got["native"], got["python"]
-    assert n["plane"] == "native" and p["plane"] == "python"
-    assert n["log"] == p["log"], (steps, end, n["log"], p["log"])
-    assert n["bytes"] == p["bytes"], (steps, end, n, p)
+    assert n["plane"] == got["native-epoll"]["plane"] == "native" and p["plane"] == "python"
+    for other in ("native-epoll", "python"):
+        o = got[other]
+        assert n["log"] == o["log"], (other, steps, end, n["log"], o["log"])
+        assert n["bytes"] == o["bytes"], (other, steps, end, n, o)
     # and both are what a transparent tunnel does
     assert all(x is True for x in n["log"] if isinstance(x, bool))
     for entry in n["log"]:

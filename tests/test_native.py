@@ -34,6 +34,19 @@ pytestmark = pytest.mark.skipif(not native.AVAILABLE and not os.environ.get("WSR
                                 reason="native data plane unavailable")
 
 
+BACKEND = "io_uring"
+
+
+@pytest.fixture(params=["io_uring", "epoll"], autouse=True)
+def backend(request):
+    """Every engine test runs on both of the engine's backends."""
+    global BACKEND
+    BACKEND = request.param
+    if request.param == "io_uring" and native.Engine(backend="io_uring").backend != "io_uring":
+        pytest.skip("io_uring unavailable here: " + str(native.Engine(backend="io_uring").fallback_reason))
+    yield request.param
+
+
 def test_the_extension_is_built_when_required():
     """CI sets WSRELAY_REQUIRE_NATIVE=1: a build that fell back silently fails here."""
     if os.environ.get("WSRELAY_REQUIRE_NATIVE", "") not in ("", "0"):
@@ -67,7 +80,9 @@ class Rig:
 
     def __init__(self, read_size: int = 256 * 1024, to_client: bytes = b"", to_origin: bytes = b""):
         self.ended: list[tuple[object, int, int]] = []
-        self.engine = native.Engine(read_size, lambda token, up, down: self.ended.append((token, up, down)))
+        self.engine = native.Engine(read_size, lambda token, up, down: self.ended.append((token, up, down)),
+                                    backend=BACKEND)
+        assert self.engine.backend == BACKEND
         self.client, c_in = pair()
         self.origin, o_in = pair()
         #: the relay's ends, now the engine's (read here only through ioctls)
@@ -263,7 +278,7 @@ def test_an_exception_in_on_end_reaches_the_caller_after_every_ending_is_reporte
         calls.append(token)
         raise RuntimeError(f"boom {token}")
 
-    e = native.Engine(on_end=on_end)
+    e = native.Engine(on_end=on_end, backend=BACKEND)
     for token in ("a", "b"):
         c, c_in = pair()
         o, o_in = pair()
@@ -274,7 +289,7 @@ def test_an_exception_in_on_end_reaches_the_caller_after_every_ending_is_reporte
 
 
 def test_a_tunnel_the_engine_cannot_take_leaves_the_descriptors_to_the_caller():
-    e = native.Engine()
+    e = native.Engine(backend=BACKEND)
     a, b = os.open(os.devnull, os.O_RDWR), os.open(os.devnull, os.O_RDWR)  # epoll refuses files
     try:
         with pytest.raises(OSError):

@@ -27,6 +27,33 @@ else:
 NATIVE = "native"
 PYTHON = "python"
 
+#: What drives the native plane's sockets: io_uring where the kernel allows it,
+#: else epoll (engine.c says why io_uring is preferred). WSRELAY_NATIVE_BACKEND=epoll
+#: forces epoll, for comparison or where io_uring is unwelcome.
+BACKEND_ENV = "WSRELAY_NATIVE_BACKEND"
+
+
+def wanted_backend() -> str:
+    import os
+
+    return "epoll" if os.environ.get(BACKEND_ENV, "").strip().lower() == "epoll" else "io_uring"
+
+
+_backend: str | None = None
+
+
+def backend() -> str:
+    """``"io_uring"``, or ``"epoll"`` with the reason io_uring is not used (probed once)."""
+    global _backend
+    if _backend is None:
+        e = Engine(backend=wanted_backend())
+        if e.backend == "io_uring":
+            _backend = "io_uring"
+        else:
+            _backend = "epoll" + (f": {e.fallback_reason}" if e.fallback_reason else f" ({BACKEND_ENV}=epoll)")
+        del e
+    return _backend
+
 
 def resolve(data_plane: str, mode: str) -> str:
     """The data plane tunnels get: ``"native"`` or ``"python"``.
@@ -55,7 +82,7 @@ def describe(data_plane: str, mode: str) -> str:
     """One phrase for the startup log: which plane serves tunnels, and why."""
     chosen = resolve(data_plane, mode)
     if chosen == NATIVE:
-        return "data plane native"
+        return f"data plane native ({backend()})"
     if data_plane == PYTHON:
         return "data plane python (RELAY_DATA_PLANE=python)"
     if mode != "tunnel":

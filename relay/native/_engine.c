@@ -5,8 +5,10 @@
  * compiler and Python's headers, nothing is generated, and the
  * AddressSanitizer build (tests/test_native_asan.py) is one cc command.
  *
- *   Engine(read_size=262144, on_end=callable)
- *   .fileno()                  the epoll descriptor, for loop.add_reader
+ *   Engine(read_size=262144, on_end=callable, backend="io_uring")
+ *                              backend "io_uring" falls back to "epoll" where
+ *                              io_uring is unavailable (.backend, .fallback_reason)
+ *   .fileno()                  the descriptor to watch (ring or epoll set), for loop.add_reader
  *   .poll(maxevents=256)       handle what is ready, without waiting; -> events handled
  *   .tunnel(client_fd, origin_fd, to_client, to_origin, token) -> id
  *                              takes both descriptors (non-blocking TCP
@@ -24,6 +26,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <string.h>
+
 #include "engine.h"
 
 typedef struct {
@@ -31,6 +35,7 @@ typedef struct {
     engine e;
     PyObject *on_end;
     int ready;
+    const char *why; /* why io_uring was not used, when it was asked for */
 } EngineObject;
 
 /* Report every ended tunnel; returns 0, or -1 with the first callback error set. */
@@ -62,15 +67,25 @@ static int report_ended(EngineObject *self) {
 }
 
 static int Engine_init(EngineObject *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"read_size", "on_end", NULL};
+    static char *kwlist[] = {"read_size", "on_end", "backend", NULL};
     Py_ssize_t read_size = 256 * 1024;
     PyObject *on_end = Py_None;
+    const char *backend = "io_uring";
     if (self->ready) {
         PyErr_SetString(PyExc_RuntimeError, "Engine already initialised");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|nO", kwlist, &read_size, &on_end))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|nOs", kwlist, &read_size, &on_end, &backend))
         return -1;
+    int want;
+    if (strcmp(backend, "io_uring") == 0)
+        want = ENG_URING;
+    else if (strcmp(backend, "epoll") == 0)
+        want = ENG_EPOLL;
+    else {
+        PyErr_SetString(PyExc_ValueError, "backend must be 'io_uring' or 'epoll'");
+        return -1;
+    }
     if (read_size < 1024 || read_size > (1 << 26)) {
         PyErr_SetString(PyExc_ValueError, "read_size must be within 1 KiB .. 64 MiB");
         return -1;
@@ -79,7 +94,7 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kwds) {
         PyErr_SetString(PyExc_TypeError, "on_end must be callable");
         return -1;
     }
-    int r = eng_init(&self->e, (size_t)read_size);
+    int r = eng_init(&self->e, (size_t)read_size, want, &self->why);
     if (r < 0) {
         errno = -r;
         PyErr_SetFromErrno(PyExc_OSError);
@@ -118,7 +133,7 @@ static PyObject *Engine_poll(EngineObject *self, PyObject *args) {
     CHECK_READY(self);
     if (!PyArg_ParseTuple(args, "|i", &maxevents))
         return NULL;
-    int n = eng_poll(&self->e, maxevents, 0);
+    int n = eng_poll(&self->e, maxevents);
     if (report_ended(self) < 0)
         return NULL;
     if (n < 0) {
@@ -138,6 +153,8 @@ static PyObject *Engine_tunnel(EngineObject *self, PyObject *args) {
     Py_INCREF(token);
     eng_clock(&self->e);
     int64_t id = eng_open(&self->e, cfd, ofd, tc.buf, (size_t)tc.len, to.buf, (size_t)to.len, token);
+    if (id >= 0)
+        eng_flush(&self->e);
     PyBuffer_Release(&tc);
     PyBuffer_Release(&to);
     if (id < 0) {
@@ -158,6 +175,7 @@ static PyObject *by_id(EngineObject *self, PyObject *arg, id_op op) {
     if (id == -1 && PyErr_Occurred())
         return NULL;
     int r = op(&self->e, id);
+    eng_flush(&self->e);
     if (report_ended(self) < 0)
         return NULL;
     return PyBool_FromLong(r);
@@ -172,6 +190,7 @@ static PyObject *all_of(EngineObject *self, id_op op) {
     for (uint32_t slot = 0; slot < self->e.cap; slot++)
         if (eng_get(&self->e, eng_id(&self->e, slot)))
             n += op(&self->e, eng_id(&self->e, slot));
+    eng_flush(&self->e);
     if (report_ended(self) < 0)
         return NULL;
     return PyLong_FromLong(n);
@@ -186,6 +205,7 @@ static PyObject *Engine_close_idle(EngineObject *self, PyObject *arg) {
     if (seconds == -1.0 && PyErr_Occurred())
         return NULL;
     int n = eng_close_idle(&self->e, (int64_t)(seconds * 1000.0));
+    eng_flush(&self->e);
     if (report_ended(self) < 0)
         return NULL;
     return PyLong_FromLong(n);
@@ -233,6 +253,18 @@ static PyObject *Engine_get_open_bytes(EngineObject *self, void *Py_UNUSED(c)) {
                          (unsigned long long)(e->total[1] - e->ended_bytes[1]));
 }
 
+static PyObject *Engine_get_backend(EngineObject *self, void *Py_UNUSED(c)) {
+    CHECK_READY(self);
+    return PyUnicode_FromString(self->e.backend == ENG_URING ? "io_uring" : "epoll");
+}
+
+static PyObject *Engine_get_why(EngineObject *self, void *Py_UNUSED(c)) {
+    CHECK_READY(self);
+    if (self->why == NULL)
+        Py_RETURN_NONE;
+    return PyUnicode_FromString(self->why);
+}
+
 static PyObject *Engine_get_open(EngineObject *self, void *Py_UNUSED(c)) {
     CHECK_READY(self);
     return PyLong_FromUnsignedLong(self->e.open);
@@ -258,6 +290,8 @@ static PyGetSetDef Engine_getset[] = {
     {"totals", (getter)Engine_get_totals, NULL, "(up, down): bytes ever read from clients and origins", NULL},
     {"open_bytes", (getter)Engine_get_open_bytes, NULL, "(up, down) of the tunnels still open", NULL},
     {"open", (getter)Engine_get_open, NULL, "tunnels open", NULL},
+    {"backend", (getter)Engine_get_backend, NULL, "'io_uring' or 'epoll': what drives the sockets", NULL},
+    {"fallback_reason", (getter)Engine_get_why, NULL, "why io_uring was asked for and not used, or None", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

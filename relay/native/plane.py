@@ -23,7 +23,7 @@ import asyncio
 import os
 import time
 
-from relay.native import Engine
+from relay.native import Engine, wanted_backend
 from relay.tunnel import READ_SIZE, Tunnel
 
 
@@ -111,7 +111,7 @@ class NativePlane:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, read_size: int = READ_SIZE) -> None:
         self.loop = loop
-        self.engine = Engine(read_size, self.ended)
+        self.engine = Engine(read_size, self.ended, backend=wanted_backend())
         self.fd = self.engine.fileno()
         loop.add_reader(self.fd, self.engine.poll)
 

@@ -37,6 +37,8 @@ class Relay:
 
     #: RELAY_DATA_PLANE unless ``env`` says otherwise (tests/conftest.py sets it per module)
     data_plane = "auto"
+    #: WSRELAY_NATIVE_BACKEND ("epoll" to run the native engine without io_uring; "" = its default)
+    native_backend = ""
 
     def __init__(self, origin: str | None, workers: int = 2, env: dict | None = None,
                  args: tuple[str, ...] = (), metrics: bool = True, tracebacks: bool = False):
@@ -52,6 +54,8 @@ class Relay:
             "PYTHONUNBUFFERED": "1",
             "RELAY_DATA_PLANE": self.data_plane,
         })
+        if self.native_backend:
+            e["WSRELAY_NATIVE_BACKEND"] = self.native_backend
         if origin is not None:
             e["RELAY_ORIGIN"] = origin
         e.update(env or {})
