@@ -1,6 +1,6 @@
-"""epoll or io_uring for the native pump: the same load through two C relays
-(bench/pumps/pump.c: relay/native/engine.c itself, and an io_uring pump with
-multishot recv, a provided-buffer ring and batched submission), interleaved.
+"""epoll or io_uring for the native pump: the same load through C relays
+(bench/pumps/pump.c: relay/native/engine.c on each of its two backends, and
+the first io_uring prototype with multishot recv), interleaved.
 
     python -m bench.pump_compare [--rounds 3] [--seconds 4]
 
@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--only", nargs="+", choices=list(SIZES), default=list(SIZES))
+    ap.add_argument("--pumps", nargs="+", choices=("epoll", "uring", "multishot"), default=["epoll", "uring"],
+                    help="epoll / uring: relay/native/engine.c's two backends; multishot: the first prototype")
     a = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="pump-compare-"))
     exe = build(tmp)
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             for label, (size, conns) in SIZES.items():
                 if label not in a.only:
                     continue
-                kinds = ["epoll", "uring"] if rnd % 2 == 0 else ["uring", "epoll"]
+                kinds = list(a.pumps) if rnd % 2 == 0 else list(reversed(a.pumps))
                 for kind in kinds:
                     r = trial(exe, kind, size, conns, origin_port, a.seconds)
                     got.setdefault((label, kind), []).append(r)

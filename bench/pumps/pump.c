@@ -1,11 +1,13 @@
-/* Two TCP relay pumps for the "epoll or io_uring" measurement
+/* TCP relay pumps for the "epoll or io_uring" measurement
  * (python -m bench.pump_compare; bench/RESULTS.md).
  *
- *   pump epoll  LISTEN_PORT ORIGIN_PORT    relay/native/engine.c itself
- *   pump uring  LISTEN_PORT ORIGIN_PORT    an io_uring pump: multishot recv into
- *                                          a provided-buffer ring, sends queued per
- *                                          socket (one in flight, so bytes stay in
- *                                          order), one io_uring_enter per loop turn
+ *   pump epoll      LISTEN_PORT ORIGIN_PORT   relay/native/engine.c, epoll backend
+ *   pump uring      LISTEN_PORT ORIGIN_PORT   relay/native/engine.c, io_uring backend
+ *   pump multishot  LISTEN_PORT ORIGIN_PORT   the first io_uring prototype: multishot
+ *                                             recv into a provided-buffer ring, sends
+ *                                             queued per socket (one in flight, so
+ *                                             bytes stay in order), no per-tunnel
+ *                                             bound (a benchmark-only design)
  *
  * Both accept clients and connect to the origin the same way, and both sit
  * under an outer epoll as the worker's engine sits under uvloop's: the
@@ -66,9 +68,14 @@ static int accept_pair(int lst, int *cfd, int *ofd) {
 
 /* -- epoll: the engine ------------------------------------------------------ */
 
-static void run_epoll(int lst) {
+static void run_engine(int lst, int backend) {
     engine e;
-    eng_init(&e, 256 * 1024);
+    const char *why;
+    eng_init(&e, 256 * 1024, backend, &why);
+    if (e.backend != backend) {
+        fprintf(stderr, "engine: %s\n", why ? why : "backend unavailable");
+        exit(1);
+    }
     int outer = epoll_create1(EPOLL_CLOEXEC);
     struct epoll_event ev = {.events = EPOLLIN, .data.u32 = 0};
     epoll_ctl(outer, EPOLL_CTL_ADD, lst, &ev);
@@ -82,8 +89,9 @@ static void run_epoll(int lst) {
                 int c, o;
                 while (accept_pair(lst, &c, &o) == 0)
                     eng_open(&e, c, o, NULL, 0, NULL, 0, NULL);
+                eng_flush(&e);
             } else {
-                eng_poll(&e, 256, 0);
+                eng_poll(&e, 256);
                 uint32_t slot;
                 while ((slot = eng_pop_ended(&e)) != ENG_NONE)
                     eng_release(&e, slot);
@@ -286,7 +294,7 @@ static void run_uring(int lst) {
 
 int main(int argc, char **argv) {
     if (argc != 4) {
-        fprintf(stderr, "usage: pump epoll|uring LISTEN_PORT ORIGIN_PORT\n");
+        fprintf(stderr, "usage: pump epoll|uring|multishot LISTEN_PORT ORIGIN_PORT\n");
         return 2;
     }
     origin_port = atoi(argv[3]);
@@ -294,7 +302,9 @@ int main(int argc, char **argv) {
     printf("listening on 127.0.0.1:%d\n", atoi(argv[2]));
     fflush(stdout);
     if (!strcmp(argv[1], "epoll"))
-        run_epoll(lst);
+        run_engine(lst, ENG_EPOLL);
+    else if (!strcmp(argv[1], "uring"))
+        run_engine(lst, ENG_URING);
     else
         run_uring(lst);
     return 0;

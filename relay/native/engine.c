@@ -1,14 +1,15 @@
-/* The native tunnel pump (README "Architecture", bench/RESULTS.md "Native data plane").
+/* The native tunnel pump (README "Settings" RELAY_DATA_PLANE, bench/RESULTS.md
+ * "Native data plane").
  *
- * One engine per worker: one epoll set owning the sockets of every tunnel
- * after the 101. Its descriptor is registered with the worker's uvloop loop
- * (loop.add_reader(fd, engine.poll)), so there is no thread, no lock, and
- * "one worker = one core" holds. Per readiness event: recv() into the one
- * read buffer of the engine, send() to the peer at once; what the peer cannot
- * take is copied aside (the only allocation on the data path) and reading
- * from the source stops until it is sent, so a stalled direction holds at
- * most one read buffer: the bound relay/tunnel.py keeps. An idle tunnel owns
- * no buffer at all, only its 96-byte slot.
+ * One engine per worker owns the sockets of every tunnel after the 101. Its
+ * one descriptor (an io_uring, or an epoll set) is registered with the
+ * worker's uvloop loop (loop.add_reader(fd, engine.poll)): no thread, no
+ * lock, "one worker = one core" holds. Per chunk: read into a buffer of the
+ * engine, send to the peer at once; what the peer cannot take is copied
+ * aside (the only allocation on the data path) and the source is not read
+ * again until it is sent, so a stalled direction holds at most one read
+ * buffer: the bound relay/tunnel.py keeps. An idle tunnel owns no buffer,
+ * only its slot (~100 bytes).
  *
  * Semantics are relay/tunnel.py's, event for event:
  *   - EOF from one side: shutdown(SHUT_WR) on the other once what is pending
@@ -21,13 +22,26 @@
  *     on a side paused for backpressure, or after its EOF) are acted on when
  *     the pump next reads or writes it, as libuv does.
  *
- * Why epoll and not io_uring, and why edge-triggered: see the measurements
- * in bench/RESULTS.md ("epoll or io_uring"). With EPOLLET and both
- * directions registered once, the pump makes no epoll_ctl call per chunk
- * (nginx's choice too): a 64-byte round trip costs one recv and one send per
- * direction plus a share of epoll_wait. A short read means the socket was
- * drained (the next byte raises a new edge); after EPOLLRDHUP we read on to
- * the EOF, since a FIN behind the data raises no edge of its own.
+ * io_uring, with epoll as the fallback. Measured with the same load through
+ * this engine on each backend (python -m bench.pump_compare, 2-CPU VM,
+ * interleaved rounds; bench/RESULTS.md), CPU per round trip:
+ *     64 B  epoll 11.9 us  io_uring 9.2 us   (syscalls 4.1 -> 0.22)
+ *     4 KiB epoll 13.5 us  io_uring 10.9 us  (4.1 -> 0.28)
+ *     1 MiB epoll 799 us   io_uring 707 us   (22 -> 6.9)
+ * Per small round trip the kernel's TCP work is the same either way; what
+ * io_uring saves is the syscall entries (~0.3 us each on this VM) and the
+ * readiness round trip: completions are read from shared memory and every
+ * request of a loop turn goes in with one io_uring_enter. So io_uring is
+ * used wherever io_uring_setup works; where it does not (Linux < 6.0,
+ * kernel.io_uring_disabled, a seccomp filter such as systemd's
+ * SystemCallFilter without @io_uring) the engine runs on epoll and the
+ * relay logs why. The epoll backend is edge-triggered with both directions
+ * registered once (nginx's choice): no epoll_ctl per chunk, one recv and one
+ * send per chunk; a short read means the socket was drained (the next byte
+ * raises a new edge), and after EPOLLRDHUP it reads on to the EOF, since a
+ * FIN behind the data raises no edge of its own. splice() was not kept: on
+ * loopback it gained nothing in the prototype, and both backends already
+ * copy each chunk once each way.
  *
  * Slots are an array indexed by tunnel; an id is (generation << 32 | slot),
  * and epoll events carry the generation too, so events or calls for a
