@@ -1,8 +1,9 @@
 """The C pump under AddressSanitizer and valgrind, for a bounded time.
 
 ASan: the extension is rebuilt with -fsanitize=address into a temp dir, and
-a child pytest runs the native engine tests, the tunnel-endings suite and a
-few sequences of the data-plane fuzz with libasan preloaded; relays started
+a child pytest runs the native engine and head-phase tests, the
+tunnel-endings suite and a few sequences of the data-plane fuzz with libasan
+preloaded; relays started
 by those tests inherit the preload and load the same build (a
 sitecustomize.py puts it in place of relay.native._engine), so the workers'
 pumps are checked too. Any report lands in a log file and fails the test.
@@ -69,7 +70,7 @@ def test_the_pump_under_addresssanitizer(tmp_path):
     build = subprocess.run(
         [cc, "-shared", "-fPIC", "-g", "-O1", "-fno-omit-frame-pointer", "-fsanitize=address",
          "-I", sysconfig.get_paths()["include"], os.path.join(NATIVE, "_engine.c"), os.path.join(NATIVE, "engine.c"),
-         "-o", str(so)], capture_output=True, text=True, timeout=120)
+         os.path.join(NATIVE, "handshake.c"), "-o", str(so)], capture_output=True, text=True, timeout=120)
     assert build.returncode == 0, build.stderr
     (tmp_path / "sitecustomize.py").write_text(SITECUSTOMIZE)
     logs = tmp_path / "asan"
@@ -84,7 +85,8 @@ def test_the_pump_under_addresssanitizer(tmp_path):
     })
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
-         "tests/test_native.py", "tests/test_tunnel_endings.py", "tests/test_data_plane_fuzz.py",
+         "tests/test_native.py", "tests/test_native_handshake.py", "tests/test_tunnel_endings.py",
+         "tests/test_data_plane_fuzz.py",
          "-k", "not python"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     reports = [open(p).read() for p in glob.glob(f"{logs}*")]

@@ -28,7 +28,10 @@
 
 #include <string.h>
 
+#include <arpa/inet.h>
+
 #include "engine.h"
+#include "handshake.h"
 
 typedef struct {
     PyObject_HEAD
@@ -36,6 +39,9 @@ typedef struct {
     PyObject *on_end;
     int ready;
     const char *why; /* why io_uring was not used, when it was asked for */
+    handshaker hs;   /* the head phase (handshake.c), once handshakes() was called */
+    int hs_ready;
+    PyObject *on_head, *on_response, *on_failed, *on_timeout;
 } EngineObject;
 
 /* Report every ended tunnel; returns 0, or -1 with the first callback error set. */
@@ -107,6 +113,12 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kwds) {
 }
 
 static void Engine_dealloc(EngineObject *self) {
+    if (self->hs_ready)
+        hs_free(&self->hs);
+    Py_XDECREF(self->on_head);
+    Py_XDECREF(self->on_response);
+    Py_XDECREF(self->on_failed);
+    Py_XDECREF(self->on_timeout);
     if (self->ready) {
         for (uint32_t slot = 0; slot < self->e.cap; slot++)
             if (self->e.t[slot].flags & 0x01 /* T_USED */)
@@ -270,7 +282,323 @@ static PyObject *Engine_get_open(EngineObject *self, void *Py_UNUSED(c)) {
     return PyLong_FromUnsignedLong(self->e.open);
 }
 
+/* -- the head phase (handshake.c) ------------------------------------------------ */
+
+#define CHECK_HS(self)                                                                    \
+    CHECK_READY(self);                                                                    \
+    if (!(self)->hs_ready) {                                                              \
+        PyErr_SetString(PyExc_RuntimeError, "handshakes() was not called on this Engine"); \
+        return NULL;                                                                      \
+    }
+
+static PyObject *Engine_handshakes(EngineObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"on_head", "on_response", "on_failed", "on_timeout", "max_head", "head_timeout",
+                             "connect_timeout", NULL};
+    PyObject *a, *b, *c, *d;
+    unsigned int max_head = 16384;
+    double head_timeout = 10.0, connect_timeout = 5.0;
+    CHECK_READY(self);
+    if (self->hs_ready) {
+        PyErr_SetString(PyExc_RuntimeError, "handshakes() already called");
+        return NULL;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO|Idd", kwlist, &a, &b, &c, &d, &max_head, &head_timeout,
+                                     &connect_timeout))
+        return NULL;
+    int r = hs_init(&self->hs, max_head, head_timeout, connect_timeout);
+    if (r < 0) {
+        errno = -r;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_INCREF(a), Py_INCREF(b), Py_INCREF(c), Py_INCREF(d);
+    self->on_head = a, self->on_response = b, self->on_failed = c, self->on_timeout = d;
+    self->hs_ready = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_hs_fileno(EngineObject *self, PyObject *Py_UNUSED(i)) {
+    CHECK_HS(self);
+    return PyLong_FromLong(self->hs.epfd);
+}
+
+static PyObject *Engine_listen(EngineObject *self, PyObject *arg) {
+    CHECK_HS(self);
+    int fd = PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    int r = hs_listen(&self->hs, fd);
+    if (r < 0) {
+        errno = -r;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *peer_of(hs_conn *c) {
+    char host[INET6_ADDRSTRLEN] = "-";
+    int port = 0;
+    if (c->peer.ss_family == AF_INET) {
+        struct sockaddr_in *a = (struct sockaddr_in *)&c->peer;
+        inet_ntop(AF_INET, &a->sin_addr, host, sizeof host);
+        port = ntohs(a->sin_port);
+    } else if (c->peer.ss_family == AF_INET6) {
+        struct sockaddr_in6 *a = (struct sockaddr_in6 *)&c->peer;
+        inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof host);
+        port = ntohs(a->sin6_port);
+    }
+    return Py_BuildValue("(si)", host, port);
+}
+
+/* Deliver queued head-phase events to Python; 0 or -1 with the first error set. */
+static int deliver(EngineObject *self) {
+    PyObject *et = NULL, *ev = NULL, *tb = NULL;
+    hs_event e;
+    while (hs_pop(&self->hs, &e)) {
+        if (e.slot >= self->hs.cap || self->hs.c[e.slot].gen != e.gen || self->hs.c[e.slot].state == H_FREE)
+            continue;
+        hs_conn *c = &self->hs.c[e.slot];
+        long long id = hs_id(&self->hs, e.slot);
+        PyObject *r = NULL;
+        switch (e.kind) {
+        case HE_HEAD: {
+            PyObject *peer = peer_of(c);
+            r = peer ? PyObject_CallFunction(self->on_head, "Ly#IN", id, c->buf, (Py_ssize_t)c->len, c->head_end, peer)
+                     : NULL;
+            break;
+        }
+        case HE_RESPONSE:
+            r = PyObject_CallFunction(self->on_response, "Ly#II", id, c->obuf, (Py_ssize_t)c->olen, c->ohead_end, c->ai);
+            break;
+        case HE_FAILED:
+            r = PyObject_CallFunction(self->on_failed, "Li", id, e.error);
+            break;
+        default: /* HE_TIMEOUT: the head phase (nbytes read) or the origin phase (-1) */
+            r = PyObject_CallFunction(self->on_timeout, "Lsi", id, c->state == H_DECIDE ? "head" : "origin",
+                                      e.error);
+            if (c->state == H_DECIDE && self->hs.c[e.slot].gen == e.gen)
+                hs_close(&self->hs, e.slot); /* a head timeout is only counted: nothing is answered */
+            break;
+        }
+        if (r == NULL) {
+            /* Python could not decide: drop the connection rather than leave it hanging */
+            if (self->hs.c[e.slot].gen == e.gen)
+                hs_close(&self->hs, e.slot);
+            if (et == NULL)
+                PyErr_Fetch(&et, &ev, &tb);
+            else
+                PyErr_WriteUnraisable(self->on_head);
+        }
+        Py_XDECREF(r);
+    }
+    if (et != NULL) {
+        PyErr_Restore(et, ev, tb);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *Engine_poll_handshakes(EngineObject *self, PyObject *args) {
+    int maxaccept = 64;
+    CHECK_HS(self);
+    if (!PyArg_ParseTuple(args, "|i", &maxaccept))
+        return NULL;
+    int n = hs_poll(&self->hs, maxaccept);
+    if (deliver(self) < 0)
+        return NULL;
+    if (n < 0) {
+        errno = -n;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromLong(n);
+}
+
+static PyObject *Engine_expire(EngineObject *self, PyObject *Py_UNUSED(i)) {
+    CHECK_HS(self);
+    hs_expire(&self->hs);
+    if (deliver(self) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_refuse(EngineObject *self, PyObject *args) {
+    long long id;
+    Py_buffer data;
+    CHECK_HS(self);
+    if (!PyArg_ParseTuple(args, "Ly*", &id, &data))
+        return NULL;
+    int r = hs_refuse(&self->hs, id, data.buf, (size_t)data.len);
+    PyBuffer_Release(&data);
+    return PyBool_FromLong(r);
+}
+
+static int to_sockaddr(PyObject *item, struct sockaddr_storage *out) {
+    const char *host;
+    int port;
+    if (!PyArg_ParseTuple(item, "si", &host, &port))
+        return -1;
+    memset(out, 0, sizeof *out);
+    struct sockaddr_in *a4 = (struct sockaddr_in *)out;
+    struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)out;
+    if (inet_pton(AF_INET, host, &a4->sin_addr) == 1) {
+        a4->sin_family = AF_INET;
+        a4->sin_port = htons((uint16_t)port);
+    } else if (inet_pton(AF_INET6, host, &a6->sin6_addr) == 1) {
+        a6->sin6_family = AF_INET6;
+        a6->sin6_port = htons((uint16_t)port);
+    } else {
+        PyErr_Format(PyExc_ValueError, "not a numeric address: %s", host);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *Engine_connect(EngineObject *self, PyObject *args) {
+    long long id;
+    PyObject *addrs;
+    Py_buffer head;
+    CHECK_HS(self);
+    if (!PyArg_ParseTuple(args, "LOy*", &id, &addrs, &head))
+        return NULL;
+    PyObject *seq = PySequence_Fast(addrs, "addrs must be a sequence of (host, port)");
+    if (seq == NULL) {
+        PyBuffer_Release(&head);
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    struct sockaddr_storage *sa = n ? calloc((size_t)n, sizeof *sa) : NULL;
+    int ok = n > 0 && sa != NULL;
+    for (Py_ssize_t k = 0; ok && k < n; k++)
+        ok = to_sockaddr(PySequence_Fast_GET_ITEM(seq, k), &sa[k]) == 0;
+    Py_DECREF(seq);
+    int r = 0;
+    if (ok)
+        r = hs_connect(&self->hs, id, sa, (uint32_t)n, head.buf, (size_t)head.len);
+    free(sa);
+    PyBuffer_Release(&head);
+    if (!ok) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "connect() needs at least one origin address");
+        return NULL;
+    }
+    if (deliver(self) < 0)
+        return NULL;
+    return PyBool_FromLong(r);
+}
+
+static PyObject *Engine_detach(EngineObject *self, PyObject *arg) {
+    CHECK_HS(self);
+    long long id = PyLong_AsLongLong(arg);
+    if (id == -1 && PyErr_Occurred())
+        return NULL;
+    hs_conn *c = hs_get(&self->hs, id);
+    if (c == NULL)
+        Py_RETURN_NONE;
+    PyObject *cb = PyBytes_FromStringAndSize(c->buf ? c->buf : "", c->buf ? c->len : 0);
+    PyObject *ob = PyBytes_FromStringAndSize(c->obuf ? c->obuf : "", c->obuf ? c->olen : 0);
+    int cfd, ofd;
+    hs_detach(&self->hs, id, &cfd, &ofd);
+    return Py_BuildValue("(iiNN)", cfd, ofd, cb, ob);
+}
+
+static PyObject *Engine_close_handshake(EngineObject *self, PyObject *arg) {
+    CHECK_HS(self);
+    long long id = PyLong_AsLongLong(arg);
+    if (id == -1 && PyErr_Occurred())
+        return NULL;
+    if (hs_get(&self->hs, id) == NULL)
+        Py_RETURN_FALSE;
+    hs_close(&self->hs, (uint32_t)(id & 0xffffffff));
+    Py_RETURN_TRUE;
+}
+
+static PyObject *Engine_splice(EngineObject *self, PyObject *args) {
+    long long id;
+    Py_buffer tc;
+    PyObject *token;
+    CHECK_HS(self);
+    if (!PyArg_ParseTuple(args, "Ly*O", &id, &tc, &token))
+        return NULL;
+    hs_conn *c = hs_get(&self->hs, id);
+    if (c == NULL || c->state != H_DECIDE2 || c->ofd < 0) {
+        PyBuffer_Release(&tc);
+        PyErr_SetString(PyExc_ValueError, "splice(): no origin answer waits on this connection");
+        return NULL;
+    }
+    /* what the client sent behind its head goes to the origin now, after its 101 */
+    uint32_t early_len = c->len - c->head_end;
+    char *early = early_len ? malloc(early_len) : NULL;
+    if (early_len && !early) {
+        PyBuffer_Release(&tc);
+        return PyErr_NoMemory();
+    }
+    if (early_len)
+        memcpy(early, c->buf + c->head_end, early_len);
+    int cfd, ofd;
+    hs_detach(&self->hs, id, &cfd, &ofd);
+    Py_INCREF(token);
+    eng_clock(&self->e);
+    int64_t tid = eng_open(&self->e, cfd, ofd, tc.buf, (size_t)tc.len, early, early_len, token);
+    free(early);
+    PyBuffer_Release(&tc);
+    if (tid < 0) {
+        Py_DECREF(token);
+        close(cfd);
+        close(ofd);
+        errno = (int)-tid;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    eng_flush(&self->e);
+    if (report_ended(self) < 0)
+        return NULL;
+    return PyLong_FromLongLong(tid);
+}
+
+static PyObject *Engine_get_accepting(EngineObject *self, void *Py_UNUSED(c)) {
+    CHECK_HS(self);
+    return PyBool_FromLong(!self->hs.accept_paused);
+}
+
+static int Engine_set_accepting(EngineObject *self, PyObject *v, void *Py_UNUSED(c)) {
+    if (!self->hs_ready) {
+        PyErr_SetString(PyExc_RuntimeError, "handshakes() was not called on this Engine");
+        return -1;
+    }
+    int t = PyObject_IsTrue(v);
+    if (t < 0)
+        return -1;
+    int r = hs_pause(&self->hs, !t);
+    if (r < 0) {
+        errno = -r;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *Engine_get_hs_stats(EngineObject *self, void *Py_UNUSED(c)) {
+    CHECK_HS(self);
+    return Py_BuildValue("{sIsKsK}", "live", self->hs.live, "accepted", (unsigned long long)self->hs.accepted,
+                         "accept_errors", (unsigned long long)self->hs.accept_errors);
+}
+
 static PyMethodDef Engine_methods[] = {
+    {"handshakes", (PyCFunction)(void (*)(void))Engine_handshakes, METH_VARARGS | METH_KEYWORDS,
+     "handshakes(on_head, on_response, on_failed, on_timeout, max_head=16384, head_timeout=10.0, "
+     "connect_timeout=5.0): run the head phase in C too"},
+    {"hs_fileno", (PyCFunction)Engine_hs_fileno, METH_NOARGS, "The head phase's epoll descriptor."},
+    {"listen", (PyCFunction)Engine_listen, METH_O, "listen(fd): accept from this listening socket."},
+    {"poll_handshakes", (PyCFunction)Engine_poll_handshakes, METH_VARARGS,
+     "poll_handshakes(maxaccept=64): accept, read, write, expire; calls the on_* callbacks."},
+    {"expire", (PyCFunction)Engine_expire, METH_NOARGS, "Run the head phase's timeouts now."},
+    {"refuse", (PyCFunction)Engine_refuse, METH_VARARGS,
+     "refuse(id, answer): write it, half-close, linger up to 2 s discarding input, close."},
+    {"connect", (PyCFunction)Engine_connect, METH_VARARGS,
+     "connect(id, [(host, port), ...], head): connect with failover, write head, read the response head."},
+    {"detach", (PyCFunction)Engine_detach, METH_O,
+     "detach(id) -> (client_fd, origin_fd or -1, client_bytes, origin_bytes): the caller takes over."},
+    {"close_handshake", (PyCFunction)Engine_close_handshake, METH_O, "close_handshake(id): drop it."},
+    {"splice", (PyCFunction)Engine_splice, METH_VARARGS,
+     "splice(id, to_client, token) -> tunnel id: the pump takes both sockets after the origin's answer."},
     {"fileno", (PyCFunction)Engine_fileno, METH_NOARGS, "The epoll descriptor (for loop.add_reader)."},
     {"poll", (PyCFunction)Engine_poll, METH_VARARGS, "poll(maxevents=256) -> events handled; never waits."},
     {"tunnel", (PyCFunction)Engine_tunnel, METH_VARARGS,
@@ -292,6 +620,8 @@ static PyGetSetDef Engine_getset[] = {
     {"open", (getter)Engine_get_open, NULL, "tunnels open", NULL},
     {"backend", (getter)Engine_get_backend, NULL, "'io_uring' or 'epoll': what drives the sockets", NULL},
     {"fallback_reason", (getter)Engine_get_why, NULL, "why io_uring was asked for and not used, or None", NULL},
+    {"accepting", (getter)Engine_get_accepting, (setter)Engine_set_accepting, "accept new connections", NULL},
+    {"handshake_stats", (getter)Engine_get_hs_stats, NULL, "{live, accepted, accept_errors}", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
