@@ -29,6 +29,7 @@
 #include <string.h>
 
 #include <arpa/inet.h>
+#include <sys/socket.h>
 
 #include "engine.h"
 #include "handshake.h"
@@ -162,6 +163,19 @@ static PyObject *Engine_tunnel(EngineObject *self, PyObject *args) {
     CHECK_READY(self);
     if (!PyArg_ParseTuple(args, "iiy*y*O", &cfd, &ofd, &tc, &to, &token))
         return NULL;
+    if (self->e.backend == ENG_URING) {
+        /* io_uring learns of a bad descriptor only at its first request: check now, so
+         * that as with epoll the caller keeps what the engine refused (splice() skips
+         * this: its sockets are the engine's own) */
+        int type;
+        socklen_t len = sizeof type;
+        if (getsockopt(cfd, SOL_SOCKET, SO_TYPE, &type, &len) < 0 ||
+            getsockopt(ofd, SOL_SOCKET, SO_TYPE, &type, &len) < 0) {
+            PyBuffer_Release(&tc);
+            PyBuffer_Release(&to);
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+    }
     Py_INCREF(token);
     eng_clock(&self->e);
     int64_t id = eng_open(&self->e, cfd, ofd, tc.buf, (size_t)tc.len, to.buf, (size_t)to.len, token);

@@ -354,16 +354,7 @@ int64_t eng_open(engine *e, int cfd, int ofd, const char *to_client, size_t nc,
             epoll_ctl(e->epfd, EPOLL_CTL_DEL, cfd, &ev);
             return -err;
         }
-    } else {
-        /* io_uring learns of a bad descriptor only at its first request: check
-         * now, so that as with epoll the caller keeps what the engine refused */
-        int type;
-        socklen_t len = sizeof type;
-        if (getsockopt(cfd, SOL_SOCKET, SO_TYPE, &type, &len) < 0 ||
-            getsockopt(ofd, SOL_SOCKET, SO_TYPE, &type, &len) < 0)
-            return -errno;
-    }
-    e->free_head = next_free;
+    }    e->free_head = next_free;
     t->flags = T_USED;
     t->token = token;
     t->last_active_ms = e->now_ms;
