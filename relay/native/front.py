@@ -27,13 +27,16 @@ import itertools
 import socket
 import time
 
+from relay import gate
 from relay.client import ClientConnection
 from relay.context import Context
-from relay.handshake import (check_upgrade_response, forward_head, is_upgrade, origin_allowed, path_allowed,
-                             validate_upgrade)
-from relay.http_head import HeadError, parse_request_head, parse_response_head
+from relay.errors import HeadError, RelayError
+from relay.handshake import check_upgrade_response, is_upgrade
+from relay.headers import forward_head
+from relay.http_head import parse_request_head, parse_response_head
+from relay.logs import new_request_id
 from relay.native.plane import NativeTunnel
-from relay.origin import MAX_RESPONSE_HEAD
+from relay.origins.answer import MAX_RESPONSE_HEAD
 from relay.responses import refusal
 
 ENV = "WSRELAY_NATIVE_HANDSHAKE"
@@ -60,7 +63,7 @@ class NativeFront:
                                connect_timeout=s.connect_timeout)
         self.addrs = _numeric(s.origin)
         self._next = itertools.cycle(range(len(self.addrs)))
-        #: upgrades waiting for their origin: id -> (record, key, client ip, started)
+        #: upgrades waiting for their origin: id -> (record, key, client ip, started, origin order)
         self.pending: dict[int, tuple] = {}
         self.socks = socks
         for sock in socks:
@@ -86,27 +89,25 @@ class NativeFront:
         try:
             req = parse_request_head(data, ctx.settings.max_header_bytes)
         except HeadError as e:
-            ctx.count_http(e.status)
+            ctx.counters.http(e.status)
             self.engine.refuse(cid, refusal(e.status))
             return
-        if req is None or not is_upgrade(req) or ctx.frames:
+        if req is None or not is_upgrade(req) or ctx.tunnel_class.counts_messages:
             self._to_python(cid)
             return
         started = time.monotonic()
-        rec = ctx.record(ip, req.method, req.path)
+        request_id = new_request_id()
+        rec = ctx.access.record(ip, req.method, req.path, req.get(b"user-agent"), req.get(b"x-forwarded-for"),
+                                request_id.decode())
         rec.data_plane = "native"
         try:
-            key = validate_upgrade(req)
-        except HeadError as e:
+            key = gate.admit_upgrade(ctx, req, ip, True)
+        except RelayError as e:
             return self._refuse(cid, e.status, e.outcome, rec, started)
-        if not path_allowed(req.path, ctx.ws_paths) or not origin_allowed(req.get(b"origin"), ctx.settings.allowed_origins):
-            return self._refuse(cid, 403, "forbidden", rec, started)
-        if not ctx.admission.take(ip):
-            return self._refuse(cid, 503, "limit", rec, started)
         start = next(self._next)
         order = self.addrs[start:] + self.addrs[:start]
         self.pending[cid] = (rec, key, ip, started, order)
-        self.engine.connect(cid, order, forward_head(req, ip, ctx.proto, True))
+        self.engine.connect(cid, order, forward_head(req, ip, ctx.proto, True, request_id))
 
     def _response(self, cid: int, data: bytes, head_end: int, index: int) -> None:
         rec, key, ip, started, order = self.pending.pop(cid)
@@ -115,14 +116,14 @@ class NativeFront:
         try:
             resp = parse_response_head(data, MAX_RESPONSE_HEAD)
             if resp is None:
-                raise HeadError(502, "incomplete", "origin_error")
+                raise HeadError(502, "incomplete origin answer", "origin_error")
             if resp.status != 101:
                 rec.status = resp.status
                 rec.outcome = "origin_rejected"
-                ctx.count_upgrade("origin_rejected", resp.status)
+                ctx.counters.upgrade("origin_rejected", resp.status)
                 ctx.admission.give(ip)
-                ctx.log(rec)
-                self.engine.refuse(cid, data)  # prototype: the answer as read (README of this module)
+                ctx.access.write(rec)
+                self.engine.refuse(cid, data)  # prototype: the answer as read (module docstring)
                 return
             check_upgrade_response(resp, key)
         except HeadError as e:
@@ -132,9 +133,10 @@ class NativeFront:
         rec.status = 101
         rec.outcome = "upgraded"
         rec.handshake_ms = round(handshake_s * 1000, 3)
-        ctx.count_upgrade("upgraded", 101, handshake_s)
+        ctx.counters.upgrade("upgraded", 101, handshake_s)
         tunnel = NativeTunnel(ctx.native, -1, -1, ctx.tunnel_ended, rec)
-        ctx.tunnel_opened(tunnel)
+        ctx.tunnels.add(tunnel)
+        ctx.counters.tunnels(len(ctx.tunnels))
         tunnel.id = self.engine.splice(cid, data, tunnel)
 
     def _failed(self, cid: int, err: int) -> None:
@@ -148,7 +150,7 @@ class NativeFront:
     def _timeout(self, cid: int, phase: str, nbytes: int) -> None:
         if phase == "head":
             if nbytes:
-                self.ctx.count_http(408)
+                self.ctx.counters.http(408)
             return
         rec, _key, ip, started, _order = self.pending.pop(cid)
         self.ctx.admission.give(ip)
@@ -157,11 +159,11 @@ class NativeFront:
     # -- helpers ------------------------------------------------------------------------
     def _refuse(self, cid: int, status: int, outcome: str, rec, started: float) -> None:
         ctx = self.ctx
-        ctx.count_upgrade(outcome, status)
+        ctx.counters.upgrade(outcome, status)
         rec.status = status
         rec.outcome = outcome
         rec.duration_s = round(time.monotonic() - started, 3)
-        ctx.log(rec)
+        ctx.access.write(rec)
         self.engine.refuse(cid, refusal(status))
 
     def _to_python(self, cid: int) -> None:
