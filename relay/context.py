@@ -53,7 +53,7 @@ class Context:
         if settings.effective_data_plane() == "native":
             from relay.native.plane import NativePlane, NativeTunnel
 
-            self.native = NativePlane(asyncio.get_running_loop())
+            self.native = NativePlane(asyncio.get_running_loop(), self.tunnel_ended)
             self.tunnel_class = NativeTunnel
         self.tunnels: set[Tunnel] = set()
         #: connections before a tunnel exists (head phase, plain HTTP)

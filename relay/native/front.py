@@ -35,7 +35,7 @@ from relay.handshake import check_upgrade_response, is_upgrade
 from relay.headers import forward_head
 from relay.http_head import parse_request_head, parse_response_head
 from relay.logs import new_request_id
-from relay.native.plane import NativeTunnel
+from relay.native.plane import NativeTunnel, _share_strings
 from relay.origins.answer import MAX_RESPONSE_HEAD
 from relay.responses import refusal
 
@@ -134,7 +134,8 @@ class NativeFront:
         rec.outcome = "upgraded"
         rec.handshake_ms = round(handshake_s * 1000, 3)
         ctx.counters.upgrade("upgraded", 101, handshake_s)
-        tunnel = NativeTunnel(ctx.native, -1, -1, ctx.tunnel_ended, rec)
+        _share_strings(rec)
+        tunnel = NativeTunnel(ctx.native, -1, -1, rec)
         ctx.tunnels.add(tunnel)
         ctx.counters.tunnels(len(ctx.tunnels))
         tunnel.id = self.engine.splice(cid, data, tunnel)

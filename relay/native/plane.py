@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
 
 from relay.native import Engine, wanted_backend
@@ -40,7 +41,10 @@ _GONE = _Gone()
 class NativeTunnel:
     """A tunnel whose sockets the engine owns."""
 
-    __slots__ = ("plane", "cfd", "ofd", "id", "on_end", "record", "started", "up", "down", "ended")
+    # An idle tunnel costs its slot in the engine and this object: no bound
+    # on_end per tunnel (the plane holds the context's), descriptors dropped
+    # once the engine owns them (bench/RESULTS.md, idle memory).
+    __slots__ = ("plane", "cfd", "ofd", "id", "record", "started", "up", "down", "ended")
 
     #: relay.context reads byte counts and idle times of native tunnels from
     #: the engine in one call per sweep, not per tunnel
@@ -53,7 +57,7 @@ class NativeTunnel:
              record, response):
         """The native tunnel of ``ctx``'s plane, or a :class:`relay.tunnel.Tunnel`
         where the sockets cannot be handed over (see the module docstring)."""
-        return ctx.native.tunnel(client_transport, origin_transport, ctx.tunnel_ended, record)
+        return ctx.native.tunnel(client_transport, origin_transport, record)
 
     sweep = Tunnel.sweep
     drain = Tunnel.drain
@@ -61,12 +65,11 @@ class NativeTunnel:
     def shutdown(self, code: int) -> None:
         """Tunnel mode: nothing before the sockets close."""
 
-    def __init__(self, plane: "NativePlane", cfd: int, ofd: int, on_end, record) -> None:
+    def __init__(self, plane: "NativePlane", cfd: int, ofd: int, record) -> None:
         self.plane = plane
         self.cfd = cfd
         self.ofd = ofd
         self.id: int | None = None
-        self.on_end = on_end
         self.record = record
         self.started = time.monotonic()
         #: final byte counts, set when the tunnel ends (open ones: bytes())
@@ -78,11 +81,12 @@ class NativeTunnel:
         """Send the origin's 101 ``head`` and what followed it to the client,
         what the client sent after its request to the origin, then pump (the
         tunnel may end at once)."""
+        cfd, ofd, self.cfd, self.ofd = self.cfd, self.ofd, -1, -1
         try:
-            self.id = self.plane.engine.tunnel(self.cfd, self.ofd, head + to_client, to_origin, self)
+            self.id = self.plane.engine.tunnel(cfd, ofd, head + to_client, to_origin, self)
         except OSError:
-            os.close(self.cfd)
-            os.close(self.ofd)
+            os.close(cfd)
+            os.close(ofd)
             self.plane.ended(self, 0, 0)
 
     def bytes(self) -> tuple[int, int]:
@@ -101,6 +105,14 @@ class NativeTunnel:
             self.plane.engine.abort(self.id)
 
 
+def _share_strings(record) -> None:
+    """Tunnels live long and mostly share a client address, an origin and a
+    method: one string each for all of them, not one per tunnel."""
+    record.client = sys.intern(record.client)
+    record.origin = sys.intern(record.origin)
+    record.method = sys.intern(record.method)
+
+
 def _detach(transport: asyncio.Transport) -> int:
     """A duplicate of the transport's socket descriptor (close-on-exec)."""
     return os.dup(transport.get_extra_info("socket").fileno())
@@ -109,21 +121,23 @@ def _detach(transport: asyncio.Transport) -> int:
 class NativePlane:
     """One engine per worker, its epoll descriptor watched by the event loop."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, read_size: int = READ_SIZE) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_end, read_size: int = READ_SIZE) -> None:
         self.loop = loop
+        #: the context's tunnel_ended, called with each tunnel once it ended
+        self.on_end = on_end
         self.engine = Engine(read_size, self.ended, backend=wanted_backend())
         self.fd = self.engine.fileno()
         loop.add_reader(self.fd, self.engine.poll)
 
-    @staticmethod
-    def ended(tunnel: NativeTunnel, up: int, down: int) -> None:
+    def ended(self, tunnel: NativeTunnel, up: int, down: int) -> None:
         tunnel.up = up
         tunnel.down = down
         tunnel.ended = True
-        tunnel.on_end(tunnel)
+        self.on_end(tunnel)
 
-    def tunnel(self, client_t: asyncio.Transport, origin_t: asyncio.Transport, on_end, record):
+    def tunnel(self, client_t: asyncio.Transport, origin_t: asyncio.Transport, record):
         """Take both sockets; a :class:`relay.tunnel.Tunnel` where they cannot be taken."""
+        on_end = self.on_end
         if client_t.get_write_buffer_size() or origin_t.get_write_buffer_size():
             return Tunnel(client_t, origin_t, on_end, record)
         try:
@@ -140,7 +154,8 @@ class NativePlane:
             t.abort()  # closes uvloop's descriptor only: the socket lives on in ours
         if record is not None:
             record.data_plane = "native"
-        return NativeTunnel(self, cfd, ofd, on_end, record)
+            _share_strings(record)
+        return NativeTunnel(self, cfd, ofd, record)
 
     def open_bytes(self) -> tuple[int, int]:
         """(up, down) read so far by the tunnels still open."""

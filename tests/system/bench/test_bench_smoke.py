@@ -205,6 +205,7 @@ def test_syscalls_per_round_trip_are_counted(tmp_path):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     (r,) = json.loads(out.read_text())
     assert "failed" not in r, r
-    # one recv and one send per message each way, at most, plus a share of the polling
-    assert r["ops"] > 0 and 0.1 < r["total_per_op"] < 12, r
+    # epoll: one recv and one send per message each way plus a share of the polling;
+    # io_uring: a share of one io_uring_enter (strace's stops batch even more)
+    assert r["ops"] > 0 and 0 < r["total_per_op"] < 12, r
     assert "| echo-64 | wsrelay (1 worker) |" in p.stdout
