@@ -394,10 +394,11 @@ def summarize(wls: list[Workload], trials: list[dict]) -> dict:
     return out
 
 
-# what wsrelay is asked to reach: (workload, against, ratio, higher_better)
+# what wsrelay is asked to reach (issue 15, the native data plane): (workload, against, ratio);
+# for lower-is-better workloads (idle, storm) the ratio is a ceiling
 TARGETS = [
-    ("echo-64", "best", 1.1), ("echo-4k", "best", 1.2), ("echo-1m", "best", 1.5),
-    ("handshake", "best", 1.0), ("idle", "best", 1.0),
+    ("echo-64", "best", 1.15), ("echo-4k", "best", 1.2), ("echo-1m", "best", 1.5),
+    ("handshake", "best", 1.0), ("idle", "best", 0.25), ("storm", "best", 1.0),
     ("echo-64", "naive", 1.4), ("echo-1m", "naive", 2.5),
 ]
 
