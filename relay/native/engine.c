@@ -25,14 +25,15 @@
  * io_uring, with epoll as the fallback. Measured with the same load through
  * this engine on each backend (python -m bench.pump_compare, 2-CPU VM,
  * interleaved rounds; bench/RESULTS.md), CPU per round trip:
- *     64 B  epoll 11.9 us  io_uring 9.2 us   (syscalls 4.1 -> 0.22)
- *     4 KiB epoll 13.5 us  io_uring 10.9 us  (4.1 -> 0.28)
- *     1 MiB epoll 799 us   io_uring 707 us   (22 -> 6.9)
+ *     64 B  epoll 13.2 us  io_uring 8.9 us   (syscalls 4.5 -> 0.4)
+ *     4 KiB epoll 14.1 us  io_uring 10.0 us  (4.5 -> 0.4)
+ *     1 MiB epoll 782 us   io_uring 810 us   (level: 799 vs 707 in another run)
  * Per small round trip the kernel's TCP work is the same either way; what
  * io_uring saves is the syscall entries (~0.3 us each on this VM) and the
  * readiness round trip: completions are read from shared memory and every
- * request of a loop turn goes in with one io_uring_enter. So io_uring is
- * used wherever io_uring_setup works; where it does not (Linux < 6.0,
+ * request of a loop turn goes in with one io_uring_enter. On bulk both are
+ * copies and come out level. So io_uring is used wherever io_uring_setup
+ * works; where it does not (Linux < 6.0,
  * kernel.io_uring_disabled, a seccomp filter such as systemd's
  * SystemCallFilter without @io_uring) the engine runs on epoll and the
  * relay logs why. The epoll backend is edge-triggered with both directions
