@@ -252,3 +252,62 @@ def test_a_client_leaving_while_its_origin_is_asked_is_reported(backend):
     assert fid == cid and err == errno.ECONNABORTED
     assert r.e.close_handshake(cid)
     assert r.e.handshake_stats["live"] == 0
+
+
+def test_accepts_balance_across_workers_through_shared_slots():
+    """Two engines ("workers") on one listening socket, polled one after the
+    other, the first always first: without balancing it would take every
+    connection. With their loads in a shared float64 array (as metrics.layout's
+    LOAD and ACCEPTING slots), a worker ahead of its sibling defers, and the
+    connections split evenly."""
+    import array
+
+    from metrics import layout
+
+    slots = [memoryview(array.array("d", [0.0] * layout.SIZE)) for _ in range(2)]
+    for s in slots:
+        s[layout.ACCEPTING] = 1.0
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(256)
+    lst.setblocking(False)
+    workers = []
+    for i in range(2):
+        heads = []
+        e = native.Engine()
+        e.handshakes(lambda cid, *a, heads=heads: heads.append(cid), lambda *a: None, lambda *a: None,
+                     lambda *a: None)
+        e.listen(lst.fileno())
+        e.balance(slots[i], [slots[1 - i]], layout.LOAD, layout.ACCEPTING)
+        workers.append((e, heads))
+    clients = []
+    for _ in range(60):
+        clients.append(socket.create_connection(lst.getsockname()))
+        clients[-1].sendall(HEAD)
+        deadline = time.monotonic() + 5
+        while sum(len(h) for _, h in workers) < len(clients):
+            assert time.monotonic() < deadline, "a connection was not taken"
+            for e, _ in workers:
+                e.poll_handshakes()
+            time.sleep(0.001)
+    counts = [len(h) for _, h in workers]
+    assert sum(counts) == 60 and all(24 <= c <= 36 for c in counts), counts
+    assert slots[0][layout.LOAD] > 0 and slots[1][layout.LOAD] > 0  # published at each wake-up
+
+
+def test_a_stalled_sibling_costs_latency_not_service():
+    """The sibling never takes anything (stopped): the worker ahead of it
+    still takes every connection, each after at most a deferral."""
+    import array
+
+    from metrics import layout
+
+    mine, sibling = (memoryview(array.array("d", [0.0] * layout.SIZE)) for _ in range(2))
+    mine[layout.ACCEPTING] = sibling[layout.ACCEPTING] = 1.0
+    r = Rig()
+    r.e.balance(mine, [sibling], layout.LOAD, layout.ACCEPTING, slack=0)
+    clients = [r.client(HEAD) for _ in range(30)]
+    r.poll(lambda: len([e for e in r.events if e[0] == "head"]) == 30, 10)
+    assert mine[layout.LOAD] > 0  # published at each wake-up
+    for c in clients:
+        c.close()

@@ -70,7 +70,8 @@ async def _serve(settings: Settings, socks: list[socket.socket], index: int, slo
         # PROTOTYPE (relay/native/front.py): the head phase in C; off by default
         from relay.native.front import NativeFront
 
-        servers = [NativeFront(ctx, socks)]
+        servers = [NativeFront(ctx, socks, shared.values(slot),
+                               [shared.values(i) for i in range(shared.nslots) if i != slot])]
     else:
         servers = [Acceptor(sock, lambda: ClientConnection(ctx), ctx.counters, siblings,
                             lambda: len(ctx.connections) + len(ctx.tunnels)) for sock in socks]

@@ -43,6 +43,8 @@ typedef struct {
     handshaker hs;   /* the head phase (handshake.c), once handshakes() was called */
     int hs_ready;
     PyObject *on_head, *on_response, *on_failed, *on_timeout;
+    Py_buffer bal_bufs[65];  /* this worker's slot, then its siblings' (accept balancing) */
+    int nbal;
 } EngineObject;
 
 /* Report every ended tunnel; returns 0, or -1 with the first callback error set. */
@@ -116,6 +118,8 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kwds) {
 static void Engine_dealloc(EngineObject *self) {
     if (self->hs_ready)
         hs_free(&self->hs);
+    for (int k = 0; k < self->nbal; k++)
+        PyBuffer_Release(&self->bal_bufs[k]);
     Py_XDECREF(self->on_head);
     Py_XDECREF(self->on_response);
     Py_XDECREF(self->on_failed);
@@ -569,7 +573,65 @@ static PyObject *Engine_splice(EngineObject *self, PyObject *args) {
 
 static PyObject *Engine_get_accepting(EngineObject *self, void *Py_UNUSED(c)) {
     CHECK_HS(self);
-    return PyBool_FromLong(!self->hs.accept_paused);
+    return PyBool_FromLong(!self->hs.stopped);
+}
+
+static PyObject *Engine_balance(EngineObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"mine", "siblings", "load_index", "accepting_index", "slack", "defer", NULL};
+    PyObject *mine, *siblings;
+    unsigned int load_i, accepting_i, slack = 4;
+    double defer = 0.005;
+    CHECK_HS(self);
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOII|Id", kwlist, &mine, &siblings, &load_i, &accepting_i,
+                                     &slack, &defer))
+        return NULL;
+    PyObject *seq = PySequence_Fast(siblings, "siblings must be a sequence of buffers");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n > 64) {
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "at most 64 siblings");
+        return NULL;
+    }
+    for (int k = 0; k < self->nbal; k++)
+        PyBuffer_Release(&self->bal_bufs[k]);
+    self->nbal = 0;
+    self->hs.bal.mine = NULL; /* off until every buffer is in hand */
+    double **sib = calloc((size_t)(n ? n : 1), sizeof *sib);
+    if (!sib) {
+        Py_DECREF(seq);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t k = 0; k <= n; k++) {
+        PyObject *obj = k == 0 ? mine : PySequence_Fast_GET_ITEM(seq, k - 1);
+        if (PyObject_GetBuffer(obj, &self->bal_bufs[k], k == 0 ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0) {
+            free(sib);
+            Py_DECREF(seq);
+            return NULL;
+        }
+        self->nbal++;
+        if ((size_t)self->bal_bufs[k].len < (size_t)((load_i > accepting_i ? load_i : accepting_i) + 1) * sizeof(double)) {
+            free(sib);
+            Py_DECREF(seq);
+            PyErr_SetString(PyExc_ValueError, "a slot buffer is smaller than the indices given");
+            return NULL;
+        }
+        if (k)
+            sib[k - 1] = (double *)self->bal_bufs[k].buf;
+    }
+    Py_DECREF(seq);
+    hs_balance b = {.mine = (double *)self->bal_bufs[0].buf, .siblings = sib, .nsiblings = (int)n,
+                    .load_i = load_i, .accepting_i = accepting_i, .slack = slack,
+                    .defer_ms = (int64_t)(defer * 1000), .tunnels = &self->e.open};
+    if (b.defer_ms < 1)
+        b.defer_ms = 1;
+    int r = hs_balance_init(&self->hs, &b);
+    if (r < 0) {
+        errno = -r;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
 }
 
 static int Engine_set_accepting(EngineObject *self, PyObject *v, void *Py_UNUSED(c)) {
@@ -580,6 +642,9 @@ static int Engine_set_accepting(EngineObject *self, PyObject *v, void *Py_UNUSED
     int t = PyObject_IsTrue(v);
     if (t < 0)
         return -1;
+    self->hs.stopped = !t;
+    if (t && self->hs.deferred)
+        return 0; /* the balancing timer resumes it */
     int r = hs_pause(&self->hs, !t);
     if (r < 0) {
         errno = -r;
@@ -600,6 +665,9 @@ static PyMethodDef Engine_methods[] = {
      "handshakes(on_head, on_response, on_failed, on_timeout, max_head=16384, head_timeout=10.0, "
      "connect_timeout=5.0): run the head phase in C too"},
     {"hs_fileno", (PyCFunction)Engine_hs_fileno, METH_NOARGS, "The head phase's epoll descriptor."},
+    {"balance", (PyCFunction)(void (*)(void))Engine_balance, METH_VARARGS | METH_KEYWORDS,
+     "balance(mine, siblings, load_index, accepting_index, slack=4, defer=0.005): balance accepts "
+     "against the siblings' loads in shared memory (workers/accept.py's rule)"},
     {"listen", (PyCFunction)Engine_listen, METH_O, "listen(fd): accept from this listening socket."},
     {"poll_handshakes", (PyCFunction)Engine_poll_handshakes, METH_VARARGS,
      "poll_handshakes(maxaccept=64): accept, read, write, expire; calls the on_* callbacks."},

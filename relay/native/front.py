@@ -9,9 +9,11 @@ rules, admission, the forwarded head, the refusals, counting and the access
 log. Plain HTTP is handed back to the Python path (relay.client) with the
 bytes read so far.
 
-What this prototype does not do yet (so it is not the default): accept
-balancing across workers (workers/accept.py's LOAD/ACCEPTING slots), the
-EMFILE pause, relaying a rejection's body beyond the first read (the
+Accepts are balanced across workers as workers/accept.py does, in C,
+through the LOAD/ACCEPTING slots of shared memory (handshake.c).
+
+What this prototype does not do yet (so it is not the default): the EMFILE
+pause, relaying a rejection's body beyond the first read (the
 origin's non-101 answer is written as read, then the connection closes),
 origins named by host name (resolved once at start), and the drain's
 "first request of a connection accepted before the drain is served" rule
@@ -53,7 +55,9 @@ def _numeric(origins) -> list[tuple[str, int]]:
 class NativeFront:
     """Accepts on ``socks`` through the engine and answers its callbacks."""
 
-    def __init__(self, ctx: Context, socks: list[socket.socket]) -> None:
+    def __init__(self, ctx: Context, socks: list[socket.socket], mine=None, siblings=()) -> None:
+        """``mine``/``siblings``: this worker's and the other workers' raw slots
+        of shared memory (relay.shared.SharedState.values), to balance accepts."""
         self.ctx = ctx
         self.loop = asyncio.get_running_loop()
         s = ctx.settings
@@ -66,8 +70,13 @@ class NativeFront:
         #: upgrades waiting for their origin: id -> (record, key, client ip, started, origin order)
         self.pending: dict[int, tuple] = {}
         self.socks = socks
+        if mine is not None and siblings:
+            from metrics import layout
+
+            self.engine.balance(mine, list(siblings), layout.LOAD, layout.ACCEPTING)
         for sock in socks:
             self.engine.listen(sock.fileno())
+        ctx.counters.accepting = True
         self.fd = self.engine.hs_fileno()
         self.loop.add_reader(self.fd, self.engine.poll_handshakes)
         self._timer = self.loop.call_later(0.1, self._tick)
@@ -79,6 +88,7 @@ class NativeFront:
     def close(self) -> None:
         """Stop accepting (drain): what is in the backlog stays for the siblings."""
         self.engine.accepting = False
+        self.ctx.counters.accepting = False
         for sock in self.socks:
             sock.close()
 

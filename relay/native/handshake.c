@@ -23,11 +23,14 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/timerfd.h>
 #include <time.h>
 #include <unistd.h>
 
 #define LINGER_MS 2000
 #define K_LISTEN 0x7fffff00u /* slots from here on are listening sockets */
+#define K_TIMER 0x7ffffff0u  /* the balancing timer */
+#define BATCH 64
 
 static void clock_ms(handshaker *h) {
     struct timespec ts;
@@ -51,9 +54,47 @@ int hs_init(handshaker *h, uint32_t max_head, double head_timeout, double connec
     h->timeout_ms[TL_HEAD] = (int64_t)(head_timeout * 1000);
     h->timeout_ms[TL_CONNECT] = (int64_t)(connect_timeout * 1000);
     h->timeout_ms[TL_LINGER] = LINGER_MS;
+    h->timerfd = -1;
     h->epfd = epoll_create1(EPOLL_CLOEXEC);
     clock_ms(h);
     return h->epfd < 0 ? -errno : 0;
+}
+
+int hs_balance_init(handshaker *h, hs_balance *b) {
+    if (h->timerfd < 0) {
+        h->timerfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+        if (h->timerfd < 0)
+            return -errno;
+        struct epoll_event ev = {.events = EPOLLIN, .data.u64 = (uint64_t)K_TIMER << 1};
+        if (epoll_ctl(h->epfd, EPOLL_CTL_ADD, h->timerfd, &ev) < 0)
+            return -errno;
+    }
+    free(h->bal.siblings);
+    h->bal = *b;
+    h->bal.overdue_batch = 1;
+    return 0;
+}
+
+/* Publish this worker's load; is it ahead of the least-loaded accepting sibling? */
+static int ahead(handshaker *h) {
+    hs_balance *b = &h->bal;
+    double mine = (double)h->live + (b->tunnels ? (double)*b->tunnels : 0.0);
+    b->mine[b->load_i] = mine;
+    double least = -1;
+    for (int k = 0; k < b->nsiblings; k++) {
+        double *s = b->siblings[k];
+        if (s[b->accepting_i] != 0.0 && (least < 0 || s[b->load_i] < least))
+            least = s[b->load_i];
+    }
+    return least >= 0 && mine > least + b->slack + (double)((uint64_t)mine / 16);
+}
+
+static void defer(handshaker *h) {
+    struct itimerspec its = {.it_value = {.tv_sec = h->bal.defer_ms / 1000,
+                                          .tv_nsec = (h->bal.defer_ms % 1000) * 1000000}};
+    hs_pause(h, 1);
+    h->deferred = 1;
+    timerfd_settime(h->timerfd, 0, &its, NULL);
 }
 
 /* -- timer lists ------------------------------------------------------------------ */
@@ -443,10 +484,13 @@ int hs_pause(handshaker *h, int paused) {
     return 0;
 }
 
-static void accept_some(handshaker *h, int lfd, int max) {
+static int accept_some(handshaker *h, int lfd, int max, int balanced) {
+    int taken = 0;
     for (int k = 0; k < max; k++) {
+        if (balanced && taken && ahead(h))
+            break;
         if (h->free_head == HS_NONE && grow(h) < 0)
-            return;
+            return taken;
         uint32_t slot = h->free_head;
         hs_conn *c = &h->c[slot];
         c->peerlen = sizeof c->peer;
@@ -456,7 +500,7 @@ static void accept_some(handshaker *h, int lfd, int max) {
                 continue;
             if (errno != EAGAIN && errno != EWOULDBLOCK)
                 h->accept_errors++; /* EMFILE and the like: the owner pauses accepting */
-            return;
+            return taken;
         }
         c->buf = malloc(h->max_head + 1);
         struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.u64 = key(h, slot, 0)};
@@ -476,8 +520,10 @@ static void accept_some(handshaker *h, int lfd, int max) {
         c->state = H_HEAD;
         c->tl = c->prev = c->next = HS_NONE;
         tl_append(h, slot, TL_HEAD);
+        taken++;
         read_head(h, slot); /* the head often came with the connection */
     }
+    return taken;
 }
 
 /* -- the loop ---------------------------------------------------------------------------- */
@@ -517,9 +563,32 @@ int hs_poll(handshaker *h, int maxaccept) {
         uint64_t d = evs[k].data.u64;
         uint32_t slot = (uint32_t)(d & 0xffffffff) >> 1;
         int origin = (int)(d & 1);
+        if (slot == K_TIMER) {
+            uint64_t ticks;
+            if (read(h->timerfd, &ticks, sizeof ticks) < 0) { /* spurious: nothing to read */
+            }
+            if (!h->deferred)
+                continue;
+            /* back from deferring: what still waits, the siblings did not take */
+            h->deferred = 0;
+            if (h->stopped)
+                continue;
+            hs_pause(h, 0);
+            int got = 0;
+            for (int l = 0; l < h->nlisten; l++)
+                got += accept_some(h, h->lfds[l], (int)h->bal.overdue_batch, 0);
+            h->bal.overdue_batch = got ? (h->bal.overdue_batch * 2 > BATCH ? BATCH : h->bal.overdue_batch * 2) : 1;
+            continue;
+        }
         if (slot >= K_LISTEN) {
-            if (!h->accept_paused && slot - K_LISTEN < (uint32_t)h->nlisten)
-                accept_some(h, h->lfds[slot - K_LISTEN], maxaccept);
+            if (h->accept_paused || slot - K_LISTEN >= (uint32_t)h->nlisten)
+                continue;
+            if (h->bal.mine && h->bal.nsiblings && ahead(h)) {
+                defer(h);
+                continue;
+            }
+            h->bal.overdue_batch = 1;
+            accept_some(h, h->lfds[slot - K_LISTEN], maxaccept, h->bal.mine && h->bal.nsiblings);
             continue;
         }
         if (slot >= h->cap)
@@ -589,6 +658,9 @@ void hs_free(handshaker *h) {
             conn_close(h, slot);
     free(h->c);
     free(h->ev);
+    free(h->bal.siblings);
+    if (h->timerfd >= 0)
+        close(h->timerfd);
     if (h->epfd >= 0)
         close(h->epfd);
     memset(h, 0, sizeof *h);

@@ -50,6 +50,20 @@ typedef struct hs_event {
     int error;
 } hs_event;
 
+/* Accept balancing across workers (workers/accept.py's rule, in C): a worker
+ * holding more than its least-loaded accepting sibling (by slack + 1/16)
+ * leaves the wake-up to the siblings and looks again defer_ms later; what is
+ * still queued then is taken anyway, in batches doubling per overdue round. */
+typedef struct hs_balance {
+    double *mine;              /* this worker's slot of shared memory (float64) */
+    double **siblings;
+    int nsiblings;
+    uint32_t load_i, accepting_i, slack;
+    int64_t defer_ms;
+    uint32_t overdue_batch;
+    const uint32_t *tunnels;   /* the engine's open tunnels: part of this worker's load */
+} hs_balance;
+
 typedef struct handshaker {
     int epfd;
     int lfds[8];
@@ -64,6 +78,10 @@ typedef struct handshaker {
     int64_t now_ms;
     uint64_t accepted, accept_errors;
     int accept_paused;         /* set by the owner: balance (workers/accept.py) or EMFILE */
+    int deferred;              /* paused by balancing until the timer fires */
+    int stopped;               /* the owner stopped accepting (drain): the timer does not resume it */
+    int timerfd;
+    hs_balance bal;            /* bal.mine == NULL: no balancing (one worker) */
 } handshaker;
 
 #define HS_NONE 0xffffffffu
@@ -82,6 +100,7 @@ int hs_connect(handshaker *h, int64_t id, const struct sockaddr_storage *addrs, 
 int hs_detach(handshaker *h, int64_t id, int *cfd, int *ofd);
 void hs_close(handshaker *h, uint32_t slot);
 int hs_pause(handshaker *h, int paused);
+int hs_balance_init(handshaker *h, hs_balance *b);
 void hs_expire(handshaker *h);
 
 #endif
