@@ -571,8 +571,15 @@ int eng_flush(engine *e) {
 
 static struct io_uring_sqe *ur_sqe(engine *e) {
     eng_uring *u = e->ur;
-    if (u->sq_tail_local - __atomic_load_n(u->sq_head, __ATOMIC_ACQUIRE) >= u->sq_entries)
-        eng_flush(e); /* full: hand what is queued to the kernel first */
+    for (int tries = 0; u->sq_tail_local - __atomic_load_n(u->sq_head, __ATOMIC_ACQUIRE) >= u->sq_entries; tries++) {
+        /* full: hand what is queued to the kernel first. If it takes nothing
+         * (it never has here: the completion ring is 8x the submission ring),
+         * writing on would overwrite requests it has not read: stop the worker
+         * rather than corrupt a tunnel (the supervisor starts another). */
+        if (tries == 3)
+            abort();
+        eng_flush(e);
+    }
     struct io_uring_sqe *q = &u->sqes[u->sq_tail_local & *u->sq_mask];
     u->sq_tail_local++;
     u->to_submit++;
