@@ -38,7 +38,16 @@ class _Gone(asyncio.Protocol):
 _GONE = _Gone()
 
 
-class NativeTunnel:
+class _TunnelModeHooks(type):
+    """Class-level hooks NativeTunnel does not define itself (sweep, drain,
+    check_response, ... relay/tunnel.py) are tunnel mode's: the native plane
+    serves tunnel mode, and a hook added there later applies here unchanged."""
+
+    def __getattr__(cls, name: str):
+        return getattr(Tunnel, name)
+
+
+class NativeTunnel(metaclass=_TunnelModeHooks):
     """A tunnel whose sockets the engine owns."""
 
     # An idle tunnel costs its slot in the engine and this object: no bound
@@ -58,9 +67,6 @@ class NativeTunnel:
         """The native tunnel of ``ctx``'s plane, or a :class:`relay.tunnel.Tunnel`
         where the sockets cannot be handed over (see the module docstring)."""
         return ctx.native.tunnel(client_transport, origin_transport, record)
-
-    sweep = Tunnel.sweep
-    drain = Tunnel.drain
 
     def shutdown(self, code: int) -> None:
         """Tunnel mode: nothing before the sockets close."""
