@@ -311,3 +311,26 @@ def test_a_stalled_sibling_costs_latency_not_service():
     assert mine[layout.LOAD] > 0  # published at each wake-up
     for c in clients:
         c.close()
+
+
+def test_the_prototype_front_serves_a_real_relay(aio_origin):
+    """WSRELAY_NATIVE_HANDSHAKE=1 (relay/native/front.py): an upgrade and its
+    echo, a refusal, and plain HTTP handed back to the Python path, through
+    a real relay with 2 workers; the access log says native for both upgrades."""
+    import json
+
+    from websockets.sync.client import connect
+
+    from tests.helpers import Relay, raw_exchange, status_of, upgrade_request, wait_for
+
+    with Relay(aio_origin.addr, workers=2, env={"WSRELAY_NATIVE_HANDSHAKE": "1", "RELAY_WS_PATHS": "/ws"}) as r:
+        with connect(r.url + "/ws") as ws:
+            ws.send("through C")
+            assert ws.recv(timeout=5) == "through C"
+        assert status_of(raw_exchange(r.port, upgrade_request("/elsewhere"))) == 403
+        out = raw_exchange(r.port, b"GET /headers HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert status_of(out) == 200
+        wait_for(lambda: len(r.access) >= 3, 5, what="three access log lines")
+        recs = [json.loads(line) for line in r.access]
+        assert {(x["status"], x["data_plane"]) for x in recs} == {(101, "native"), (403, "native"), (200, "python")}
+        assert "Traceback" not in r.text()
