@@ -334,3 +334,58 @@ def test_the_prototype_front_serves_a_real_relay(aio_origin):
         recs = [json.loads(line) for line in r.access]
         assert {(x["status"], x["data_plane"]) for x in recs} == {(101, "native"), (403, "native"), (200, "python")}
         assert "Traceback" not in r.text()
+
+
+EMFILE_SCRIPT = r"""
+import os, resource, socket, sys, time
+from relay import native
+_soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+heads = []
+e = native.Engine()
+e.handshakes(lambda cid, *a: heads.append(cid), lambda *a: None, lambda *a: None, lambda *a: None)
+lst = socket.socket(); lst.bind(("127.0.0.1", 0)); lst.listen(512); lst.setblocking(False)
+e.listen(lst.fileno())
+pid = os.fork()
+if pid == 0:  # the clients, in a process with its own descriptors
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+    cs = [socket.create_connection(lst.getsockname()) for _ in range(120)]
+    for c in cs:
+        c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    time.sleep(30)
+    os._exit(0)
+deadline = time.monotonic() + 10
+while e.handshake_stats["accept_errors"] == 0:
+    assert time.monotonic() < deadline, "no accept error"
+    e.poll_handshakes(); time.sleep(0.001)
+t0 = os.times(); w0 = time.monotonic()
+while time.monotonic() - w0 < 1.0:
+    e.poll_handshakes(); time.sleep(0.001)   # out of descriptors: must not spin
+t1 = os.times()
+cpu = (t1.user - t0.user) + (t1.system - t0.system)
+errors = e.handshake_stats["accept_errors"]
+taken = len(heads)
+deadline = time.monotonic() + 10
+while e.handshake_stats["accepted"] < 120:   # free descriptors as heads come: the rest is taken
+    assert time.monotonic() < deadline, f"accepting did not resume: {e.handshake_stats}"
+    for cid in heads:
+        e.close_handshake(cid)
+    heads.clear()
+    e.poll_handshakes(); time.sleep(0.001)
+print("ok", errors, round(cpu, 3), taken)
+os.kill(pid, 9)
+"""
+
+
+def test_out_of_descriptors_pauses_accepting_without_spinning_then_resumes():
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    p = subprocess.run([sys.executable, "-c", EMFILE_SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout.startswith("ok"), p.stdout + p.stderr
+    _, errors, cpu, taken = p.stdout.split()
+    assert 1 <= int(errors) <= 10  # one per 250 ms pause, not one per queued connection
+    assert float(cpu) < 0.5, f"{cpu} s of CPU in 1 s while out of descriptors"
+    assert 0 < int(taken) < 120

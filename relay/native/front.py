@@ -12,9 +12,12 @@ bytes read so far.
 Accepts are balanced across workers as workers/accept.py does, in C,
 through the LOAD/ACCEPTING slots of shared memory (handshake.c).
 
-What this prototype does not do yet (so it is not the default): the EMFILE
-pause, relaying a rejection's body beyond the first read (the
-origin's non-101 answer is written as read, then the connection closes),
+Out of descriptors, the engine stops accepting for 250 ms at a time and
+the failures are counted and logged as workers/accept.py does.
+
+What this prototype does not do yet (so it is not the default): relaying a
+rejection's body beyond the first read (the origin's non-101 answer is
+written as read, then the connection closes),
 origins named by host name (resolved once at start), and the drain's
 "first request of a connection accepted before the drain is served" rule
 beyond stopping accepts. It exists to measure the design (bench/RESULTS.md)
@@ -26,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import itertools
+import logging
 import socket
 import time
 
@@ -40,8 +44,10 @@ from relay.logs import new_request_id
 from relay.native.plane import NativeTunnel, _share_strings
 from relay.origins.answer import MAX_RESPONSE_HEAD
 from relay.responses import refusal
+from workers.accept import LOG_EVERY, PAUSE
 
 ENV = "WSRELAY_NATIVE_HANDSHAKE"
+log = logging.getLogger("wsrelay.worker")
 
 
 def _numeric(origins) -> list[tuple[str, int]]:
@@ -79,10 +85,25 @@ class NativeFront:
         ctx.counters.accepting = True
         self.fd = self.engine.hs_fileno()
         self.loop.add_reader(self.fd, self.engine.poll_handshakes)
+        self.accept_errors = self.logged_errors = 0
+        self.last_log = -LOG_EVERY
         self._timer = self.loop.call_later(0.1, self._tick)
 
     def _tick(self) -> None:
         self.engine.expire()
+        errors = self.engine.handshake_stats["accept_errors"]
+        if errors > self.accept_errors:
+            # accept() ran out of descriptors: the engine paused accepting (workers/accept.py's rule)
+            for _ in range(errors - self.accept_errors):
+                self.ctx.counters.accept_error()
+            now = time.monotonic()
+            if now - self.last_log >= LOG_EVERY:
+                log.error("accept() out of file descriptors or memory (%d failures since the last report): "
+                          "pausing accepts for %gs at a time; open connections are still served "
+                          "(raise LimitNOFILE / fs.file-max?)", errors - self.logged_errors, PAUSE)
+                self.last_log = now
+                self.logged_errors = errors
+            self.accept_errors = errors
         self._timer = self.loop.call_later(0.1, self._tick)
 
     def close(self) -> None:

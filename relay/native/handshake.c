@@ -57,18 +57,19 @@ int hs_init(handshaker *h, uint32_t max_head, double head_timeout, double connec
     h->timerfd = -1;
     h->epfd = epoll_create1(EPOLL_CLOEXEC);
     clock_ms(h);
-    return h->epfd < 0 ? -errno : 0;
+    if (h->epfd < 0)
+        return -errno;
+    /* the accept timer: a balancing deferral, or a pause after running out of descriptors */
+    h->timerfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+    if (h->timerfd < 0)
+        return -errno;
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = (uint64_t)K_TIMER << 1};
+    if (epoll_ctl(h->epfd, EPOLL_CTL_ADD, h->timerfd, &ev) < 0)
+        return -errno;
+    return 0;
 }
 
 int hs_balance_init(handshaker *h, hs_balance *b) {
-    if (h->timerfd < 0) {
-        h->timerfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
-        if (h->timerfd < 0)
-            return -errno;
-        struct epoll_event ev = {.events = EPOLLIN, .data.u64 = (uint64_t)K_TIMER << 1};
-        if (epoll_ctl(h->epfd, EPOLL_CTL_ADD, h->timerfd, &ev) < 0)
-            return -errno;
-    }
     free(h->bal.siblings);
     h->bal = *b;
     h->bal.overdue_batch = 1;
@@ -89,13 +90,16 @@ static int ahead(handshaker *h) {
     return least >= 0 && mine > least + b->slack + (double)((uint64_t)mine / 16);
 }
 
-static void defer(handshaker *h) {
-    struct itimerspec its = {.it_value = {.tv_sec = h->bal.defer_ms / 1000,
-                                          .tv_nsec = (h->bal.defer_ms % 1000) * 1000000}};
+/* Stop accepting for ms milliseconds: what is queued stays in the backlog
+ * (for a sibling, or for later); the timer takes it up again. */
+static void defer_for(handshaker *h, int64_t ms) {
+    struct itimerspec its = {.it_value = {.tv_sec = ms / 1000, .tv_nsec = (ms % 1000) * 1000000}};
     hs_pause(h, 1);
     h->deferred = 1;
     timerfd_settime(h->timerfd, 0, &its, NULL);
 }
+
+static void defer(handshaker *h) { defer_for(h, h->bal.defer_ms); }
 
 /* -- timer lists ------------------------------------------------------------------ */
 
@@ -498,8 +502,12 @@ static int accept_some(handshaker *h, int lfd, int max, int balanced) {
         if (fd < 0) {
             if (errno == EINTR || errno == ECONNABORTED || errno == EPROTO || errno == EPERM)
                 continue;
-            if (errno != EAGAIN && errno != EWOULDBLOCK)
-                h->accept_errors++; /* EMFILE and the like: the owner pauses accepting */
+            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+                /* out of resources: pause 250 ms (workers/accept.py's PAUSE) rather than spin
+                 * on a backlog we cannot take, and let the owner count and log it */
+                h->accept_errors++;
+                defer_for(h, 250);
+            }
             return taken;
         }
         c->buf = malloc(h->max_head + 1);
