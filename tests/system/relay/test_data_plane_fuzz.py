@@ -27,8 +27,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay import native
-from tests.helpers import Relay, read_head, status_of, upgrade_request, wait_for
-from tests.raw_origins import switching
+from tests.support.net import read_head, status_of, upgrade_request
+from tests.support.raw_origins import switching
+from tests.support.relay import Relay, wait_for
 
 pytestmark = pytest.mark.skipif(not native.AVAILABLE and not os.environ.get("WSRELAY_REQUIRE_NATIVE"),
                                 reason="native data plane unavailable")

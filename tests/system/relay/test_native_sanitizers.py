@@ -27,7 +27,7 @@ import textwrap
 import pytest
 
 from relay import native
-from tests.helpers import ROOT
+from tests.support.relay import ROOT
 
 NATIVE = os.path.join(ROOT, "relay", "native")
 REQUIRED = os.environ.get("WSRELAY_REQUIRE_NATIVE", "") not in ("", "0")
@@ -85,8 +85,8 @@ def test_the_pump_under_addresssanitizer(tmp_path):
     })
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
-         "tests/test_native.py", "tests/test_native_handshake.py", "tests/test_tunnel_endings.py",
-         "tests/test_data_plane_fuzz.py",
+         "tests/system/relay/test_native.py", "tests/system/relay/test_native_handshake.py",
+         "tests/system/relay/test_tunnel_endings.py", "tests/system/relay/test_data_plane_fuzz.py",
          "-k", "not python"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     reports = [open(p).read() for p in glob.glob(f"{logs}*")]

@@ -28,7 +28,7 @@ import pytest
 
 from relay import native
 from relay.config import ConfigError, load
-from tests.helpers import ROOT
+from tests.support.relay import ROOT
 
 pytestmark = pytest.mark.skipif(not native.AVAILABLE and not os.environ.get("WSRELAY_REQUIRE_NATIVE"),
                                 reason="native data plane unavailable")

@@ -321,7 +321,8 @@ def test_the_prototype_front_serves_a_real_relay(aio_origin):
 
     from websockets.sync.client import connect
 
-    from tests.helpers import Relay, raw_exchange, status_of, upgrade_request, wait_for
+    from tests.support.net import raw_exchange, status_of, upgrade_request
+    from tests.support.relay import Relay, wait_for
 
     with Relay(aio_origin.addr, workers=2, env={"WSRELAY_NATIVE_HANDSHAKE": "1", "RELAY_WS_PATHS": "/ws"}) as r:
         with connect(r.url + "/ws") as ws:
@@ -381,7 +382,7 @@ def test_out_of_descriptors_pauses_accepting_without_spinning_then_resumes():
     import subprocess
     import sys
 
-    from tests.helpers import ROOT
+    from tests.support.relay import ROOT
 
     p = subprocess.run([sys.executable, "-c", EMFILE_SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stdout.startswith("ok"), p.stdout + p.stderr
