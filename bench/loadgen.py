@@ -26,6 +26,12 @@ Modes:
   it costs uncompressed. The origin echoes them as they are (same messages in
   the same order: the same window both ways, so the same bytes are a valid
   stream towards the client).
+- ``storm``: a reconnect storm. At START every one of ``--conns``
+  connections connects and sends its upgrade request at once (raw uvloop
+  protocol clients with a prepared request, so the load generator's own
+  cost per handshake stays small); each one's handshake latency is from its
+  connect call to the complete ``101`` head. Reports when the last one was
+  upgraded (``last_ns``), then holds them all until told to stop.
 - ``http``: closed loop of plain HTTP/1.1 on kept-alive connections (raw
   uvloop protocol clients, no picows): every connection sends ``GET / HTTP/1.1``
   with a ``Host``, reads until the response is complete by its Content-Length
@@ -408,6 +414,71 @@ async def idle_mode(a: argparse.Namespace) -> dict:
             "errors": run.errors, "error_kinds": run.error_kinds, "lat": array.array("q")}
 
 
+class StormClient(asyncio.Protocol):
+    """One connection of a reconnect storm: send the upgrade, wait for the 101."""
+
+    def __init__(self, request: bytes, done: asyncio.Future):
+        self.request = request
+        self.done = done
+        self.buf = b""
+        self.transport = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        if self.done.done():
+            return
+        self.buf += data
+        if b"\r\n\r\n" in self.buf:
+            if self.buf.startswith(b"HTTP/1.1 101"):
+                self.done.set_result(now_ns())
+            else:
+                self.done.set_exception(ConnectionError(self.buf.split(b"\r\n", 1)[0].decode(errors="replace")))
+
+    def connection_lost(self, exc) -> None:
+        if not self.done.done():
+            self.done.set_exception(ConnectionError("closed before the 101"))
+
+
+async def storm_mode(a: argparse.Namespace) -> dict:
+    from urllib.parse import urlsplit
+
+    u = urlsplit(a.url)
+    request = (f"GET {u.path or '/'} HTTP/1.1\r\nHost: {u.netloc}\r\nUpgrade: websocket\r\n"
+               "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+               "Sec-WebSocket-Version: 13\r\n\r\n").encode()
+    loop = asyncio.get_running_loop()
+    run = Run(64)
+    _emit("READY", {"connected": 0, "errors": 0})
+    await _wait_start(a.steered, 0.0)
+    transports = []
+
+    async def one() -> None:
+        start = now_ns()
+        done = loop.create_future()
+        try:
+            transport, _ = await loop.create_connection(lambda: StormClient(request, done), u.hostname, u.port)
+            transports.append(transport)
+            end = await asyncio.wait_for(done, 60)
+        except Exception as e:  # noqa: BLE001 - a failed upgrade is a result
+            run.error(type(e).__name__)
+            return
+        run.lat.append(end - start)
+        run.msgs += 1
+
+    await asyncio.gather(*(one() for _ in range(a.conns)))
+    last = now_ns()
+    _emit("UPGRADED", {"upgraded": run.msgs, "last_ns": last, "errors": run.errors})
+    if a.steered:
+        await _read_line()
+    for t in transports:
+        t.abort()
+    return {"mode": "storm", "msgs": run.msgs, "connected": run.msgs, "last_ns": last, "errors": run.errors,
+            "error_kinds": run.error_kinds, "lat": run.lat}
+
+
 class HttpClient(asyncio.Protocol):
     """Closed loop of GETs on one kept-alive connection; the clock starts with :meth:`go`."""
 
@@ -531,7 +602,7 @@ async def http_mode(a: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.loadgen",
                                  description="One picows load-generator process (see the module docstring).")
-    ap.add_argument("--mode", choices=("echo", "handshake", "idle", "http"), default="echo")
+    ap.add_argument("--mode", choices=("echo", "handshake", "idle", "http", "storm"), default="echo")
     ap.add_argument("--url", required=True)
     ap.add_argument("--conns", type=int, default=10, help="connections (echo, idle, http) or loops (handshake)")
     ap.add_argument("--size", type=int, default=64, help="message size in bytes (echo)")
@@ -543,7 +614,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lat-file", help="write latencies (int64 ns) here")
     ap.add_argument("--steered", action="store_true", help="wait for START/stop lines on stdin")
     a = ap.parse_args(argv)
-    mode = {"echo": echo_mode, "handshake": handshake_mode, "idle": idle_mode, "http": http_mode}[a.mode]
+    mode = {"echo": echo_mode, "handshake": handshake_mode, "idle": idle_mode, "http": http_mode,
+            "storm": storm_mode}[a.mode]
     cpu0 = os.times()
     result = uvloop.run(mode(a))
     cpu1 = os.times()

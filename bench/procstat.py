@@ -74,3 +74,13 @@ def cpu_seconds(pids: list[int]) -> float:
 def nofile_limits() -> tuple[int, int]:
     import resource
     return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of one process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return 0.0, 0.0
+    return int(fields[11]) / _CLK_TCK, int(fields[12]) / _CLK_TCK

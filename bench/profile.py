@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--native", action="store_true", help="include native frames (py-spy --native)")
     ap.add_argument("--rate", type=int, default=250, help="samples per second")
-    ap.add_argument("--system", default="wsrelay", help="which wsrelay system of bench/proxies.py (default wsrelay)")
+    ap.add_argument("--system", default="wsrelay", choices=[k for k in proxies.SYSTEMS if k.startswith("wsrelay")],
+                    help="which wsrelay row of the benchmark to profile (e.g. wsrelay-nh, wsrelay-python)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
     a = ap.parse_args(argv)
     if shutil.which("py-spy") is None:

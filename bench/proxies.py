@@ -6,7 +6,9 @@
   generated into a temp dir (see :func:`nginx_conf`, :func:`haproxy_conf`),
   run in the foreground as the current user.
 - ``naive``: :mod:`bench.naive_relay`, one uvloop process.
-- ``wsrelay`` / ``wsrelay-2w``: ``python -m relay run`` with 1 or 2 workers.
+- ``wsrelay`` / ``wsrelay-2w``: ``python -m relay run`` with 1 or 2 workers
+  (``RELAY_DATA_PLANE=auto``: the native data plane when it is built);
+  ``wsrelay-python``: 1 worker on the Python data plane.
 
 A system's process tree (supervisor/master included) is what memory and CPU
 are summed over. Processes are started in their own session so a stop can
@@ -327,6 +329,12 @@ SYSTEMS = {
     "haproxy": dict(label="HAProxy (1 thread)"),
     "naive": dict(label="naive asyncio relay"),
     "wsrelay": dict(label="wsrelay (1 worker)", workers=1),
+    # the pure-Python data plane (relay/tunnel.py) where "wsrelay" (RELAY_DATA_PLANE=auto) runs the native one
+    "wsrelay-python": dict(label="wsrelay (1 worker, Python data plane)", workers=1,
+                           env={"RELAY_DATA_PLANE": "python"}),
+    # milestone 2's prototype: the head phase in C too (relay/native/front.py)
+    "wsrelay-nh": dict(label="wsrelay (1 worker, head phase in C, prototype)", workers=1,
+                       env={"WSRELAY_NATIVE_HANDSHAKE": "1"}),
     "wsrelay-2w": dict(label="wsrelay (2 workers)", workers=2),
     # the cost of observability: the same worker with /metrics on, scraped every second
     "wsrelay-metrics": dict(label="wsrelay (1 worker, /metrics scraped 1/s)", workers=1,

@@ -20,6 +20,7 @@ from metrics import layout
 
 class Source(Protocol):
     version: str
+    data_plane: str  # what serves tunnels: "native" or "python" (relay/native)
 
     def per_worker(self) -> dict[str, list[float]]: ...  # worker index -> layout values
     def clients(self) -> int: ...
@@ -48,8 +49,9 @@ class RelayCollector:
     def collect(self) -> Iterator[Metric]:
         src = self.source
         data = src.per_worker()
-        info = GaugeMetricFamily("wsrelay_build_info", "wsrelay version", labels=["version"])
-        info.add_metric([src.version], 1)
+        info = GaugeMetricFamily("wsrelay_build_info", "wsrelay version and the data plane serving tunnels",
+                                 labels=["version", "data_plane"])
+        info.add_metric([src.version, src.data_plane], 1)
         yield info
 
         g = GaugeMetricFamily("wsrelay_websocket_connections", "Open WebSocket tunnels", labels=["worker"])

@@ -41,8 +41,9 @@ class Source:
 
     def __init__(self, version: str, history: History, live: Callable[[], Iterable[LiveWorker]],
                  indices: Callable[[], int], clients: Callable[[], int], limit: Callable[[], int],
-                 restarts: Callable[[], int]) -> None:
+                 restarts: Callable[[], int], data_plane: Callable[[], str] = lambda: "python") -> None:
         self.version = version
+        self._data_plane = data_plane
         self.history = history
         self.live = live
         #: how many worker indices the configuration asks for (each gets a series from the start)
@@ -50,6 +51,11 @@ class Source:
         self.clients = clients
         self.limit = limit
         self.restarts = restarts
+
+    @property
+    def data_plane(self) -> str:
+        """What serves tunnels: "native" or "python" (wsrelay_build_info's label)."""
+        return self._data_plane()
 
     def per_worker(self) -> dict[str, list[float]]:
         out: dict[int, list[float]] = {}

@@ -56,6 +56,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     backlog: int = 4096
     forwarded_proto: Literal["http", "https"] = "http"
     pid_file: str = ""
+    data_plane: Literal["auto", "native", "python"] = "auto"
+
+    def effective_data_plane(self) -> str:
+        """What serves tunnels: "native" or "python" (relay/native)."""
+        from relay import native
+
+        return native.resolve(self.data_plane, self.mode)
 
     def effective_workers(self) -> int:
         return self.workers or len(os.sched_getaffinity(0))
@@ -75,6 +82,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 v = REDACTED
             out[PREFIX + name.upper()] = v
         out["effective_workers"] = self.effective_workers()
+        out["effective_data_plane"] = self.effective_data_plane()
+        if self.effective_data_plane() != self.data_plane and self.data_plane != "python" and self.mode == "tunnel":
+            from relay import native
+
+            out["native_unavailable"] = native.WHY_NOT
         return out
 
     def to_json(self) -> bytes:
@@ -245,6 +257,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "backlog": _int(1, 1 << 20),
     "forwarded_proto": _choice("http", "https"),
     "pid_file": _pid_file,
+    "data_plane": _choice("auto", "native", "python"),
 }
 
 assert set(_PARSERS) == set(Settings.__struct_fields__), "every setting needs a parser"
@@ -354,6 +367,12 @@ def load(environ: Mapping[str, str] | None = None, env_file: str | None = None,
         problems.append(f"{key}: {_quote(text)}{reason if reason.startswith(':') else ' ' + reason}")
     if require_origin and not unreadable and "origin" not in values and not any(p.startswith(PREFIX + "ORIGIN") for p in problems):
         problems.append(f"{PREFIX}ORIGIN is not set: expected the origin server(s), e.g. {_ORIGIN_EXAMPLE}")
+    if "data_plane" in values:
+        from relay import native
+
+        why = native.problem(values["data_plane"], values.get("mode", "tunnel"))
+        if why:
+            problems.append(f"{PREFIX}DATA_PLANE=native: {why}")
     if problems:
         raise ConfigError(problems)
     return Settings(**values)

@@ -9,7 +9,9 @@ The tunnel class is chosen once, here, from :data:`TUNNELS` keyed by
 
 Counting happens per connection, never per chunk: a tunnel's byte counts (and
 in frames mode its message counts) are plain attributes of its sides; the
-sweep sums them into the slot.
+sweep sums them into the slot. Tunnels on the native data plane
+(relay/native, ``RELAY_DATA_PLANE``) are counted by their engine, read once
+per sweep.
 """
 
 from __future__ import annotations
@@ -46,6 +48,13 @@ class Context:
         #: idle origin connections for plain HTTP; closed when draining starts
         self.pool = Pool(asyncio.get_running_loop())
         self.tunnel_class = TUNNELS[settings.mode]
+        #: the native data plane (relay/native), when it serves this worker's tunnels
+        self.native = None
+        if settings.effective_data_plane() == "native":
+            from relay.native.plane import NativePlane, NativeTunnel
+
+            self.native = NativePlane(asyncio.get_running_loop(), self.tunnel_ended)
+            self.tunnel_class = NativeTunnel
         self.tunnels: set[Tunnel] = set()
         #: connections before a tunnel exists (head phase, plain HTTP)
         self.connections: set = set()
@@ -109,9 +118,14 @@ class Context:
     # -- the sweep ----------------------------------------------------------------
     def _publish_bytes(self) -> None:
         up, down = self._closed_up, self._closed_down
+        if self.native is not None:
+            nup, ndown = self.native.open_bytes()
+            up += nup
+            down += ndown
         for t in self.tunnels:
-            up += t.client.nbytes
-            down += t.origin.nbytes
+            if not t.native:
+                up += t.client.nbytes
+                down += t.origin.nbytes
         self.counters.bytes(up, down)
         if self.tunnel_class.counts_messages:
             up, down = self._closed_msgs_up, self._closed_msgs_down
@@ -128,6 +142,8 @@ class Context:
         if self._sweeper is not None:
             self._sweeper.cancel()
         self._publish_bytes()
+        if self.native is not None:
+            self.native.stop()
 
     def _sweep(self) -> None:
         self.counters.heartbeat(time.monotonic())
@@ -135,7 +151,11 @@ class Context:
         limit = self.settings.idle_timeout
         now = time.monotonic()
         if limit:
+            if self.native is not None:
+                self.native.close_idle(limit)
             for t in list(self.tunnels):
+                if t.native:
+                    continue
                 total = t.client.nbytes + t.origin.nbytes
                 if total != t.last_bytes:
                     t.last_bytes = total

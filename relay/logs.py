@@ -68,6 +68,8 @@ class AccessRecord(msgspec.Struct, omit_defaults=False):
     user_agent: str
     x_forwarded_for: str  # as the client sent it
     request_id: str       # the X-Request-ID the origin got
+    #: which data plane relayed the session (relay/native): "native" or "python"
+    data_plane: str = "python"
 
 
 _encode = msgspec.json.Encoder().encode

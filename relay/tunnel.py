@@ -166,6 +166,8 @@ class Tunnel:
 
     def shutdown(self, code: int) -> None:
         """End the session the mode's way before the sockets close (tunnel mode: nothing)."""
+    #: a Python tunnel (relay.native.plane.NativeTunnel says True)
+    native = False
 
     def __init__(self, client_transport: asyncio.Transport, origin_transport: asyncio.Transport,
                  on_end, record) -> None:

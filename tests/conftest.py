@@ -1,7 +1,40 @@
+import os
+
 import pytest
 
+from relay import native
 from tests.support.relay import LoopThread, Relay
 from tests.support.origins import AiohttpOrigin, SilentOrigin, WebsocketsOrigin
+
+#: Modules whose tests run once per data plane (README "Settings", RELAY_DATA_PLANE):
+#: every relay they start serves its tunnels natively, then in Python
+#: (test_tunnel.py combines the planes with its RELAY_MODE parameter itself).
+BOTH_PLANES = {"test_tunnel_endings", "test_faults", "test_exhaustion", "test_lifecycle", "test_metrics"}
+#: ...and these once more with the native engine on epoll instead of io_uring
+EPOLL_TOO = {"test_tunnel_endings", "test_faults"}
+
+
+def pytest_generate_tests(metafunc):
+    module = metafunc.module.__name__.rpartition(".")[2]
+    if "data_plane" in metafunc.fixturenames and module in BOTH_PLANES:
+        planes = ["native", "python"] + (["native-epoll"] if module in EPOLL_TOO else [])
+        metafunc.parametrize("data_plane", planes, scope="module", indirect=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def data_plane(request):
+    """The RELAY_DATA_PLANE every Relay of the module gets (auto elsewhere).
+    Module-scoped relay fixtures take it as an argument, so each plane gets its own."""
+    plane = getattr(request, "param", "auto")
+    if plane.startswith("native") and not native.AVAILABLE:
+        if os.environ.get("WSRELAY_REQUIRE_NATIVE", "") not in ("", "0"):
+            pytest.fail("WSRELAY_REQUIRE_NATIVE is set but the native data plane is unavailable: " + native.WHY_NOT)
+        pytest.skip("native data plane unavailable: " + native.WHY_NOT)
+    Relay.data_plane, _, backend = plane.partition("-")
+    Relay.native_backend = backend
+    yield plane
+    Relay.data_plane = "auto"
+    Relay.native_backend = ""
 
 
 @pytest.fixture(scope="session")
@@ -33,13 +66,13 @@ def silent_origin(loop_thread):
 
 
 @pytest.fixture(scope="module")
-def relay(ws_origin):
+def relay(ws_origin, data_plane):
     """A 2-worker relay in front of the websockets origin, shared by a module's tests."""
     with Relay(ws_origin.addr, workers=2) as r:
         yield r
 
 
 @pytest.fixture(scope="module")
-def aio_relay(aio_origin):
+def aio_relay(aio_origin, data_plane):
     with Relay(aio_origin.addr, workers=2) as r:
         yield r

@@ -32,7 +32,7 @@ from typing import NamedTuple
 import msgspec
 
 from metrics.source import History
-from relay import __version__
+from relay import __version__, native
 from relay.config import Settings, load
 from relay.errors import ConfigError
 from relay.shared_memory import SharedState
@@ -100,10 +100,10 @@ class Supervisor:
                                               signal.SIGQUIT))
         if s.metrics_listen is not None:
             self.status.start_endpoint(self.sel)
-        log.info("wsrelay %s listening on %s (%s), %d workers, origin %s, mode %s",
+        log.info("wsrelay %s listening on %s (%s), %d workers, origin %s, mode %s, %s",
                  __version__, self.listeners.names(),
                  "socket-activated" if self.listeners.activated else "bound", n,
-                 ", ".join(str(o) for o in s.origin), s.mode)
+                 ", ".join(str(o) for o in s.origin), s.mode, native.describe(s.data_plane, s.mode))
         self.watchdog = systemd.watchdog_interval()
         self.next_watchdog = time.monotonic()
         self._manage()

@@ -66,10 +66,17 @@ async def _serve(settings: Settings, socks: list[socket.socket], index: int, slo
     for sock in socks:
         sock.listen(settings.backlog)  # a reload may change RELAY_BACKLOG on the same socket
     siblings = tuple(shared.counters(i) for i in range(shared.nslots) if i != slot)
-    servers = [Acceptor(sock, lambda: ClientConnection(ctx), ctx.counters, siblings,
-                        lambda: len(ctx.connections) + len(ctx.tunnels)) for sock in socks]
-    for server in servers:
-        server.start()
+    if ctx.native is not None and os.environ.get("WSRELAY_NATIVE_HANDSHAKE") == "1":
+        # PROTOTYPE (relay/native/front.py): the head phase in C; off by default
+        from relay.native.front import NativeFront
+
+        servers = [NativeFront(ctx, socks, shared.values(slot),
+                               [shared.values(i) for i in range(shared.nslots) if i != slot])]
+    else:
+        servers = [Acceptor(sock, lambda: ClientConnection(ctx), ctx.counters, siblings,
+                            lambda: len(ctx.connections) + len(ctx.tunnels)) for sock in socks]
+        for server in servers:
+            server.start()
     ctx.start_sweeping()
     drain = asyncio.Event()
     now = asyncio.Event()

@@ -35,6 +35,11 @@ def wait_for(cond: Callable[[], object], timeout: float = 10.0, interval: float 
 class Relay:
     """``wsrelay run`` as a child process, with its stderr (log) and stdout (access log) captured."""
 
+    #: RELAY_DATA_PLANE unless ``env`` says otherwise (tests/conftest.py sets it per module)
+    data_plane = "auto"
+    #: WSRELAY_NATIVE_BACKEND ("epoll" to run the native engine without io_uring; "" = its default)
+    native_backend = ""
+
     def __init__(self, origin: str | None, workers: int = 2, env: dict | None = None,
                  args: tuple[str, ...] = (), metrics: bool = True, tracebacks: bool = False):
         """``tracebacks``: the test provokes some (a worker crashing on purpose);
@@ -47,7 +52,10 @@ class Relay:
             "RELAY_METRICS_LISTEN": "127.0.0.1:0" if metrics else "",
             "RELAY_DRAIN_TIMEOUT": "5",
             "PYTHONUNBUFFERED": "1",
+            "RELAY_DATA_PLANE": self.data_plane,
         })
+        if self.native_backend:
+            e["WSRELAY_NATIVE_BACKEND"] = self.native_backend
         if origin is not None:
             e["RELAY_ORIGIN"] = origin
         e.update(env or {})

@@ -179,3 +179,33 @@ def test_runner_deflate_through_the_measuring_relay(tmp_path):
     for key in ("direct", "wsrelay-frames-limit"):
         assert summary[key]["value"] > 0 and summary[key]["errors"] == 0, summary[key]
     assert 0 < summary["direct"]["deflate_ratio"] < 0.5
+
+
+def test_storm_loadgen_against_origin_directly():
+    """The reconnect-storm mode: every connection upgrades at once, each latency is kept."""
+    origin = subprocess.Popen([sys.executable, "-m", "bench.origin"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(origin.stdout.readline().split(":")[-1])
+        assert origin.stdout.readline().strip() == "ready"
+        p = run("-m", "bench.loadgen", "--mode", "storm", "--url", f"ws://127.0.0.1:{port}/", "--conns", "200")
+        assert p.returncode == 0, p.stderr
+        lines = {line.split(" ", 1)[0]: json.loads(line.split(" ", 1)[1]) for line in p.stdout.splitlines()}
+        assert lines["UPGRADED"]["upgraded"] == 200 and lines["RESULT"]["errors"] == 0
+        assert 0 < lines["RESULT"]["p50_us"] <= lines["RESULT"]["p99_us"]
+    finally:
+        origin.terminate()
+        origin.wait(10)
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+def test_syscalls_per_round_trip_are_counted(tmp_path):
+    out = tmp_path / "counts.json"
+    p = run("-m", "bench.syscalls", "--only", "echo-64", "--systems", "wsrelay", "--seconds", "1",
+            "--json", str(out), timeout=120)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    (r,) = json.loads(out.read_text())
+    assert "failed" not in r, r
+    # epoll: one recv and one send per message each way plus a share of the polling;
+    # io_uring: a share of one io_uring_enter (strace's stops batch even more)
+    assert r["ops"] > 0 and 0 < r["total_per_op"] < 12, r
+    assert "| echo-64 | wsrelay (1 worker) |" in p.stdout

@@ -23,7 +23,7 @@ from tests.support.scrape import metric as total
 
 
 @pytest.fixture(scope="module")
-def mrelay(ws_origin):
+def mrelay(ws_origin, data_plane):
     env = {"RELAY_MAX_CLIENTS": "3", "RELAY_WS_PATHS": "/ok"}
     with Relay(ws_origin.addr, workers=2, env=env) as r:
         yield r
@@ -44,7 +44,8 @@ def test_every_worker_has_its_series_from_the_start(mrelay):
         assert s[("wsrelay_worker_open_fds", (("worker", w),))] > 3
         assert s[("wsrelay_worker_cpu_seconds_total", (("worker", w),))] > 0
     assert s[("wsrelay_clients_limit", ())] == 3
-    assert s[("wsrelay_build_info", (("version", __import__("relay").__version__),))] == 1
+    plane = "native" if Relay.data_plane != "python" and __import__("relay.native").native.AVAILABLE else "python"
+    assert s[("wsrelay_build_info", (("data_plane", plane), ("version", __import__("relay").__version__)))] == 1
     assert ("wsrelay_worker_restarts_total", ()) in s
 
 

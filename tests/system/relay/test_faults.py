@@ -72,7 +72,7 @@ def faulty(loop_thread):
 
 
 @pytest.fixture(scope="module")
-def relay(faulty):
+def relay(faulty, data_plane):
     with Relay(faulty.addr, workers=2, env={"RELAY_CONNECT_TIMEOUT": "3"}) as r:
         yield r
 

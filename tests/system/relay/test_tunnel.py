@@ -17,16 +17,22 @@ from websockets.exceptions import ConnectionClosed
 from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
 
 from tests.support.net import read_head, upgrade_request
+from relay import native
 from tests.support.origins import flood_digest
 from tests.support.relay import Relay, run
 
 SIZES = [0, 125, 126, 64 * 1024, 8 * 1024 * 1024]
 
 
-@pytest.fixture(scope="module", params=["tunnel", "frames"])
+@pytest.fixture(scope="module", params=["tunnel-native", "tunnel-python", "frames"])
 def relay(ws_origin, request):
-    """The interop cases, against a relay in each RELAY_MODE."""
-    with Relay(ws_origin.addr, workers=2, env={"RELAY_MODE": request.param}) as r:
+    """The interop cases, against a relay in each RELAY_MODE, tunnel mode on
+    each data plane (RELAY_DATA_PLANE; frames mode has the Python one only)."""
+    mode, _, plane = request.param.partition("-")
+    env = {"RELAY_MODE": mode, "RELAY_DATA_PLANE": plane or "auto"}
+    if plane == "native" and not native.AVAILABLE:
+        pytest.skip("native data plane unavailable: " + native.WHY_NOT)
+    with Relay(ws_origin.addr, workers=2, env=env) as r:
         yield r
 
 

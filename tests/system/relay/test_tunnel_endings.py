@@ -75,7 +75,9 @@ def origin(loop_thread):
 
 
 @pytest.fixture(scope="module")
-def relay(origin):
+def relay(origin, data_plane):
+    origin.events.clear()  # the tokens are reused by each data plane's run
+    origin.taps.clear()
     with Relay(origin.addr, workers=2) as r:
         yield r
 

@@ -1,0 +1,740 @@
+/* relay.native._engine: the CPython binding of engine.c (the pump).
+ *
+ * A plain C-API module rather than Cython: the binding is one type with a
+ * dozen small methods, so it needs no build-time dependency beyond a C
+ * compiler and Python's headers, nothing is generated, and the
+ * AddressSanitizer build (tests/test_native_asan.py) is one cc command.
+ *
+ *   Engine(read_size=262144, on_end=callable, backend="io_uring")
+ *                              backend "io_uring" falls back to "epoll" where
+ *                              io_uring is unavailable (.backend, .fallback_reason)
+ *   .fileno()                  the descriptor to watch (ring or epoll set), for loop.add_reader
+ *   .poll(maxevents=256)       handle what is ready, without waiting; -> events handled
+ *   .tunnel(client_fd, origin_fd, to_client, to_origin, token) -> id
+ *                              takes both descriptors (non-blocking TCP
+ *                              sockets); OSError leaves them with the caller
+ *   .close(id) / .abort(id)    -> False if the tunnel already ended
+ *   .close_all() / .abort_all() / .close_idle(seconds) -> tunnels closed
+ *   .bytes(id) -> (up, down) | None;  .idle(id) -> seconds | None
+ *   .totals -> (up, down) ever;  .open_bytes -> (up, down) of open tunnels;  .open
+ *
+ * on_end(token, bytes_up, bytes_down) is called exactly once per tunnel,
+ * from whichever of these methods saw it end (so possibly from close()
+ * itself). An exception it raises propagates out of that method once every
+ * pending ending has been reported.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <string.h>
+
+#include <arpa/inet.h>
+#include <sys/socket.h>
+
+#include "engine.h"
+#include "handshake.h"
+
+typedef struct {
+    PyObject_HEAD
+    engine e;
+    PyObject *on_end;
+    int ready;
+    const char *why; /* why io_uring was not used, when it was asked for */
+    handshaker hs;   /* the head phase (handshake.c), once handshakes() was called */
+    int hs_ready;
+    PyObject *on_head, *on_response, *on_failed, *on_timeout;
+    Py_buffer bal_bufs[65];  /* this worker's slot, then its siblings' (accept balancing) */
+    int nbal;
+} EngineObject;
+
+/* Report every ended tunnel; returns 0, or -1 with the first callback error set. */
+static int report_ended(EngineObject *self) {
+    PyObject *et = NULL, *ev = NULL, *tb = NULL;
+    uint32_t slot;
+    while ((slot = eng_pop_ended(&self->e)) != ENG_NONE) {
+        eng_tunnel *t = &self->e.t[slot];
+        PyObject *token = (PyObject *)t->token;
+        unsigned long long up = t->s[0].nbytes, down = t->s[1].nbytes;
+        eng_release(&self->e, slot);
+        if (self->on_end != Py_None) {
+            PyObject *r = PyObject_CallFunction(self->on_end, "OKK", token, up, down);
+            if (r == NULL) {
+                if (et == NULL)
+                    PyErr_Fetch(&et, &ev, &tb);
+                else
+                    PyErr_WriteUnraisable(self->on_end);
+            }
+            Py_XDECREF(r);
+        }
+        Py_XDECREF(token);
+    }
+    if (et != NULL) {
+        PyErr_Restore(et, ev, tb);
+        return -1;
+    }
+    return 0;
+}
+
+static int Engine_init(EngineObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"read_size", "on_end", "backend", NULL};
+    Py_ssize_t read_size = 256 * 1024;
+    PyObject *on_end = Py_None;
+    const char *backend = "io_uring";
+    if (self->ready) {
+        PyErr_SetString(PyExc_RuntimeError, "Engine already initialised");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|nOs", kwlist, &read_size, &on_end, &backend))
+        return -1;
+    int want;
+    if (strcmp(backend, "io_uring") == 0)
+        want = ENG_URING;
+    else if (strcmp(backend, "epoll") == 0)
+        want = ENG_EPOLL;
+    else {
+        PyErr_SetString(PyExc_ValueError, "backend must be 'io_uring' or 'epoll'");
+        return -1;
+    }
+    if (read_size < 1024 || read_size > (1 << 26)) {
+        PyErr_SetString(PyExc_ValueError, "read_size must be within 1 KiB .. 64 MiB");
+        return -1;
+    }
+    if (on_end != Py_None && !PyCallable_Check(on_end)) {
+        PyErr_SetString(PyExc_TypeError, "on_end must be callable");
+        return -1;
+    }
+    int r = eng_init(&self->e, (size_t)read_size, want, &self->why);
+    if (r < 0) {
+        errno = -r;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    Py_INCREF(on_end);
+    self->on_end = on_end;
+    self->ready = 1;
+    return 0;
+}
+
+static void Engine_dealloc(EngineObject *self) {
+    if (self->hs_ready)
+        hs_free(&self->hs);
+    for (int k = 0; k < self->nbal; k++)
+        PyBuffer_Release(&self->bal_bufs[k]);
+    Py_XDECREF(self->on_head);
+    Py_XDECREF(self->on_response);
+    Py_XDECREF(self->on_failed);
+    Py_XDECREF(self->on_timeout);
+    if (self->ready) {
+        for (uint32_t slot = 0; slot < self->e.cap; slot++)
+            if (self->e.t[slot].flags & 0x01 /* T_USED */)
+                Py_XDECREF((PyObject *)self->e.t[slot].token);
+        eng_free(&self->e);
+    }
+    Py_XDECREF(self->on_end);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+#define CHECK_READY(self)                                                    \
+    if (!(self)->ready) {                                                    \
+        PyErr_SetString(PyExc_RuntimeError, "Engine is not initialised"); \
+        return NULL;                                                         \
+    }
+
+static PyObject *Engine_fileno(EngineObject *self, PyObject *Py_UNUSED(ignored)) {
+    CHECK_READY(self);
+    return PyLong_FromLong(self->e.epfd);
+}
+
+static PyObject *Engine_poll(EngineObject *self, PyObject *args) {
+    int maxevents = 256;
+    CHECK_READY(self);
+    if (!PyArg_ParseTuple(args, "|i", &maxevents))
+        return NULL;
+    int n = eng_poll(&self->e, maxevents);
+    if (report_ended(self) < 0)
+        return NULL;
+    if (n < 0) {
+        errno = -n;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromLong(n);
+}
+
+static PyObject *Engine_tunnel(EngineObject *self, PyObject *args) {
+    int cfd, ofd;
+    Py_buffer tc, to;
+    PyObject *token;
+    CHECK_READY(self);
+    if (!PyArg_ParseTuple(args, "iiy*y*O", &cfd, &ofd, &tc, &to, &token))
+        return NULL;
+    if (self->e.backend == ENG_URING) {
+        /* io_uring learns of a bad descriptor only at its first request: check now, so
+         * that as with epoll the caller keeps what the engine refused (splice() skips
+         * this: its sockets are the engine's own) */
+        int type;
+        socklen_t len = sizeof type;
+        if (getsockopt(cfd, SOL_SOCKET, SO_TYPE, &type, &len) < 0 ||
+            getsockopt(ofd, SOL_SOCKET, SO_TYPE, &type, &len) < 0) {
+            PyBuffer_Release(&tc);
+            PyBuffer_Release(&to);
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+    }
+    Py_INCREF(token);
+    eng_clock(&self->e);
+    int64_t id = eng_open(&self->e, cfd, ofd, tc.buf, (size_t)tc.len, to.buf, (size_t)to.len, token);
+    if (id >= 0)
+        eng_flush(&self->e);
+    PyBuffer_Release(&tc);
+    PyBuffer_Release(&to);
+    if (id < 0) {
+        Py_DECREF(token);
+        errno = (int)-id;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (report_ended(self) < 0)
+        return NULL;
+    return PyLong_FromLongLong(id);
+}
+
+typedef int (*id_op)(engine *, int64_t);
+
+static PyObject *by_id(EngineObject *self, PyObject *arg, id_op op) {
+    CHECK_READY(self);
+    long long id = PyLong_AsLongLong(arg);
+    if (id == -1 && PyErr_Occurred())
+        return NULL;
+    int r = op(&self->e, id);
+    eng_flush(&self->e);
+    if (report_ended(self) < 0)
+        return NULL;
+    return PyBool_FromLong(r);
+}
+
+static PyObject *Engine_close(EngineObject *self, PyObject *arg) { return by_id(self, arg, eng_close); }
+static PyObject *Engine_abort(EngineObject *self, PyObject *arg) { return by_id(self, arg, eng_abort); }
+
+static PyObject *all_of(EngineObject *self, id_op op) {
+    CHECK_READY(self);
+    long n = 0;
+    for (uint32_t slot = 0; slot < self->e.cap; slot++)
+        if (eng_get(&self->e, eng_id(&self->e, slot)))
+            n += op(&self->e, eng_id(&self->e, slot));
+    eng_flush(&self->e);
+    if (report_ended(self) < 0)
+        return NULL;
+    return PyLong_FromLong(n);
+}
+
+static PyObject *Engine_close_all(EngineObject *self, PyObject *Py_UNUSED(i)) { return all_of(self, eng_close); }
+static PyObject *Engine_abort_all(EngineObject *self, PyObject *Py_UNUSED(i)) { return all_of(self, eng_abort); }
+
+static PyObject *Engine_close_idle(EngineObject *self, PyObject *arg) {
+    CHECK_READY(self);
+    double seconds = PyFloat_AsDouble(arg);
+    if (seconds == -1.0 && PyErr_Occurred())
+        return NULL;
+    int n = eng_close_idle(&self->e, (int64_t)(seconds * 1000.0));
+    eng_flush(&self->e);
+    if (report_ended(self) < 0)
+        return NULL;
+    return PyLong_FromLong(n);
+}
+
+static eng_tunnel *lookup(EngineObject *self, PyObject *arg) {
+    long long id = PyLong_AsLongLong(arg);
+    if (id == -1 && PyErr_Occurred())
+        return NULL;
+    return eng_get(&self->e, id);
+}
+
+static PyObject *Engine_bytes(EngineObject *self, PyObject *arg) {
+    CHECK_READY(self);
+    eng_tunnel *t = lookup(self, arg);
+    if (t == NULL) {
+        if (PyErr_Occurred())
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    return Py_BuildValue("KK", (unsigned long long)t->s[0].nbytes, (unsigned long long)t->s[1].nbytes);
+}
+
+static PyObject *Engine_idle(EngineObject *self, PyObject *arg) {
+    CHECK_READY(self);
+    eng_tunnel *t = lookup(self, arg);
+    if (t == NULL) {
+        if (PyErr_Occurred())
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    eng_clock(&self->e);
+    return PyFloat_FromDouble((double)(self->e.now_ms - t->last_active_ms) / 1000.0);
+}
+
+static PyObject *Engine_get_totals(EngineObject *self, void *Py_UNUSED(c)) {
+    CHECK_READY(self);
+    return Py_BuildValue("KK", (unsigned long long)self->e.total[0], (unsigned long long)self->e.total[1]);
+}
+
+static PyObject *Engine_get_open_bytes(EngineObject *self, void *Py_UNUSED(c)) {
+    CHECK_READY(self);
+    engine *e = &self->e;
+    return Py_BuildValue("KK", (unsigned long long)(e->total[0] - e->ended_bytes[0]),
+                         (unsigned long long)(e->total[1] - e->ended_bytes[1]));
+}
+
+static PyObject *Engine_get_backend(EngineObject *self, void *Py_UNUSED(c)) {
+    CHECK_READY(self);
+    return PyUnicode_FromString(self->e.backend == ENG_URING ? "io_uring" : "epoll");
+}
+
+static PyObject *Engine_get_why(EngineObject *self, void *Py_UNUSED(c)) {
+    CHECK_READY(self);
+    if (self->why == NULL)
+        Py_RETURN_NONE;
+    return PyUnicode_FromString(self->why);
+}
+
+static PyObject *Engine_get_open(EngineObject *self, void *Py_UNUSED(c)) {
+    CHECK_READY(self);
+    return PyLong_FromUnsignedLong(self->e.open);
+}
+
+/* -- the head phase (handshake.c) ------------------------------------------------ */
+
+#define CHECK_HS(self)                                                                    \
+    CHECK_READY(self);                                                                    \
+    if (!(self)->hs_ready) {                                                              \
+        PyErr_SetString(PyExc_RuntimeError, "handshakes() was not called on this Engine"); \
+        return NULL;                                                                      \
+    }
+
+static PyObject *Engine_handshakes(EngineObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"on_head", "on_response", "on_failed", "on_timeout", "max_head", "head_timeout",
+                             "connect_timeout", NULL};
+    PyObject *a, *b, *c, *d;
+    unsigned int max_head = 16384;
+    double head_timeout = 10.0, connect_timeout = 5.0;
+    CHECK_READY(self);
+    if (self->hs_ready) {
+        PyErr_SetString(PyExc_RuntimeError, "handshakes() already called");
+        return NULL;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO|Idd", kwlist, &a, &b, &c, &d, &max_head, &head_timeout,
+                                     &connect_timeout))
+        return NULL;
+    int r = hs_init(&self->hs, max_head, head_timeout, connect_timeout);
+    if (r < 0) {
+        errno = -r;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_INCREF(a), Py_INCREF(b), Py_INCREF(c), Py_INCREF(d);
+    self->on_head = a, self->on_response = b, self->on_failed = c, self->on_timeout = d;
+    self->hs_ready = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_hs_fileno(EngineObject *self, PyObject *Py_UNUSED(i)) {
+    CHECK_HS(self);
+    return PyLong_FromLong(self->hs.epfd);
+}
+
+static PyObject *Engine_listen(EngineObject *self, PyObject *arg) {
+    CHECK_HS(self);
+    int fd = PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    int r = hs_listen(&self->hs, fd);
+    if (r < 0) {
+        errno = -r;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *peer_of(hs_conn *c) {
+    char host[INET6_ADDRSTRLEN] = "-";
+    int port = 0;
+    if (c->peer.ss_family == AF_INET) {
+        struct sockaddr_in *a = (struct sockaddr_in *)&c->peer;
+        inet_ntop(AF_INET, &a->sin_addr, host, sizeof host);
+        port = ntohs(a->sin_port);
+    } else if (c->peer.ss_family == AF_INET6) {
+        struct sockaddr_in6 *a = (struct sockaddr_in6 *)&c->peer;
+        inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof host);
+        port = ntohs(a->sin6_port);
+    }
+    return Py_BuildValue("(si)", host, port);
+}
+
+/* Deliver queued head-phase events to Python; 0 or -1 with the first error set. */
+static int deliver(EngineObject *self) {
+    PyObject *et = NULL, *ev = NULL, *tb = NULL;
+    hs_event e;
+    while (hs_pop(&self->hs, &e)) {
+        if (e.slot >= self->hs.cap || self->hs.c[e.slot].gen != e.gen || self->hs.c[e.slot].state == H_FREE)
+            continue;
+        hs_conn *c = &self->hs.c[e.slot];
+        long long id = hs_id(&self->hs, e.slot);
+        PyObject *r = NULL;
+        switch (e.kind) {
+        case HE_HEAD: {
+            PyObject *peer = peer_of(c);
+            r = peer ? PyObject_CallFunction(self->on_head, "Ly#IN", id, c->buf, (Py_ssize_t)c->len, c->head_end, peer)
+                     : NULL;
+            break;
+        }
+        case HE_RESPONSE:
+            r = PyObject_CallFunction(self->on_response, "Ly#II", id, c->obuf, (Py_ssize_t)c->olen, c->ohead_end, c->ai);
+            break;
+        case HE_FAILED:
+            r = PyObject_CallFunction(self->on_failed, "Li", id, e.error);
+            break;
+        default: /* HE_TIMEOUT: the head phase (nbytes read) or the origin phase (-1) */
+            r = PyObject_CallFunction(self->on_timeout, "Lsi", id, c->state == H_DECIDE ? "head" : "origin",
+                                      e.error);
+            if (c->state == H_DECIDE && self->hs.c[e.slot].gen == e.gen)
+                hs_close(&self->hs, e.slot); /* a head timeout is only counted: nothing is answered */
+            break;
+        }
+        if (r == NULL) {
+            /* Python could not decide: drop the connection rather than leave it hanging */
+            if (self->hs.c[e.slot].gen == e.gen)
+                hs_close(&self->hs, e.slot);
+            if (et == NULL)
+                PyErr_Fetch(&et, &ev, &tb);
+            else
+                PyErr_WriteUnraisable(self->on_head);
+        }
+        Py_XDECREF(r);
+    }
+    if (et != NULL) {
+        PyErr_Restore(et, ev, tb);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *Engine_poll_handshakes(EngineObject *self, PyObject *args) {
+    int maxaccept = 64;
+    CHECK_HS(self);
+    if (!PyArg_ParseTuple(args, "|i", &maxaccept))
+        return NULL;
+    int n = hs_poll(&self->hs, maxaccept);
+    if (deliver(self) < 0)
+        return NULL;
+    if (n < 0) {
+        errno = -n;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromLong(n);
+}
+
+static PyObject *Engine_expire(EngineObject *self, PyObject *Py_UNUSED(i)) {
+    CHECK_HS(self);
+    hs_expire(&self->hs);
+    if (deliver(self) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_refuse(EngineObject *self, PyObject *args) {
+    long long id;
+    Py_buffer data;
+    CHECK_HS(self);
+    if (!PyArg_ParseTuple(args, "Ly*", &id, &data))
+        return NULL;
+    int r = hs_refuse(&self->hs, id, data.buf, (size_t)data.len);
+    PyBuffer_Release(&data);
+    return PyBool_FromLong(r);
+}
+
+static int to_sockaddr(PyObject *item, struct sockaddr_storage *out) {
+    const char *host;
+    int port;
+    if (!PyArg_ParseTuple(item, "si", &host, &port))
+        return -1;
+    memset(out, 0, sizeof *out);
+    struct sockaddr_in *a4 = (struct sockaddr_in *)out;
+    struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)out;
+    if (inet_pton(AF_INET, host, &a4->sin_addr) == 1) {
+        a4->sin_family = AF_INET;
+        a4->sin_port = htons((uint16_t)port);
+    } else if (inet_pton(AF_INET6, host, &a6->sin6_addr) == 1) {
+        a6->sin6_family = AF_INET6;
+        a6->sin6_port = htons((uint16_t)port);
+    } else {
+        PyErr_Format(PyExc_ValueError, "not a numeric address: %s", host);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *Engine_connect(EngineObject *self, PyObject *args) {
+    long long id;
+    PyObject *addrs;
+    Py_buffer head;
+    CHECK_HS(self);
+    if (!PyArg_ParseTuple(args, "LOy*", &id, &addrs, &head))
+        return NULL;
+    PyObject *seq = PySequence_Fast(addrs, "addrs must be a sequence of (host, port)");
+    if (seq == NULL) {
+        PyBuffer_Release(&head);
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    struct sockaddr_storage *sa = n ? calloc((size_t)n, sizeof *sa) : NULL;
+    int ok = n > 0 && sa != NULL;
+    for (Py_ssize_t k = 0; ok && k < n; k++)
+        ok = to_sockaddr(PySequence_Fast_GET_ITEM(seq, k), &sa[k]) == 0;
+    Py_DECREF(seq);
+    int r = 0;
+    if (ok)
+        r = hs_connect(&self->hs, id, sa, (uint32_t)n, head.buf, (size_t)head.len);
+    free(sa);
+    PyBuffer_Release(&head);
+    if (!ok) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "connect() needs at least one origin address");
+        return NULL;
+    }
+    if (deliver(self) < 0)
+        return NULL;
+    return PyBool_FromLong(r);
+}
+
+static PyObject *Engine_detach(EngineObject *self, PyObject *arg) {
+    CHECK_HS(self);
+    long long id = PyLong_AsLongLong(arg);
+    if (id == -1 && PyErr_Occurred())
+        return NULL;
+    hs_conn *c = hs_get(&self->hs, id);
+    if (c == NULL)
+        Py_RETURN_NONE;
+    PyObject *cb = PyBytes_FromStringAndSize(c->buf ? c->buf : "", c->buf ? c->len : 0);
+    PyObject *ob = PyBytes_FromStringAndSize(c->obuf ? c->obuf : "", c->obuf ? c->olen : 0);
+    int cfd, ofd;
+    hs_detach(&self->hs, id, &cfd, &ofd);
+    return Py_BuildValue("(iiNN)", cfd, ofd, cb, ob);
+}
+
+static PyObject *Engine_close_handshake(EngineObject *self, PyObject *arg) {
+    CHECK_HS(self);
+    long long id = PyLong_AsLongLong(arg);
+    if (id == -1 && PyErr_Occurred())
+        return NULL;
+    if (hs_get(&self->hs, id) == NULL)
+        Py_RETURN_FALSE;
+    hs_close(&self->hs, (uint32_t)(id & 0xffffffff));
+    Py_RETURN_TRUE;
+}
+
+static PyObject *Engine_splice(EngineObject *self, PyObject *args) {
+    long long id;
+    Py_buffer tc;
+    PyObject *token;
+    CHECK_HS(self);
+    if (!PyArg_ParseTuple(args, "Ly*O", &id, &tc, &token))
+        return NULL;
+    hs_conn *c = hs_get(&self->hs, id);
+    if (c == NULL || c->state != H_DECIDE2 || c->ofd < 0) {
+        PyBuffer_Release(&tc);
+        PyErr_SetString(PyExc_ValueError, "splice(): no origin answer waits on this connection");
+        return NULL;
+    }
+    /* what the client sent behind its head goes to the origin now, after its 101 */
+    uint32_t early_len = c->len - c->head_end;
+    char *early = early_len ? malloc(early_len) : NULL;
+    if (early_len && !early) {
+        PyBuffer_Release(&tc);
+        return PyErr_NoMemory();
+    }
+    if (early_len)
+        memcpy(early, c->buf + c->head_end, early_len);
+    int cfd, ofd;
+    hs_detach(&self->hs, id, &cfd, &ofd);
+    Py_INCREF(token);
+    eng_clock(&self->e);
+    int64_t tid = eng_open(&self->e, cfd, ofd, tc.buf, (size_t)tc.len, early, early_len, token);
+    free(early);
+    PyBuffer_Release(&tc);
+    if (tid < 0) {
+        Py_DECREF(token);
+        close(cfd);
+        close(ofd);
+        errno = (int)-tid;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    eng_flush(&self->e);
+    if (report_ended(self) < 0)
+        return NULL;
+    return PyLong_FromLongLong(tid);
+}
+
+static PyObject *Engine_get_accepting(EngineObject *self, void *Py_UNUSED(c)) {
+    CHECK_HS(self);
+    return PyBool_FromLong(!self->hs.stopped);
+}
+
+static PyObject *Engine_balance(EngineObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"mine", "siblings", "load_index", "accepting_index", "slack", "defer", NULL};
+    PyObject *mine, *siblings;
+    unsigned int load_i, accepting_i, slack = 4;
+    double defer = 0.005;
+    CHECK_HS(self);
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOII|Id", kwlist, &mine, &siblings, &load_i, &accepting_i,
+                                     &slack, &defer))
+        return NULL;
+    PyObject *seq = PySequence_Fast(siblings, "siblings must be a sequence of buffers");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n > 64) {
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "at most 64 siblings");
+        return NULL;
+    }
+    for (int k = 0; k < self->nbal; k++)
+        PyBuffer_Release(&self->bal_bufs[k]);
+    self->nbal = 0;
+    self->hs.bal.mine = NULL; /* off until every buffer is in hand */
+    double **sib = calloc((size_t)(n ? n : 1), sizeof *sib);
+    if (!sib) {
+        Py_DECREF(seq);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t k = 0; k <= n; k++) {
+        PyObject *obj = k == 0 ? mine : PySequence_Fast_GET_ITEM(seq, k - 1);
+        if (PyObject_GetBuffer(obj, &self->bal_bufs[k], k == 0 ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0) {
+            free(sib);
+            Py_DECREF(seq);
+            return NULL;
+        }
+        self->nbal++;
+        if ((size_t)self->bal_bufs[k].len < (size_t)((load_i > accepting_i ? load_i : accepting_i) + 1) * sizeof(double)) {
+            free(sib);
+            Py_DECREF(seq);
+            PyErr_SetString(PyExc_ValueError, "a slot buffer is smaller than the indices given");
+            return NULL;
+        }
+        if (k)
+            sib[k - 1] = (double *)self->bal_bufs[k].buf;
+    }
+    Py_DECREF(seq);
+    hs_balance b = {.mine = (double *)self->bal_bufs[0].buf, .siblings = sib, .nsiblings = (int)n,
+                    .load_i = load_i, .accepting_i = accepting_i, .slack = slack,
+                    .defer_ms = (int64_t)(defer * 1000), .tunnels = &self->e.open};
+    if (b.defer_ms < 1)
+        b.defer_ms = 1;
+    int r = hs_balance_init(&self->hs, &b);
+    if (r < 0) {
+        errno = -r;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
+static int Engine_set_accepting(EngineObject *self, PyObject *v, void *Py_UNUSED(c)) {
+    if (!self->hs_ready) {
+        PyErr_SetString(PyExc_RuntimeError, "handshakes() was not called on this Engine");
+        return -1;
+    }
+    int t = PyObject_IsTrue(v);
+    if (t < 0)
+        return -1;
+    self->hs.stopped = !t;
+    if (t && self->hs.deferred)
+        return 0; /* the balancing timer resumes it */
+    int r = hs_pause(&self->hs, !t);
+    if (r < 0) {
+        errno = -r;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *Engine_get_hs_stats(EngineObject *self, void *Py_UNUSED(c)) {
+    CHECK_HS(self);
+    return Py_BuildValue("{sIsKsK}", "live", self->hs.live, "accepted", (unsigned long long)self->hs.accepted,
+                         "accept_errors", (unsigned long long)self->hs.accept_errors);
+}
+
+static PyMethodDef Engine_methods[] = {
+    {"handshakes", (PyCFunction)(void (*)(void))Engine_handshakes, METH_VARARGS | METH_KEYWORDS,
+     "handshakes(on_head, on_response, on_failed, on_timeout, max_head=16384, head_timeout=10.0, "
+     "connect_timeout=5.0): run the head phase in C too"},
+    {"hs_fileno", (PyCFunction)Engine_hs_fileno, METH_NOARGS, "The head phase's epoll descriptor."},
+    {"balance", (PyCFunction)(void (*)(void))Engine_balance, METH_VARARGS | METH_KEYWORDS,
+     "balance(mine, siblings, load_index, accepting_index, slack=4, defer=0.005): balance accepts "
+     "against the siblings' loads in shared memory (workers/accept.py's rule)"},
+    {"listen", (PyCFunction)Engine_listen, METH_O, "listen(fd): accept from this listening socket."},
+    {"poll_handshakes", (PyCFunction)Engine_poll_handshakes, METH_VARARGS,
+     "poll_handshakes(maxaccept=64): accept, read, write, expire; calls the on_* callbacks."},
+    {"expire", (PyCFunction)Engine_expire, METH_NOARGS, "Run the head phase's timeouts now."},
+    {"refuse", (PyCFunction)Engine_refuse, METH_VARARGS,
+     "refuse(id, answer): write it, half-close, linger up to 2 s discarding input, close."},
+    {"connect", (PyCFunction)Engine_connect, METH_VARARGS,
+     "connect(id, [(host, port), ...], head): connect with failover, write head, read the response head."},
+    {"detach", (PyCFunction)Engine_detach, METH_O,
+     "detach(id) -> (client_fd, origin_fd or -1, client_bytes, origin_bytes): the caller takes over."},
+    {"close_handshake", (PyCFunction)Engine_close_handshake, METH_O, "close_handshake(id): drop it."},
+    {"splice", (PyCFunction)Engine_splice, METH_VARARGS,
+     "splice(id, to_client, token) -> tunnel id: the pump takes both sockets after the origin's answer."},
+    {"fileno", (PyCFunction)Engine_fileno, METH_NOARGS, "The epoll descriptor (for loop.add_reader)."},
+    {"poll", (PyCFunction)Engine_poll, METH_VARARGS, "poll(maxevents=256) -> events handled; never waits."},
+    {"tunnel", (PyCFunction)Engine_tunnel, METH_VARARGS,
+     "tunnel(client_fd, origin_fd, to_client, to_origin, token) -> id; takes both descriptors."},
+    {"close", (PyCFunction)Engine_close, METH_O, "close(id): flush, then close both sockets."},
+    {"abort", (PyCFunction)Engine_abort, METH_O, "abort(id): close both sockets now."},
+    {"close_all", (PyCFunction)Engine_close_all, METH_NOARGS, "close() every open tunnel -> count."},
+    {"abort_all", (PyCFunction)Engine_abort_all, METH_NOARGS, "abort() every open tunnel -> count."},
+    {"close_idle", (PyCFunction)Engine_close_idle, METH_O,
+     "close_idle(seconds): close() tunnels with no byte read for that long -> count."},
+    {"bytes", (PyCFunction)Engine_bytes, METH_O, "bytes(id) -> (up, down), or None once ended."},
+    {"idle", (PyCFunction)Engine_idle, METH_O, "idle(id) -> seconds since the last byte, or None."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Engine_getset[] = {
+    {"totals", (getter)Engine_get_totals, NULL, "(up, down): bytes ever read from clients and origins", NULL},
+    {"open_bytes", (getter)Engine_get_open_bytes, NULL, "(up, down) of the tunnels still open", NULL},
+    {"open", (getter)Engine_get_open, NULL, "tunnels open", NULL},
+    {"backend", (getter)Engine_get_backend, NULL, "'io_uring' or 'epoll': what drives the sockets", NULL},
+    {"fallback_reason", (getter)Engine_get_why, NULL, "why io_uring was asked for and not used, or None", NULL},
+    {"accepting", (getter)Engine_get_accepting, (setter)Engine_set_accepting, "accept new connections", NULL},
+    {"handshake_stats", (getter)Engine_get_hs_stats, NULL, "{live, accepted, accept_errors}", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject EngineType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "relay.native._engine.Engine",
+    .tp_doc = "One worker's native tunnel pump (relay/native/engine.c).",
+    .tp_basicsize = sizeof(EngineObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Engine_init,
+    .tp_dealloc = (destructor)Engine_dealloc,
+    .tp_methods = Engine_methods,
+    .tp_getset = Engine_getset,
+};
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT, "relay.native._engine", "The native data plane (relay/native/engine.c).", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__engine(void) {
+    if (PyType_Ready(&EngineType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&moduledef);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&EngineType);
+    if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0) {
+        Py_DECREF(&EngineType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,676 @@
+/* The head phase in C: accept, read the request head, connect to the origin,
+ * write the forwarded head, read the response head. Python is called once
+ * with a complete request head and once with a complete response head, and
+ * decides everything (validation, routing, admission, refusals, the head
+ * forwarded, logging, metrics); this file only moves bytes and keeps time.
+ *
+ * One epoll set per worker, edge-triggered, each descriptor registered once:
+ * a client from accept to splice, an origin from connect to splice. Bytes a
+ * client sends behind its head are read no further than the read that
+ * completed the head and are held: they reach the origin only after its 101
+ * (splice passes them on), never with the head.
+ *
+ * Time: each timeout kind (head, connect + response, linger) has one
+ * duration, so its connections sit in a FIFO list in deadline order and
+ * expiry looks at the list heads only: O(1) per expiry, nothing per tick.
+ */
+#define _GNU_SOURCE
+#include "handshake.h"
+
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/timerfd.h>
+#include <time.h>
+#include <unistd.h>
+
+#define LINGER_MS 2000
+#define K_LISTEN 0x7fffff00u /* slots from here on are listening sockets */
+#define K_TIMER 0x7ffffff0u  /* the balancing timer */
+#define BATCH 64
+
+static void clock_ms(handshaker *h) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    h->now_ms = (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+int64_t hs_id(handshaker *h, uint32_t slot) { return ((int64_t)h->c[slot].gen << 32) | slot; }
+
+static inline uint64_t key(handshaker *h, uint32_t slot, int origin) {
+    return ((uint64_t)h->c[slot].gen << 32) | ((uint64_t)slot << 1) | (uint64_t)origin;
+}
+
+int hs_init(handshaker *h, uint32_t max_head, double head_timeout, double connect_timeout) {
+    memset(h, 0, sizeof *h);
+    h->free_head = HS_NONE;
+    for (int k = 0; k < TL_N; k++)
+        h->tl_head[k] = h->tl_tail[k] = HS_NONE;
+    h->max_head = max_head;
+    h->max_response = 64 * 1024;
+    h->timeout_ms[TL_HEAD] = (int64_t)(head_timeout * 1000);
+    h->timeout_ms[TL_CONNECT] = (int64_t)(connect_timeout * 1000);
+    h->timeout_ms[TL_LINGER] = LINGER_MS;
+    h->timerfd = -1;
+    h->epfd = epoll_create1(EPOLL_CLOEXEC);
+    clock_ms(h);
+    if (h->epfd < 0)
+        return -errno;
+    /* the accept timer: a balancing deferral, or a pause after running out of descriptors */
+    h->timerfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+    if (h->timerfd < 0)
+        return -errno;
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = (uint64_t)K_TIMER << 1};
+    if (epoll_ctl(h->epfd, EPOLL_CTL_ADD, h->timerfd, &ev) < 0)
+        return -errno;
+    return 0;
+}
+
+int hs_balance_init(handshaker *h, hs_balance *b) {
+    free(h->bal.siblings);
+    h->bal = *b;
+    h->bal.overdue_batch = 1;
+    return 0;
+}
+
+/* Publish this worker's load; is it ahead of the least-loaded accepting sibling? */
+static int ahead(handshaker *h) {
+    hs_balance *b = &h->bal;
+    double mine = (double)h->live + (b->tunnels ? (double)*b->tunnels : 0.0);
+    b->mine[b->load_i] = mine;
+    double least = -1;
+    for (int k = 0; k < b->nsiblings; k++) {
+        double *s = b->siblings[k];
+        if (s[b->accepting_i] != 0.0 && (least < 0 || s[b->load_i] < least))
+            least = s[b->load_i];
+    }
+    return least >= 0 && mine > least + b->slack + (double)((uint64_t)mine / 16);
+}
+
+/* Stop accepting for ms milliseconds: what is queued stays in the backlog
+ * (for a sibling, or for later); the timer takes it up again. */
+static void defer_for(handshaker *h, int64_t ms) {
+    struct itimerspec its = {.it_value = {.tv_sec = ms / 1000, .tv_nsec = (ms % 1000) * 1000000}};
+    hs_pause(h, 1);
+    h->deferred = 1;
+    timerfd_settime(h->timerfd, 0, &its, NULL);
+}
+
+static void defer(handshaker *h) { defer_for(h, h->bal.defer_ms); }
+
+/* -- timer lists ------------------------------------------------------------------ */
+
+static void tl_remove(handshaker *h, uint32_t slot) {
+    hs_conn *c = &h->c[slot];
+    if (c->tl == HS_NONE)
+        return;
+    if (c->prev != HS_NONE)
+        h->c[c->prev].next = c->next;
+    else
+        h->tl_head[c->tl] = c->next;
+    if (c->next != HS_NONE)
+        h->c[c->next].prev = c->prev;
+    else
+        h->tl_tail[c->tl] = c->prev;
+    c->tl = c->prev = c->next = HS_NONE;
+}
+
+static void tl_append(handshaker *h, uint32_t slot, uint32_t tl) {
+    hs_conn *c = &h->c[slot];
+    tl_remove(h, slot);
+    c->tl = tl;
+    c->deadline_ms = h->now_ms + h->timeout_ms[tl];
+    c->next = HS_NONE;
+    c->prev = h->tl_tail[tl];
+    if (c->prev != HS_NONE)
+        h->c[c->prev].next = slot;
+    else
+        h->tl_head[tl] = slot;
+    h->tl_tail[tl] = slot;
+}
+
+/* -- slots and events --------------------------------------------------------------- */
+
+static int grow(handshaker *h) {
+    uint32_t cap = h->cap ? 2 * h->cap : 256;
+    hs_conn *n = realloc(h->c, (size_t)cap * sizeof *n);
+    if (!n)
+        return -ENOMEM;
+    memset(n + h->cap, 0, (size_t)(cap - h->cap) * sizeof *n);
+    for (uint32_t i = cap; i-- > h->cap;) {
+        n[i].gen = 1;
+        n[i].cfd = n[i].ofd = -1;
+        n[i].next_free = h->free_head;
+        h->free_head = i;
+    }
+    h->c = n;
+    h->cap = cap;
+    return 0;
+}
+
+static void emit(handshaker *h, uint32_t slot, uint32_t kind, int error) {
+    if (h->nev == h->ev_cap) {
+        uint32_t cap = h->ev_cap ? 2 * h->ev_cap : 64;
+        hs_event *n = realloc(h->ev, cap * sizeof *n);
+        if (!n)
+            abort();
+        h->ev = n;
+        h->ev_cap = cap;
+    }
+    h->ev[h->nev++] = (hs_event){slot, h->c[slot].gen, kind, error};
+}
+
+int hs_pop(handshaker *h, hs_event *out) {
+    if (!h->nev)
+        return 0;
+    *out = h->ev[0];
+    memmove(h->ev, h->ev + 1, (h->nev - 1) * sizeof *h->ev);
+    h->nev--;
+    return 1;
+}
+
+hs_conn *hs_get(handshaker *h, int64_t id) {
+    uint32_t slot = (uint32_t)(id & 0xffffffff);
+    if (id < 0 || slot >= h->cap)
+        return NULL;
+    hs_conn *c = &h->c[slot];
+    if (c->gen != (uint32_t)(id >> 32) || c->state == H_FREE)
+        return NULL;
+    return c;
+}
+
+static void conn_free(handshaker *h, uint32_t slot) {
+    hs_conn *c = &h->c[slot];
+    tl_remove(h, slot);
+    free(c->buf);
+    free(c->obuf);
+    free(c->out);
+    free(c->addrs);
+    uint32_t gen = c->gen + 1;
+    memset(c, 0, sizeof *c);
+    c->gen = gen ? gen : 1;
+    c->cfd = c->ofd = -1;
+    c->tl = c->prev = c->next = HS_NONE;
+    c->next_free = h->free_head;
+    h->free_head = slot;
+    h->live--;
+}
+
+/* Close what is left of the connection and forget it. */
+static void conn_close(handshaker *h, uint32_t slot) {
+    hs_conn *c = &h->c[slot];
+    if (c->cfd >= 0)
+        close(c->cfd);
+    if (c->ofd >= 0)
+        close(c->ofd);
+    conn_free(h, slot);
+}
+
+void hs_close(handshaker *h, uint32_t slot) {
+    if (slot < h->cap && h->c[slot].state != H_FREE)
+        conn_close(h, slot);
+}
+
+/* -- the client side ------------------------------------------------------------------- */
+
+static int find_end(const char *buf, uint32_t from, uint32_t len) {
+    uint32_t k = from > 3 ? from - 3 : 0;
+    for (; k + 3 < len; k++)
+        if (buf[k] == '\r' && buf[k + 1] == '\n' && buf[k + 2] == '\r' && buf[k + 3] == '\n')
+            return (int)(k + 4);
+    return 0;
+}
+
+static void read_head(handshaker *h, uint32_t slot) {
+    hs_conn *c = &h->c[slot];
+    for (;;) {
+        uint32_t room = h->max_head + 1 - c->len; /* one byte past the cap tells "too large" */
+        ssize_t n = recv(c->cfd, c->buf + c->len, room, 0);
+        if (n > 0) {
+            uint32_t before = c->len;
+            c->len += (uint32_t)n;
+            int end = find_end(c->buf, before, c->len);
+            if (end || c->len > h->max_head) {
+                c->head_end = (uint32_t)end;
+                c->state = H_DECIDE;
+                tl_remove(h, slot);
+                emit(h, slot, HE_HEAD, 0);
+                return;
+            }
+            continue;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            return;
+        conn_close(h, slot); /* EOF or reset before a complete head: nothing to answer */
+        return;
+    }
+}
+
+static void linger_read(handshaker *h, uint32_t slot) {
+    hs_conn *c = &h->c[slot];
+    char sink[4096];
+    for (;;) {
+        ssize_t n = recv(c->cfd, sink, sizeof sink, 0);
+        if (n > 0)
+            continue;
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            return;
+        conn_close(h, slot);
+        return;
+    }
+}
+
+/* Write c->out to fd; 1 when all of it is out, 0 if waiting, -1 on error. */
+static int write_out(hs_conn *c, int fd) {
+    while (c->out_off < c->out_len) {
+        ssize_t w = send(fd, c->out + c->out_off, c->out_len - c->out_off, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -1;
+        }
+        c->out_off += (uint32_t)w;
+    }
+    return 1;
+}
+
+static void refusal_progress(handshaker *h, uint32_t slot) {
+    hs_conn *c = &h->c[slot];
+    int r = c->out ? write_out(c, c->cfd) : 1;
+    if (r < 0) {
+        conn_close(h, slot);
+        return;
+    }
+    if (r == 0)
+        return;
+    free(c->out);
+    c->out = NULL;
+    /* all written: half-close and discard what still comes, for a while (nginx's lingering_close) */
+    shutdown(c->cfd, SHUT_WR);
+    if (c->tl != TL_LINGER)
+        tl_append(h, slot, TL_LINGER);
+    linger_read(h, slot);
+}
+
+int hs_refuse(handshaker *h, int64_t id, const char *data, size_t n) {
+    hs_conn *c = hs_get(h, id);
+    if (!c || (c->state != H_DECIDE && c->state != H_DECIDE2 && c->state != H_CONNECT && c->state != H_RESPONSE))
+        return 0;
+    uint32_t slot = (uint32_t)(id & 0xffffffff);
+    if (c->ofd >= 0) {
+        close(c->ofd);
+        c->ofd = -1;
+    }
+    free(c->out);
+    c->out = malloc(n ? n : 1);
+    if (!c->out) {
+        conn_close(h, slot);
+        return 1;
+    }
+    memcpy(c->out, data, n);
+    c->out_off = 0;
+    c->out_len = (uint32_t)n;
+    c->state = H_LINGER;
+    tl_remove(h, slot);
+    refusal_progress(h, slot);
+    return 1;
+}
+
+/* -- the origin side --------------------------------------------------------------------- */
+
+static void origin_failed(handshaker *h, uint32_t slot, int err);
+
+/* Connect to addrs[ai] and queue the head; on an immediate failure, the next address. */
+static void try_connect(handshaker *h, uint32_t slot) {
+    hs_conn *c = &h->c[slot];
+    while (c->ai < c->naddrs) {
+        struct sockaddr_storage *a = &c->addrs[c->ai];
+        socklen_t alen = a->ss_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in);
+        int fd = socket(a->ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (fd < 0) {
+            c->last_error = errno;
+            origin_failed(h, slot, errno); /* EMFILE and the like: no other address will do better */
+            return;
+        }
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        if (connect(fd, (struct sockaddr *)a, alen) < 0 && errno != EINPROGRESS) {
+            c->last_error = errno;
+            close(fd);
+            c->ai++;
+            continue;
+        }
+        struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.u64 = key(h, slot, 1)};
+        if (epoll_ctl(h->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+            c->last_error = errno;
+            close(fd);
+            origin_failed(h, slot, c->last_error);
+            return;
+        }
+        c->ofd = fd;
+        c->out_off = 0;
+        c->olen = 0;
+        c->state = H_CONNECT;
+        return;
+    }
+    origin_failed(h, slot, c->last_error ? c->last_error : ECONNREFUSED);
+}
+
+static void origin_failed(handshaker *h, uint32_t slot, int err) {
+    hs_conn *c = &h->c[slot];
+    if (c->ofd >= 0) {
+        close(c->ofd);
+        c->ofd = -1;
+    }
+    c->state = H_DECIDE2;
+    tl_remove(h, slot);
+    emit(h, slot, HE_FAILED, err);
+}
+
+/* This origin refused, reset or closed without a byte of answer: the next one may serve. */
+static void next_origin(handshaker *h, uint32_t slot, int err) {
+    hs_conn *c = &h->c[slot];
+    close(c->ofd);
+    c->ofd = -1;
+    c->last_error = err;
+    c->ai++;
+    try_connect(h, slot);
+}
+
+static void origin_io(handshaker *h, uint32_t slot, uint32_t events) {
+    hs_conn *c = &h->c[slot];
+    if (c->state == H_CONNECT && (events & (EPOLLOUT | EPOLLERR | EPOLLHUP))) {
+        /* connected (or failed): send the head; a failed connect shows in the send */
+        int r = write_out(c, c->ofd);
+        if (r < 0) {
+            next_origin(h, slot, errno);
+            return;
+        }
+        if (r == 0)
+            return;
+        c->state = H_RESPONSE;
+    }
+    if (c->state == H_RESPONSE && c->out_off < c->out_len && (events & EPOLLOUT)) {
+        int r = write_out(c, c->ofd);
+        if (r < 0) {
+            next_origin(h, slot, errno);
+            return;
+        }
+    }
+    if (c->state != H_RESPONSE || !(events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)))
+        return;
+    for (;;) {
+        uint32_t room = h->max_response + 1 - c->olen;
+        ssize_t n = recv(c->ofd, c->obuf + c->olen, room, 0);
+        if (n > 0) {
+            uint32_t before = c->olen;
+            c->olen += (uint32_t)n;
+            int end = find_end(c->obuf, before, c->olen);
+            if (end) {
+                c->ohead_end = (uint32_t)end;
+                c->state = H_DECIDE2;
+                tl_remove(h, slot);
+                emit(h, slot, HE_RESPONSE, 0);
+                return;
+            }
+            if (c->olen > h->max_response) {
+                origin_failed(h, slot, EMSGSIZE);
+                return;
+            }
+            continue;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            return;
+        int err = n == 0 ? ECONNRESET : errno;
+        if (c->olen == 0)
+            next_origin(h, slot, err); /* closed without a byte of answer: as nginx's proxy_next_upstream */
+        else
+            origin_failed(h, slot, n == 0 ? EPIPE : err); /* a truncated answer: it acted on the request */
+        return;
+    }
+}
+
+int hs_connect(handshaker *h, int64_t id, const struct sockaddr_storage *addrs, uint32_t naddrs,
+               const char *head, size_t n) {
+    hs_conn *c = hs_get(h, id);
+    if (!c || c->state != H_DECIDE || !naddrs)
+        return 0;
+    uint32_t slot = (uint32_t)(id & 0xffffffff);
+    c->addrs = malloc(naddrs * sizeof *addrs);
+    c->obuf = malloc(h->max_response + 1);
+    c->out = malloc(n ? n : 1);
+    if (!c->addrs || !c->obuf || !c->out) {
+        origin_failed(h, slot, ENOMEM);
+        return 1;
+    }
+    memcpy(c->addrs, addrs, naddrs * sizeof *addrs);
+    c->naddrs = naddrs;
+    c->ai = 0;
+    memcpy(c->out, head, n);
+    c->out_len = (uint32_t)n;
+    tl_append(h, slot, TL_CONNECT);
+    try_connect(h, slot);
+    return 1;
+}
+
+/* -- accept ------------------------------------------------------------------------------- */
+
+int hs_listen(handshaker *h, int lfd) {
+    if (h->nlisten == 8)
+        return -ENOSPC;
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = (uint64_t)(K_LISTEN + (uint32_t)h->nlisten) << 1};
+    if (epoll_ctl(h->epfd, EPOLL_CTL_ADD, lfd, &ev) < 0)
+        return -errno;
+    h->lfds[h->nlisten++] = lfd;
+    return 0;
+}
+
+/* Stop or resume accepting: the listening sockets leave the epoll set while
+ * paused, so a backlog left to the siblings does not keep waking this one. */
+int hs_pause(handshaker *h, int paused) {
+    if (paused == h->accept_paused)
+        return 0;
+    for (int k = 0; k < h->nlisten; k++) {
+        struct epoll_event ev = {.events = EPOLLIN, .data.u64 = (uint64_t)(K_LISTEN + (uint32_t)k) << 1};
+        if (epoll_ctl(h->epfd, paused ? EPOLL_CTL_DEL : EPOLL_CTL_ADD, h->lfds[k], &ev) < 0 && !paused)
+            return -errno;
+    }
+    h->accept_paused = paused;
+    return 0;
+}
+
+static int accept_some(handshaker *h, int lfd, int max, int balanced) {
+    int taken = 0;
+    for (int k = 0; k < max; k++) {
+        if (balanced && taken && ahead(h))
+            break;
+        if (h->free_head == HS_NONE && grow(h) < 0)
+            return taken;
+        uint32_t slot = h->free_head;
+        hs_conn *c = &h->c[slot];
+        c->peerlen = sizeof c->peer;
+        int fd = accept4(lfd, (struct sockaddr *)&c->peer, &c->peerlen, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EINTR || errno == ECONNABORTED || errno == EPROTO || errno == EPERM)
+                continue;
+            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+                /* out of resources: pause 250 ms (workers/accept.py's PAUSE) rather than spin
+                 * on a backlog we cannot take, and let the owner count and log it */
+                h->accept_errors++;
+                defer_for(h, 250);
+            }
+            return taken;
+        }
+        c->buf = malloc(h->max_head + 1);
+        struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.u64 = key(h, slot, 0)};
+        if (!c->buf || epoll_ctl(h->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+            free(c->buf);
+            c->buf = NULL;
+            close(fd);
+            continue;
+        }
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        h->free_head = c->next_free;
+        h->live++;
+        h->accepted++;
+        c->cfd = fd;
+        c->ofd = -1;
+        c->state = H_HEAD;
+        c->tl = c->prev = c->next = HS_NONE;
+        tl_append(h, slot, TL_HEAD);
+        taken++;
+        read_head(h, slot); /* the head often came with the connection */
+    }
+    return taken;
+}
+
+/* -- the loop ---------------------------------------------------------------------------- */
+
+void hs_expire(handshaker *h) {
+    clock_ms(h);
+    for (int k = 0; k < TL_N; k++) {
+        uint32_t slot;
+        while ((slot = h->tl_head[k]) != HS_NONE && h->c[slot].deadline_ms <= h->now_ms) {
+            hs_conn *c = &h->c[slot];
+            tl_remove(h, slot);
+            if (k == TL_LINGER) {
+                conn_close(h, slot);
+            } else if (k == TL_HEAD) {
+                /* Python counts a started head that never finished (408); nothing is written */
+                c->state = H_DECIDE;
+                emit(h, slot, HE_TIMEOUT, (int)c->len);
+            } else {
+                if (c->ofd >= 0) {
+                    close(c->ofd);
+                    c->ofd = -1;
+                }
+                c->state = H_DECIDE2;
+                emit(h, slot, HE_TIMEOUT, 0);
+            }
+        }
+    }
+}
+
+int hs_poll(handshaker *h, int maxaccept) {
+    struct epoll_event evs[256];
+    int n = epoll_wait(h->epfd, evs, 256, 0);
+    if (n < 0)
+        return errno == EINTR ? 0 : -errno;
+    clock_ms(h);
+    for (int k = 0; k < n; k++) {
+        uint64_t d = evs[k].data.u64;
+        uint32_t slot = (uint32_t)(d & 0xffffffff) >> 1;
+        int origin = (int)(d & 1);
+        if (slot == K_TIMER) {
+            uint64_t ticks;
+            if (read(h->timerfd, &ticks, sizeof ticks) < 0) { /* spurious: nothing to read */
+            }
+            if (!h->deferred)
+                continue;
+            /* back from deferring: what still waits, the siblings did not take */
+            h->deferred = 0;
+            if (h->stopped)
+                continue;
+            hs_pause(h, 0);
+            int got = 0;
+            for (int l = 0; l < h->nlisten; l++)
+                got += accept_some(h, h->lfds[l], (int)h->bal.overdue_batch, 0);
+            h->bal.overdue_batch = got ? (h->bal.overdue_batch * 2 > BATCH ? BATCH : h->bal.overdue_batch * 2) : 1;
+            continue;
+        }
+        if (slot >= K_LISTEN) {
+            if (h->accept_paused || slot - K_LISTEN >= (uint32_t)h->nlisten)
+                continue;
+            if (h->bal.mine && h->bal.nsiblings && ahead(h)) {
+                defer(h);
+                continue;
+            }
+            h->bal.overdue_batch = 1;
+            accept_some(h, h->lfds[slot - K_LISTEN], maxaccept, h->bal.mine && h->bal.nsiblings);
+            continue;
+        }
+        if (slot >= h->cap)
+            continue;
+        hs_conn *c = &h->c[slot];
+        if (c->gen != (uint32_t)(d >> 32) || c->state == H_FREE)
+            continue;
+        uint32_t ev = evs[k].events;
+        if (origin) {
+            if (c->ofd >= 0)
+                origin_io(h, slot, ev);
+            continue;
+        }
+        switch (c->state) {
+        case H_HEAD:
+            if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+                read_head(h, slot);
+            break;
+        case H_LINGER:
+            if (c->out)
+                refusal_progress(h, slot);
+            else
+                linger_read(h, slot);
+            break;
+        case H_CONNECT:
+        case H_RESPONSE:
+        case H_DECIDE2:
+            if (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
+                /* the client left while its origin was being asked: as Python cancels the upgrade */
+                if (c->ofd >= 0) {
+                    close(c->ofd);
+                    c->ofd = -1;
+                }
+                c->state = H_DECIDE2;
+                tl_remove(h, slot);
+                emit(h, slot, HE_FAILED, ECONNABORTED);
+            }
+            break;
+        default:
+            break;
+        }
+    }
+    hs_expire(h);
+    return n;
+}
+
+int hs_detach(handshaker *h, int64_t id, int *cfd, int *ofd) {
+    hs_conn *c = hs_get(h, id);
+    if (!c)
+        return 0;
+    uint32_t slot = (uint32_t)(id & 0xffffffff);
+    struct epoll_event ev = {0};
+    if (c->cfd >= 0)
+        epoll_ctl(h->epfd, EPOLL_CTL_DEL, c->cfd, &ev);
+    if (c->ofd >= 0)
+        epoll_ctl(h->epfd, EPOLL_CTL_DEL, c->ofd, &ev);
+    *cfd = c->cfd;
+    *ofd = c->ofd;
+    c->cfd = c->ofd = -1;
+    conn_free(h, slot);
+    return 1;
+}
+
+void hs_free(handshaker *h) {
+    for (uint32_t slot = 0; slot < h->cap; slot++)
+        if (h->c[slot].state != H_FREE)
+            conn_close(h, slot);
+    free(h->c);
+    free(h->ev);
+    free(h->bal.siblings);
+    if (h->timerfd >= 0)
+        close(h->timerfd);
+    if (h->epfd >= 0)
+        close(h->epfd);
+    memset(h, 0, sizeof *h);
+    h->epfd = -1;
+}

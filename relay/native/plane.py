@@ -1,0 +1,174 @@
+"""A worker's native data plane: the engine, polled from the event loop, and
+:class:`NativeTunnel`, the worker context's tunnel class in tunnel mode when
+the native plane is on: held like a :class:`relay.tunnel.Tunnel` (``open``,
+``start``, ``close``, ``abort``, ``record``, ``started``, ``up``/``down``
+once ended, ``on_end(tunnel)`` exactly once, the class hooks).
+
+Handing a tunnel over: the head phase ran on uvloop transports; at the 101
+both sockets are duplicated out of their transports, which are then dropped
+without a shutdown (closing one descriptor of a duplicated pair sends
+nothing), and the engine owns the duplicates. Nothing can be lost or
+doubled in between: reading was paused on both transports when their heads
+were complete (relay/client.py, relay/origin.py), so uvloop holds no
+unread byte, and what arrived behind a head was already handed to us as
+``to_client``/``to_origin``. A transport that still holds unsent bytes
+cannot be handed over (uvloop would drop them): such a tunnel, and one
+whose descriptors cannot be duplicated (EMFILE), stays on the Python data
+plane, and the access log says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+
+from relay.native import Engine, wanted_backend
+from relay.tunnel import READ_SIZE, Tunnel
+
+
+class _Gone(asyncio.Protocol):
+    """The protocol of a transport whose socket the engine took: hears nothing."""
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pass
+
+
+_GONE = _Gone()
+
+
+class _TunnelModeHooks(type):
+    """Class-level hooks NativeTunnel does not define itself (sweep, drain,
+    check_response, ... relay/tunnel.py) are tunnel mode's: the native plane
+    serves tunnel mode, and a hook added there later applies here unchanged."""
+
+    def __getattr__(cls, name: str):
+        return getattr(Tunnel, name)
+
+
+class NativeTunnel(metaclass=_TunnelModeHooks):
+    """A tunnel whose sockets the engine owns."""
+
+    # An idle tunnel costs its slot in the engine and this object: no bound
+    # on_end per tunnel (the plane holds the context's), descriptors dropped
+    # once the engine owns them (bench/RESULTS.md, idle memory).
+    __slots__ = ("plane", "cfd", "ofd", "id", "record", "started", "up", "down", "ended")
+
+    #: relay.context reads byte counts and idle times of native tunnels from
+    #: the engine in one call per sweep, not per tunnel
+    native = True
+    counts_messages = False
+    messages_up = messages_down = 0
+
+    @classmethod
+    def open(cls, ctx, client_transport: asyncio.Transport, origin_transport: asyncio.Transport,
+             record, response):
+        """The native tunnel of ``ctx``'s plane, or a :class:`relay.tunnel.Tunnel`
+        where the sockets cannot be handed over (see the module docstring)."""
+        return ctx.native.tunnel(client_transport, origin_transport, record)
+
+    def shutdown(self, code: int) -> None:
+        """Tunnel mode: nothing before the sockets close."""
+
+    def __init__(self, plane: "NativePlane", cfd: int, ofd: int, record) -> None:
+        self.plane = plane
+        self.cfd = cfd
+        self.ofd = ofd
+        self.id: int | None = None
+        self.record = record
+        self.started = time.monotonic()
+        #: final byte counts, set when the tunnel ends (open ones: bytes())
+        self.up = 0
+        self.down = 0
+        self.ended = False
+
+    def start(self, head: bytes, to_client: bytes, to_origin: bytes) -> None:
+        """Send the origin's 101 ``head`` and what followed it to the client,
+        what the client sent after its request to the origin, then pump (the
+        tunnel may end at once)."""
+        cfd, ofd, self.cfd, self.ofd = self.cfd, self.ofd, -1, -1
+        try:
+            self.id = self.plane.engine.tunnel(cfd, ofd, head + to_client, to_origin, self)
+        except OSError:
+            os.close(cfd)
+            os.close(ofd)
+            self.plane.ended(self, 0, 0)
+
+    def bytes(self) -> tuple[int, int]:
+        """(up, down) so far."""
+        if self.ended or self.id is None:
+            return self.up, self.down
+        return self.plane.engine.bytes(self.id) or (self.up, self.down)
+
+    def close(self) -> None:
+        """Close both sockets cleanly, flushing what is pending."""
+        if self.id is not None:
+            self.plane.engine.close(self.id)
+
+    def abort(self) -> None:
+        if self.id is not None:
+            self.plane.engine.abort(self.id)
+
+
+def _share_strings(record) -> None:
+    """Tunnels live long and mostly share a client address, an origin and a
+    method: one string each for all of them, not one per tunnel."""
+    record.client = sys.intern(record.client)
+    record.origin = sys.intern(record.origin)
+    record.method = sys.intern(record.method)
+
+
+def _detach(transport: asyncio.Transport) -> int:
+    """A duplicate of the transport's socket descriptor (close-on-exec)."""
+    return os.dup(transport.get_extra_info("socket").fileno())
+
+
+class NativePlane:
+    """One engine per worker, its epoll descriptor watched by the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_end, read_size: int = READ_SIZE) -> None:
+        self.loop = loop
+        #: the context's tunnel_ended, called with each tunnel once it ended
+        self.on_end = on_end
+        self.engine = Engine(read_size, self.ended, backend=wanted_backend())
+        self.fd = self.engine.fileno()
+        loop.add_reader(self.fd, self.engine.poll)
+
+    def ended(self, tunnel: NativeTunnel, up: int, down: int) -> None:
+        tunnel.up = up
+        tunnel.down = down
+        tunnel.ended = True
+        self.on_end(tunnel)
+
+    def tunnel(self, client_t: asyncio.Transport, origin_t: asyncio.Transport, record):
+        """Take both sockets; a :class:`relay.tunnel.Tunnel` where they cannot be taken."""
+        on_end = self.on_end
+        if client_t.get_write_buffer_size() or origin_t.get_write_buffer_size():
+            return Tunnel(client_t, origin_t, on_end, record)
+        try:
+            cfd = _detach(client_t)
+        except OSError:
+            return Tunnel(client_t, origin_t, on_end, record)
+        try:
+            ofd = _detach(origin_t)
+        except OSError:
+            os.close(cfd)
+            return Tunnel(client_t, origin_t, on_end, record)
+        for t in (client_t, origin_t):
+            t.set_protocol(_GONE)
+            t.abort()  # closes uvloop's descriptor only: the socket lives on in ours
+        if record is not None:
+            record.data_plane = "native"
+            _share_strings(record)
+        return NativeTunnel(self, cfd, ofd, record)
+
+    def open_bytes(self) -> tuple[int, int]:
+        """(up, down) read so far by the tunnels still open."""
+        return self.engine.open_bytes
+
+    def close_idle(self, seconds: float) -> int:
+        return self.engine.close_idle(seconds)
+
+    def stop(self) -> None:
+        self.loop.remove_reader(self.fd)
