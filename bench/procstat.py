@@ -71,6 +71,16 @@ def cpu_seconds(pids: list[int]) -> float:
     return ticks / _CLK_TCK
 
 
+def cpu_user_system(pids: list[int]) -> tuple[float, float]:
+    """Sums of (user, system) CPU seconds of ``pids``."""
+    user = system = 0.0
+    for p in pids:
+        u, s = cpu_split(p)
+        user += u
+        system += s
+    return user, system
+
+
 def nofile_limits() -> tuple[int, int]:
     import resource
     return resource.getrlimit(resource.RLIMIT_NOFILE)

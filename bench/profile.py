@@ -9,6 +9,13 @@ Writes a flame graph (``profile-WORKLOAD.svg``), the collapsed stacks
 (``profile-WORKLOAD.txt``) and prints the functions with the most samples,
 own time and including callees. ``--native`` adds C frames (uvloop, the
 kernel entry points) to the stacks.
+
+``--perf`` samples with ``perf record`` instead (every CPU cycle the worker
+spends, kernel included, whatever runs it: the interpreter, uvloop, the
+engine, the kernel): prints the share of each shared object, user against
+kernel, and the top symbols (``perf-WORKLOAD.txt``). Python 3.11 has no perf
+trampoline, so Python frames show as the interpreter's own functions; pair it
+with a py-spy run to see which Python code that is.
 """
 
 from __future__ import annotations
@@ -59,11 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--native", action="store_true", help="include native frames (py-spy --native)")
     ap.add_argument("--rate", type=int, default=250, help="samples per second")
+    ap.add_argument("--perf", action="store_true", help="sample with perf record (kernel included) instead of py-spy")
     ap.add_argument("--system", default="wsrelay", choices=[k for k in proxies.SYSTEMS if k.startswith("wsrelay")],
                     help="which wsrelay row of the benchmark to profile (e.g. wsrelay-nh, wsrelay-python)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
     a = ap.parse_args(argv)
-    if shutil.which("py-spy") is None:
+    if a.perf and shutil.which("perf") is None:
+        print("perf is missing: apt-get install linux-perf", file=sys.stderr)
+        return 2
+    if not a.perf and shutil.which("py-spy") is None:
         print("py-spy is missing: pip install py-spy", file=sys.stderr)
         return 2
     w = next(w for w in runner.workloads(False, 1000) if w.key == a.workload)
@@ -84,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             c.line("READY", 120)
         time.sleep(1.0)
         base = a.out / f"profile-{w.key}" if a.system == "wsrelay" else a.out / f"profile-{w.key}-{a.system}"
+        if a.perf:
+            return _perf(worker, a, w, children, base.with_name(base.name.replace("profile-", "perf-")))
         # --native has to stop the process to unwind C stacks; Python-only sampling need not
         spy = ["py-spy", "record", "--pid", str(worker), "--duration", str(int(a.seconds)), "--rate", str(a.rate)]
         spy += ["--native"] if a.native else ["--nonblocking"]
@@ -107,6 +120,49 @@ def main(argv: list[str] | None = None) -> int:
         origin.wait()
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
+
+
+def _perf(worker: int, a, w, children, base: Path) -> int:
+    data = base.with_suffix(".data")
+    t0 = _cpu(worker)
+    done = subprocess.run(["perf", "record", "-F", str(a.rate * 4), "-g", "-p", str(worker), "-o", str(data),
+                           "--", "sleep", str(a.seconds)], capture_output=True, text=True)
+    t1 = _cpu(worker)
+    if done.returncode != 0:
+        print(f"perf record failed: {done.stderr.strip()[-500:]}", file=sys.stderr)
+        return 1
+    rate = None
+    if w.mode != "idle":
+        results = [c.line("RESULT", 60 + a.seconds) for c in children]
+        rate = sum(r["msgs"] for r in results) / (a.seconds + 2)
+        print(f"{w.title}: {rate:,.0f} per second while profiled")
+    user, system = t1[0] - t0[0], t1[1] - t0[1]
+    print(f"worker CPU over {a.seconds:g}s: user {user:.2f}s, system {system:.2f}s")
+    if rate:
+        print(f"  per operation (at the loaded rate): user {user * 1e6 / (rate * a.seconds):.1f} us, "
+              f"system {system * 1e6 / (rate * a.seconds):.1f} us")
+    report = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--no-children", "--sort", "dso",
+                             "-g", "none", "--percent-limit", "0.5"], capture_output=True, text=True).stdout
+    syms = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--no-children", "--sort", "dso,sym",
+                           "-g", "none", "--percent-limit", "0.4"], capture_output=True, text=True).stdout
+    text = "by shared object:\n" + _rows(report) + "\n\ntop symbols:\n" + _rows(syms)
+    base.with_suffix(".txt").write_text(text + "\n")
+    print(text)
+    print(f"wrote {base}.txt ({data} for perf report)")
+    return 0
+
+
+def _rows(report: str) -> str:
+    return "\n".join(line for line in report.splitlines() if line.strip() and not line.startswith("#"))
+
+
+def _cpu(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process, from /proc."""
+    import os
+
+    fields = open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def _flamegraph(collapsed: Path, svg: Path) -> None:

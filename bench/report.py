@@ -126,7 +126,10 @@ def markdown(run: dict) -> str:
             r = run["summary"].get(w["key"], {}).get(key)
             if r:
                 vals = ", ".join(_fmt(v, w["metric"]) for v in r["values"])
-                lines.append(f"- {w['key']} / {key}: {vals}")
+                split = ""
+                if r.get("proxy_user_us") is not None:
+                    split = f" (proxy CPU per operation: user {r['proxy_user_us']:.1f} µs + system {r['proxy_sys_us']:.1f} µs)"
+                lines.append(f"- {w['key']} / {key}: {vals}{split}")
     return "\n".join(lines) + "\n"
 
 

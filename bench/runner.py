@@ -196,9 +196,11 @@ def run_trial(w: Workload, key: str, origin_pid: int, origin_port: int, opts, tm
             _sleep_until(t0 + int(warmup * 1e9))
             ppids = sysm.pids()
             cpu0 = [procstat.cpu_seconds(p) for p in (ppids, origin_pids, load_pids)]
+            split0 = procstat.cpu_user_system(ppids)
             w0 = time.monotonic()
             _sleep_until(t0 + int((warmup + duration) * 1e9))
             cpu1 = [procstat.cpu_seconds(p) for p in (ppids, origin_pids, load_pids)]
+            split1 = procstat.cpu_user_system(ppids)
             wall = time.monotonic() - w0
             results = [c.line("RESULT", 60 + duration) for c in children]
             msgs = sum(r["msgs"] for r in results)
@@ -213,6 +215,10 @@ def run_trial(w: Workload, key: str, origin_pid: int, origin_port: int, opts, tm
             # what one core of this proxy carries: the figure that survives a noisy machine
             res["per_core"] = res["value"] / proxy_cpu if key != "direct" and proxy_cpu > 0 else None
             res["proxy_us_per_msg"] = proxy_cpu * 1e6 / rate if key != "direct" and rate else None
+            if key != "direct" and msgs:
+                # where the proxy's CPU goes per operation: its own code (user) or the kernel (system)
+                res["proxy_user_us"] = (split1[0] - split0[0]) * 1e6 / msgs * duration / wall
+                res["proxy_sys_us"] = (split1[1] - split0[1]) * 1e6 / msgs * duration / wall
         res["errors"] = sum(r["errors"] for r in results)  # connect errors included
         kinds: dict[str, int] = {}
         for r in results:
@@ -348,7 +354,7 @@ def _trial_line(w: Workload, t: dict) -> str:
 
 
 NUMERIC = ("value", "per_core", "proxy_cpu_s", "msgs_s", "mb_s", "p50_us", "p99_us", "p999_us", "proxy_cpu", "origin_cpu",
-           "load_cpu", "proxy_us_per_msg", "rss_before_kib", "rss_after_kib", "connected", "deflate_ratio")
+           "load_cpu", "proxy_us_per_msg", "proxy_user_us", "proxy_sys_us", "rss_before_kib", "rss_after_kib", "connected", "deflate_ratio")
 
 
 def summarize(wls: list[Workload], trials: list[dict]) -> dict:
