@@ -31,6 +31,7 @@
 #include <arpa/inet.h>
 #include <sys/socket.h>
 
+#include "_heads.h"
 #include "engine.h"
 #include "handshake.h"
 
@@ -731,7 +732,7 @@ PyMODINIT_FUNC PyInit__engine(void) {
     if (m == NULL)
         return NULL;
     Py_INCREF(&EngineType);
-    if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0) {
+    if (heads_init(m) < 0 || PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0) {
         Py_DECREF(&EngineType);
         Py_DECREF(m);
         return NULL;

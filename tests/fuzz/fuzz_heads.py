@@ -8,8 +8,10 @@ Run by an operator, for as long as there is time (not collected by pytest)::
     python tests/fuzz/fuzz_heads.py crash-<sha1>                  # replay a finding
 
 The first input byte picks the target: request head, response head, chunked
-body, the configuration loader (environment), or an ``--env-file``'s text
-(``read_env_file`` then ``load``); the rest is the input. The invariants are
+body, the configuration loader (environment), an ``--env-file``'s text
+(``read_env_file`` then ``load``), or the compiled head parsers and
+forward_head (relay/native/http_head.c) against their references; the rest
+is the input. The invariants are
 the ones the hypothesis properties check (tests/fuzz/invariants.py): only the
 parser's own error, the same answer whole and in pieces, forwarded requests
 that keep their meaning. A crash file is a regression test to add to
@@ -30,7 +32,11 @@ with atheris.instrument_imports():
     from relay import config, handshake, http_body, http_head  # noqa: F401
     from tests.fuzz import invariants
 
-TARGETS = ("request", "response", "body", "config", "envfile")
+TARGETS = ("request", "response", "body", "config", "envfile", "native-request", "native-response")
+try:
+    from relay.native import _engine as native_engine
+except ImportError:  # not built: the native targets check nothing
+    native_engine = None
 _ENV_FILE = os.path.join(tempfile.mkdtemp(prefix="wsrelay-fuzz-"), "fuzz.env")
 
 
@@ -41,7 +47,19 @@ def _cuts(fdp: atheris.FuzzedDataProvider, n: int) -> list[int]:
 def test_one_input(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
     target = TARGETS[fdp.ConsumeIntInRange(0, len(TARGETS) - 1)]
-    if target == "request":
+    if target.startswith("native-"):
+        if native_engine is None:
+            return
+        buf = fdp.ConsumeBytes(fdp.remaining_bytes())
+        cuts = None if len(buf) < 64 else range(1, len(buf), 7)
+        if target == "native-request":
+            invariants.check_same_as_reference(native_engine.parse_request_head, http_head.parse_request_head, buf,
+                                               cuts)
+            invariants.check_same_forward(native_engine.parse_request_head, native_engine.forward_head, buf)
+        else:
+            invariants.check_same_as_reference(native_engine.parse_response_head, http_head.parse_response_head, buf,
+                                               cuts)
+    elif target == "request":
         byte_by_byte = fdp.ConsumeBool()
         buf = fdp.ConsumeBytes(fdp.remaining_bytes())
         invariants.check_head_parser(http_head.parse_request_head, buf,

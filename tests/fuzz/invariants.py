@@ -20,6 +20,12 @@ target (tests/fuzz/fuzz_heads.py), so both check exactly the same things:
   only after part of a frame was released in an earlier piece releases that
   part (``ProtocolError.cut``), and never more of the frame than that.
 
+- the compiled parsers and forward_head (relay/native/http_head.c, through
+  relay.native._engine) give the reference's result for every input: the
+  same head (fields, target, path, authority, length) or the same error
+  status and outcome, whole and in pieces, and the same answers to
+  get/get_all/tokens; the same forwarded bytes.
+
 Each check raises AssertionError with the offending input on a violation.
 """
 
@@ -39,7 +45,7 @@ MAX_HEAD = 1024
 
 
 def _summary(head) -> tuple:
-    if isinstance(head, Request):
+    if hasattr(head, "method"):  # a Request, or the compiled parser's view of one
         return ("request", head.method, head.target, head.path, head.version, tuple(head.fields), head.head_len)
     return ("response", head.status, tuple(head.fields), head.head_len)
 
@@ -303,3 +309,48 @@ def _frame_len(data: bytes, pos: int, masked: bool) -> int:
     elif n == 127:
         n, h = int.from_bytes(data[pos + 2:pos + 10], "big"), 10
     return h + (4 if masked else 0) + n
+
+
+# -- the compiled twin (relay/native/http_head.c) against the reference -------------------
+
+#: names looked up on both parses (present or not)
+LOOKUPS = (b"host", b"connection", b"upgrade", b"sec-websocket-key", b"sec-websocket-version", b"origin",
+           b"content-length", b"transfer-encoding", b"x-forwarded-for", b"user-agent", b"sec-websocket-accept",
+           b"absent")
+
+
+def check_same_as_reference(native_parse, reference_parse, buf: bytes, cuts=None, max_bytes: int = MAX_HEAD):
+    """``native_parse`` answers as ``reference_parse`` for ``buf``, whole and
+    cut at ``cuts`` (every byte by default); both keep the whole/pieces
+    invariant. Returns the reference's (whole) result."""
+    ref = check_head_parser(reference_parse, buf, cuts, max_bytes)
+    got = check_head_parser(native_parse, buf, cuts, max_bytes)
+    assert got == ref, f"native {got!r} != reference {ref!r} for {buf!r}"
+    if ref[0] in ("request", "response"):
+        a, b = native_parse(buf, max_bytes), reference_parse(buf, max_bytes)
+        names = {name for name, _l, _v in b.fields} | set(LOOKUPS)
+        for name in names:
+            assert a.get(name) == b.get(name), (name, buf)
+            assert a.get_all(name) == b.get_all(name), (name, buf)
+            assert a.tokens(name) == b.tokens(name), (name, buf)
+        assert a.version == b.version, buf
+        if ref[0] == "request":
+            assert a.authority == b.authority, buf
+    return ref
+
+
+def check_same_forward(native_parse, native_forward, buf: bytes, client_ip: str = "203.0.113.7",
+                       max_bytes: int = MAX_HEAD) -> None:
+    """The compiled forward_head sends what the reference sends, upgrade or not."""
+    try:
+        ref = parse_request_head(buf, max_bytes)
+    except HeadError:
+        return
+    if ref is None:
+        return
+    req = native_parse(buf, max_bytes)
+    for upgrade in (True, False):
+        for rid in (b"", b"0123456789abcdef0123456789abcdef"):
+            want = forward_head(ref, client_ip, b"https", upgrade, rid, b"10.0.0.5:9000")
+            got = native_forward(req, client_ip, b"https", upgrade, rid, b"10.0.0.5:9000")
+            assert got == want, f"native {got!r} != reference {want!r} for {buf!r}"

@@ -30,6 +30,8 @@ from relay import native
 from tests.support.relay import ROOT
 
 NATIVE = os.path.join(ROOT, "relay", "native")
+#: every C file of the extension (setup.py's list)
+SOURCES = [os.path.join(NATIVE, f) for f in ("_engine.c", "_heads.c", "engine.c", "handshake.c", "http_head.c")]
 REQUIRED = os.environ.get("WSRELAY_REQUIRE_NATIVE", "") not in ("", "0")
 
 
@@ -69,8 +71,7 @@ def test_the_pump_under_addresssanitizer(tmp_path):
     so = tmp_path / ("_engine" + sysconfig.get_config_var("EXT_SUFFIX"))
     build = subprocess.run(
         [cc, "-shared", "-fPIC", "-g", "-O1", "-fno-omit-frame-pointer", "-fsanitize=address",
-         "-I", sysconfig.get_paths()["include"], os.path.join(NATIVE, "_engine.c"), os.path.join(NATIVE, "engine.c"),
-         os.path.join(NATIVE, "handshake.c"), "-o", str(so)], capture_output=True, text=True, timeout=120)
+         "-I", sysconfig.get_paths()["include"], *SOURCES, "-o", str(so)], capture_output=True, text=True, timeout=120)
     assert build.returncode == 0, build.stderr
     (tmp_path / "sitecustomize.py").write_text(SITECUSTOMIZE)
     logs = tmp_path / "asan"
@@ -82,10 +83,11 @@ def test_the_pump_under_addresssanitizer(tmp_path):
         "PYTHONPATH": os.pathsep.join([str(tmp_path), ROOT]),
         "WSRELAY_TEST_ENGINE": str(so),
         "DATA_PLANE_FUZZ_EXAMPLES": "6",
+        "FUZZ_EXAMPLES": "100",
     })
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
-         "tests/system/relay/test_native.py", "tests/system/relay/test_native_handshake.py",
+         "tests/unit/test_native_head.py", "tests/system/relay/test_native.py", "tests/system/relay/test_native_handshake.py",
          "tests/system/relay/test_tunnel_endings.py", "tests/system/relay/test_data_plane_fuzz.py",
          "-k", "not python"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -1,0 +1,125 @@
+"""The compiled head parsers and forward_head (relay/native/http_head.c)
+against their references, relay/http_head.py and relay/headers.py: the same
+heads, errors and forwarded bytes for anything hypothesis generates (raw
+bytes, near-valid heads mutated at every seam, valid requests), whole and
+cut anywhere, with the invariants of tests/fuzz/invariants.py.
+
+The native head phase (relay/native/handshake.c) gives Python these parses,
+so a difference here would be a request meaning one thing on one data plane
+and another on the other. tests/fuzz/fuzz_heads.py runs the same checks
+under atheris (targets ``native-request`` and ``native-response``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from relay import native
+from relay.http_head import parse_request_head, parse_response_head
+from tests.fuzz.invariants import MAX_HEAD, check_same_as_reference, check_same_forward
+from tests.unit.test_fuzz import FUZZ, heads, valid_requests
+
+pytestmark = pytest.mark.skipif(not native.AVAILABLE and not os.environ.get("WSRELAY_REQUIRE_NATIVE"),
+                                reason="native data plane unavailable")
+
+if native.AVAILABLE:
+    from relay.native._engine import forward_head as c_forward
+    from relay.native._engine import parse_request_head as c_request
+    from relay.native._engine import parse_response_head as c_response
+
+EDGES = [
+    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET / HTTP/1.0\r\n\r\n",
+    b"GET http://h:1 HTTP/1.1\r\nHost: y\r\n\r\n",
+    b"GET HTTP://h?q HTTP/1.1\r\nHost: y\r\n\r\n",
+    b"GET wss://[::1]:8/p?q HTTP/1.1\r\nHost: y\r\n\r\n",
+    b"GET ws://u@h/ HTTP/1.1\r\nHost: y\r\n\r\n",
+    b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET * HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"CONNECT h:443 HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"GET / HTTP/2.0\r\n\r\n",
+    b"GET / HTTP/1.1\n\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nA: b\n\n\r\n\r\n",
+    b"GET /  HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\n folded\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nBad : 1\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nX: a\x01b\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nX:\t a b \t\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+    b"GET / HTTP/1.1\r\nConnection: Upgrade, , KEEP-alive\r\nHost: x\r\nconnection: x\r\n\r\n",
+    b"GET /" + b"a" * 2000 + b" HTTP/1.1\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 2000 + b"\r\n\r\n",
+    b"\r\n" * 600,
+]
+
+RESPONSES = [
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+    b"HTTP/1.1 101 \r\n\r\n",
+    b"HTTP/1.0 200\r\n\r\nbody",
+    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 101 OK\r\n\r\n",
+    b"\r\nHTTP/1.1 101 OK\r\n\r\n",
+    b"HTTP/1.1 101 OK\n\n",
+    b"HTTP/1.1 1010\r\n\r\n",
+    b"HTTP/1.1 101 \x7f\r\n\r\n",
+    b"HTTP/2 200\r\n\r\n",
+    b"ICY 200 OK\r\n",
+    b"HTTP/1.1 101 OK\r",
+    b"HTTP/1.1 101 OK\n",
+    b"\n",
+    b"HTTP/1.1 101 OK\r\nX: " + b"y" * 2000,
+]
+
+
+@pytest.mark.parametrize("data", EDGES)
+def test_request_edges(data):
+    check_same_as_reference(c_request, parse_request_head, data)
+    check_same_forward(c_request, c_forward, data)
+
+
+@pytest.mark.parametrize("data", RESPONSES)
+def test_response_edges(data):
+    check_same_as_reference(c_response, parse_response_head, data)
+
+
+@FUZZ
+@given(st.one_of(st.binary(max_size=300), heads()))
+def test_request_heads_as_the_reference_parses_them(data):
+    check_same_as_reference(c_request, parse_request_head, data)
+    check_same_forward(c_request, c_forward, data)
+
+
+@FUZZ
+@given(st.one_of(st.binary(max_size=300), heads(request=False)))
+def test_response_heads_as_the_reference_parses_them(data):
+    check_same_as_reference(c_response, parse_response_head, data)
+
+
+@FUZZ
+@given(st.one_of(st.binary(max_size=2 * MAX_HEAD), heads()), st.lists(st.integers(0, 2 * MAX_HEAD), max_size=6))
+def test_request_heads_cut_anywhere(data, cuts):
+    check_same_as_reference(c_request, parse_request_head, data, cuts=[c for c in cuts if c <= len(data)])
+
+
+@FUZZ
+@given(valid_requests(), st.sampled_from(["203.0.113.7", "::1", "127.0.0.1"]))
+@example(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: host, X_Forwarded_For\r\nX_Forwarded_For: 1\r\n\r\n", "::1")
+def test_valid_requests_are_forwarded_as_the_reference_forwards_them(data, ip):
+    check_same_as_reference(c_request, parse_request_head, data, cuts=(), max_bytes=1 << 16)
+    check_same_forward(c_request, c_forward, data, client_ip=ip, max_bytes=1 << 16)
+
+
+def test_views_are_what_the_relay_asks_of_a_head():
+    req = c_request(b"GET /ws?x=1 HTTP/1.1\r\nHost: h\r\nUpgrade: WebSocket\r\nConnection: keep-alive, Upgrade\r\n"
+                    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\nearly", 4096)
+    from relay.handshake import is_upgrade, validate_upgrade
+
+    assert is_upgrade(req) and validate_upgrade(req) == b"dGhlIHNhbXBsZSBub25jZQ=="
+    assert (req.method, req.target, req.path, req.version, req.authority) == (b"GET", b"/ws?x=1", b"/ws", b"1.1", None)
+    with pytest.raises(TypeError):
+        req.get("host")  # names are bytes, as for the reference
