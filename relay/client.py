@@ -10,6 +10,13 @@ only through relay/seam.py's ``Server``. Nothing else reaches into either. The c
 PROXY protocol plug in here: a transport of another kind, a state before
 ``HEAD``, or a head read elsewhere and handed in with :meth:`unread`.
 
+A head read elsewhere (the native head phase, relay/native/front.py) comes
+in through the same seam: as the bytes read so far, given to :meth:`unread`
+before the socket is adopted (the head is parsed again here, as if read
+here), or, for a request already being answered (an origin's refusal the
+native plane read), with ``serve``: the connection then starts in
+``SERVING`` with the server ``serve`` makes for it.
+
 States and their transitions are all in :data:`TRANSITIONS`::
 
     HEAD ──head──▶ SERVING ──finished(keep)──▶ HEAD          (keep-alive)
@@ -26,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
+from collections.abc import Callable
 
 from relay import gate
 from relay.context import Context
@@ -33,7 +41,7 @@ from relay.errors import HeadError, RelayError
 from relay.exchange import Exchange
 from relay.handshake import is_upgrade
 from relay.http_head import BARE_LF_END, HEAD_END, parse_request_head
-from relay.logs import AccessRecord, new_request_id
+from relay.logs import AccessLog, AccessRecord, new_request_id
 from relay.responses import refusal
 from relay.seam import Server
 from relay.tunnel import reset
@@ -41,6 +49,15 @@ from relay.upgrade import Upgrade
 
 #: seconds a refused or closing connection keeps discarding what the client sends
 LINGER_SECONDS = 2.0
+
+
+def unparsed_record(access: AccessLog, client_ip: str, buf: bytes | bytearray) -> AccessRecord | None:
+    """An access record for a head that did not parse (or never completed):
+    what its request line seems to say; None while the access log is off."""
+    if not access.enabled:
+        return None
+    first = bytes(buf[:min(len(buf), 1024)]).lstrip(b"\r\n").split(b"\r\n", 1)[0].split(b" ")
+    return access.record(client_ip, first[0] if len(first) > 1 else b"", first[1] if len(first) > 1 else b"")
 
 
 class State(enum.Enum):
@@ -62,16 +79,22 @@ TRANSITIONS: dict[State, frozenset[State]] = {
 
 
 class ClientConnection(asyncio.Protocol):
-    def __init__(self, ctx: Context):
+    def __init__(self, ctx: Context, serve: Callable[["ClientConnection"], Server] | None = None,
+                 started: float = 0.0):
+        """``serve``: the request's head was read and is being answered elsewhere
+        (the native head phase hands it over): the connection starts in
+        ``SERVING`` with ``serve(self)`` as its server; ``started`` is when
+        that request's first byte came."""
         #: the worker's context (settings, counters, access log, origins)
         self.ctx = ctx
+        self._serve = serve
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.state = HEAD
         #: the client's address (the peer's, until the PROXY protocol says otherwise)
         self.client_ip = "-"
         #: time.monotonic() of the first byte of the current request
-        self.started = 0.0
+        self.started = started
         self.timer: asyncio.TimerHandle | None = None
         self.server: Server | None = None
         self.requests = 0
@@ -90,6 +113,12 @@ class ClientConnection(asyncio.Protocol):
         if peer:
             self.client_ip = peer[0]
         # No TCP_NODELAY here: uvloop sets it on every TCP transport already.
+        if self._serve is not None:
+            serve, self._serve = self._serve, None
+            self.requests = 1
+            self._to(SERVING)
+            self.server = serve(self)
+            return
         self._await_head()
 
     def data_received(self, data: bytes) -> None:
@@ -153,8 +182,8 @@ class ClientConnection(asyncio.Protocol):
             req = parse_request_head(self.buf, self.ctx.settings.max_header_bytes)
         except HeadError as e:
             self.head_request = self.buf.lstrip(b"\r\n")[:5] in (b"HEAD ", b"HEAD\t")
-            self.refuse(e.status, e.outcome if e.status != 431 else "bad_request", self._unparsed_record(),
-                        upgrade=False)
+            self.refuse(e.status, e.outcome if e.status != 431 else "bad_request",
+                        unparsed_record(self.ctx.access, self.client_ip, self.buf), upgrade=False)
             return
         if req is None:
             return
@@ -181,14 +210,6 @@ class ClientConnection(asyncio.Protocol):
         except RelayError as e:
             self.refuse(e.status, e.outcome, record, upgrade=upgrade)
 
-    def _unparsed_record(self) -> AccessRecord | None:
-        """An access record for a head that did not parse: what its request line seems to say."""
-        if not self.ctx.access.enabled:
-            return None
-        first = bytes(self.buf[:min(len(self.buf), 1024)]).lstrip(b"\r\n").split(b"\r\n", 1)[0].split(b" ")
-        return self.ctx.access.record(self.client_ip, first[0] if len(first) > 1 else b"",
-                                      first[1] if len(first) > 1 else b"")
-
     def _head_timeout(self) -> None:
         self.timer = None
         if self.state is not HEAD:
@@ -196,7 +217,7 @@ class ClientConnection(asyncio.Protocol):
         if self.buf:  # a started head that never finished: slowloris or a dead client
             ctx = self.ctx
             ctx.counters.http(408)
-            record = self._unparsed_record()
+            record = unparsed_record(ctx.access, self.client_ip, self.buf)
             if record is not None:
                 record.status = 408
                 record.outcome = "client_timeout"

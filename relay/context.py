@@ -80,7 +80,7 @@ class Context:
 
     def tunnel_ended(self, tunnel: Tunnel) -> None:
         self.tunnels.discard(tunnel)
-        self.admission.give(tunnel.record.client if tunnel.record is not None else None)
+        self.admission.give(tunnel.record.client if tunnel.record is not None else tunnel.client_ip)
         self.counters.tunnels(len(self.tunnels))
         self._closed_up += tunnel.up
         self._closed_down += tunnel.down

@@ -140,6 +140,8 @@ class Tunnel:
     #: whether it counts messages (wsrelay_messages_total)
     counts_messages = False
     messages_up = messages_down = 0
+    #: the client's address when there is no record (native tunnels with the access log off)
+    client_ip = None
 
     @classmethod
     def open(cls, ctx, client_transport: asyncio.Transport, origin_transport: asyncio.Transport,

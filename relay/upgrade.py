@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 
 from relay.errors import FramingError, HeadError, OriginClosed, OriginUnavailable
@@ -104,7 +105,7 @@ class Upgrade:
                 rec.status = resp.status
                 rec.outcome = "origin_rejected"
                 ctx.counters.upgrade("origin_rejected", resp.status)
-                relay_refusal(conn, origin_t, answer, resp, rec)
+                relay_refusal(conn, origin_t, bytes(answer.buf), resp, rec)
                 origin_t = None  # relay_refusal owns it now
                 return
             try:
@@ -183,34 +184,90 @@ class _RefusalBody(asyncio.Protocol):
             self.conn.reset()
 
 
-def relay_refusal(conn: Connection, origin_t: asyncio.Transport, answer: UpgradeAnswer,
-                  resp: Response, record: AccessRecord) -> None:
-    """The origin refused an upgrade: its answer goes to the client, then the
-    connection closes. The head loses its hop-by-hop fields and says
-    ``Connection: close`` (an origin's ``keep-alive`` would promise what the
-    relay does not do); whatever the client sent after its upgrade request is
-    dropped with the connection, never parsed."""
-    conn.ctx.access.write(record)
+def _refusal_start(conn: Connection, data: bytes, resp: Response,
+                   record: AccessRecord | None) -> tuple[BodyScanner | None, bool]:
+    """Log the refusal and send its head (and what of its body came with it).
+    Returns the scanner for the rest of the body (None when the answer is
+    complete: the connection is finished) and whether the answer is sound
+    (False: its framing broke, the connection was reset)."""
+    if record is not None:
+        conn.ctx.access.write(record)
     try:
         length = 0 if resp.status in (204, 304) else body_framing(resp, is_request=False)
     except HeadError:
         length = None
     body = BodyScanner(length, response=True)
-    data = bytes(answer.buf)
     raw, rest = data[: resp.head_len], data[resp.head_len:]
     head = response_head(resp, raw, resp.tokens(b"connection"), keep=False)
     try:
         n = body.feed(rest)
     except FramingError:
-        origin_t.abort()
         conn.reset()
-        return
+        return None, False
     conn.send(head + rest[:n])
     if body.done:
-        origin_t.close()
         conn.finished(keep=False)
+        return None, True
+    return body, True
+
+
+def relay_refusal(conn: Connection, origin_t: asyncio.Transport, data: bytes, resp: Response,
+                  record: AccessRecord | None) -> None:
+    """The origin refused an upgrade: its answer (``data``: from its head on,
+    as read) goes to the client, then the connection closes. The head loses
+    its hop-by-hop fields and says ``Connection: close`` (an origin's
+    ``keep-alive`` would promise what the relay does not do); the body is
+    delimited as its head says (``Content-Length``, chunked, or until the
+    origin closes); whatever the client sent after its upgrade request is
+    dropped with the connection, never parsed."""
+    body, sound = _refusal_start(conn, data, resp, record)
+    if body is None:
+        origin_t.close() if sound else origin_t.abort()
         return
     carrier = _RefusalBody(conn, body)
     carrier.transport = origin_t
     origin_t.set_protocol(carrier)
     origin_t.resume_reading()
+
+
+class HandedOverRefusal:
+    """An origin's refusal whose head the native head phase read
+    (relay/native/front.py): the Python plane relays it, as relay_refusal
+    does, from the sockets and bytes handed over. The server of the client's
+    connection (a :class:`relay.seam.Server`) until the answer is through."""
+
+    def __init__(self, conn: Connection, origin: socket.socket, data: bytes, resp: Response,
+                 record: AccessRecord | None) -> None:
+        self.conn = conn
+        self.origin_t: asyncio.Transport | None = None
+        self.gone = False
+        body, _sound = _refusal_start(conn, data, resp, record)
+        if body is None:
+            origin.close()
+            return
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(loop.connect_accepted_socket(lambda: _RefusalBody(conn, body), origin))
+        task.add_done_callback(self._adopted)
+
+    def _adopted(self, task: asyncio.Task) -> None:
+        if task.cancelled() or task.exception() is not None:
+            self.conn.reset()  # the rest of the body cannot be read: it must not look whole
+            return
+        self.origin_t = task.result()[0]
+        if self.gone:
+            self.origin_t.abort()
+
+    # -- the client's side: what it sends now is dropped with the connection ----------------
+    def data(self, data: bytes) -> None:
+        pass
+
+    def eof(self) -> bool:
+        return False
+
+    def lost(self) -> None:
+        self.gone = True
+        if self.origin_t is not None:
+            self.origin_t.abort()
+
+    def writable(self, ok: bool) -> None:
+        pass

@@ -51,6 +51,21 @@ def run(settings: Settings, socks: list[socket.socket], index: int, slot: int,
         loop.close()
 
 
+def head_phase(ctx: Context, sock: socket.socket) -> str:
+    """Who reads the request heads of this listener's connections: ``"native"``
+    (relay/native/front.py: accept and the head phase in C) for a plain
+    listener when the native data plane serves this worker's tunnels (tunnel
+    mode), unless ``WSRELAY_NATIVE_HANDSHAKE=0``; ``"python"`` (workers/accept.py
+    and relay/client.py) otherwise. A listener whose connections begin with
+    something before the request head (a PROXY protocol header, a TLS
+    handshake: states before HEAD in relay/client.py) is ``"python"``."""
+    if ctx.native is None:
+        return "python"
+    from relay.native import front
+
+    return "native" if front.wanted() else "python"
+
+
 async def _serve(settings: Settings, socks: list[socket.socket], index: int, slot: int,
                  shared: SharedState, ready_fd: int) -> int:
     fault = os.environ.get("WSRELAY_FAULT")
@@ -66,17 +81,19 @@ async def _serve(settings: Settings, socks: list[socket.socket], index: int, slo
     for sock in socks:
         sock.listen(settings.backlog)  # a reload may change RELAY_BACKLOG on the same socket
     siblings = tuple(shared.counters(i) for i in range(shared.nslots) if i != slot)
-    if ctx.native is not None and os.environ.get("WSRELAY_NATIVE_HANDSHAKE") == "1":
-        # PROTOTYPE (relay/native/front.py): the head phase in C; off by default
+    native_socks = [sock for sock in socks if head_phase(ctx, sock) == "native"]
+    servers: list = []
+    if native_socks:
         from relay.native.front import NativeFront
 
-        servers = [NativeFront(ctx, socks, shared.values(slot),
-                               [shared.values(i) for i in range(shared.nslots) if i != slot])]
-    else:
-        servers = [Acceptor(sock, lambda: ClientConnection(ctx), ctx.counters, siblings,
-                            lambda: len(ctx.connections) + len(ctx.tunnels)) for sock in socks]
-        for server in servers:
-            server.start()
+        servers.append(NativeFront(ctx, native_socks, shared.values(slot),
+                                   [shared.values(i) for i in range(shared.nslots) if i != slot]))
+    for sock in socks:
+        if sock not in native_socks:
+            acceptor = Acceptor(sock, lambda: ClientConnection(ctx), ctx.counters, siblings,
+                                lambda: len(ctx.connections) + len(ctx.tunnels))
+            acceptor.start()
+            servers.append(acceptor)
     ctx.start_sweeping()
     drain = asyncio.Event()
     now = asyncio.Event()

@@ -22,6 +22,24 @@
  * from whichever of these methods saw it end (so possibly from close()
  * itself). An exception it raises propagates out of that method once every
  * pending ending has been reported.
+ *
+ * The head phase (handshake.c; relay/native/front.py is its Python side):
+ *   .handshakes(front, max_head, head_timeout, connect_timeout, proto)
+ *   .listen(fd), .set_origins([[(host, port), ...], ...]), .balance(...),
+ *   .hs_fileno(), .poll_handshakes(), .expire(), .accepting = bool
+ *   front.on_head(id, req | None, ip)            -> must connect, refuse or detach
+ *       .connect(id, start, req, request_id, token)   forward_head in C, origins from start
+ *       .refuse(id, answer)                           write, half-close, linger
+ *       .detach(id) -> (client_fd, origin_fd, client_bytes, origin_bytes)
+ *   front.on_response(id, token, resp | (status, reason, outcome), origin, attempts)
+ *       -> .splice(id, tunnel_token) (the pump), .skip(id, n) (an interim 1xx), refuse or detach
+ *   front.on_failed(id, token, origin, attempts), front.on_timeout(id, token, origin, attempts)
+ *       -> refuse (or detach)
+ *   front.on_head_timeout(id, bytes_read, ip)    (closed after it)
+ * req/resp are _heads.c's views; attempts are the failed origin attempts,
+ * ((origin, kind, errno), ...) or None. A callback that leaves its
+ * connection undecided makes poll_handshakes() raise, and the connection
+ * is closed.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -35,6 +53,8 @@
 #include "engine.h"
 #include "handshake.h"
 
+#define NCALLBACKS 5
+
 typedef struct {
     PyObject_HEAD
     engine e;
@@ -43,7 +63,11 @@ typedef struct {
     const char *why; /* why io_uring was not used, when it was asked for */
     handshaker hs;   /* the head phase (handshake.c), once handshakes() was called */
     int hs_ready;
-    PyObject *on_head, *on_response, *on_failed, *on_timeout;
+    PyObject *cb[NCALLBACKS]; /* the front's bound methods (CALLBACKS) */
+    PyObject *proto;          /* X-Forwarded-Proto */
+    PyObject *last_ip;        /* the last client address, as a str */
+    struct sockaddr_storage last_peer;
+    socklen_t last_peerlen;
     Py_buffer bal_bufs[65];  /* this worker's slot, then its siblings' (accept balancing) */
     int nbal;
 } EngineObject;
@@ -121,10 +145,10 @@ static void Engine_dealloc(EngineObject *self) {
         hs_free(&self->hs);
     for (int k = 0; k < self->nbal; k++)
         PyBuffer_Release(&self->bal_bufs[k]);
-    Py_XDECREF(self->on_head);
-    Py_XDECREF(self->on_response);
-    Py_XDECREF(self->on_failed);
-    Py_XDECREF(self->on_timeout);
+    for (int k = 0; k < NCALLBACKS; k++)
+        Py_XDECREF(self->cb[k]);
+    Py_XDECREF(self->proto);
+    Py_XDECREF(self->last_ip);
     if (self->ready) {
         for (uint32_t slot = 0; slot < self->e.cap; slot++)
             if (self->e.t[slot].flags & 0x01 /* T_USED */)
@@ -310,27 +334,52 @@ static PyObject *Engine_get_open(EngineObject *self, void *Py_UNUSED(c)) {
         return NULL;                                                                      \
     }
 
+static void release_token(void *token) { Py_DECREF((PyObject *)token); }
+
+static const char *CALLBACKS[NCALLBACKS] = {"on_head", "on_response", "on_failed", "on_timeout",
+                                            "on_head_timeout"};
+
 static PyObject *Engine_handshakes(EngineObject *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"on_head", "on_response", "on_failed", "on_timeout", "max_head", "head_timeout",
-                             "connect_timeout", NULL};
-    PyObject *a, *b, *c, *d;
+    static char *kwlist[] = {"front", "max_head", "head_timeout", "connect_timeout", "proto", NULL};
+    PyObject *front;
     unsigned int max_head = 16384;
     double head_timeout = 10.0, connect_timeout = 5.0;
+    const char *proto = "http";
+    Py_ssize_t proto_len = 4;
     CHECK_READY(self);
     if (self->hs_ready) {
         PyErr_SetString(PyExc_RuntimeError, "handshakes() already called");
         return NULL;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO|Idd", kwlist, &a, &b, &c, &d, &max_head, &head_timeout,
-                                     &connect_timeout))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|Iddy#", kwlist, &front, &max_head, &head_timeout,
+                                     &connect_timeout, &proto, &proto_len))
         return NULL;
+    PyObject *cb[NCALLBACKS];
+    for (int k = 0; k < NCALLBACKS; k++) {
+        cb[k] = PyObject_GetAttrString(front, CALLBACKS[k]);
+        if (!cb[k] || !PyCallable_Check(cb[k])) {
+            if (cb[k])
+                PyErr_Format(PyExc_TypeError, "front.%s must be callable", CALLBACKS[k]);
+            for (int j = 0; j <= k; j++)
+                Py_XDECREF(cb[j]);
+            return NULL;
+        }
+    }
+    self->proto = PyBytes_FromStringAndSize(proto, proto_len);
+    if (!self->proto) {
+        for (int k = 0; k < NCALLBACKS; k++)
+            Py_DECREF(cb[k]);
+        return NULL;
+    }
     int r = hs_init(&self->hs, max_head, head_timeout, connect_timeout);
     if (r < 0) {
+        for (int k = 0; k < NCALLBACKS; k++)
+            Py_DECREF(cb[k]);
         errno = -r;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
-    Py_INCREF(a), Py_INCREF(b), Py_INCREF(c), Py_INCREF(d);
-    self->on_head = a, self->on_response = b, self->on_failed = c, self->on_timeout = d;
+    self->hs.release = release_token;
+    memcpy(self->cb, cb, sizeof cb);
     self->hs_ready = 1;
     Py_RETURN_NONE;
 }
@@ -353,22 +402,64 @@ static PyObject *Engine_listen(EngineObject *self, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
-static PyObject *peer_of(hs_conn *c) {
-    char host[INET6_ADDRSTRLEN] = "-";
-    int port = 0;
-    if (c->peer.ss_family == AF_INET) {
-        struct sockaddr_in *a = (struct sockaddr_in *)&c->peer;
-        inet_ntop(AF_INET, &a->sin_addr, host, sizeof host);
-        port = ntohs(a->sin_port);
-    } else if (c->peer.ss_family == AF_INET6) {
-        struct sockaddr_in6 *a = (struct sockaddr_in6 *)&c->peer;
-        inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof host);
-        port = ntohs(a->sin6_port);
+/* The client's address as a str: the last one is kept, since a burst of
+ * connections mostly comes from few addresses (and tunnels keep one string). */
+static PyObject *peer_ip(EngineObject *self, hs_conn *c) {
+    if (self->last_ip && c->peerlen == self->last_peerlen) {
+        if (c->peer.ss_family == AF_INET &&
+            ((struct sockaddr_in *)&c->peer)->sin_addr.s_addr == ((struct sockaddr_in *)&self->last_peer)->sin_addr.s_addr)
+            return Py_NewRef(self->last_ip);
+        if (c->peer.ss_family == AF_INET6 &&
+            memcmp(&((struct sockaddr_in6 *)&c->peer)->sin6_addr, &((struct sockaddr_in6 *)&self->last_peer)->sin6_addr,
+                   16) == 0)
+            return Py_NewRef(self->last_ip);
     }
-    return Py_BuildValue("(si)", host, port);
+    char host[INET6_ADDRSTRLEN] = "-";
+    if (c->peer.ss_family == AF_INET)
+        inet_ntop(AF_INET, &((struct sockaddr_in *)&c->peer)->sin_addr, host, sizeof host);
+    else if (c->peer.ss_family == AF_INET6)
+        inet_ntop(AF_INET6, &((struct sockaddr_in6 *)&c->peer)->sin6_addr, host, sizeof host);
+    PyObject *ip = PyUnicode_InternFromString(host);
+    if (!ip)
+        return NULL;
+    Py_XSETREF(self->last_ip, Py_NewRef(ip));
+    self->last_peer = c->peer;
+    self->last_peerlen = c->peerlen;
+    return ip;
 }
 
-/* Deliver queued head-phase events to Python; 0 or -1 with the first error set. */
+/* The failed attempts, for the failure log: ((origin, kind, errno), ...) or None. */
+static PyObject *attempts_of(hs_conn *c) {
+    if (!c->nattempts)
+        Py_RETURN_NONE;
+    PyObject *t = PyTuple_New(c->nattempts);
+    if (!t)
+        return NULL;
+    for (int k = 0; k < c->nattempts; k++) {
+        PyObject *a = Py_BuildValue("(iii)", c->attempts[k].origin, c->attempts[k].kind, c->attempts[k].error);
+        if (!a) {
+            Py_DECREF(t);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(t, k, a);
+    }
+    return t;
+}
+
+static PyObject *response_of(EngineObject *self, hs_conn *c) {
+    hh_head err;
+    PyObject *resp = heads_view(1, c->obuf, c->olen, self->hs.max_response, &err);
+    if (resp == Py_None && err.status) {
+        Py_DECREF(resp);
+        return Py_BuildValue("(iss)", err.status, err.reason, err.outcome);
+    }
+    return resp;
+}
+
+/* Deliver queued head-phase events to Python; 0 or -1 with the first error set.
+ * Each callback must leave the connection decided (connected, refused,
+ * detached, spliced or closed): one it left waiting is closed, and that is
+ * an error of the caller's. */
 static int deliver(EngineObject *self) {
     PyObject *et = NULL, *ev = NULL, *tb = NULL;
     hs_event e;
@@ -377,35 +468,61 @@ static int deliver(EngineObject *self) {
             continue;
         hs_conn *c = &self->hs.c[e.slot];
         long long id = hs_id(&self->hs, e.slot);
-        PyObject *r = NULL;
+        PyObject *token = c->token ? (PyObject *)c->token : Py_None;
+        PyObject *r = NULL, *cb = NULL;
+        c->acted = 0;
         switch (e.kind) {
         case HE_HEAD: {
-            PyObject *peer = peer_of(c);
-            r = peer ? PyObject_CallFunction(self->on_head, "Ly#IN", id, c->buf, (Py_ssize_t)c->len, c->head_end, peer)
-                     : NULL;
+            cb = self->cb[0];
+            PyObject *req = heads_view(0, c->buf, c->len, self->hs.max_head, NULL);
+            if (req && req != Py_None) {
+                const hh_head *hh;
+                heads_raw(req, &hh);
+                c->head_end = hh->head_len; /* what follows is held until the 101 */
+            }
+            PyObject *ip = req ? peer_ip(self, c) : NULL;
+            r = ip ? PyObject_CallFunction(cb, "LNN", id, req, ip) : NULL;
+            if (!ip)
+                Py_XDECREF(req);
             break;
         }
-        case HE_RESPONSE:
-            r = PyObject_CallFunction(self->on_response, "Ly#II", id, c->obuf, (Py_ssize_t)c->olen, c->ohead_end, c->ai);
+        case HE_RESPONSE: {
+            cb = self->cb[1];
+            PyObject *resp = response_of(self, c);
+            r = resp ? PyObject_CallFunction(cb, "LONiN", id, token, resp, c->asked, attempts_of(c)) : NULL;
             break;
+        }
         case HE_FAILED:
-            r = PyObject_CallFunction(self->on_failed, "Li", id, e.error);
+            cb = self->cb[2];
+            r = PyObject_CallFunction(cb, "LOiN", id, token, c->asked, attempts_of(c));
             break;
-        default: /* HE_TIMEOUT: the head phase (nbytes read) or the origin phase (-1) */
-            r = PyObject_CallFunction(self->on_timeout, "Lsi", id, c->state == H_DECIDE ? "head" : "origin",
-                                      e.error);
-            if (c->state == H_DECIDE && self->hs.c[e.slot].gen == e.gen)
-                hs_close(&self->hs, e.slot); /* a head timeout is only counted: nothing is answered */
+        default: /* HE_TIMEOUT */
+            if (c->state == H_DECIDE) { /* the head: Python counts a started one (408), nothing is written */
+                cb = self->cb[4];
+                PyObject *ip = peer_ip(self, c);
+                r = ip ? PyObject_CallFunction(cb, "Ly#N", id, c->buf ? c->buf : "", (Py_ssize_t)c->len, ip) : NULL;
+                if (hs_get(&self->hs, id))
+                    hs_close(&self->hs, e.slot);
+            } else {
+                cb = self->cb[3];
+                r = PyObject_CallFunction(cb, "LOiN", id, token, c->asked, attempts_of(c));
+            }
             break;
+        }
+        c = hs_get(&self->hs, id);
+        if (r != NULL && c && !c->acted && (c->state == H_DECIDE || c->state == H_DECIDE2)) {
+            Py_DECREF(r);
+            r = NULL;
+            PyErr_Format(PyExc_RuntimeError, "%R left head-phase connection %lld undecided: closed", cb, id);
         }
         if (r == NULL) {
             /* Python could not decide: drop the connection rather than leave it hanging */
-            if (self->hs.c[e.slot].gen == e.gen)
+            if (hs_get(&self->hs, id))
                 hs_close(&self->hs, e.slot);
             if (et == NULL)
                 PyErr_Fetch(&et, &ev, &tb);
             else
-                PyErr_WriteUnraisable(self->on_head);
+                PyErr_WriteUnraisable(cb);
         }
         Py_XDECREF(r);
     }
@@ -453,7 +570,8 @@ static PyObject *Engine_refuse(EngineObject *self, PyObject *args) {
 static int to_sockaddr(PyObject *item, struct sockaddr_storage *out) {
     const char *host;
     int port;
-    if (!PyArg_ParseTuple(item, "si", &host, &port))
+    unsigned int flow = 0, scope = 0;
+    if (!PyArg_ParseTuple(item, "si|II", &host, &port, &flow, &scope))
         return -1;
     memset(out, 0, sizeof *out);
     struct sockaddr_in *a4 = (struct sockaddr_in *)out;
@@ -464,6 +582,8 @@ static int to_sockaddr(PyObject *item, struct sockaddr_storage *out) {
     } else if (inet_pton(AF_INET6, host, &a6->sin6_addr) == 1) {
         a6->sin6_family = AF_INET6;
         a6->sin6_port = htons((uint16_t)port);
+        a6->sin6_flowinfo = htonl(flow);
+        a6->sin6_scope_id = scope;
     } else {
         PyErr_Format(PyExc_ValueError, "not a numeric address: %s", host);
         return -1;
@@ -471,37 +591,89 @@ static int to_sockaddr(PyObject *item, struct sockaddr_storage *out) {
     return 0;
 }
 
+static PyObject *Engine_set_origins(EngineObject *self, PyObject *arg) {
+    CHECK_HS(self);
+    PyObject *seq = PySequence_Fast(arg, "origins: a sequence of address lists");
+    if (!seq)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    hs_origin *o = calloc((size_t)(n ? n : 1), sizeof *o);
+    if (!o) {
+        Py_DECREF(seq);
+        return PyErr_NoMemory();
+    }
+    int ok = 1;
+    for (Py_ssize_t k = 0; ok && k < n; k++) {
+        PyObject *addrs = PySequence_Fast(PySequence_Fast_GET_ITEM(seq, k), "an origin's addresses: a sequence");
+        if (!addrs) {
+            ok = 0;
+            break;
+        }
+        Py_ssize_t m = PySequence_Fast_GET_SIZE(addrs);
+        o[k].addrs = calloc((size_t)(m ? m : 1), sizeof *o[k].addrs);
+        ok = o[k].addrs != NULL;
+        for (Py_ssize_t j = 0; ok && j < m; j++)
+            ok = to_sockaddr(PySequence_Fast_GET_ITEM(addrs, j), &o[k].addrs[j]) == 0;
+        if (ok)
+            o[k].naddrs = (uint32_t)m;
+        Py_DECREF(addrs);
+    }
+    Py_DECREF(seq);
+    if (!ok) {
+        for (Py_ssize_t k = 0; k < n; k++)
+            free(o[k].addrs);
+        free(o);
+        if (!PyErr_Occurred())
+            PyErr_NoMemory();
+        return NULL;
+    }
+    hs_set_origins(&self->hs, o, (uint32_t)n);
+    Py_RETURN_NONE;
+}
+
 static PyObject *Engine_connect(EngineObject *self, PyObject *args) {
     long long id;
-    PyObject *addrs;
-    Py_buffer head;
+    unsigned int start;
+    PyObject *req, *token;
+    const char *rid;
+    Py_ssize_t rid_len;
     CHECK_HS(self);
-    if (!PyArg_ParseTuple(args, "LOy*", &id, &addrs, &head))
+    if (!PyArg_ParseTuple(args, "LIOy#O", &id, &start, &req, &rid, &rid_len, &token))
         return NULL;
-    PyObject *seq = PySequence_Fast(addrs, "addrs must be a sequence of (host, port)");
-    if (seq == NULL) {
-        PyBuffer_Release(&head);
-        return NULL;
-    }
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    struct sockaddr_storage *sa = n ? calloc((size_t)n, sizeof *sa) : NULL;
-    int ok = n > 0 && sa != NULL;
-    for (Py_ssize_t k = 0; ok && k < n; k++)
-        ok = to_sockaddr(PySequence_Fast_GET_ITEM(seq, k), &sa[k]) == 0;
-    Py_DECREF(seq);
-    int r = 0;
-    if (ok)
-        r = hs_connect(&self->hs, id, sa, (uint32_t)n, head.buf, (size_t)head.len);
-    free(sa);
-    PyBuffer_Release(&head);
-    if (!ok) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_ValueError, "connect() needs at least one origin address");
+    if (!heads_is_request(req)) {
+        PyErr_SetString(PyExc_TypeError, "connect(): req must be the Request this head phase delivered");
         return NULL;
     }
-    if (deliver(self) < 0)
+    hs_conn *c = hs_get(&self->hs, id);
+    if (!c || c->state != H_DECIDE)
+        Py_RETURN_FALSE;
+    /* the forwarded head: relay.headers.forward_head's policy, in C (http_head.c) */
+    PyObject *ip = peer_ip(self, c);
+    if (!ip)
         return NULL;
-    return PyBool_FromLong(r);
+    Py_ssize_t ip_len;
+    const char *ips = PyUnicode_AsUTF8AndSize(ip, &ip_len);
+    PyObject *head = ips ? heads_forward(req, ips, (size_t)ip_len, PyBytes_AS_STRING(self->proto),
+                                         (size_t)PyBytes_GET_SIZE(self->proto), 1, rid, (size_t)rid_len, "localhost", 9)
+                         : NULL;
+    Py_DECREF(ip);
+    if (!head)
+        return NULL;
+    Py_INCREF(token);
+    int r = hs_connect(&self->hs, id, start, PyBytes_AS_STRING(head), (size_t)PyBytes_GET_SIZE(head), token);
+    Py_DECREF(head);
+    if (!r)
+        Py_DECREF(token);
+    Py_RETURN_TRUE;
+}
+
+static PyObject *Engine_skip(EngineObject *self, PyObject *args) {
+    long long id;
+    unsigned int n;
+    CHECK_HS(self);
+    if (!PyArg_ParseTuple(args, "LI", &id, &n))
+        return NULL;
+    return PyBool_FromLong(hs_skip(&self->hs, id, n));
 }
 
 static PyObject *Engine_detach(EngineObject *self, PyObject *arg) {
@@ -514,6 +686,11 @@ static PyObject *Engine_detach(EngineObject *self, PyObject *arg) {
         Py_RETURN_NONE;
     PyObject *cb = PyBytes_FromStringAndSize(c->buf ? c->buf : "", c->buf ? c->len : 0);
     PyObject *ob = PyBytes_FromStringAndSize(c->obuf ? c->obuf : "", c->obuf ? c->olen : 0);
+    if (!cb || !ob) {
+        Py_XDECREF(cb);
+        Py_XDECREF(ob);
+        return NULL;
+    }
     int cfd, ofd;
     hs_detach(&self->hs, id, &cfd, &ofd);
     return Py_BuildValue("(iiNN)", cfd, ofd, cb, ob);
@@ -530,35 +707,35 @@ static PyObject *Engine_close_handshake(EngineObject *self, PyObject *arg) {
     Py_RETURN_TRUE;
 }
 
+static PyObject *Engine_close_handshakes(EngineObject *self, PyObject *Py_UNUSED(i)) {
+    CHECK_HS(self);
+    return PyLong_FromLong(hs_close_all(&self->hs));
+}
+
 static PyObject *Engine_splice(EngineObject *self, PyObject *args) {
     long long id;
-    Py_buffer tc;
     PyObject *token;
     CHECK_HS(self);
-    if (!PyArg_ParseTuple(args, "Ly*O", &id, &tc, &token))
+    if (!PyArg_ParseTuple(args, "LO", &id, &token))
         return NULL;
     hs_conn *c = hs_get(&self->hs, id);
     if (c == NULL || c->state != H_DECIDE2 || c->ofd < 0) {
-        PyBuffer_Release(&tc);
         PyErr_SetString(PyExc_ValueError, "splice(): no origin answer waits on this connection");
         return NULL;
     }
-    /* what the client sent behind its head goes to the origin now, after its 101 */
-    uint32_t early_len = c->len - c->head_end;
-    char *early = early_len ? malloc(early_len) : NULL;
-    if (early_len && !early) {
-        PyBuffer_Release(&tc);
-        return PyErr_NoMemory();
-    }
-    if (early_len)
-        memcpy(early, c->buf + c->head_end, early_len);
+    /* the origin's answer (its 101 and what followed) to the client; what the client
+     * sent behind its head to the origin, now, after the 101 */
+    uint32_t head_len = c->head_end <= c->len ? c->head_end : c->len;
+    char *cbuf = c->buf, *obuf = c->obuf;
+    uint32_t clen = c->len, olen = c->olen;
+    c->buf = c->obuf = NULL; /* ours until the pump has copied what it needs */
     int cfd, ofd;
     hs_detach(&self->hs, id, &cfd, &ofd);
     Py_INCREF(token);
     eng_clock(&self->e);
-    int64_t tid = eng_open(&self->e, cfd, ofd, tc.buf, (size_t)tc.len, early, early_len, token);
-    free(early);
-    PyBuffer_Release(&tc);
+    int64_t tid = eng_open(&self->e, cfd, ofd, obuf, olen, cbuf + head_len, clen - head_len, token);
+    free(cbuf);
+    free(obuf);
     if (tid < 0) {
         Py_DECREF(token);
         close(cfd);
@@ -566,7 +743,10 @@ static PyObject *Engine_splice(EngineObject *self, PyObject *args) {
         errno = (int)-tid;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
-    eng_flush(&self->e);
+    /* io_uring: submit, and reap what completed in the submission (a 101 sent at
+     * once), rather than wake up again for it */
+    if (self->e.backend == ENG_URING && eng_poll(&self->e, 0) < 0)
+        eng_flush(&self->e);
     if (report_ended(self) < 0)
         return NULL;
     return PyLong_FromLongLong(tid);
@@ -655,6 +835,11 @@ static int Engine_set_accepting(EngineObject *self, PyObject *v, void *Py_UNUSED
     return 0;
 }
 
+static PyObject *Engine_get_hs_live(EngineObject *self, void *Py_UNUSED(c)) {
+    CHECK_HS(self);
+    return PyLong_FromUnsignedLong(self->hs.live);
+}
+
 static PyObject *Engine_get_hs_stats(EngineObject *self, void *Py_UNUSED(c)) {
     CHECK_HS(self);
     return Py_BuildValue("{sIsKsK}", "live", self->hs.live, "accepted", (unsigned long long)self->hs.accepted,
@@ -663,25 +848,32 @@ static PyObject *Engine_get_hs_stats(EngineObject *self, void *Py_UNUSED(c)) {
 
 static PyMethodDef Engine_methods[] = {
     {"handshakes", (PyCFunction)(void (*)(void))Engine_handshakes, METH_VARARGS | METH_KEYWORDS,
-     "handshakes(on_head, on_response, on_failed, on_timeout, max_head=16384, head_timeout=10.0, "
-     "connect_timeout=5.0): run the head phase in C too"},
+     "handshakes(front, max_head=16384, head_timeout=10.0, connect_timeout=5.0, proto=b'http'): run the head "
+     "phase in C too, calling front.on_head, on_response, on_failed, on_timeout, on_head_timeout"},
     {"hs_fileno", (PyCFunction)Engine_hs_fileno, METH_NOARGS, "The head phase's epoll descriptor."},
     {"balance", (PyCFunction)(void (*)(void))Engine_balance, METH_VARARGS | METH_KEYWORDS,
      "balance(mine, siblings, load_index, accepting_index, slack=4, defer=0.005): balance accepts "
      "against the siblings' loads in shared memory (workers/accept.py's rule)"},
     {"listen", (PyCFunction)Engine_listen, METH_O, "listen(fd): accept from this listening socket."},
+    {"set_origins", (PyCFunction)Engine_set_origins, METH_O,
+     "set_origins([[(host, port[, flow, scope]), ...], ...]): each origin's numeric addresses, in order."},
     {"poll_handshakes", (PyCFunction)Engine_poll_handshakes, METH_VARARGS,
-     "poll_handshakes(maxaccept=64): accept, read, write, expire; calls the on_* callbacks."},
+     "poll_handshakes(maxaccept=64): accept, read, write, expire; calls the front's callbacks."},
     {"expire", (PyCFunction)Engine_expire, METH_NOARGS, "Run the head phase's timeouts now."},
     {"refuse", (PyCFunction)Engine_refuse, METH_VARARGS,
      "refuse(id, answer): write it, half-close, linger up to 2 s discarding input, close."},
     {"connect", (PyCFunction)Engine_connect, METH_VARARGS,
-     "connect(id, [(host, port), ...], head): connect with failover, write head, read the response head."},
+     "connect(id, start, req, request_id, token): forward req (forward_head in C) to the origins from "
+     "index start on, each once; the answer comes to front.on_response with token."},
+    {"skip", (PyCFunction)Engine_skip, METH_VARARGS,
+     "skip(id, n): the response head delivered was interim (1xx): drop its n bytes and read on."},
     {"detach", (PyCFunction)Engine_detach, METH_O,
      "detach(id) -> (client_fd, origin_fd or -1, client_bytes, origin_bytes): the caller takes over."},
     {"close_handshake", (PyCFunction)Engine_close_handshake, METH_O, "close_handshake(id): drop it."},
+    {"close_handshakes", (PyCFunction)Engine_close_handshakes, METH_NOARGS, "Drop every head-phase connection."},
     {"splice", (PyCFunction)Engine_splice, METH_VARARGS,
-     "splice(id, to_client, token) -> tunnel id: the pump takes both sockets after the origin's answer."},
+     "splice(id, token) -> tunnel id: the pump takes both sockets; the origin's answer goes to the client, "
+     "the client's early bytes to the origin."},
     {"fileno", (PyCFunction)Engine_fileno, METH_NOARGS, "The epoll descriptor (for loop.add_reader)."},
     {"poll", (PyCFunction)Engine_poll, METH_VARARGS, "poll(maxevents=256) -> events handled; never waits."},
     {"tunnel", (PyCFunction)Engine_tunnel, METH_VARARGS,
@@ -705,6 +897,7 @@ static PyGetSetDef Engine_getset[] = {
     {"fallback_reason", (getter)Engine_get_why, NULL, "why io_uring was asked for and not used, or None", NULL},
     {"accepting", (getter)Engine_get_accepting, (setter)Engine_set_accepting, "accept new connections", NULL},
     {"handshake_stats", (getter)Engine_get_hs_stats, NULL, "{live, accepted, accept_errors}", NULL},
+    {"handshakes_live", (getter)Engine_get_hs_live, NULL, "connections in the head phase", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

@@ -1,80 +1,142 @@
-"""PROTOTYPE (milestone 2, off by default): the worker's head phase in C.
+"""The worker's head phase in C, for plain listeners on the native data plane
+(tunnel mode; README "Architecture"): relay/native/handshake.c accepts, reads
+each request head, connects to the origin and reads its response head;
+Python is called once with a complete request head and once with a complete
+response head, and decides.
 
-With ``WSRELAY_NATIVE_HANDSHAKE=1`` (and the native data plane in use) the
-engine accepts, reads each request head and talks to the origin itself
-(relay/native/handshake.c); Python is called once with a complete request
-head and once with a complete response head, and decides as relay/client.py
-does, with the same sans-I/O pieces: parse and validate, path and Origin
-rules, admission, the forwarded head, the refusals, counting and the access
-log. Plain HTTP is handed back to the Python path (relay.client) with the
-bytes read so far.
+The boundary. C moves bytes and keeps time: accept (balanced across
+workers, paused when out of descriptors), read a head up to
+``RELAY_MAX_HEADER_BYTES`` within ``RELAY_HANDSHAKE_TIMEOUT``, split it
+(relay/native/http_head.c, fuzzed against relay/http_head.py), connect to
+the origins in the order given (each once, within ``RELAY_CONNECT_TIMEOUT``),
+write the forwarded head, read the answer, write a refusal and linger, and
+join both sockets in the pump. Python decides everything, here, with the
+same sans-I/O pieces as relay/client.py and relay/upgrade.py:
 
-Accepts are balanced across workers as workers/accept.py does, in C,
-through the LOAD/ACCEPTING slots of shared memory (handshake.c).
+- whether it serves the request at all: anything but a well-formed upgrade
+  (plain HTTP, a head that does not parse, a head over the cap) is handed
+  to the Python plane with every byte read (:meth:`NativeFront._to_python`,
+  a relay/client.py ``ClientConnection`` through relay/seam.py's interface),
+  which parses and answers it as if it had read it;
+- validation, the path and ``Origin`` rules and admission (relay/gate.py,
+  the one place that decides whether a request is served), the refusals
+  and their answers (relay/responses.py), the request id, the round-robin
+  start (relay/origins/dial.py), the forwarded head's policy (forward_head,
+  in C, the compiled twin of relay/headers.py's), the order of origins;
+- the answer: interim ``1xx`` skipped, a ``101`` checked against the key
+  (relay/handshake.py) before the pump takes both sockets, any other status
+  relayed with its whole body by the Python plane (relay/upgrade.py's
+  ``HandedOverRefusal`` on the sockets and bytes handed over);
+- counting (metrics/counters.py), the access log (relay/logs.py: records are
+  built only while it is on), the failure log (relay/origins/report.py,
+  from each failed attempt C reports).
 
-Out of descriptors, the engine stops accepting for 250 ms at a time and
-the failures are counted and logged as workers/accept.py does.
+Origins given as host names are resolved off the loop when the worker starts
+and every :data:`RESOLVE_EVERY` seconds after (the Python plane resolves at
+each connection); until the first answer, upgrades go to the Python plane.
 
-What this prototype does not do yet (so it is not the default): relaying a
-rejection's body beyond the first read (the origin's non-101 answer is
-written as read, then the connection closes),
-origins named by host name (resolved once at start), and the drain's
-"first request of a connection accepted before the drain is served" rule
-beyond stopping accepts. It exists to measure the design (bench/RESULTS.md)
-and will be wired through the client-connection seam of relay/client.py.
+Draining: accepting stops; connections already accepted keep their head
+phase (the first request of a connection accepted before the drain is
+served), and the worker waits for them as for its other connections.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
-import itertools
+import ipaddress
 import logging
+import os
 import socket
 import time
 
 from relay import gate
-from relay.client import ClientConnection
+from relay.client import ClientConnection, unparsed_record
 from relay.context import Context
-from relay.errors import HeadError, RelayError
+from relay.errors import HeadError, OriginClosed, RelayError
 from relay.handshake import check_upgrade_response, is_upgrade
-from relay.headers import forward_head
-from relay.http_head import parse_request_head, parse_response_head
 from relay.logs import new_request_id
 from relay.native.plane import NativeTunnel, _share_strings
-from relay.origins.answer import MAX_RESPONSE_HEAD
 from relay.responses import refusal
+from relay.upgrade import HandedOverRefusal
 from workers.accept import LOG_EVERY, PAUSE
 
-ENV = "WSRELAY_NATIVE_HANDSHAKE"
 log = logging.getLogger("wsrelay.worker")
 
+#: WSRELAY_NATIVE_HANDSHAKE=0 keeps the head phase in Python (relay/client.py) on
+#: the native plane: the milestone-1 path, for comparison (bench/README.md)
+ENV = "WSRELAY_NATIVE_HANDSHAKE"
+#: seconds between two resolutions of an origin given as a host name
+RESOLVE_EVERY = 10.0
+#: seconds between two looks at the head phase's timeouts and accept errors
+TICK = 0.1
 
-def _numeric(origins) -> list[tuple[str, int]]:
-    out = []
-    for a in origins:
-        info = socket.getaddrinfo(a.host, a.port, type=socket.SOCK_STREAM)[0]
-        out.append((info[4][0], a.port))
-    return out
+# why an origin attempt failed (handshake.h HF_*)
+_CONNECT, _CLOSED, _TRUNCATED = 1, 2, 3
+
+
+def wanted() -> bool:
+    """Whether the head phase runs in C where it can (WSRELAY_NATIVE_HANDSHAKE, default on)."""
+    return os.environ.get(ENV, "1").strip() != "0"
+
+
+class NativeConnection:
+    """A client connection in the C head phase, from its request head to its
+    origin's answer: the part of relay/seam.py's ``Connection`` a request
+    read in C is answered through (``ctx``, ``client_ip``, ``started``,
+    :meth:`refuse`). What needs the rest of the seam (a server that sends,
+    reads, finishes) goes to the Python plane whole, through
+    :meth:`NativeFront._to_python` or ``HandedOverRefusal``."""
+
+    __slots__ = ("front", "ctx", "cid", "client_ip", "started", "req", "key", "record")
+
+    def __init__(self, front: "NativeFront", cid: int, client_ip: str, req, started: float) -> None:
+        self.front = front
+        self.ctx = front.ctx
+        self.cid = cid
+        self.client_ip = client_ip
+        self.started = started
+        self.req = req
+        self.key = b""
+        self.record = None
+
+    def refuse(self, status: int, outcome: str, record, upgrade: bool = False) -> None:
+        """Answer with the relay's canned ``status``, count it, log it; C writes
+        it, half-closes and lingers (as relay/client.py's ``refuse``)."""
+        ctx = self.ctx
+        if upgrade:
+            ctx.counters.upgrade(outcome, status)
+        else:
+            ctx.counters.http(status)
+        if record is not None:
+            record.status = status
+            record.outcome = outcome
+            record.duration_s = round(time.monotonic() - self.started, 3)
+            ctx.access.write(record)
+        self.front.engine.refuse(self.cid, refusal(status, self.req.method == b"HEAD"))
+
+    def fail(self, status: int, outcome: str) -> None:
+        """The upgrade ends without a tunnel: the admission slot goes back first."""
+        self.ctx.admission.give(self.client_ip)
+        self.refuse(status, outcome, self.record, upgrade=True)
 
 
 class NativeFront:
-    """Accepts on ``socks`` through the engine and answers its callbacks."""
+    """Accepts on ``socks`` through the engine and answers its callbacks (the
+    ``on_*`` methods, called by relay/native/_engine.c)."""
 
     def __init__(self, ctx: Context, socks: list[socket.socket], mine=None, siblings=()) -> None:
         """``mine``/``siblings``: this worker's and the other workers' raw slots
-        of shared memory (relay.shared.SharedState.values), to balance accepts."""
+        of shared memory (relay.shared_memory.SharedState.values), to balance accepts."""
         self.ctx = ctx
         self.loop = asyncio.get_running_loop()
         s = ctx.settings
         self.engine = ctx.native.engine
-        self.engine.handshakes(self._head, self._response, self._failed, self._timeout,
-                               max_head=s.max_header_bytes, head_timeout=s.handshake_timeout,
-                               connect_timeout=s.connect_timeout)
-        self.addrs = _numeric(s.origin)
-        self._next = itertools.cycle(range(len(self.addrs)))
-        #: upgrades waiting for their origin: id -> (record, key, client ip, started, origin order)
-        self.pending: dict[int, tuple] = {}
+        self.engine.handshakes(self, max_head=s.max_header_bytes, head_timeout=s.handshake_timeout,
+                               connect_timeout=s.connect_timeout, proto=ctx.proto)
+        self.names = [str(a) for a in s.origin]
+        self.timeout_detail = f"no answer to an upgrade within RELAY_CONNECT_TIMEOUT={s.connect_timeout:g}s"
+        self.resolver = _Resolver(self, s.origin)
         self.socks = socks
         if mine is not None and siblings:
             from metrics import layout
@@ -87,7 +149,9 @@ class NativeFront:
         self.loop.add_reader(self.fd, self.engine.poll_handshakes)
         self.accept_errors = self.logged_errors = 0
         self.last_log = -LOG_EVERY
-        self._timer = self.loop.call_later(0.1, self._tick)
+        self.closed = False
+        self._draining = _Draining(self)
+        self._timer = self.loop.call_later(TICK, self._tick)
 
     def _tick(self) -> None:
         self.engine.expire()
@@ -104,105 +168,244 @@ class NativeFront:
                 self.last_log = now
                 self.logged_errors = errors
             self.accept_errors = errors
-        self._timer = self.loop.call_later(0.1, self._tick)
+        self._draining.check()
+        self._timer = self.loop.call_later(TICK, self._tick)
 
     def close(self) -> None:
-        """Stop accepting (drain): what is in the backlog stays for the siblings."""
+        """Stop accepting (drain): what is in the backlog stays for the siblings;
+        connections already accepted are still served, and waited for."""
+        if self.closed:
+            return
+        self.closed = True
         self.engine.accepting = False
         self.ctx.counters.accepting = False
         for sock in self.socks:
             sock.close()
+        self.resolver.stop()
+        self._draining.start()
 
     # -- the engine's callbacks ------------------------------------------------------
-    def _head(self, cid: int, data: bytes, head_end: int, peer: tuple[str, int]) -> None:
+    def on_head(self, cid: int, req, ip: str) -> None:
+        """A request head is in (``req``: relay/native/http_head.c's view, None
+        when it does not parse or is over the cap)."""
+        if req is None or not is_upgrade(req) or not self.resolver.ready:
+            return self._to_python(cid)
         ctx = self.ctx
-        ip = peer[0]
-        try:
-            req = parse_request_head(data, ctx.settings.max_header_bytes)
-        except HeadError as e:
-            ctx.counters.http(e.status)
-            self.engine.refuse(cid, refusal(e.status))
-            return
-        if req is None or not is_upgrade(req) or ctx.tunnel_class.counts_messages:
-            self._to_python(cid)
-            return
-        started = time.monotonic()
+        conn = NativeConnection(self, cid, ip, req, time.monotonic())
         request_id = new_request_id()
-        rec = ctx.access.record(ip, req.method, req.path, req.get(b"user-agent"), req.get(b"x-forwarded-for"),
-                                request_id.decode())
-        rec.data_plane = "native"
+        if ctx.access.enabled:
+            rec = conn.record = ctx.access.record(ip, req.method, req.path, req.get(b"user-agent"),
+                                                  req.get(b"x-forwarded-for"), request_id.decode())
+            rec.data_plane = "native"
         try:
-            key = gate.admit_upgrade(ctx, req, ip, True)
+            conn.key = gate.admit_upgrade(ctx, req, ip, True)  # a connection's first request
         except RelayError as e:
-            return self._refuse(cid, e.status, e.outcome, rec, started)
-        start = next(self._next)
-        order = self.addrs[start:] + self.addrs[:start]
-        self.pending[cid] = (rec, key, ip, started, order)
-        self.engine.connect(cid, order, forward_head(req, ip, ctx.proto, True, request_id))
+            return conn.refuse(e.status, e.outcome, conn.record, upgrade=True)
+        self.engine.connect(cid, ctx.origins.next_index(), req, request_id, conn)
 
-    def _response(self, cid: int, data: bytes, head_end: int, index: int) -> None:
-        rec, key, ip, started, order = self.pending.pop(cid)
+    def on_response(self, cid: int, conn: NativeConnection, resp, origin: int, attempts) -> None:
+        """The origin's response head (a view, or (status, reason, outcome) when malformed)."""
         ctx = self.ctx
-        rec.origin = "%s:%d" % order[index]
-        try:
-            resp = parse_response_head(data, MAX_RESPONSE_HEAD)
-            if resp is None:
-                raise HeadError(502, "incomplete origin answer", "origin_error")
-            if resp.status != 101:
-                rec.status = resp.status
-                rec.outcome = "origin_rejected"
-                ctx.counters.upgrade("origin_rejected", resp.status)
-                ctx.admission.give(ip)
-                ctx.access.write(rec)
-                self.engine.refuse(cid, data)  # prototype: the answer as read (module docstring)
+        if attempts:
+            self._failures(attempts)
+        rec = conn.record
+        if rec is not None and origin >= 0:
+            rec.origin = self.names[origin]
+        if type(resp) is tuple:
+            return self._bad_answer(conn, origin, HeadError(*resp))
+        status = resp.status
+        if status != 101:
+            if status < 200:  # interim (100, 103 Early Hints): consumed, the final answer follows
+                self.engine.skip(cid, resp.head_len)
                 return
-            check_upgrade_response(resp, key)
+            return self._relay_refusal(cid, conn, resp)
+        try:
+            check_upgrade_response(resp, conn.key)
+            ctx.tunnel_class.check_response(resp, ctx.settings)
         except HeadError as e:
-            ctx.admission.give(ip)
-            return self._refuse(cid, e.status, e.outcome, rec, started)
-        handshake_s = time.monotonic() - started
-        rec.status = 101
-        rec.outcome = "upgraded"
-        rec.handshake_ms = round(handshake_s * 1000, 3)
+            return self._bad_answer(conn, origin, e)
+        handshake_s = time.monotonic() - conn.started
         ctx.counters.upgrade("upgraded", 101, handshake_s)
-        _share_strings(rec)
-        tunnel = NativeTunnel(ctx.native, -1, -1, rec)
+        if rec is not None:
+            rec.status = 101
+            rec.outcome = "upgraded"
+            rec.handshake_ms = round(handshake_s * 1000, 3)
+            _share_strings(rec)
+        tunnel = NativeTunnel(ctx.native, -1, -1, rec, conn.client_ip)
         ctx.tunnels.add(tunnel)
         ctx.counters.tunnels(len(ctx.tunnels))
-        tunnel.id = self.engine.splice(cid, data, tunnel)
+        tunnel.id = self.engine.splice(cid, tunnel)
 
-    def _failed(self, cid: int, err: int) -> None:
-        rec, _key, ip, started, _order = self.pending.pop(cid)
-        self.ctx.admission.give(ip)
-        if err == errno.ECONNABORTED:  # the client left while its origin was asked
-            self.engine.close_handshake(cid)
-            return
-        self._refuse(cid, 502, "origin_error", rec, started)
+    def on_failed(self, cid: int, conn: NativeConnection, origin: int, attempts) -> None:
+        """No origin could be asked, or the answer broke off."""
+        if attempts:
+            self._failures(attempts)
+        last = attempts[-1] if attempts else (origin, _CONNECT, errno.ECONNREFUSED)
+        rec = conn.record
+        if last[1] == _TRUNCATED:
+            return self._bad_answer(conn, last[0],
+                                    HeadError(502, "origin closed in the middle of its answer", "origin_error"))
+        if last[1] == _CLOSED:  # the last origin asked closed without a byte of answer
+            return self._bad_answer(conn, origin, OriginClosed())
+        if rec is not None:
+            rec.origin = self.names[last[0]]
+        conn.fail(502, "origin_error")
 
-    def _timeout(self, cid: int, phase: str, nbytes: int) -> None:
-        if phase == "head":
-            if nbytes:
-                self.ctx.counters.http(408)
+    def on_timeout(self, cid: int, conn: NativeConnection, origin: int, attempts) -> None:
+        """No answer within RELAY_CONNECT_TIMEOUT."""
+        if attempts:
+            self._failures(attempts)
+        name = self.names[origin] if origin >= 0 else ""
+        if conn.record is not None and origin >= 0:
+            conn.record.origin = name
+        self.ctx.origins.failures.failed(name, "timeout", self.timeout_detail, 504)
+        conn.fail(504, "timeout")
+
+    def on_head_timeout(self, cid: int, data: bytes, ip: str) -> None:
+        """No complete head within RELAY_HANDSHAKE_TIMEOUT: a started one is
+        counted (408) and logged, nothing is written (relay/client.py)."""
+        if not data:
             return
-        rec, _key, ip, started, _order = self.pending.pop(cid)
-        self.ctx.admission.give(ip)
-        self._refuse(cid, 504, "timeout", rec, started)
+        ctx = self.ctx
+        ctx.counters.http(408)
+        record = unparsed_record(ctx.access, ip, data)
+        if record is not None:
+            record.status = 408
+            record.outcome = "client_timeout"
+            record.duration_s = ctx.settings.handshake_timeout
+            ctx.access.write(record)
 
     # -- helpers ------------------------------------------------------------------------
-    def _refuse(self, cid: int, status: int, outcome: str, rec, started: float) -> None:
+    def _failures(self, attempts) -> None:
+        failures = self.ctx.origins.failures
+        for origin, kind, err in attempts:
+            name = self.names[origin]
+            if kind == _CONNECT:
+                failures.failed(name, "connect failed", self.resolver.error(origin) or os.strerror(err))
+            elif kind == _CLOSED:
+                failures.failed(name, "closed", str(OriginClosed()))
+
+    def _bad_answer(self, conn: NativeConnection, origin: int, e: HeadError) -> None:
+        name = self.names[origin] if origin >= 0 else ""
+        if conn.record is not None:
+            conn.record.origin = name
+        self.ctx.origins.failures.failed(name, "bad answer", str(e))
+        conn.fail(e.status, e.outcome)
+
+    def _relay_refusal(self, cid: int, conn: NativeConnection, resp) -> None:
+        """The origin refused (any final status but 101): the Python plane relays
+        its answer, body and all (relay/upgrade.py), from the sockets and bytes
+        handed over; counted and logged as relay/upgrade.py does."""
         ctx = self.ctx
-        ctx.counters.upgrade(outcome, status)
-        rec.status = status
-        rec.outcome = outcome
-        rec.duration_s = round(time.monotonic() - started, 3)
-        ctx.access.write(rec)
-        self.engine.refuse(cid, refusal(status))
+        ctx.admission.give(conn.client_ip)
+        ctx.counters.upgrade("origin_rejected", resp.status)
+        rec = conn.record
+        if rec is not None:
+            rec.status = resp.status
+            rec.outcome = "origin_rejected"
+        cfd, ofd, _cbytes, obytes = self.engine.detach(cid)
+        origin = socket.socket(fileno=ofd)
+        client = ClientConnection(ctx, serve=lambda c: HandedOverRefusal(c, origin, obytes, resp, rec),
+                                  started=conn.started)
+        self._adopt(client, cfd)
 
     def _to_python(self, cid: int) -> None:
-        """Plain HTTP (or frames mode): the Python path serves it from here."""
+        """Plain HTTP, a head that does not parse, an upgrade before the origins
+        are resolved: the Python plane serves it from the bytes read so far."""
         cfd, _ofd, data, _ = self.engine.detach(cid)
-        sock = socket.socket(fileno=cfd)
         conn = ClientConnection(self.ctx)
-        conn.buf += data
+        conn.unread(data)
+        self._adopt(conn, cfd)
+
+    def _adopt(self, conn: ClientConnection, fd: int) -> None:
+        sock = socket.socket(fileno=fd)
         task = self.loop.create_task(self.loop.connect_accepted_socket(lambda: conn, sock))
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        task.add_done_callback(_consume)
+
+
+def _consume(task: asyncio.Task) -> None:
+    # connect_accepted_socket closes the socket itself when it fails
+    if not task.cancelled():
+        task.exception()
+
+
+class _Draining:
+    """While the worker drains, the head phase's connections count among the
+    worker's connections (relay.context.Context.connections): it waits for
+    them as for the others, and closes what is left when its window ends."""
+
+    def __init__(self, front: NativeFront) -> None:
+        self.front = front
+        self.on = False
+
+    def start(self) -> None:
+        self.on = True
+        self.front.ctx.connections.add(self)
+        self.check()
+
+    def check(self) -> None:
+        if self.on and not self.front.engine.handshakes_live:
+            self.on = False
+            ctx = self.front.ctx
+            ctx.connections.discard(self)
+            ctx.maybe_idle()
+
+    def drain(self) -> None:
+        """Connections accepted before the drain keep their head phase (their first request is served)."""
+
+    def close(self) -> None:
+        self.front.engine.close_handshakes()
+        self.check()
+
+
+class _Resolver:
+    """Each origin's addresses for the engine: numeric ones as given, host names
+    resolved off the loop now and every RESOLVE_EVERY seconds."""
+
+    def __init__(self, front: NativeFront, origins) -> None:
+        self.front = front
+        self.origins = origins
+        self.addrs: list[list[tuple]] = []
+        self.errors: list[str] = ["" for _ in origins]
+        self.named: list[bool] = []
+        for a in origins:
+            try:
+                ipaddress.ip_address(a.host)
+            except ValueError:
+                self.addrs.append([])
+                self.named.append(True)
+            else:
+                self.addrs.append([(a.host, a.port)])
+                self.named.append(False)
+        pending = any(self.named)
+        self.ready = not pending
+        front.engine.set_origins(self.addrs)
+        self.task = asyncio.ensure_future(self._run()) if pending else None
+
+    def error(self, origin: int) -> str:
+        """Why an origin has no address (its last resolution's error), or ""."""
+        return self.errors[origin] if not self.addrs[origin] else ""
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            for i, a in enumerate(self.origins):
+                if not self.named[i]:
+                    continue
+                try:
+                    infos = await loop.getaddrinfo(a.host, a.port, type=socket.SOCK_STREAM)
+                except OSError as e:
+                    self.errors[i] = e.strerror or str(e)
+                    if self.ready:  # keep the last good answer: a resolver hiccup is not an outage
+                        continue
+                    self.addrs[i] = []
+                else:
+                    self.addrs[i] = [info[4] for info in infos]
+                    self.errors[i] = ""
+            self.front.engine.set_origins(self.addrs)
+            self.ready = True
+            await asyncio.sleep(RESOLVE_EVERY)
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()

@@ -1,14 +1,27 @@
-/* The head phase in C: accept, read the request head, connect to the origin,
+/* The head phase in C: accept, read the request head, connect to an origin,
  * write the forwarded head, read the response head. Python is called once
  * with a complete request head and once with a complete response head, and
- * decides everything (validation, routing, admission, refusals, the head
- * forwarded, logging, metrics); this file only moves bytes and keeps time.
+ * decides everything (validation, path and Origin rules, admission, the
+ * origin order, refusals, the forwarded head, logging, metrics); this file
+ * only moves bytes and keeps time. What Python cannot answer from here (plain
+ * HTTP, a head that does not parse, an origin's refusal and its body) it
+ * takes over with detach(): the sockets and every byte read so far.
  *
- * One epoll set per worker, edge-triggered, each descriptor registered once:
- * a client from accept to splice, an origin from connect to splice. Bytes a
- * client sends behind its head are read no further than the read that
- * completed the head and are held: they reach the origin only after its 101
- * (splice passes them on), never with the head.
+ * One epoll set per worker, edge-triggered. A client is read at once after
+ * accept (the head usually came with the connection) and joins the set only
+ * if its head is not complete by then, or to write a refusal that does not
+ * fit the socket; an origin joins it from connect to its answer. A head is
+ * read no further than the read that completed it: bytes a client sent
+ * behind its head are held, and reach the origin only after its 101 (splice
+ * in _engine.c passes them on), never with the head. Whether a head can be
+ * answered yet is http_head.c's question (the reference's: complete, too
+ * large, bare LF), asked only when a read may have ended it.
+ *
+ * Origins: each once, from the one Python names (round-robin there), each
+ * origin's addresses in order; a connect error, or an origin that closes
+ * without a byte of answer, moves on to the next, all within one deadline
+ * (RELAY_CONNECT_TIMEOUT), as relay/upgrade.py does. Each failed attempt is
+ * recorded for Python's failure log.
  *
  * Time: each timeout kind (head, connect + response, linger) has one
  * duration, so its connections sit in a FIFO list in deadline order and
@@ -27,10 +40,13 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "http_head.h"
+
 #define LINGER_MS 2000
 #define K_LISTEN 0x7fffff00u /* slots from here on are listening sockets */
 #define K_TIMER 0x7ffffff0u  /* the balancing timer */
 #define BATCH 64
+#define FIRST_BUF 2048       /* most heads fit; buffers grow to the cap when not */
 
 static void clock_ms(handshaker *h) {
     struct timespec ts;
@@ -50,7 +66,7 @@ int hs_init(handshaker *h, uint32_t max_head, double head_timeout, double connec
     for (int k = 0; k < TL_N; k++)
         h->tl_head[k] = h->tl_tail[k] = HS_NONE;
     h->max_head = max_head;
-    h->max_response = 64 * 1024;
+    h->max_response = 64 * 1024; /* relay/origins/answer.py MAX_RESPONSE_HEAD */
     h->timeout_ms[TL_HEAD] = (int64_t)(head_timeout * 1000);
     h->timeout_ms[TL_CONNECT] = (int64_t)(connect_timeout * 1000);
     h->timeout_ms[TL_LINGER] = LINGER_MS;
@@ -67,6 +83,18 @@ int hs_init(handshaker *h, uint32_t max_head, double head_timeout, double connec
     if (epoll_ctl(h->epfd, EPOLL_CTL_ADD, h->timerfd, &ev) < 0)
         return -errno;
     return 0;
+}
+
+static void free_origins(hs_origin *o, uint32_t n) {
+    for (uint32_t k = 0; k < n; k++)
+        free(o[k].addrs);
+    free(o);
+}
+
+void hs_set_origins(handshaker *h, hs_origin *origins, uint32_t n) {
+    free_origins(h->origins, h->norigins);
+    h->origins = origins;
+    h->norigins = n;
 }
 
 int hs_balance_init(handshaker *h, hs_balance *b) {
@@ -153,22 +181,28 @@ static int grow(handshaker *h) {
 
 static void emit(handshaker *h, uint32_t slot, uint32_t kind, int error) {
     if (h->nev == h->ev_cap) {
-        uint32_t cap = h->ev_cap ? 2 * h->ev_cap : 64;
-        hs_event *n = realloc(h->ev, cap * sizeof *n);
-        if (!n)
-            abort();
-        h->ev = n;
-        h->ev_cap = cap;
+        if (h->ev_head) { /* reuse what was popped */
+            memmove(h->ev, h->ev + h->ev_head, (h->nev - h->ev_head) * sizeof *h->ev);
+            h->nev -= h->ev_head;
+            h->ev_head = 0;
+        } else {
+            uint32_t cap = h->ev_cap ? 2 * h->ev_cap : 64;
+            hs_event *n = realloc(h->ev, cap * sizeof *n);
+            if (!n)
+                abort(); /* an event lost is a connection hung with its admission slot */
+            h->ev = n;
+            h->ev_cap = cap;
+        }
     }
     h->ev[h->nev++] = (hs_event){slot, h->c[slot].gen, kind, error};
 }
 
 int hs_pop(handshaker *h, hs_event *out) {
-    if (!h->nev)
+    if (h->ev_head == h->nev) {
+        h->ev_head = h->nev = 0;
         return 0;
-    *out = h->ev[0];
-    memmove(h->ev, h->ev + 1, (h->nev - 1) * sizeof *h->ev);
-    h->nev--;
+    }
+    *out = h->ev[h->ev_head++];
     return 1;
 }
 
@@ -188,7 +222,7 @@ static void conn_free(handshaker *h, uint32_t slot) {
     free(c->buf);
     free(c->obuf);
     free(c->out);
-    free(c->addrs);
+    void *token = c->token;
     uint32_t gen = c->gen + 1;
     memset(c, 0, sizeof *c);
     c->gen = gen ? gen : 1;
@@ -197,9 +231,12 @@ static void conn_free(handshaker *h, uint32_t slot) {
     c->next_free = h->free_head;
     h->free_head = slot;
     h->live--;
+    if (token && h->release)
+        h->release(token);
 }
 
-/* Close what is left of the connection and forget it. */
+/* Close what is left of the connection and forget it (closing a descriptor
+ * takes it out of the epoll set: each is ours alone). */
 static void conn_close(handshaker *h, uint32_t slot) {
     hs_conn *c = &h->c[slot];
     if (c->cfd >= 0)
@@ -214,27 +251,67 @@ void hs_close(handshaker *h, uint32_t slot) {
         conn_close(h, slot);
 }
 
+int hs_close_all(handshaker *h) {
+    int n = 0;
+    for (uint32_t slot = 0; slot < h->cap; slot++)
+        if (h->c[slot].state != H_FREE) {
+            conn_close(h, slot);
+            n++;
+        }
+    return n;
+}
+
+/* Room for n more bytes, up to limit + 1 (one byte past a cap tells "too large"). */
+static int room(char **buf, uint32_t *cap, uint32_t len, uint32_t limit) {
+    if (len < *cap)
+        return 1;
+    if (*cap > limit)
+        return 0;
+    uint32_t ncap = *cap ? 2 * *cap : FIRST_BUF;
+    if (ncap > limit + 1)
+        ncap = limit + 1;
+    char *n = realloc(*buf, ncap);
+    if (!n)
+        return -1;
+    *buf = n;
+    *cap = ncap;
+    return 1;
+}
+
+/* Could the bytes just read (from `before` on) have ended a head? The
+ * reference answers only then: a CRLF CRLF or a bare LF LF in the tail, or
+ * the cap passed (relay/client.py reads the same way). */
+static int may_end(const char *buf, uint32_t before, uint32_t len, uint32_t max) {
+    if (len > max)
+        return 1;
+    uint32_t from = before > 3 ? before - 3 : 0;
+    return memmem(buf + from, len - from, "\r\n\r\n", 4) || memmem(buf + from, len - from, "\n\n", 2);
+}
+
 /* -- the client side ------------------------------------------------------------------- */
 
-static int find_end(const char *buf, uint32_t from, uint32_t len) {
-    uint32_t k = from > 3 ? from - 3 : 0;
-    for (; k + 3 < len; k++)
-        if (buf[k] == '\r' && buf[k + 1] == '\n' && buf[k + 2] == '\r' && buf[k + 3] == '\n')
-            return (int)(k + 4);
+static int watch_client(handshaker *h, uint32_t slot, uint32_t events) {
+    hs_conn *c = &h->c[slot];
+    struct epoll_event ev = {.events = events | EPOLLRDHUP | EPOLLET, .data.u64 = key(h, slot, 0)};
+    if (epoll_ctl(h->epfd, c->watched ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, c->cfd, &ev) < 0)
+        return -1;
+    c->watched = 1;
     return 0;
 }
 
 static void read_head(handshaker *h, uint32_t slot) {
     hs_conn *c = &h->c[slot];
     for (;;) {
-        uint32_t room = h->max_head + 1 - c->len; /* one byte past the cap tells "too large" */
-        ssize_t n = recv(c->cfd, c->buf + c->len, room, 0);
+        int r = room(&c->buf, &c->cap, c->len, h->max_head);
+        if (r < 0) {
+            conn_close(h, slot);
+            return;
+        }
+        ssize_t n = r ? recv(c->cfd, c->buf + c->len, c->cap - c->len, 0) : 0;
         if (n > 0) {
             uint32_t before = c->len;
             c->len += (uint32_t)n;
-            int end = find_end(c->buf, before, c->len);
-            if (end || c->len > h->max_head) {
-                c->head_end = (uint32_t)end;
+            if (may_end(c->buf, before, c->len, h->max_head) && hh_request_ready(c->buf, c->len, h->max_head)) {
                 c->state = H_DECIDE;
                 tl_remove(h, slot);
                 emit(h, slot, HE_HEAD, 0);
@@ -244,8 +321,11 @@ static void read_head(handshaker *h, uint32_t slot) {
         }
         if (n < 0 && errno == EINTR)
             continue;
-        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            if (!c->watched && watch_client(h, slot, EPOLLIN) < 0)
+                conn_close(h, slot);
             return;
+        }
         conn_close(h, slot); /* EOF or reset before a complete head: nothing to answer */
         return;
     }
@@ -288,20 +368,27 @@ static void refusal_progress(handshaker *h, uint32_t slot) {
         conn_close(h, slot);
         return;
     }
-    if (r == 0)
+    if (r == 0) {
+        if (watch_client(h, slot, EPOLLIN | EPOLLOUT) < 0)
+            conn_close(h, slot);
         return;
+    }
     free(c->out);
     c->out = NULL;
     /* all written: half-close and discard what still comes, for a while (nginx's lingering_close) */
     shutdown(c->cfd, SHUT_WR);
     if (c->tl != TL_LINGER)
         tl_append(h, slot, TL_LINGER);
+    if (!c->watched && watch_client(h, slot, EPOLLIN) < 0) {
+        conn_close(h, slot);
+        return;
+    }
     linger_read(h, slot);
 }
 
 int hs_refuse(handshaker *h, int64_t id, const char *data, size_t n) {
     hs_conn *c = hs_get(h, id);
-    if (!c || (c->state != H_DECIDE && c->state != H_DECIDE2 && c->state != H_CONNECT && c->state != H_RESPONSE))
+    if (!c || c->state == H_LINGER || c->state == H_HEAD)
         return 0;
     uint32_t slot = (uint32_t)(id & 0xffffffff);
     if (c->ofd >= 0) {
@@ -317,6 +404,7 @@ int hs_refuse(handshaker *h, int64_t id, const char *data, size_t n) {
     memcpy(c->out, data, n);
     c->out_off = 0;
     c->out_len = (uint32_t)n;
+    c->acted = 1;
     c->state = H_LINGER;
     tl_remove(h, slot);
     refusal_progress(h, slot);
@@ -325,42 +413,9 @@ int hs_refuse(handshaker *h, int64_t id, const char *data, size_t n) {
 
 /* -- the origin side --------------------------------------------------------------------- */
 
-static void origin_failed(handshaker *h, uint32_t slot, int err);
-
-/* Connect to addrs[ai] and queue the head; on an immediate failure, the next address. */
-static void try_connect(handshaker *h, uint32_t slot) {
-    hs_conn *c = &h->c[slot];
-    while (c->ai < c->naddrs) {
-        struct sockaddr_storage *a = &c->addrs[c->ai];
-        socklen_t alen = a->ss_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in);
-        int fd = socket(a->ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-        if (fd < 0) {
-            c->last_error = errno;
-            origin_failed(h, slot, errno); /* EMFILE and the like: no other address will do better */
-            return;
-        }
-        int one = 1;
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-        if (connect(fd, (struct sockaddr *)a, alen) < 0 && errno != EINPROGRESS) {
-            c->last_error = errno;
-            close(fd);
-            c->ai++;
-            continue;
-        }
-        struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.u64 = key(h, slot, 1)};
-        if (epoll_ctl(h->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
-            c->last_error = errno;
-            close(fd);
-            origin_failed(h, slot, c->last_error);
-            return;
-        }
-        c->ofd = fd;
-        c->out_off = 0;
-        c->olen = 0;
-        c->state = H_CONNECT;
-        return;
-    }
-    origin_failed(h, slot, c->last_error ? c->last_error : ECONNREFUSED);
+static void attempt(hs_conn *c, uint16_t kind, int err) {
+    if (c->nattempts < HS_ATTEMPTS)
+        c->attempts[c->nattempts++] = (hs_attempt){(uint16_t)c->origin, kind, err};
 }
 
 static void origin_failed(handshaker *h, uint32_t slot, int err) {
@@ -374,54 +429,104 @@ static void origin_failed(handshaker *h, uint32_t slot, int err) {
     emit(h, slot, HE_FAILED, err);
 }
 
-/* This origin refused, reset or closed without a byte of answer: the next one may serve. */
-static void next_origin(handshaker *h, uint32_t slot, int err) {
+static void origin_read(handshaker *h, uint32_t slot);
+
+/* Connect to the current origin's current address, and write the head at
+ * once if the connection is up already (loopback usually is); on an
+ * immediate failure, the next address, then the next origin. */
+static void try_connect(handshaker *h, uint32_t slot) {
     hs_conn *c = &h->c[slot];
+    for (;;) {
+        if (c->tried >= h->norigins) {
+            origin_failed(h, slot, 0);
+            return;
+        }
+        c->origin = (c->start + c->tried) % h->norigins;
+        hs_origin *o = &h->origins[c->origin];
+        if (c->ai >= o->naddrs) { /* none (left) for this origin: the next */
+            if (!o->naddrs)
+                attempt(c, HF_CONNECT, EHOSTUNREACH);
+            c->tried++;
+            c->ai = 0;
+            continue;
+        }
+        struct sockaddr_storage *a = &o->addrs[c->ai];
+        socklen_t alen = a->ss_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in);
+        int fd = socket(a->ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (fd < 0) {
+            attempt(c, HF_CONNECT, errno);
+            origin_failed(h, slot, errno); /* EMFILE and the like: no other address will do better */
+            return;
+        }
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        c->ofd = fd;
+        c->out_off = 0;
+        c->olen = 0;
+        c->origin_bytes = 0;
+        int r = connect(fd, (struct sockaddr *)a, alen);
+        if (r < 0 && errno != EINPROGRESS) {
+            attempt(c, HF_CONNECT, errno);
+            close(fd);
+            c->ofd = -1;
+            c->ai++;
+            continue;
+        }
+        r = write_out(c, fd);
+        if (r < 0) { /* refused, found at the first write */
+            attempt(c, HF_CONNECT, errno);
+            close(fd);
+            c->ofd = -1;
+            c->ai++;
+            continue;
+        }
+        c->state = r ? H_RESPONSE : H_CONNECT;
+        if (r)
+            c->asked = (int)c->origin;
+        uint32_t events = r ? EPOLLIN | EPOLLRDHUP | EPOLLET : EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
+        struct epoll_event ev = {.events = events, .data.u64 = key(h, slot, 1)};
+        if (epoll_ctl(h->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+            attempt(c, HF_CONNECT, errno);
+            origin_failed(h, slot, errno);
+        }
+        return;
+    }
+}
+
+/* This origin refused, reset or closed without a byte of answer: the next one may serve. */
+static void next_origin(handshaker *h, uint32_t slot, uint16_t kind, int err) {
+    hs_conn *c = &h->c[slot];
+    attempt(c, kind, err);
     close(c->ofd);
     c->ofd = -1;
-    c->last_error = err;
-    c->ai++;
+    if (kind == HF_CONNECT) {
+        c->ai++;
+    } else {
+        c->tried++;
+        c->ai = 0;
+    }
     try_connect(h, slot);
 }
 
-static void origin_io(handshaker *h, uint32_t slot, uint32_t events) {
+static void origin_read(handshaker *h, uint32_t slot) {
     hs_conn *c = &h->c[slot];
-    if (c->state == H_CONNECT && (events & (EPOLLOUT | EPOLLERR | EPOLLHUP))) {
-        /* connected (or failed): send the head; a failed connect shows in the send */
-        int r = write_out(c, c->ofd);
-        if (r < 0) {
-            next_origin(h, slot, errno);
-            return;
-        }
-        if (r == 0)
-            return;
-        c->state = H_RESPONSE;
-    }
-    if (c->state == H_RESPONSE && c->out_off < c->out_len && (events & EPOLLOUT)) {
-        int r = write_out(c, c->ofd);
-        if (r < 0) {
-            next_origin(h, slot, errno);
-            return;
-        }
-    }
-    if (c->state != H_RESPONSE || !(events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)))
-        return;
     for (;;) {
-        uint32_t room = h->max_response + 1 - c->olen;
-        ssize_t n = recv(c->ofd, c->obuf + c->olen, room, 0);
+        int r = room(&c->obuf, &c->ocap, c->olen, h->max_response);
+        if (r < 0) {
+            origin_failed(h, slot, ENOMEM);
+            return;
+        }
+        ssize_t n = r ? recv(c->ofd, c->obuf + c->olen, c->ocap - c->olen, 0) : 0;
         if (n > 0) {
             uint32_t before = c->olen;
             c->olen += (uint32_t)n;
-            int end = find_end(c->obuf, before, c->olen);
-            if (end) {
-                c->ohead_end = (uint32_t)end;
-                c->state = H_DECIDE2;
-                tl_remove(h, slot);
+            c->origin_bytes = 1;
+            /* ready: a head can end here, or its first line already cannot be a status line */
+            if ((may_end(c->obuf, before, c->olen, h->max_response) || before < 16 ||
+                 memchr(c->obuf + before, '\n', (size_t)n)) &&
+                hh_response_ready(c->obuf, c->olen, h->max_response)) {
+                c->state = H_DECIDE2; /* the deadline runs on: an interim answer may be skipped */
                 emit(h, slot, HE_RESPONSE, 0);
-                return;
-            }
-            if (c->olen > h->max_response) {
-                origin_failed(h, slot, EMSGSIZE);
                 return;
             }
             continue;
@@ -430,45 +535,82 @@ static void origin_io(handshaker *h, uint32_t slot, uint32_t events) {
             continue;
         if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
             return;
-        int err = n == 0 ? ECONNRESET : errno;
-        if (c->olen == 0)
-            next_origin(h, slot, err); /* closed without a byte of answer: as nginx's proxy_next_upstream */
-        else
-            origin_failed(h, slot, n == 0 ? EPIPE : err); /* a truncated answer: it acted on the request */
+        int err = n == 0 ? 0 : errno;
+        if (!c->origin_bytes) {
+            next_origin(h, slot, HF_CLOSED, err); /* closed without a byte of answer: as proxy_next_upstream */
+        } else {
+            attempt(c, HF_TRUNCATED, err); /* a truncated answer: it acted on the request, no retry */
+            origin_failed(h, slot, err);
+        }
         return;
     }
 }
 
-int hs_connect(handshaker *h, int64_t id, const struct sockaddr_storage *addrs, uint32_t naddrs,
-               const char *head, size_t n) {
+static void origin_io(handshaker *h, uint32_t slot, uint32_t events) {
+    hs_conn *c = &h->c[slot];
+    if (c->state == H_CONNECT) {
+        /* connected (or failed): write the head; a failed connect shows in the write */
+        int r = write_out(c, c->ofd);
+        if (r < 0) {
+            next_origin(h, slot, HF_CONNECT, errno);
+            return;
+        }
+        if (r == 0)
+            return;
+        c->state = H_RESPONSE;
+        c->asked = (int)c->origin;
+    }
+    if (c->state == H_RESPONSE && (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)))
+        origin_read(h, slot);
+}
+
+int hs_connect(handshaker *h, int64_t id, uint32_t start, const char *head, size_t n, void *token) {
     hs_conn *c = hs_get(h, id);
-    if (!c || c->state != H_DECIDE || !naddrs)
+    if (!c || c->state != H_DECIDE)
         return 0;
     uint32_t slot = (uint32_t)(id & 0xffffffff);
-    c->addrs = malloc(naddrs * sizeof *addrs);
-    c->obuf = malloc(h->max_response + 1);
+    c->acted = 1;
+    c->token = token;
     c->out = malloc(n ? n : 1);
-    if (!c->addrs || !c->obuf || !c->out) {
+    if (!c->out) {
         origin_failed(h, slot, ENOMEM);
         return 1;
     }
-    memcpy(c->addrs, addrs, naddrs * sizeof *addrs);
-    c->naddrs = naddrs;
-    c->ai = 0;
     memcpy(c->out, head, n);
     c->out_len = (uint32_t)n;
+    c->start = h->norigins ? start % h->norigins : 0;
+    c->tried = c->ai = 0;
+    c->asked = -1;
     tl_append(h, slot, TL_CONNECT);
     try_connect(h, slot);
+    return 1;
+}
+
+int hs_skip(handshaker *h, int64_t id, uint32_t n) {
+    hs_conn *c = hs_get(h, id);
+    if (!c || c->state != H_DECIDE2 || c->ofd < 0 || n > c->olen)
+        return 0;
+    uint32_t slot = (uint32_t)(id & 0xffffffff);
+    c->acted = 1;
+    memmove(c->obuf, c->obuf + n, c->olen - n);
+    c->olen -= n;
+    c->state = H_RESPONSE;
+    if (c->olen && hh_response_ready(c->obuf, c->olen, h->max_response)) {
+        c->state = H_DECIDE2;
+        emit(h, slot, HE_RESPONSE, 0);
+        return 1;
+    }
+    origin_read(h, slot); /* what followed may still be in the socket: no new edge would tell */
     return 1;
 }
 
 /* -- accept ------------------------------------------------------------------------------- */
 
 int hs_listen(handshaker *h, int lfd) {
-    if (h->nlisten == 8)
+    if (h->nlisten == HS_LISTEN_MAX)
         return -ENOSPC;
     struct epoll_event ev = {.events = EPOLLIN, .data.u64 = (uint64_t)(K_LISTEN + (uint32_t)h->nlisten) << 1};
-    if (epoll_ctl(h->epfd, EPOLL_CTL_ADD, lfd, &ev) < 0)
+    if (!h->accept_paused && epoll_ctl(h->epfd, EPOLL_CTL_ADD, lfd, &ev) < 0)
         return -errno;
     h->lfds[h->nlisten++] = lfd;
     return 0;
@@ -510,14 +652,6 @@ static int accept_some(handshaker *h, int lfd, int max, int balanced) {
             }
             return taken;
         }
-        c->buf = malloc(h->max_head + 1);
-        struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.u64 = key(h, slot, 0)};
-        if (!c->buf || epoll_ctl(h->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
-            free(c->buf);
-            c->buf = NULL;
-            close(fd);
-            continue;
-        }
         int one = 1;
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
         h->free_head = c->next_free;
@@ -542,6 +676,8 @@ void hs_expire(handshaker *h) {
         uint32_t slot;
         while ((slot = h->tl_head[k]) != HS_NONE && h->c[slot].deadline_ms <= h->now_ms) {
             hs_conn *c = &h->c[slot];
+            if (c->state == H_DECIDE2 && k == TL_CONNECT)
+                break; /* an answer waits for Python's word (it comes before the next expiry) */
             tl_remove(h, slot);
             if (k == TL_LINGER) {
                 conn_close(h, slot);
@@ -610,6 +746,8 @@ int hs_poll(handshaker *h, int maxaccept) {
                 origin_io(h, slot, ev);
             continue;
         }
+        /* A client is not watched while its origin is asked: what it sends, a FIN, a
+         * reset, all wait for the tunnel, as on the Python plane (reading paused). */
         switch (c->state) {
         case H_HEAD:
             if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
@@ -620,20 +758,6 @@ int hs_poll(handshaker *h, int maxaccept) {
                 refusal_progress(h, slot);
             else
                 linger_read(h, slot);
-            break;
-        case H_CONNECT:
-        case H_RESPONSE:
-        case H_DECIDE2:
-            if (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
-                /* the client left while its origin was being asked: as Python cancels the upgrade */
-                if (c->ofd >= 0) {
-                    close(c->ofd);
-                    c->ofd = -1;
-                }
-                c->state = H_DECIDE2;
-                tl_remove(h, slot);
-                emit(h, slot, HE_FAILED, ECONNABORTED);
-            }
             break;
         default:
             break;
@@ -649,7 +773,7 @@ int hs_detach(handshaker *h, int64_t id, int *cfd, int *ofd) {
         return 0;
     uint32_t slot = (uint32_t)(id & 0xffffffff);
     struct epoll_event ev = {0};
-    if (c->cfd >= 0)
+    if (c->cfd >= 0 && c->watched)
         epoll_ctl(h->epfd, EPOLL_CTL_DEL, c->cfd, &ev);
     if (c->ofd >= 0)
         epoll_ctl(h->epfd, EPOLL_CTL_DEL, c->ofd, &ev);
@@ -661,12 +785,11 @@ int hs_detach(handshaker *h, int64_t id, int *cfd, int *ofd) {
 }
 
 void hs_free(handshaker *h) {
-    for (uint32_t slot = 0; slot < h->cap; slot++)
-        if (h->c[slot].state != H_FREE)
-            conn_close(h, slot);
+    hs_close_all(h);
     free(h->c);
     free(h->ev);
     free(h->bal.siblings);
+    free_origins(h->origins, h->norigins);
     if (h->timerfd >= 0)
         close(h->timerfd);
     if (h->epfd >= 0)

@@ -1,6 +1,7 @@
-/* The head phase in C (milestone 2 of the native data plane, see handshake.c):
- * accept, read the request head, talk to the origin, read its response head.
- * Python decides everything in between; this only moves bytes and keeps time.
+/* The head phase in C (see handshake.c): accept, read the request head,
+ * connect to an origin (failover), write the forwarded head, read the
+ * response head. Python decides everything in between; this moves bytes and
+ * keeps time.
  */
 #ifndef WSRELAY_HANDSHAKE_H
 #define WSRELAY_HANDSHAKE_H
@@ -14,35 +15,62 @@ enum {
     H_FREE = 0,
     H_HEAD,       /* reading the request head */
     H_DECIDE,     /* head delivered: waiting for refuse / connect / detach */
-    H_LINGER,     /* refusal written, half-closed, discarding input */
-    H_CONNECT,    /* connecting to origin addrs[ai] */
-    H_RESPONSE,   /* head sent (or being sent), reading the response head */
-    H_DECIDE2,    /* response delivered: waiting for splice / refuse / detach */
+    H_LINGER,     /* refusal written (or being written), half-closed, discarding input */
+    H_CONNECT,    /* connecting to an origin address, the head not all written */
+    H_RESPONSE,   /* head written, reading the response head */
+    H_DECIDE2,    /* response (or failure) delivered: waiting for splice / refuse / detach / skip */
 };
 
 /* timer lists: one FIFO per kind, so expiry is O(1) (equal durations per kind) */
 enum { TL_HEAD = 0, TL_LINGER, TL_CONNECT, TL_N };
 
 /* what Python is told */
-enum { HE_HEAD = 1, HE_RESPONSE, HE_FAILED, HE_TIMEOUT };
+enum {
+    HE_HEAD = 1,  /* a request head can be parsed (complete, or an answer is due: too large, bare LF) */
+    HE_RESPONSE,  /* a response head can be parsed (complete, or malformed already) */
+    HE_FAILED,    /* no origin could be asked (see the attempts), or the answer broke off */
+    HE_TIMEOUT,   /* the head (error = bytes read) or the origin (RELAY_CONNECT_TIMEOUT) took too long */
+};
+
+/* why an origin attempt failed: Python logs each (relay/origins/report.py) */
+enum { HF_CONNECT = 1, HF_CLOSED, HF_TRUNCATED };
+
+typedef struct {
+    uint16_t origin, kind;
+    int error; /* errno (HF_CONNECT); 0 for a FIN, ECONNRESET for a reset (HF_CLOSED) */
+} hs_attempt;
+
+#define HS_ATTEMPTS 16
+
+/* one configured origin: the addresses it resolved to, tried in order */
+typedef struct {
+    struct sockaddr_storage *addrs;
+    uint32_t naddrs;
+} hs_origin;
 
 typedef struct hs_conn {
     int cfd, ofd;
     uint32_t state, gen;
-    char *buf;                 /* client bytes: the head and what followed it */
-    uint32_t len, head_end;    /* head_end: bytes up to and including the blank line */
-    char *obuf;                /* origin bytes: the response head and what followed */
-    uint32_t olen, ohead_end;
+    char *buf;                 /* client bytes: the head and what followed it in the same read */
+    uint32_t len, cap;
+    uint32_t head_end;         /* the request head's length, once parsed (set by the owner) */
+    char *obuf;                /* origin bytes: interim answers dropped, then the response head and after */
+    uint32_t olen, ocap;
     char *out;                 /* being written: a refusal, or the head to the origin */
     uint32_t out_off, out_len;
-    struct sockaddr_storage *addrs;
-    uint32_t naddrs, ai;
+    uint32_t start, tried;     /* the first origin asked; origins asked so far (each once) */
+    uint32_t origin, ai;       /* the origin being asked, and its address */
+    int asked;                 /* the origin asked last accepted the connection (-1: none yet) */
+    uint8_t nattempts, watched; /* watched: the client is in the epoll set */
+    uint8_t origin_bytes;      /* the current origin sent something */
+    uint8_t acted;             /* the owner answered the last event (refuse, connect, skip) */
+    hs_attempt attempts[HS_ATTEMPTS];
     int64_t deadline_ms;
     uint32_t tl, prev, next;   /* timer list membership */
     uint32_t next_free;
     struct sockaddr_storage peer;
     socklen_t peerlen;
-    int last_error;
+    void *token;               /* the owner's, from connect(); released with the connection */
 } hs_conn;
 
 typedef struct hs_event {
@@ -64,9 +92,11 @@ typedef struct hs_balance {
     const uint32_t *tunnels;   /* the engine's open tunnels: part of this worker's load */
 } hs_balance;
 
+#define HS_LISTEN_MAX 64
+
 typedef struct handshaker {
     int epfd;
-    int lfds[8];
+    int lfds[HS_LISTEN_MAX];
     int nlisten;
     hs_conn *c;
     uint32_t cap, free_head, live;
@@ -74,14 +104,17 @@ typedef struct handshaker {
     int64_t timeout_ms[TL_N];
     uint32_t tl_head[TL_N], tl_tail[TL_N];
     hs_event *ev;
-    uint32_t nev, ev_cap;
+    uint32_t ev_head, nev, ev_cap;
     int64_t now_ms;
     uint64_t accepted, accept_errors;
-    int accept_paused;         /* set by the owner: balance (workers/accept.py) or EMFILE */
+    int accept_paused;         /* balance (workers/accept.py) or EMFILE */
     int deferred;              /* paused by balancing until the timer fires */
     int stopped;               /* the owner stopped accepting (drain): the timer does not resume it */
     int timerfd;
     hs_balance bal;            /* bal.mine == NULL: no balancing (one worker) */
+    hs_origin *origins;
+    uint32_t norigins;
+    void (*release)(void *token);
 } handshaker;
 
 #define HS_NONE 0xffffffffu
@@ -89,16 +122,21 @@ typedef struct handshaker {
 int hs_init(handshaker *h, uint32_t max_head, double head_timeout, double connect_timeout);
 void hs_free(handshaker *h);
 int hs_listen(handshaker *h, int lfd);
+/* Replace the origin table (takes ownership of origins and their addresses). */
+void hs_set_origins(handshaker *h, hs_origin *origins, uint32_t n);
 int hs_poll(handshaker *h, int maxaccept);          /* accept, read, write, expire; events queued */
 int hs_pop(handshaker *h, hs_event *out);          /* 1 if an event was popped */
 hs_conn *hs_get(handshaker *h, int64_t id);
 int64_t hs_id(handshaker *h, uint32_t slot);
 int hs_refuse(handshaker *h, int64_t id, const char *data, size_t n);
-int hs_connect(handshaker *h, int64_t id, const struct sockaddr_storage *addrs, uint32_t naddrs,
-               const char *head, size_t n);
+/* Ask the origins from `start` on (each once, its addresses in order) with this head. */
+int hs_connect(handshaker *h, int64_t id, uint32_t start, const char *head, size_t n, void *token);
+/* The response head delivered was an interim one (1xx): drop its n bytes, read on. */
+int hs_skip(handshaker *h, int64_t id, uint32_t n);
 /* Give up the connection: its descriptors go to the caller (-1 where none). */
 int hs_detach(handshaker *h, int64_t id, int *cfd, int *ofd);
 void hs_close(handshaker *h, uint32_t slot);
+int hs_close_all(handshaker *h);
 int hs_pause(handshaker *h, int paused);
 int hs_balance_init(handshaker *h, hs_balance *b);
 void hs_expire(handshaker *h);

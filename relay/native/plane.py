@@ -53,7 +53,7 @@ class NativeTunnel(metaclass=_TunnelModeHooks):
     # An idle tunnel costs its slot in the engine and this object: no bound
     # on_end per tunnel (the plane holds the context's), descriptors dropped
     # once the engine owns them (bench/RESULTS.md, idle memory).
-    __slots__ = ("plane", "cfd", "ofd", "id", "record", "started", "up", "down", "ended")
+    __slots__ = ("plane", "cfd", "ofd", "id", "record", "started", "up", "down", "ended", "client_ip")
 
     #: relay.context reads byte counts and idle times of native tunnels from
     #: the engine in one call per sweep, not per tunnel
@@ -71,8 +71,12 @@ class NativeTunnel(metaclass=_TunnelModeHooks):
     def shutdown(self, code: int) -> None:
         """Tunnel mode: nothing before the sockets close."""
 
-    def __init__(self, plane: "NativePlane", cfd: int, ofd: int, record) -> None:
+    def __init__(self, plane: "NativePlane", cfd: int, ofd: int, record, client_ip: str | None = None) -> None:
+        """``client_ip``: given back to the admission slot at the end (the
+        record's, when there is one: the native head phase builds none while
+        the access log is off)."""
         self.plane = plane
+        self.client_ip = client_ip
         self.cfd = cfd
         self.ofd = ofd
         self.id: int | None = None

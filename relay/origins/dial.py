@@ -26,6 +26,11 @@ class Origins:
     def __len__(self) -> int:
         return len(self._origins)
 
+    def next_index(self) -> int:
+        """The origin to try first for the next request (round-robin): the
+        native head phase (relay/native/front.py) takes its turn here too."""
+        return next(self._next)  # type: ignore[arg-type]
+
     async def connect(self, factory) -> tuple[asyncio.Transport, asyncio.Protocol, Address]:
         """Connect to one origin with ``factory()`` as the protocol.
 
@@ -33,7 +38,7 @@ class Origins:
         :class:`~relay.errors.OriginUnavailable` when every origin failed.
         """
         loop = asyncio.get_running_loop()
-        start = next(self._next)  # type: ignore[arg-type]
+        start = self.next_index()
         last: OSError | None = None
         for i in range(len(self._origins)):
             addr = self._origins[(start + i) % len(self._origins)]

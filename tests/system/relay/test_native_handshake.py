@@ -4,7 +4,8 @@ deadline), refusing with a lingering close, connecting to an origin with
 failover, holding what the client sent behind its head until the origin's
 101, reading the response head (capped), and handing both sockets to the
 pump (splice) or to the caller (detach). Python's decisions are played here
-by the test; the worker's own wiring is a later step (milestone 2).
+by the test (a Front whose callbacks record and answer); the worker's
+wiring (relay/native/front.py) runs in every relay the suites start.
 """
 
 from __future__ import annotations
@@ -22,23 +23,64 @@ pytestmark = pytest.mark.skipif(not native.AVAILABLE, reason="native data plane 
 GUID_101 = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             b"Sec-WebSocket-Accept: x\r\n\r\n")
 HEAD = b"GET /chat HTTP/1.1\r\nHost: relay.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+RID = b"0123456789abcdef0123456789abcdef"
+
+
+class Front:
+    """Plays Python's part: records every callback; the tests decide."""
+
+    def __init__(self):
+        self.events: list[tuple] = []
+
+    def on_head(self, cid, req, ip):
+        self.events.append(("head", cid, req, ip))
+        self.decide(cid)
+
+    def on_response(self, cid, token, resp, origin, attempts):
+        self.events.append(("response", cid, token, resp, origin, attempts))
+        self.decide(cid)
+
+    def on_failed(self, cid, token, origin, attempts):
+        self.events.append(("failed", cid, token, origin, attempts))
+        self.decide(cid)
+
+    def on_timeout(self, cid, token, origin, attempts):
+        self.events.append(("timeout", cid, token, origin, attempts))
+        self.decide(cid)
+
+    def on_head_timeout(self, cid, data, ip):
+        self.events.append(("head_timeout", cid, data, ip))
+
+    #: what to do with each event at once (a callback must decide before it returns)
+    decide = staticmethod(lambda cid: None)
 
 
 class Rig:
-    def __init__(self, backend: str = "io_uring", **kw):
-        self.events: list[tuple] = []
+    def __init__(self, backend: str = "io_uring", origins=(), **kw):
         self.ended: list[tuple] = []
+        self.front = Front()
+        self.events = self.front.events
         self.e = native.Engine(on_end=lambda tok, up, down: self.ended.append((tok, up, down)), backend=backend)
-        self.e.handshakes(lambda *a: self.events.append(("head", *a)),
-                          lambda *a: self.events.append(("response", *a)),
-                          lambda *a: self.events.append(("failed", *a)),
-                          lambda *a: self.events.append(("timeout", *a)), **kw)
+        self.e.handshakes(self.front, **kw)
+        self.e.set_origins([list(o) for o in origins])
         self.lst = socket.socket()
         self.lst.bind(("127.0.0.1", 0))
         self.lst.listen(64)
         self.lst.setblocking(False)
         self.e.listen(self.lst.fileno())
         self.port = self.lst.getsockname()[1]
+
+    def on(self, kind: str, act):
+        """Answer events of ``kind`` with act(event) from inside the callback."""
+        prev = self.front.decide
+
+        def decide(cid):
+            ev = self.events[-1]
+            if ev[0] == kind:
+                act(ev)
+            else:
+                prev(cid)
+        self.front.decide = decide
 
     def poll(self, until, timeout: float = 5.0):
         deadline = time.monotonic() + timeout
@@ -75,10 +117,29 @@ def origin_listener() -> socket.socket:
     return o
 
 
+def addr(o: socket.socket) -> tuple[str, int]:
+    return ("127.0.0.1", o.getsockname()[1])
+
+
 def dead_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]  # bound, never listening: refused
+
+
+def recv_head(conn: socket.socket, r: Rig) -> bytes:
+    got = b""
+    conn.settimeout(0.05)
+    deadline = time.monotonic() + 5
+    while b"\r\n\r\n" not in got:
+        assert time.monotonic() < deadline, got
+        r.poll(lambda: True, 0.1)
+        try:
+            got += conn.recv(65536)
+        except TimeoutError:
+            pass
+    conn.settimeout(5)
+    return got
 
 
 @pytest.fixture(params=["io_uring", "epoll"])
@@ -86,25 +147,38 @@ def backend(request):
     return request.param
 
 
-def test_the_head_reaches_python_once_with_the_peer_and_the_bytes_behind_it(backend):
+def test_the_head_reaches_python_once_parsed_with_the_peer(backend):
     r = Rig(backend)
     c = r.client(HEAD[:20])
     time.sleep(0.05)
     r.e.poll_handshakes()
     assert not [e for e in r.events if e[0] == "head"]  # not complete yet
+    r.on("head", lambda ev: r.e.refuse(ev[1], b"HTTP/1.1 403 Forbidden\r\n\r\n"))
     c.sendall(HEAD[20:] + b"EARLY")
-    _, cid, data, head_end, peer = r.next_event("head")
-    assert data in (HEAD, HEAD + b"EARLY") and head_end == len(HEAD)
-    assert peer == c.getsockname()
-    assert r.e.handshake_stats["live"] == 1
+    _, cid, req, ip = r.next_event("head")
+    assert (req.method, req.path, req.head_len, ip) == (b"GET", b"/chat", len(HEAD), c.getsockname()[0])
+    assert req.tokens(b"upgrade") == {b"websocket"}
+
+
+def test_a_head_that_cannot_parse_or_is_over_the_cap_comes_as_none(backend):
+    r = Rig(backend, max_head=1024)
+    r.on("head", lambda ev: r.e.detach(ev[1]))
+    c1 = r.client(b"GET / HTTP/1.1\r\nX: " + b"a" * 3000)
+    _, _, req, _ = r.next_event("head")
+    assert req is None  # over the cap: Python answers 431 from the bytes read
+    c2 = r.client(b"GET / HTTP/1.1\n\n")
+    _, _, req, _ = r.next_event("head")
+    assert req is None  # bare LF: answered at once, not at the handshake timeout
+    c1.close()
+    c2.close()
 
 
 def test_refuse_writes_half_closes_and_lingers(backend):
     r = Rig(backend)
-    c = r.client(HEAD)
-    _, cid, *_ = r.next_event("head")
     answer = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    assert r.e.refuse(cid, answer)
+    r.on("head", lambda ev: r.e.refuse(ev[1], answer))
+    c = r.client(HEAD)
+    r.next_event("head")
     got = b""
     c.settimeout(5)
     while True:
@@ -120,37 +194,46 @@ def test_refuse_writes_half_closes_and_lingers(backend):
     r.poll(lambda: r.e.handshake_stats["live"] == 0)
 
 
-def test_connect_fails_over_holds_early_bytes_until_the_101_then_splices(backend):
+def test_a_callback_that_decides_nothing_is_an_error_and_the_connection_closes(backend):
     r = Rig(backend)
+    c = r.client(HEAD)
+    with pytest.raises(RuntimeError, match="undecided"):
+        r.poll(lambda: False, 2)
+    c.settimeout(5)
+    assert c.recv(10) == b""
+    assert r.e.handshake_stats["live"] == 0
+
+
+def test_connect_fails_over_forwards_in_c_holds_early_bytes_until_the_101_then_splices(backend):
     o = origin_listener()
+    r = Rig(backend, origins=[[("127.0.0.1", dead_port())], [addr(o)]], proto=b"https")
+    r.on("head", lambda ev: r.e.connect(ev[1], 0, ev[2], RID, "token"))
     c = r.client(HEAD + b"EARLY")
-    _, cid, data, head_end, peer = r.next_event("head")
-    forwarded = b"GET /chat HTTP/1.1\r\nHost: relay.test\r\nX-Forwarded-For: 127.0.0.1\r\n\r\n"
-    assert r.e.connect(cid, [("127.0.0.1", dead_port()), ("127.0.0.1", o.getsockname()[1])], forwarded)
+    _, cid, req, ip = r.next_event("head")
     r.poll(lambda: True)
     conn, _ = o.accept()
-    conn.settimeout(5)
-    got = b""
-    while len(got) < len(forwarded):
-        r.poll(lambda: True, 0.1)
-        got += conn.recv(65536)
-    assert got == forwarded  # the head only: EARLY is held
+    got = recv_head(conn, r)
+    assert got == (b"GET /chat HTTP/1.1\r\nHost: relay.test\r\nUpgrade: websocket\r\nX-Forwarded-For: 127.0.0.1\r\n"
+                   b"X-Forwarded-Proto: https\r\nX-Forwarded-Host: relay.test\r\nX-Request-ID: " + RID +
+                   b"\r\nConnection: Upgrade\r\n\r\n")  # the head only: EARLY is held
     conn.setblocking(False)
     time.sleep(0.05)
     r.poll(lambda: True)
     with pytest.raises(BlockingIOError):
         conn.recv(65536)
+    r.on("response", lambda ev: r.tid.append(r.e.splice(ev[1], "tunnel")))
+    r.tid = []
     conn.sendall(GUID_101 + b"after-101")
-    _, rid, resp, resp_end, origin_index = r.next_event("response")
-    assert rid == cid and resp_end == len(GUID_101) and resp.startswith(GUID_101) and origin_index == 1
-    tid = r.e.splice(cid, resp, "tok")
+    _, rid, token, resp, origin, attempts = r.next_event("response")
+    assert (rid, token, resp.status, resp.head_len, origin) == (cid, "token", 101, len(GUID_101), 1)
+    assert attempts == ((0, 1, errno.ECONNREFUSED),)  # for the failure log
     assert r.e.handshake_stats["live"] == 0 and r.e.open == 1
     c.settimeout(5)
     got = b""
-    while len(got) < len(resp):
+    while len(got) < len(GUID_101) + 9:
         r.e.poll()
         got += c.recv(65536)
-    assert got == resp
+    assert got == GUID_101 + b"after-101"
     conn.settimeout(5)
     got = b""
     while len(got) < 5:
@@ -163,95 +246,191 @@ def test_connect_fails_over_holds_early_bytes_until_the_101_then_splices(backend
         r.e.poll()
         got += conn.recv(65536)
     assert got == b"ping"
-    assert r.e.bytes(tid) == (4, 0)
+    assert r.e.bytes(r.tid[0]) == (4, 0)
 
 
-def test_every_origin_refusing_is_reported_once(backend):
-    r = Rig(backend)
+def test_an_origin_closing_without_a_byte_moves_on_each_origin_once(backend):
+    quitters = [origin_listener() for _ in range(2)]
+    r = Rig(backend, origins=[[addr(q)] for q in quitters])
+    r.on("head", lambda ev: r.e.connect(ev[1], 1, ev[2], RID, "tok"))
+    r.on("failed", lambda ev: r.e.refuse(ev[1], b"HTTP/1.1 502 Bad Gateway\r\n\r\n"))
     c = r.client(HEAD)
-    _, cid, *_ = r.next_event("head")
-    r.e.connect(cid, [("127.0.0.1", dead_port()), ("127.0.0.1", dead_port())], b"GET / HTTP/1.1\r\n\r\n")
-    _, fid, err = r.next_event("failed")
-    assert fid == cid and err == errno.ECONNREFUSED
-    assert r.e.refuse(cid, b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+    order = []
+    for _ in range(2):
+        r.poll(lambda: True)
+        for i, q in enumerate(quitters):
+            q.setblocking(False)
+            try:
+                conn, _ = q.accept()
+            except BlockingIOError:
+                continue
+            order.append(i)
+            conn.close()  # without a byte of answer
+    _, _, token, origin, attempts = r.next_event("failed")
+    assert order == [1, 0]  # from the origin Python named, each once
+    assert token == "tok" and origin == 0 and [a[:2] for a in attempts] == [(1, 2), (0, 2)]
     assert c.recv(100).startswith(b"HTTP/1.1 502")
 
 
-@pytest.mark.parametrize("answer, expect", [(b"", "next"), (b"HTTP/1.1 101 Swi", "truncated"),
-                                            (b"HTTP/1.1 101 OK\r\nX: " + b"y" * 70000, "too large")])
-def test_origin_answers_that_fail(backend, answer, expect):
-    r = Rig(backend)
+def test_an_origins_addresses_are_tried_in_order_before_the_next_origin(backend):
     o = origin_listener()
-    c = r.client(HEAD)
-    _, cid, *_ = r.next_event("head")
-    r.e.connect(cid, [("127.0.0.1", o.getsockname()[1])], b"GET / HTTP/1.1\r\n\r\n")
+    r = Rig(backend, origins=[[("127.0.0.1", dead_port()), addr(o)]])
+    r.on("head", lambda ev: r.e.connect(ev[1], 0, ev[2], RID, "tok"))
+    r.on("response", lambda ev: r.e.splice(ev[1], "t"))
+    r.client(HEAD)
     r.poll(lambda: True)
     conn, _ = o.accept()
-    conn.recv(65536)
-    if answer:
-        conn.sendall(answer)
+    recv_head(conn, r)
+    conn.sendall(GUID_101)
+    _, _, _, resp, origin, attempts = r.next_event("response")
+    assert resp.status == 101 and origin == 0 and attempts == ((0, 1, errno.ECONNREFUSED),)
+
+
+@pytest.mark.parametrize("answer, kind", [(b"HTTP/1.1 101 Swi", 3), (b"HTTP/1.1 100 Continue\r\n\r\n", 3)])
+def test_an_answer_that_breaks_off_fails_without_a_retry(backend, answer, kind):
+    o, other = origin_listener(), origin_listener()
+    r = Rig(backend, origins=[[addr(o)], [addr(other)]])
+    r.on("head", lambda ev: r.e.connect(ev[1], 0, ev[2], RID, "tok"))
+    r.on("response", lambda ev: r.e.skip(ev[1], ev[3].head_len))  # the interim answer: read on
+    r.on("failed", lambda ev: r.e.refuse(ev[1], b"HTTP/1.1 502 Bad Gateway\r\n\r\n"))
+    r.client(HEAD)
+    r.poll(lambda: True)
+    conn, _ = o.accept()
+    recv_head(conn, r)
+    conn.sendall(answer)
     conn.close()
-    _, fid, err = r.next_event("failed")
-    # closed without a byte: the next origin (none here: refused); a partial answer: not retried
-    assert err == {"next": errno.ECONNRESET, "truncated": errno.EPIPE, "too large": errno.EMSGSIZE}[expect]
-    c.close()
+    _, _, _, origin, attempts = r.next_event("failed")
+    assert attempts[-1][:2] == (0, kind)  # truncated: it acted on the request
+    other.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        other.accept()
+
+
+def test_interim_answers_are_skipped_on_pythons_word(backend):
+    o = origin_listener()
+    r = Rig(backend, origins=[[addr(o)]])
+    statuses = []
+
+    def answer(ev):
+        statuses.append(ev[3].status)
+        if ev[3].status < 200 and ev[3].status != 101:
+            r.e.skip(ev[1], ev[3].head_len)
+        else:
+            r.e.splice(ev[1], "t")
+    r.on("head", lambda ev: r.e.connect(ev[1], 0, ev[2], RID, "tok"))
+    r.on("response", answer)
+    c = r.client(HEAD)
+    r.poll(lambda: True)
+    conn, _ = o.accept()
+    recv_head(conn, r)
+    conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </s>\r\n\r\n")
+    r.poll(lambda: len(statuses) == 2)
+    conn.sendall(GUID_101)
+    r.poll(lambda: len(statuses) == 3)
+    assert statuses == [100, 103, 101]
+    c.settimeout(5)
+    assert recv_all(c, r, len(GUID_101)) == GUID_101  # the interim answers never reach the client
+
+
+def recv_all(s: socket.socket, r: Rig, n: int) -> bytes:
+    got = b""
+    while len(got) < n:
+        r.e.poll()
+        got += s.recv(65536)
+    return got
+
+
+def test_malformed_answers_come_as_the_error(backend):
+    o = origin_listener()
+    r = Rig(backend, origins=[[addr(o)]])
+    r.on("head", lambda ev: r.e.connect(ev[1], 0, ev[2], RID, "tok"))
+    r.on("response", lambda ev: r.e.refuse(ev[1], b"HTTP/1.1 502 Bad Gateway\r\n\r\n"))
+    r.client(HEAD)
+    r.poll(lambda: True)
+    conn, _ = o.accept()
+    recv_head(conn, r)
+    conn.sendall(b"SSH-2.0-OpenSSH\r\n")  # at once: not at the connect timeout
+    _, _, _, resp, _, _ = r.next_event("response", 2)
+    assert resp == (502, "malformed origin status line", "origin_error")
 
 
 def test_head_timeout_is_reported_with_the_bytes_read_and_the_connection_dropped(backend):
     r = Rig(backend, head_timeout=0.3)
     c = r.client(HEAD[:10])
-    _, cid, phase, nbytes = r.next_event("timeout", 3)
-    assert phase == "head" and nbytes == 10
+    _, cid, data, ip = r.next_event("head_timeout", 3)
+    assert data == HEAD[:10] and ip == "127.0.0.1"
     c.settimeout(2)
     assert c.recv(10) == b""  # closed, nothing answered (Python counts a 408)
     assert r.e.handshake_stats["live"] == 0
 
 
 def test_origin_timeout(backend):
-    r = Rig(backend, connect_timeout=0.3)
     o = origin_listener()  # accepts (the kernel does) and never answers
+    r = Rig(backend, origins=[[addr(o)]], connect_timeout=0.3)
+    r.on("head", lambda ev: r.e.connect(ev[1], 0, ev[2], RID, "tok"))
+    r.on("timeout", lambda ev: r.e.refuse(ev[1], b"HTTP/1.1 504 Gateway Timeout\r\nContent-Length: 0\r\n\r\n"))
     c = r.client(HEAD)
-    _, cid, *_ = r.next_event("head")
-    r.e.connect(cid, [("127.0.0.1", o.getsockname()[1])], b"GET / HTTP/1.1\r\n\r\n")
-    _, tid, phase, _n = r.next_event("timeout", 3)
-    assert tid == cid and phase == "origin"
-    assert r.e.refuse(cid, b"HTTP/1.1 504 Gateway Timeout\r\nContent-Length: 0\r\n\r\n")
+    _, tid, token, origin, _ = r.next_event("timeout", 3)
+    assert token == "tok" and origin == 0
     assert c.recv(100).startswith(b"HTTP/1.1 504")
 
 
-def test_a_head_over_the_cap_is_delivered_without_an_end(backend):
-    r = Rig(backend, max_head=1024)
-    c = r.client(b"GET / HTTP/1.1\r\nX: " + b"a" * 3000)
-    _, cid, data, head_end, _ = r.next_event("head")
-    assert head_end == 0 and len(data) == 1025  # Python answers 431
-    c.close()
-
-
-def test_detach_hands_the_socket_and_the_bytes_over(backend):
-    r = Rig(backend)
+def test_detach_hands_both_sockets_and_every_byte_over(backend):
+    o = origin_listener()
+    r = Rig(backend, origins=[[addr(o)]])
+    r.on("head", lambda ev: r.e.connect(ev[1], 0, ev[2], RID, "tok"))
+    handed = []
+    r.on("response", lambda ev: handed.append(r.e.detach(ev[1])))
     c = r.client(HEAD + b"tail")
-    _, cid, *_ = r.next_event("head")
-    cfd, ofd, cbytes, obytes = r.e.detach(cid)
-    assert ofd == -1 and cbytes == HEAD + b"tail" and obytes == b""
+    r.poll(lambda: True)
+    conn, _ = o.accept()
+    recv_head(conn, r)
+    refusal = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 4\r\n\r\nno!!"
+    conn.sendall(refusal)
+    r.poll(lambda: handed)
+    cfd, ofd, cbytes, obytes = handed[0]
+    assert cbytes == HEAD + b"tail" and obytes == refusal
     s = socket.socket(fileno=cfd)
     s.sendall(b"served by Python")
     assert c.recv(100) == b"served by Python"
+    with socket.socket(fileno=ofd) as osock:
+        osock.sendall(b"to the origin")
+        assert conn.recv(100) == b"to the origin"
     s.close()
     assert r.e.handshake_stats["live"] == 0
 
 
-def test_a_client_leaving_while_its_origin_is_asked_is_reported(backend):
-    r = Rig(backend)
+def test_tokens_are_released_with_their_connections(backend):
+    import sys
+
+    token = object()
+    before = sys.getrefcount(token)
     o = origin_listener()
-    c = r.client(HEAD)
-    _, cid, *_ = r.next_event("head")
-    r.e.connect(cid, [("127.0.0.1", o.getsockname()[1])], b"GET / HTTP/1.1\r\n\r\n")
-    r.poll(lambda: True)
-    c.close()
-    _, fid, err = r.next_event("failed")
-    assert fid == cid and err == errno.ECONNABORTED
-    assert r.e.close_handshake(cid)
-    assert r.e.handshake_stats["live"] == 0
+    r = Rig(backend, origins=[[addr(o)]], connect_timeout=0.2)
+    r.on("head", lambda ev: r.e.connect(ev[1], 0, ev[2], RID, token))
+    r.on("timeout", lambda ev: r.e.refuse(ev[1], b"HTTP/1.1 504 Gateway Timeout\r\n\r\n"))
+    r.client(HEAD)
+    r.next_event("timeout", 3)
+    r.events.clear()
+    assert sys.getrefcount(token) == before
+
+
+class Taker:
+    """A front that answers nothing and keeps each connection a while (an empty
+    refusal: half-closed, lingering 2 s), so it counts in the worker's load."""
+
+    def __init__(self, heads):
+        self.heads = heads
+        self.engine = None
+
+    def on_head(self, cid, req, ip):
+        self.heads.append(cid)
+        self.engine.refuse(cid, b"")
+
+    def on_response(self, *a):
+        pass
+
+    on_failed = on_timeout = on_head_timeout = on_response
 
 
 def test_accepts_balance_across_workers_through_shared_slots():
@@ -275,8 +454,9 @@ def test_accepts_balance_across_workers_through_shared_slots():
     for i in range(2):
         heads = []
         e = native.Engine()
-        e.handshakes(lambda cid, *a, heads=heads: heads.append(cid), lambda *a: None, lambda *a: None,
-                     lambda *a: None)
+        taker = Taker(heads)
+        taker.engine = e
+        e.handshakes(taker)
         e.listen(lst.fileno())
         e.balance(slots[i], [slots[1 - i]], layout.LOAD, layout.ACCEPTING)
         workers.append((e, heads))
@@ -305,6 +485,7 @@ def test_a_stalled_sibling_costs_latency_not_service():
     mine, sibling = (memoryview(array.array("d", [0.0] * layout.SIZE)) for _ in range(2))
     mine[layout.ACCEPTING] = sibling[layout.ACCEPTING] = 1.0
     r = Rig()
+    r.on("head", lambda ev: r.e.refuse(ev[1], b"HTTP/1.1 503 x\r\n\r\n"))
     r.e.balance(mine, [sibling], layout.LOAD, layout.ACCEPTING, slack=0)
     clients = [r.client(HEAD) for _ in range(30)]
     r.poll(lambda: len([e for e in r.events if e[0] == "head"]) == 30, 10)
@@ -313,10 +494,10 @@ def test_a_stalled_sibling_costs_latency_not_service():
         c.close()
 
 
-def test_the_prototype_front_serves_a_real_relay(aio_origin):
-    """WSRELAY_NATIVE_HANDSHAKE=1 (relay/native/front.py): an upgrade and its
-    echo, a refusal, and plain HTTP handed back to the Python path, through
-    a real relay with 2 workers; the access log says native for both upgrades."""
+def test_the_head_phase_in_c_serves_a_real_relay_by_default(aio_origin):
+    """The default on the native plane (relay/native/front.py): an upgrade and
+    its echo, a refusal, and plain HTTP handed to the Python plane, through a
+    real relay with 2 workers; the access log says native for both upgrades."""
     import json
 
     from websockets.sync.client import connect
@@ -324,7 +505,7 @@ def test_the_prototype_front_serves_a_real_relay(aio_origin):
     from tests.support.net import raw_exchange, status_of, upgrade_request
     from tests.support.relay import Relay, wait_for
 
-    with Relay(aio_origin.addr, workers=2, env={"WSRELAY_NATIVE_HANDSHAKE": "1", "RELAY_WS_PATHS": "/ws"}) as r:
+    with Relay(aio_origin.addr, workers=2, env={"RELAY_WS_PATHS": "/ws"}) as r:
         with connect(r.url + "/ws") as ws:
             ws.send("through C")
             assert ws.recv(timeout=5) == "through C"
@@ -344,7 +525,13 @@ _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
 heads = []
 e = native.Engine()
-e.handshakes(lambda cid, *a: heads.append(cid), lambda *a: None, lambda *a: None, lambda *a: None)
+class Front:  # keeps each connection, lingering (an empty refusal)
+    def on_head(self, cid, req, ip):
+        heads.append(cid); e.refuse(cid, b"")
+    def on_response(self, *a):
+        pass
+    on_failed = on_timeout = on_head_timeout = on_response
+e.handshakes(Front())
 lst = socket.socket(); lst.bind(("127.0.0.1", 0)); lst.listen(512); lst.setblocking(False)
 e.listen(lst.fileno())
 pid = os.fork()
