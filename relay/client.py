@@ -227,8 +227,9 @@ class ClientConnection(asyncio.Protocol):
 
     # -- the seam: what a server may do with its connection ---------------------------
     def send(self, data: bytes) -> None:
-        """Write to the client."""
-        self.transport.write(data)
+        """Write to the client (nothing once it is gone)."""
+        if self.state is not CLOSED:
+            self.transport.write(data)
 
     def reading(self, on: bool) -> None:
         """Read from the client (``on``) or stop until told again."""
@@ -249,6 +250,8 @@ class ClientConnection(asyncio.Protocol):
         sending it, and closing a socket with unread bytes resets it, which
         can destroy the answer in flight."""
         self.server = None
+        if self.state is CLOSED:  # the client left first (an origin's refusal still coming)
+            return
         if not keep or self.ctx.draining:
             self._linger()
             return

@@ -47,19 +47,25 @@ class Upgrade:
         self.early = rest
         #: the admission slot the gate took is ours until a tunnel takes it
         self.holds_slot = True
+        #: the origin's connection while its refusal is relayed
+        self.refusal_t: asyncio.Transport | None = None
         self.task = asyncio.ensure_future(self._run())
         self.task.add_done_callback(self._done)
 
-    # -- the client's side (reading is paused: little arrives) -------------------------
+    # -- the client's side (reading is paused until a refusal is relayed) ----------------
     def data(self, data: bytes) -> None:
-        self.early += data
+        if self.refusal_t is None:  # during a refusal, dropped with the connection
+            self.early += data
 
     def eof(self) -> bool:
-        return False
+        # during a refusal: a half-close is not an abort, the rest of the answer still goes
+        return self.refusal_t is not None
 
     def lost(self) -> None:
         if not self.task.done():
             self.task.cancel()
+        if self.refusal_t is not None:  # nobody left to relay the refusal to
+            self.refusal_t.abort()
 
     def writable(self, ok: bool) -> None:
         pass
@@ -106,7 +112,8 @@ class Upgrade:
                 rec.outcome = "origin_rejected"
                 ctx.counters.upgrade("origin_rejected", resp.status)
                 relay_refusal(conn, origin_t, bytes(answer.buf), resp, rec)
-                origin_t = None  # relay_refusal owns it now
+                self.refusal_t, origin_t = origin_t, None  # relay_refusal owns it now
+                conn.reading(True)  # to see the client leave: the rest is not worth relaying then
                 return
             try:
                 check_upgrade_response(resp, self.key)
@@ -262,7 +269,7 @@ class HandedOverRefusal:
         pass
 
     def eof(self) -> bool:
-        return False
+        return True  # a half-close is not an abort: the rest of the answer still goes
 
     def lost(self) -> None:
         self.gone = True

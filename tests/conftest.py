@@ -9,7 +9,11 @@ from tests.support.origins import AiohttpOrigin, SilentOrigin, WebsocketsOrigin
 #: Modules whose tests run once per data plane (README "Settings", RELAY_DATA_PLANE):
 #: every relay they start serves its tunnels natively, then in Python
 #: (test_tunnel.py combines the planes with its RELAY_MODE parameter itself).
-BOTH_PLANES = {"test_tunnel_endings", "test_faults", "test_exhaustion", "test_lifecycle", "test_metrics"}
+#: On the native plane the head phase runs in C (relay/native/front.py), on the
+#: Python plane in relay/client.py: the refusal, access-log, hostile-client and
+#: proxy-safety suites hold both to the same answers.
+BOTH_PLANES = {"test_tunnel_endings", "test_faults", "test_exhaustion", "test_lifecycle", "test_metrics",
+               "test_refusals", "test_access_log", "test_hostile", "test_proxy_safety"}
 #: ...and these once more with the native engine on epoll instead of io_uring
 EPOLL_TOO = {"test_tunnel_endings", "test_faults"}
 

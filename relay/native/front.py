@@ -207,7 +207,7 @@ class NativeFront:
         """The origin's response head (a view, or (status, reason, outcome) when malformed)."""
         ctx = self.ctx
         if attempts:
-            self._failures(attempts)
+            self._failures(attempts, origin)
         rec = conn.record
         if rec is not None and origin >= 0:
             rec.origin = self.names[origin]
@@ -276,14 +276,20 @@ class NativeFront:
             ctx.access.write(record)
 
     # -- helpers ------------------------------------------------------------------------
-    def _failures(self, attempts) -> None:
+    def _failures(self, attempts, answered: int = -1) -> None:
+        """Log each failed attempt as relay/upgrade.py does: a connect failure once
+        per origin none of whose addresses took the connection (as
+        create_connection tries them all), a close without a byte each time."""
         failures = self.ctx.origins.failures
+        refused: dict[int, int] = {}
         for origin, kind, err in attempts:
-            name = self.names[origin]
             if kind == _CONNECT:
-                failures.failed(name, "connect failed", self.resolver.error(origin) or os.strerror(err))
+                refused[origin] = err
             elif kind == _CLOSED:
-                failures.failed(name, "closed", str(OriginClosed()))
+                failures.failed(self.names[origin], "closed", str(OriginClosed()))
+        for origin, err in refused.items():
+            if origin != answered:
+                failures.failed(self.names[origin], "connect failed", self.resolver.error(origin) or os.strerror(err))
 
     def _bad_answer(self, conn: NativeConnection, origin: int, e: HeadError) -> None:
         name = self.names[origin] if origin >= 0 else ""

@@ -32,7 +32,7 @@ def origin(loop_thread):
 
 
 @pytest.fixture(scope="module")
-def relay(origin):
+def relay(origin, data_plane):
     with Relay(origin.addr, workers=1, env={"RELAY_HANDSHAKE_TIMEOUT": "0.5"}) as r:
         yield r
 

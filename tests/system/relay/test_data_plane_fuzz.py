@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import socket
 import struct
 import threading
@@ -197,3 +198,155 @@ def test_both_data_planes_carry_the_same_streams_and_endings(relays, origin_list
             action, observed = entry
             assert observed == ("eof" if action.endswith("fin") else "reset"), (steps, end, n["log"])
     assert n["bytes"] == n["expected_bytes"], (steps, end, n)
+
+
+# -- the head phase: C (the native plane's default) against Python --------------------------
+#
+# Random upgrade requests (extra fields, a query, early bytes, sent whole, cut
+# or trickled; now and then one the relay must refuse) against random origin
+# answers (a 101, a wrong accept, interim answers first, refusals delimited by
+# Content-Length, chunks or close, a close without a byte, a truncated head,
+# garbage), played through the same three relays. What the client reads, what
+# the origin gets (the forwarded head, with the request id masked) and the
+# access log's status and outcome must be the same on every plane.
+
+EXTRA = st.sampled_from([
+    "", "X-Forwarded-For: 198.51.100.7\r\n", "Cookie: a=b; c=d\r\n", "Origin: https://app.example.com\r\n",
+    "Connection: keep-alive, Upgrade, X-Hop\r\nX-Hop: 1\r\n", "X_Forwarded_For: forged\r\n",
+    "User-Agent: fuzz/1.0\r\nX-Request-ID: mine\r\n", "Sec-WebSocket-Protocol: chat, superchat\r\n",
+])
+BROKEN = st.sampled_from([
+    None, None, None, None,
+    b"GET /ws HTTP/1.0\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+    b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 8\r\n\r\n",
+    b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\n\n\n",
+    b"GET http://victim:1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    b"GET /plain HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+])
+ANSWER = st.one_of(
+    st.just(("101",)), st.just(("101",)), st.just(("wrong-accept",)),
+    st.tuples(st.just("interim"), st.sampled_from([b"HTTP/1.1 100 Continue\r\n\r\n",
+                                                   b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"])),
+    st.tuples(st.just("length"), st.sampled_from([403, 404, 500]), st.integers(0, 300_000)),
+    st.tuples(st.just("chunked"), st.lists(st.integers(1, 5000), max_size=4)),
+    st.tuples(st.just("until-close"), st.integers(0, 100_000)),
+    st.just(("close",)), st.just(("truncated",)), st.just(("garbage",)),
+)
+
+
+async def _scripted(origin, c) -> None:
+    """Answers as the current example's plan says (origin.plan)."""
+    kind, *args = origin.plan
+    origin.received += c.rest  # nothing may come with the head: early bytes wait for the 101
+    if kind in ("101", "wrong-accept", "interim"):
+        if kind == "interim":
+            c.writer.write(args[0])
+            await c.writer.drain()
+        c.writer.write(switching(c.head, b"d3Jvbmc=" if kind == "wrong-accept" else None))
+        while data := await c.reader.read(65536):
+            c.writer.write(data)
+        return
+    if kind == "close":
+        return
+    if kind == "truncated":
+        c.writer.write(b"HTTP/1.1 101 Swi")
+        return
+    if kind == "garbage":
+        c.writer.write(b"SSH-2.0-OpenSSH_9.2\r\n")
+    elif kind == "length":
+        status, n = args
+        c.writer.write(b"HTTP/1.1 %d Refused\r\nContent-Length: %d\r\nX-Origin: 1\r\n\r\n" % (status, n)
+                       + bytes(i % 251 for i in range(n)))
+    elif kind == "chunked":
+        c.writer.write(b"HTTP/1.1 401 Unauthorized\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n")
+        for i, n in enumerate(args[0]):
+            c.writer.write(b"%x\r\n%s\r\n" % (n, bytes([65 + i]) * n))
+            await c.writer.drain()
+        c.writer.write(b"0\r\n\r\n")
+    else:  # until close
+        c.writer.write(b"HTTP/1.0 403 Forbidden\r\n\r\n" + b"z" * args[0])
+        await c.writer.drain()
+        return
+    await c.writer.drain()
+    while data := await c.reader.read(65536):  # until the relay closes
+        origin.received += data
+
+
+@pytest.fixture(scope="module")
+def head_relays(loop_thread):
+    from tests.support.raw_origins import RawOrigin
+
+    origin = RawOrigin(loop_thread, _scripted).start()
+    env = {"RELAY_CONNECT_TIMEOUT": "2", "RELAY_WS_PATHS": "/ws"}
+    with Relay(origin.addr, workers=1, metrics=False, env={**env, "RELAY_DATA_PLANE": "native"}) as n, \
+            Relay(origin.addr, workers=1, metrics=False, env={**env, "RELAY_DATA_PLANE": "native",
+                                                               "WSRELAY_NATIVE_BACKEND": "epoll"}) as ne, \
+            Relay(origin.addr, workers=1, metrics=False, env={**env, "RELAY_DATA_PLANE": "python"}) as p:
+        yield origin, {"native": n, "native-epoll": ne, "python": p}
+    origin.stop()
+
+
+def _read_all(s: socket.socket) -> bytes:
+    out = b""
+    while True:
+        try:
+            chunk = s.recv(1 << 20)
+        except ConnectionResetError:
+            return out + b"<reset>"
+        if not chunk:
+            return out
+        out += chunk
+
+
+def play_head(relay: Relay, origin, request: bytes, cuts, early: bytes, plan) -> dict:
+    seen = len(relay.access)
+    heads = len(origin.heads)
+    origin.plan = plan
+    origin.received.clear()
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as s:
+        data, prev = request + early, 0
+        for cut in [*cuts, len(data)]:
+            if prev < cut <= len(data):
+                s.sendall(data[prev:cut])
+                prev = cut
+                time.sleep(0.005)
+        got = b""
+        while b"\r\n\r\n" not in got:
+            try:
+                chunk = s.recv(1 << 20)
+            except ConnectionResetError:
+                got += b"<reset>"
+                break
+            if not chunk:
+                break
+            got += chunk
+        if got.startswith(b"HTTP/1.1 101"):
+            while len(got) < got.index(b"\r\n\r\n") + 4 + len(early):
+                got += s.recv(65536)
+            s.sendall(b"after the 101")
+            echo = b""
+            while len(echo) < 13:
+                echo += s.recv(65536)
+            got += b"|" + echo
+            s.shutdown(socket.SHUT_WR)
+            got += _read_all(s)
+        else:
+            got += _read_all(s)
+    wait_for(lambda: len(relay.access) > seen, 10, what="the request's access log line")
+    rec = json.loads(relay.access[-1])
+    forwarded = [re.sub(rb"X-Request-ID: [0-9a-f]{32}", b"X-Request-ID: <id>", h) for h in origin.heads[heads:]]
+    return {"client": got, "origin": forwarded, "before_101": bytes(origin.received),
+            "log": (rec["status"], rec["outcome"], rec["method"], rec["path"], rec["origin"] != "")}
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+@given(extra=EXTRA, broken=BROKEN, query=st.sampled_from(["", "?a=1&b=%20"]),
+       early=st.sampled_from([b"", b"\x81\x85abcd\x29\x07\x0f\x08\x0e"]), answer=ANSWER,
+       cuts=st.lists(st.integers(1, 400), max_size=3))
+def test_both_head_phases_answer_alike(head_relays, extra, broken, query, early, answer, cuts):
+    origin, relays = head_relays
+    request = broken or upgrade_request("/ws" + query, extra=extra)
+    got = {plane: play_head(r, origin, request, sorted(set(cuts)), early, answer) for plane, r in relays.items()}
+    for plane in ("native-epoll", "python"):
+        assert got["native"] == got[plane], (plane, request, answer, got["native"], got[plane])

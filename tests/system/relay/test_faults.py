@@ -9,6 +9,7 @@ misbehaviour from the request path.
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 
@@ -242,3 +243,25 @@ def test_plain_http_origin_garbage_and_truncation(faulty):
             out = raw_exchange(r.port, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
             assert status_of(out) == 502, (path, out[:200])
 
+
+
+def test_an_origin_named_by_its_host_name(ws_origin):
+    """RELAY_ORIGIN=localhost:PORT: resolved (the native head phase off the
+    loop, when the worker starts), served, and named as configured."""
+    from websockets.sync.client import connect
+
+    port = ws_origin.addr.rsplit(":", 1)[1]
+    with Relay(f"localhost:{port}", workers=1) as r:
+        with connect(r.url + "/named", open_timeout=5) as ws:
+            ws.send("by name")
+            assert ws.recv(timeout=5) == "by name"
+        rec = wait_for(lambda: next((json.loads(x) for x in r.access if '"upgraded"' in x), None), 5,
+                       what="the session's access log line")
+        assert rec["origin"] == f"localhost:{port}"
+        assert "connect failed" not in r.text()
+
+
+def test_an_origin_name_that_does_not_resolve_is_a_502_naming_it():
+    with Relay("no-such-origin.invalid:9", workers=1) as r:
+        assert status_of(raw_exchange(r.port, upgrade_request("/"))) == 502
+        r.wait_log("origin no-such-origin.invalid:9 connect failed:", timeout=5)

@@ -25,7 +25,7 @@ HANDSHAKE_TIMEOUT = 2.0
 
 
 @pytest.fixture(scope="module")
-def relay(ws_origin):
+def relay(ws_origin, data_plane):
     with Relay(ws_origin.addr, workers=2, env={"RELAY_HANDSHAKE_TIMEOUT": str(HANDSHAKE_TIMEOUT)}) as r:
         echo_ok(r)  # warm both the relay and the origin
         r.baseline = (r.rss(), worker_fds(r))  # for test_memory_bounded_after_the_hostile_tests

@@ -271,6 +271,57 @@ def test_refused_upgrade_says_connection_close_and_drops_hop_by_hop_fields(raw):
     assert field(out, b"x-kept") == [b"1"] and out.endswith(b"\r\n\r\nnah")
 
 
+@pytest.mark.parametrize("plane", ["auto", "python"])
+def test_a_client_resetting_during_a_refusals_body_closes_the_origin_quietly(raw, plane):
+    """An origin's refusal with a body delimited by close, still coming when
+    the client resets: the relay closes the origin's connection at once (it
+    held it until the origin gave up), and nothing breaks when the origin
+    closes after (it asserted CLOSED -> LINGER). Both head phases: C (auto)
+    and Python. (A FIN is a half-close, not an abort: test below.)"""
+    left = asyncio.Event()
+
+    async def slow_refusal(origin, c):
+        c.writer.write(b"HTTP/1.0 403 Forbidden\r\n\r\n" + b"x" * 1000)
+        await c.writer.drain()
+        try:
+            data = await asyncio.wait_for(c.reader.read(65536), 3)
+            origin.received += b"<closed by the relay>" if not data else data
+        except asyncio.TimeoutError:
+            origin.received += b"<still open>"
+        except ConnectionError:
+            origin.received += b"<closed by the relay>"
+        left.set()
+
+    origin, relay = raw(slow_refusal, env={"RELAY_DATA_PLANE": plane})
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as s:
+        s.sendall(upgrade_request("/ws"))
+        assert status_of(read_head(s)[0]) == 403
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    wait_for(lambda: left.is_set(), 6, what="the origin to see the end")
+    assert bytes(origin.received) == b"<closed by the relay>"
+    wait_for(lambda: any('"status":403' in line for line in relay.access), 5)
+    relay.stop()  # fails on a traceback in its log
+
+
+@pytest.mark.parametrize("plane", ["auto", "python"])
+def test_a_client_half_closing_still_gets_the_whole_refusal(raw, plane):
+    """A half-close is not an abort: the refusal's body still comes whole."""
+    async def trickled(origin, c):
+        c.writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 30000\r\n\r\n")
+        for _ in range(3):
+            await asyncio.sleep(0.1)
+            c.writer.write(b"b" * 10000)
+            await c.writer.drain()
+        await c.reader.read(65536)
+
+    origin, relay = raw(trickled, env={"RELAY_DATA_PLANE": plane})
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as s:
+        s.sendall(upgrade_request("/ws"))
+        s.shutdown(socket.SHUT_WR)
+        out = recv_all(s)
+    assert heads_in(out) == [b"HTTP/1.1 403 Forbidden"] and out.endswith(b"\r\n\r\n" + b"b" * 30000), out[:300]
+
+
 # -- 6. interim answers before the 101 ----------------------------------------------------
 
 def interim_then(interim: bytes, accept: bytes | None = None):

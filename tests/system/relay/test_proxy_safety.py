@@ -40,7 +40,7 @@ def origin(loop_thread):
 
 
 @pytest.fixture(scope="module")
-def relay(origin):
+def relay(origin, data_plane):
     with Relay(origin.addr, workers=2) as r:
         yield r
 
@@ -141,7 +141,7 @@ def test_control_characters_never_inject_a_header_at_the_origin(relay, origin, n
     out = raw_exchange(relay.port, data)
     assert status_of(out) == 400, out[:200]
     assert len(origin.heads) == before, "a head with a control character was forwarded"
-    assert not any(b"X-Injected" in h for h in origin.heads)
+    assert not any(b"X-Injected" in h for h in origin.heads[before:])
 
 
 def test_encoded_crlf_in_the_target_is_forwarded_encoded(relay, origin):

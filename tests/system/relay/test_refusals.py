@@ -13,7 +13,7 @@ from tests.support.relay import Relay, wait_for
 
 
 @pytest.fixture(scope="module")
-def strict_relay(ws_origin):
+def strict_relay(ws_origin, data_plane):
     env = {"RELAY_WS_PATHS": "/ws,/chat/", "RELAY_ALLOWED_ORIGINS": "https://app.example.com,*.example.org",
            "RELAY_MAX_HEADER_BYTES": "2048", "RELAY_HANDSHAKE_TIMEOUT": "2"}
     with Relay(ws_origin.addr, workers=2, env=env) as r:
