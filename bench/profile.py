@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=int, default=250, help="samples per second")
     ap.add_argument("--perf", action="store_true", help="sample with perf record (kernel included) instead of py-spy")
     ap.add_argument("--system", default="wsrelay", choices=[k for k in proxies.SYSTEMS if k.startswith("wsrelay")],
-                    help="which wsrelay row of the benchmark to profile (e.g. wsrelay-nh, wsrelay-python)")
+                    help="which wsrelay row of the benchmark to profile (e.g. wsrelay-pyheads, wsrelay-python)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
     a = ap.parse_args(argv)
     if a.perf and shutil.which("perf") is None:

@@ -332,9 +332,10 @@ SYSTEMS = {
     # the pure-Python data plane (relay/tunnel.py) where "wsrelay" (RELAY_DATA_PLANE=auto) runs the native one
     "wsrelay-python": dict(label="wsrelay (1 worker, Python data plane)", workers=1,
                            env={"RELAY_DATA_PLANE": "python"}),
-    # milestone 2's prototype: the head phase in C too (relay/native/front.py)
-    "wsrelay-nh": dict(label="wsrelay (1 worker, head phase in C, prototype)", workers=1,
-                       env={"WSRELAY_NATIVE_HANDSHAKE": "1"}),
+    # the native pump with the head phase in Python (relay/client.py): what the head phase in C
+    # (relay/native/front.py, the default) replaced
+    "wsrelay-pyheads": dict(label="wsrelay (1 worker, native pump, head phase in Python)", workers=1,
+                            env={"WSRELAY_NATIVE_HANDSHAKE": "0"}),
     "wsrelay-2w": dict(label="wsrelay (2 workers)", workers=2),
     # the cost of observability: the same worker with /metrics on, scraped every second
     "wsrelay-metrics": dict(label="wsrelay (1 worker, /metrics scraped 1/s)", workers=1,
