@@ -63,7 +63,7 @@ class NativeFront:
 
     def __init__(self, ctx: Context, socks: list[socket.socket], mine=None, siblings=()) -> None:
         """``mine``/``siblings``: this worker's and the other workers' raw slots
-        of shared memory (relay.shared.SharedState.values), to balance accepts."""
+        of shared memory (relay.shared_memory.SharedState.values), to balance accepts."""
         self.ctx = ctx
         self.loop = asyncio.get_running_loop()
         s = ctx.settings

@@ -9,7 +9,7 @@ both sockets are duplicated out of their transports, which are then dropped
 without a shutdown (closing one descriptor of a duplicated pair sends
 nothing), and the engine owns the duplicates. Nothing can be lost or
 doubled in between: reading was paused on both transports when their heads
-were complete (relay/client.py, relay/origin.py), so uvloop holds no
+were complete (relay/upgrade.py, relay/origins/answer.py), so uvloop holds no
 unread byte, and what arrived behind a head was already handed to us as
 ``to_client``/``to_origin``. A transport that still holds unsent bytes
 cannot be handed over (uvloop would drop them): such a tunnel, and one
