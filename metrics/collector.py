@@ -27,6 +27,7 @@ class Source(Protocol):
     def limit(self) -> int: ...
     def restarts(self) -> int: ...
     def processes(self) -> dict[str, tuple[float, float, float]]: ...  # index -> rss, cpu s, fds
+    def certificates(self) -> dict[str, float]: ...  # name -> expiry, Unix time
 
 
 def _histogram(name: str, doc: str, buckets: tuple[float, ...], base: int,
@@ -109,6 +110,21 @@ class RelayCollector:
         for w, v in data.items():
             c.add_metric([w], v[layout.ACCEPT_ERRORS])
         yield c
+
+        c = CounterMetricFamily("wsrelay_tls_handshakes", "TLS handshakes on RELAY_TLS_LISTEN by outcome",
+                                labels=["worker", "outcome"])
+        for w, v in data.items():
+            for i, outcome in enumerate(layout.TLS_OUTCOMES):
+                c.add_metric([w, outcome], v[layout.TLS_HANDSHAKES + i])
+        yield c
+
+        certificates = src.certificates()
+        if certificates:
+            g = GaugeMetricFamily("wsrelay_tls_certificate_expiry_timestamp_seconds",
+                                  "When each served TLS certificate expires (notAfter, Unix time)", labels=["name"])
+            for name, expiry in sorted(certificates.items()):
+                g.add_metric([name], expiry)
+            yield g
 
         yield _histogram("wsrelay_handshake_seconds", "From the request's first byte to the 101 relayed",
                          layout.HANDSHAKE_BUCKETS, layout.HANDSHAKE, data)

@@ -15,6 +15,7 @@ _OUTCOME = {name: layout.UPGRADES + i for i, name in enumerate(layout.OUTCOMES)}
 _HANDSHAKE_SUM = layout.HANDSHAKE + len(layout.HANDSHAKE_BUCKETS) + 1
 _DURATION_SUM = layout.DURATION + len(layout.DURATION_BUCKETS) + 1
 _LAST_CODE = layout.HTTP_CODES - 1
+_TLS = {name: layout.TLS_HANDSHAKES + i for i, name in enumerate(layout.TLS_OUTCOMES)}
 
 
 class Counters:
@@ -51,6 +52,10 @@ class Counters:
 
     def ping_timeout(self) -> None:
         self._m[layout.PING_TIMEOUTS] += 1
+
+    def tls_handshake(self, outcome: str) -> None:
+        """A TLS handshake ended with ``outcome`` (one of layout.TLS_OUTCOMES)."""
+        self._m[_TLS[outcome]] += 1
 
     def accept_error(self) -> None:
         self._m[layout.ACCEPT_ERRORS] += 1

@@ -18,6 +18,9 @@ CLOSE_CODES = (1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1010, 1011,
 HANDSHAKE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 DURATION_BUCKETS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0)
 HTTP_CODES = 600  # one counter per status code 0..599
+# How TLS handshakes ended (README, "TLS"): full and resumed succeeded.
+TLS_OUTCOMES = ("full", "resumed", "failed_protocol", "failed_cipher", "failed_sni",
+                "failed_client_certificate", "failed_other", "plain_http", "client_abort", "timeout")
 
 # Gauges: current values, not folded into history when a worker dies.
 CONNECTIONS = 0           # open tunnels
@@ -31,8 +34,9 @@ CLOSES = DURATION + len(DURATION_BUCKETS) + 2  # + side * (len(CLOSE_CODES)+1) +
 ACCEPT_ERRORS = CLOSES + 2 * (len(CLOSE_CODES) + 1)
 PING_TIMEOUTS = ACCEPT_ERRORS + 1
 HTTP = PING_TIMEOUTS + 1                       # + status code
+TLS_HANDSHAKES = HTTP + HTTP_CODES             # + TLS_OUTCOMES.index(outcome)
 # Gauges read by sibling workers to balance accepts (workers/accept.py).
-LOAD = HTTP + HTTP_CODES  # open connections of any kind, as of the last accept
+LOAD = TLS_HANDSHAKES + len(TLS_OUTCOMES)  # open connections of any kind, as of the last accept
 ACCEPTING = LOAD + 1      # 1 while the worker takes new connections
 # time.monotonic() of the worker's last 1 s sweep: the supervisor replaces a
 # worker whose event loop stopped turning (workers/supervisor.py, HUNG_AFTER).

@@ -41,7 +41,8 @@ class Source:
 
     def __init__(self, version: str, history: History, live: Callable[[], Iterable[LiveWorker]],
                  indices: Callable[[], int], clients: Callable[[], int], limit: Callable[[], int],
-                 restarts: Callable[[], int], data_plane: Callable[[], str] = lambda: "python") -> None:
+                 restarts: Callable[[], int], data_plane: Callable[[], str] = lambda: "python",
+                 certificates: Callable[[], dict[str, float]] = dict) -> None:
         self.version = version
         self._data_plane = data_plane
         self.history = history
@@ -51,6 +52,8 @@ class Source:
         self.clients = clients
         self.limit = limit
         self.restarts = restarts
+        #: served TLS certificates: metric label ``name`` -> expiry (Unix time)
+        self.certificates = certificates
 
     @property
     def data_plane(self) -> str:

@@ -12,6 +12,8 @@ PROXY protocol plug in here: a transport of another kind, a state before
 
 States and their transitions are all in :data:`TRANSITIONS`::
 
+    TLS ──handshake──▶ HEAD                                  (RELAY_TLS_LISTEN only)
+     └──failed / timed out / plain HTTP (400)──▶ LINGER / CLOSED
     HEAD ──head──▶ SERVING ──finished(keep)──▶ HEAD          (keep-alive)
      │               ├──────finished(close)──▶ LINGER ──▶ CLOSED
      │               └──hand_over()──────────▶ TUNNEL      (the socket is a tunnel's)
@@ -19,6 +21,11 @@ States and their transitions are all in :data:`TRANSITIONS`::
 
 Refusals are short canned answers followed by a lingering close, so the
 client reads them even if it is still sending (nginx's ``lingering_close``).
+
+A connection from a TLS listener starts in ``TLS``: the first bytes decide
+between a ClientHello and plain HTTP (a 400 saying so), then the handshake
+(relay/tls/handshake.py) runs within ``RELAY_HANDSHAKE_TIMEOUT``, counted from
+the accept, and the head must arrive within the same deadline.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ from relay.http_head import BARE_LF_END, HEAD_END, parse_request_head
 from relay.logs import AccessRecord, new_request_id
 from relay.responses import refusal
 from relay.seam import Server
+from relay.responses import PLAIN_HTTP_ON_TLS, refusal
+from relay.tls import handshake as tls_handshake
 from relay.tunnel import reset
 from relay.upgrade import Upgrade
 
@@ -44,6 +53,7 @@ LINGER_SECONDS = 2.0
 
 
 class State(enum.Enum):
+    TLS = "TLS handshake"
     HEAD = "reading a request head"
     SERVING = "a server has the connection"
     LINGER = "answered; half-closed, discarding input"
@@ -51,8 +61,9 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
-HEAD, SERVING, LINGER, TUNNEL, CLOSED = State
+TLS, HEAD, SERVING, LINGER, TUNNEL, CLOSED = State
 TRANSITIONS: dict[State, frozenset[State]] = {
+    TLS: frozenset({HEAD, LINGER, CLOSED}),
     HEAD: frozenset({SERVING, LINGER, CLOSED}),
     SERVING: frozenset({HEAD, LINGER, TUNNEL, CLOSED}),
     LINGER: frozenset({CLOSED}),
@@ -62,12 +73,22 @@ TRANSITIONS: dict[State, frozenset[State]] = {
 
 
 class ClientConnection(asyncio.Protocol):
-    def __init__(self, ctx: Context):
+    def __init__(self, ctx: Context, tls=None):
         #: the worker's context (settings, counters, access log, origins)
         self.ctx = ctx
+        #: the listener's relay.tls.server.TlsServer, None on a plain listener
+        self.tls = tls
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
-        self.state = HEAD
+        self.state = HEAD if tls is None else TLS
+        #: X-Forwarded-Proto of its requests: https on a TLS listener
+        self.proto = ctx.proto if tls is None else b"https"
+        #: RELAY_TLS_CLIENT_HEADER: (name, the line with the verified subject or b""), when mTLS is on
+        self.own_header = ctx.own_header
+        #: the negotiated TLS version ("" on a plain listener) and whether the session was resumed
+        self.tls_version = ""
+        self.tls_resumed = False
+        self.tls_counted = False
         #: the client's address (the peer's, until the PROXY protocol says otherwise)
         self.client_ip = "-"
         #: time.monotonic() of the first byte of the current request
@@ -84,13 +105,22 @@ class ClientConnection(asyncio.Protocol):
 
     # -- asyncio callbacks ----------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.state is TLS and self.transport is not None:
+            self._tls_done(transport)  # the TLS transport, once the handshake is done
+            return
         self.transport = transport  # type: ignore[assignment]
         self.ctx.connections.add(self)
         peer = transport.get_extra_info("peername")
         if peer:
             self.client_ip = peer[0]
         # No TCP_NODELAY here: uvloop sets it on every TCP transport already.
-        self._await_head()
+        if self.state is TLS:
+            # One deadline for the handshake and the head that follows it.
+            self.started = time.monotonic()
+            self.timer = asyncio.get_running_loop().call_later(self.ctx.settings.handshake_timeout,
+                                                               self._head_timeout)
+        else:
+            self._await_head()
 
     def data_received(self, data: bytes) -> None:
         state = self.state
@@ -110,6 +140,8 @@ class ClientConnection(asyncio.Protocol):
                     self._try_head()
         elif state is SERVING:
             self.server.data(data)
+        elif state is TLS:
+            self._tls_start(data)
         elif state is LINGER:
             if b"\r\n\r\n" in data or len(data) == 0:
                 self.close()
@@ -170,6 +202,9 @@ class ClientConnection(asyncio.Protocol):
         record = ctx.access.record(self.client_ip, req.method, req.path, req.get(b"user-agent"),
                                    req.get(b"x-forwarded-for"), request_id.decode()) \
             if upgrade or ctx.access.enabled else None
+        if record is not None and self.tls_version:
+            record.tls_version = self.tls_version
+            record.tls_resumed = self.tls_resumed
         self._to(SERVING)
         try:
             if upgrade:
@@ -189,8 +224,60 @@ class ClientConnection(asyncio.Protocol):
         return self.ctx.access.record(self.client_ip, first[0] if len(first) > 1 else b"",
                                       first[1] if len(first) > 1 else b"")
 
+    # -- TLS ---------------------------------------------------------------------
+    def _tls_start(self, first: bytes) -> None:
+        """The first bytes on a TLS listener: a ClientHello starts the
+        handshake with them; anything else is plain HTTP and gets nginx's 400."""
+        ctx = self.ctx
+        if not tls_handshake.looks_like_tls(first):
+            self.tls_counted = True
+            ctx.counters.tls_handshake("plain_http")
+            self.buf += first
+            self.refuse(400, "bad_request", self._unparsed_record(), answer=PLAIN_HTTP_ON_TLS)
+            return
+        left = self.started + ctx.settings.handshake_timeout - time.monotonic()
+        # The SSL protocol's own timer is a backstop: ours (the head timer) fires first.
+        waiter = tls_handshake.start(self.transport, self, self.tls.default, first, max(left, 0.01) + 1.0,
+                                     LINGER_SECONDS)
+        waiter.add_done_callback(self._tls_ended)
+
+    def _tls_done(self, transport: asyncio.Transport) -> None:
+        """Handshake complete: requests now come through ``transport``."""
+        self.transport = transport
+        sslobj = transport.get_extra_info("ssl_object")
+        self.tls_version = sslobj.version() or ""
+        self.tls_resumed = sslobj.session_reused
+        self.tls_counted = True
+        self.ctx.counters.tls_handshake("resumed" if self.tls_resumed else "full")
+        if self.own_header is not None and self.tls.client_header:
+            from relay.tls.server import subject
+
+            dn = subject(transport.get_extra_info("peercert"))
+            if dn:
+                self.own_header = (self.own_header[0], self.tls.client_header + b": " + dn.encode())
+        self._to(HEAD)  # the head timer runs on: same deadline
+
+    def _tls_ended(self, waiter: asyncio.Future) -> None:
+        """The handshake's end: a failure (or the client gone) ends the connection."""
+        if self.state is not TLS:
+            return
+        exc = None if waiter.cancelled() else waiter.exception()
+        if not self.tls_counted:
+            self.tls_counted = True
+            self.ctx.counters.tls_handshake(tls_handshake.outcome(exc))
+        self._to(CLOSED)
+        self._cancel_timer()
+        self.ctx.connections.discard(self)
+        self.ctx.maybe_idle()
+
     def _head_timeout(self) -> None:
         self.timer = None
+        if self.state is TLS:
+            if not self.tls_counted:
+                self.tls_counted = True
+                self.ctx.counters.tls_handshake("timeout")
+            self.transport.abort()
+            return
         if self.state is not HEAD:
             return
         if self.buf:  # a started head that never finished: slowloris or a dead client
@@ -235,9 +322,11 @@ class ClientConnection(asyncio.Protocol):
         self.transport.resume_reading()
         self._await_head()
 
-    def refuse(self, status: int, outcome: str, record: AccessRecord | None, upgrade: bool = False) -> None:
-        """Answer with the relay's canned ``status`` (relay/responses.py), count
-        it (as an upgrade outcome when ``upgrade``), log it, then linger."""
+    def refuse(self, status: int, outcome: str, record: AccessRecord | None, upgrade: bool = False,
+               answer: bytes | None = None) -> None:
+        """Answer with the relay's canned ``status`` (relay/responses.py) or
+        ``answer``, count it (as an upgrade outcome when ``upgrade``), log it,
+        then linger."""
         if self.state is LINGER or self.state is CLOSED:
             return
         self.server = None
@@ -251,7 +340,7 @@ class ClientConnection(asyncio.Protocol):
             record.outcome = outcome
             record.duration_s = round(time.monotonic() - self.started, 3)
             ctx.access.write(record)
-        self.transport.write(refusal(status, self.head_request))
+        self.transport.write(answer if answer is not None else refusal(status, self.head_request))
         self._linger()
 
     def reset(self) -> None:

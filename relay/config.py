@@ -57,6 +57,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     forwarded_proto: Literal["http", "https"] = "http"
     pid_file: str = ""
     data_plane: Literal["auto", "native", "python"] = "auto"
+    tls_listen: tuple[Address, ...] = ()
+    tls_cert: tuple[str, ...] = ()
+    tls_key: tuple[str, ...] = ()
+    tls_min_version: Literal["1.2", "1.3"] = "1.2"
+    tls_ticket_keys: str = ""
+    tls_strict_sni: bool = False
+    tls_client_ca: str = ""
+    tls_client_verify: Literal["required", "optional"] = "required"
+    tls_client_header: str = "X-SSL-Client-S-DN"
 
     def effective_data_plane(self) -> str:
         """What serves tunnels: "native" or "python" (relay/native)."""
@@ -127,10 +136,25 @@ def _address(text: str, example: str = "0.0.0.0:8080") -> Address:
 
 
 def _listen(text: str) -> tuple[Address, ...]:
-    parts = [p for p in text.split(",") if p.strip()]
-    if not parts:
-        raise _Bad("expected at least one host:port")
-    return tuple(_address(p) for p in parts)
+    """Addresses; empty is allowed (checked with RELAY_TLS_LISTEN in :func:`load`)."""
+    return tuple(_address(p) for p in text.split(",") if p.strip())
+
+
+def _files(text: str) -> tuple[str, ...]:
+    """Comma-separated file paths: absolute, or relative to systemd's
+    $CREDENTIALS_DIRECTORY (LoadCredential=), resolved when read."""
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def _file(text: str) -> str:
+    return text.strip()
+
+
+def _header_name(text: str) -> str:
+    t = text.strip()
+    if not t or any(not (c.isalnum() or c in "-") for c in t):
+        raise _Bad("expected a header name of letters, digits and '-', e.g. X-SSL-Client-S-DN")
+    return t
 
 
 _ORIGIN_EXAMPLE = "10.0.0.5:9000"
@@ -258,6 +282,15 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "forwarded_proto": _choice("http", "https"),
     "pid_file": _pid_file,
     "data_plane": _choice("auto", "native", "python"),
+    "tls_listen": _listen,
+    "tls_cert": _files,
+    "tls_key": _files,
+    "tls_min_version": _choice("1.2", "1.3"),
+    "tls_ticket_keys": _file,
+    "tls_strict_sni": _bool,
+    "tls_client_ca": _file,
+    "tls_client_verify": _choice("required", "optional"),
+    "tls_client_header": _header_name,
 }
 
 assert set(_PARSERS) == set(Settings.__struct_fields__), "every setting needs a parser"
@@ -373,6 +406,45 @@ def load(environ: Mapping[str, str] | None = None, env_file: str | None = None,
         why = native.problem(values["data_plane"], values.get("mode", "tunnel"))
         if why:
             problems.append(f"{PREFIX}DATA_PLANE=native: {why}")
+    problems.extend(_listeners(values, problems))
     if problems:
         raise ConfigError(problems)
     return Settings(**values)
+
+
+def _listeners(values: dict[str, Any], problems: list[str]) -> list[str]:
+    """What RELAY_LISTEN and RELAY_TLS_* say together (either listen list may
+    be empty, not both; TLS needs as many keys as certificates)."""
+    if any(p.startswith((PREFIX + "LISTEN", PREFIX + "TLS_")) for p in problems):
+        return []
+    listen = values.get("listen", Settings.__struct_defaults__[0])
+    tls = values.get("tls_listen", ())
+    certs, keys = values.get("tls_cert", ()), values.get("tls_key", ())
+    out = []
+    if not listen and not tls:
+        out.append(f"{PREFIX}LISTEN and {PREFIX}TLS_LISTEN are both empty: expected at least one "
+                   f"address to listen on, e.g. {PREFIX}LISTEN=0.0.0.0:8080")
+    if tls and not certs:
+        out.append(f"{PREFIX}TLS_CERT is not set: {PREFIX}TLS_LISTEN needs a certificate "
+                   f"(PEM, the chain in order) and its key in {PREFIX}TLS_KEY")
+    elif len(certs) != len(keys):
+        out.append(f"{PREFIX}TLS_KEY: {len(keys)} key(s) for {len(certs)} certificate(s) in {PREFIX}TLS_CERT: "
+                   f"expected one key per certificate, in the same order")
+    if not tls and (certs or keys or values.get("tls_client_ca") or values.get("tls_ticket_keys")):
+        out.append(f"{PREFIX}TLS_CERT, _KEY, _CLIENT_CA and _TICKET_KEYS need {PREFIX}TLS_LISTEN: "
+                   f"without it nothing serves TLS")
+    overlap = set(listen) & set(tls)
+    if overlap:
+        out.append(f"{PREFIX}TLS_LISTEN: {sorted(map(str, overlap))[0]} is in {PREFIX}LISTEN too: "
+                   f"an address is either plain or TLS")
+    return out
+
+
+def resolve(path: str, environ: Mapping[str, str] | None = None) -> str:
+    """A RELAY_TLS_* file path as opened: a relative one is relative to
+    systemd's $CREDENTIALS_DIRECTORY (LoadCredential=) when set."""
+    env = os.environ if environ is None else environ
+    base = env.get("CREDENTIALS_DIRECTORY")
+    if path and not os.path.isabs(path) and base:
+        return os.path.join(base, path)
+    return path

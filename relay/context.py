@@ -44,10 +44,17 @@ class Context:
         self.access = AccessLog(settings.access_log, index)
         self.ws_paths = tuple(p.encode() for p in settings.ws_paths)
         self.proto = settings.forwarded_proto.encode()
+        #: RELAY_TLS_CLIENT_HEADER while client certificates are asked for: the
+        #: edge's own header (a client's is never passed on, on any listener)
+        self.own_header = (settings.tls_client_header.lower().encode(), b"") if settings.tls_client_ca else None
+        #: the ticket keys shared with the supervisor (relay/tls/tickets.py), on TLS workers
+        self.ticket_keys = None
         self.origins = Origins(settings.origin, FailureLog())
         #: idle origin connections for plain HTTP; closed when draining starts
         self.pool = Pool(asyncio.get_running_loop())
         self.tunnel_class = TUNNELS[settings.mode]
+        #: the tunnel class of TLS clients, whatever the data plane (README, "TLS")
+        self.python_tunnel_class = self.tunnel_class
         #: the native data plane (relay/native), when it serves this worker's tunnels
         self.native = None
         if settings.effective_data_plane() == "native":
@@ -72,7 +79,9 @@ class Context:
         """Join ``client`` and ``origin`` after the origin's 101 (``response``):
         ``head`` is that 101 as received, ``to_client`` what the origin sent
         after it, ``to_origin`` what the client sent after its request."""
-        tunnel = self.tunnel_class.open(self, client, origin, record, response)
+        # TLS clients stay on the Python plane (the native pump relays plaintext only)
+        cls = self.tunnel_class if client.get_extra_info("ssl_object") is None else self.python_tunnel_class
+        tunnel = cls.open(self, client, origin, record, response)
         self.tunnels.add(tunnel)
         self.counters.tunnels(len(self.tunnels))
         tunnel.start(head, to_client, to_origin)
@@ -147,6 +156,8 @@ class Context:
 
     def _sweep(self) -> None:
         self.counters.heartbeat(time.monotonic())
+        if self.ticket_keys is not None:
+            self.ticket_keys.refresh()
         self._publish_bytes()
         limit = self.settings.idle_timeout
         now = time.monotonic()

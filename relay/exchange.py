@@ -125,7 +125,8 @@ class Exchange:
         if self.record is not None:
             self.record.origin = origin.addr
         conn = self.conn
-        out = forward_head(self.req, conn.client_ip, self.ctx.proto, False, self.request_id, origin.addr.encode())
+        out = forward_head(self.req, conn.client_ip, conn.proto, False, self.request_id, origin.addr.encode(),
+                           own=conn.own_header)
         pending, self.pending = self.pending, b""
         body = self.req_body
         if pending:

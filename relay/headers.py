@@ -68,7 +68,7 @@ NO_UNDERSCORE = FORWARDED | HOP_BY_HOP | {b"content-length"}
 
 
 def forward_head(req: Request, client_ip: str, proto: bytes, upgrade: bool, request_id: bytes = b"",
-                 default_host: bytes = b"localhost") -> bytes:
+                 default_host: bytes = b"localhost", own: tuple[bytes, bytes] | None = None) -> bytes:
     """The head to send to the origin, built in one join.
 
     Header lines pass through byte for byte, except the hop-by-hop ones, those
@@ -78,10 +78,14 @@ def forward_head(req: Request, client_ip: str, proto: bytes, upgrade: bool, requ
     the client's Upgrade line are kept; for plain HTTP the origin connection
     is kept alive. An HTTP/1.0 request without Host gets ``default_host`` (the
     origin's address, as nginx's ``$proxy_host``): the origin reads HTTP/1.1,
-    which requires one.
+    which requires one. ``own``: a header the edge owns besides those
+    (``RELAY_TLS_CLIENT_HEADER``): ``(lowercase name, line to send or b"")``;
+    a client's own lines of it are dropped, underscore spellings included.
     """
     named = req.tokens(b"connection") - NEVER_NAMED
     drop = HOP_BY_HOP | FORWARDED | named
+    if own is not None:
+        drop = drop | {own[0]}
     lines = [b"%s %s HTTP/1.1" % (req.method, req.target)]
     xff = []
     host = None
@@ -94,7 +98,8 @@ def forward_head(req: Request, client_ip: str, proto: bytes, upgrade: bool, requ
             elif not upgrade and name == b"transfer-encoding":
                 lines.append(line)  # the body is relayed as received, still chunked
             continue
-        if b"_" in name and name.replace(b"_", b"-") in NO_UNDERSCORE:
+        if b"_" in name and (name.replace(b"_", b"-") in NO_UNDERSCORE
+                             or (own is not None and name.replace(b"_", b"-") == own[0])):
             # CGI and many WSGI/Rack servers read X_Forwarded_For as
             # X-Forwarded-For: a client could forge what the edge sets, and
             # Transfer_Encoding or Content_Length would frame the body otherwise
@@ -122,6 +127,8 @@ def forward_head(req: Request, client_ip: str, proto: bytes, upgrade: bool, requ
         lines.append(b"X-Forwarded-Host: " + host)
     if request_id:
         lines.append(b"X-Request-ID: " + request_id)
+    if own is not None and own[1]:
+        lines.append(own[1])
     lines.append(b"Connection: Upgrade" if upgrade else b"Connection: keep-alive")
     lines.append(b"")
     lines.append(b"")

@@ -70,6 +70,8 @@ class AccessRecord(msgspec.Struct, omit_defaults=False):
     request_id: str       # the X-Request-ID the origin got
     #: which data plane relayed the session (relay/native): "native" or "python"
     data_plane: str = "python"
+    tls_version: str = ""     # "TLSv1.3", "TLSv1.2"; "" on a plain listener
+    tls_resumed: bool = False  # the TLS session was resumed (a ticket), not a full handshake
 
 
 _encode = msgspec.json.Encoder().encode

@@ -101,7 +101,11 @@ class Side(asyncio.BufferedProtocol):
             return False
         if peer.transport.can_write_eof():
             peer.transport.write_eof()
-        return True  # keep our write side open: the other direction may go on
+        else:  # TLS has no half-close (uvloop): close_notify after what is buffered
+            peer.transport.close()
+        # Keep our write side open, the other direction may go on: TCP can
+        # (half-close); TLS cannot (uvloop closes after the client's close_notify).
+        return self.transport.can_write_eof()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -184,7 +188,10 @@ class Tunnel:
         self.ended = False
         for side in (self.client, self.origin):
             t = side.transport
-            t.set_write_buffer_limits(high=0)
+            # A TLS transport copies what it is given into OpenSSL at once, and
+            # with a high-water mark of 0 would report itself paused after every
+            # write (its buffer size is 0 >= 0): 1 pauses only when records wait.
+            t.set_write_buffer_limits(high=0 if t.get_extra_info("ssl_object") is None else 1)
             t.set_protocol(_HOP)
             t.set_protocol(side)
 

@@ -132,7 +132,8 @@ class Upgrade:
         """Connect, send the head, await the final answer's head. An origin that
         closes without a byte of answer is left for the next (each once)."""
         ctx = self.conn.ctx
-        head = forward_head(self.req, self.conn.client_ip, ctx.proto, True, self.request_id)
+        head = forward_head(self.req, self.conn.client_ip, self.conn.proto, True, self.request_id,
+                            own=self.conn.own_header)
         for tries_left in range(len(ctx.origins) - 1, -1, -1):
             origin_t, answer, addr = await ctx.origins.connect(UpgradeAnswer)
             self.record.origin = str(addr)

@@ -15,9 +15,9 @@ supervisor: its workers exit with :data:`workers.child.EXIT_LAYOUT` before
 touching shared memory, and the reload is refused as a bad env file would be
 (the running generation keeps serving; nothing restarts in a loop).
 
-Its parts: the listening sockets (workers/listeners.py), the worker table
-and restart backoff (workers/workerset.py), signals (workers/signals.py),
-what the operator sees (workers/status.py).
+Its parts: listening sockets and their TLS (workers/listeners.py, tls.py),
+the worker table and restart backoff (workers/workerset.py), signals
+(workers/signals.py), what the operator sees (workers/status.py).
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ from relay.errors import ConfigError
 from relay.shared_memory import SharedState
 from workers import child, pidfile, proctitle, systemd
 from workers.listeners import Listeners
+from workers.signals import SignalQueue
 from workers.status import Status
 from workers.workerset import Restarts, Worker, WorkerSet
-from workers.signals import SignalQueue
 
 log = logging.getLogger("wsrelay")
 
@@ -74,7 +74,7 @@ class Supervisor:
         self.history = History()  # counters of dead workers, per index
         self.sel = selectors.DefaultSelector()
         self.status = Status(self)
-        self.listeners = Listeners()
+        self.listeners = Listeners(environ)
         self.exit_code = 0
 
     # -- public -------------------------------------------------------------------
@@ -194,7 +194,7 @@ class Supervisor:
         self.shared.reset_slot(slot)
         r, w = os.pipe()
         handoff = child.handoff(self.settings, index, slot, self.generation, self.shared, w,
-                                self.listeners.current)
+                                self.listeners.current, self.listeners.is_tls, self.listeners.tls.handoff())
         argv, env = child.command(handoff)
         pid = os.fork()
         if pid == 0:  # the child: a fresh interpreter, keeping only what the hand-off names
@@ -330,6 +330,7 @@ class Supervisor:
     def _tick(self) -> None:
         now = time.monotonic()
         self.status.expire()
+        self.listeners.tls.tick(now)
         fresh, stuck = self.workers.check_heartbeats(lambda w: self.shared.counters(w.slot).last_heartbeat,
                                                      now, HUNG_AFTER)
         for w, silent in stuck:

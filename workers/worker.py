@@ -35,7 +35,7 @@ log = logging.getLogger("wsrelay.worker")
 
 
 def run(settings: Settings, socks: list[socket.socket], index: int, slot: int,
-        shared: SharedState, ready_fd: int) -> int:
+        shared: SharedState, ready_fd: int, handoff=None) -> int:
     """Serve until drained; returns the exit code. Called by workers/child.py in
     a fresh interpreter the supervisor forked and exec'd."""
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD, signal.SIGUSR1):
@@ -46,13 +46,13 @@ def run(settings: Settings, socks: list[socket.socket], index: int, slot: int,
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
-        return loop.run_until_complete(_serve(settings, socks, index, slot, shared, ready_fd))
+        return loop.run_until_complete(_serve(settings, socks, index, slot, shared, ready_fd, handoff))
     finally:
         loop.close()
 
 
 async def _serve(settings: Settings, socks: list[socket.socket], index: int, slot: int,
-                 shared: SharedState, ready_fd: int) -> int:
+                 shared: SharedState, ready_fd: int, handoff=None) -> int:
     fault = os.environ.get("WSRELAY_FAULT")
     if fault == "crash-on-start":
         # Fault injection for tests and chaos drills: a worker that cannot start.
@@ -66,15 +66,25 @@ async def _serve(settings: Settings, socks: list[socket.socket], index: int, slo
     for sock in socks:
         sock.listen(settings.backlog)  # a reload may change RELAY_BACKLOG on the same socket
     siblings = tuple(shared.counters(i) for i in range(shared.nslots) if i != slot)
-    if ctx.native is not None and os.environ.get("WSRELAY_NATIVE_HANDSHAKE") == "1":
-        # PROTOTYPE (relay/native/front.py): the head phase in C; off by default
+    flags = tuple(handoff.tls) if handoff is not None and handoff.tls else (False,) * len(socks)
+    tls = tls_server(settings, handoff, ctx) if any(flags) else None
+
+    def factory(is_tls: bool):
+        # Which listener a connection came from decides what it needs: the TLS
+        # contexts (and X-Forwarded-Proto: https), or nothing.
+        if is_tls:
+            return lambda: ClientConnection(ctx, tls)
+        return lambda: ClientConnection(ctx)
+
+    if ctx.native is not None and os.environ.get("WSRELAY_NATIVE_HANDSHAKE") == "1" and tls is None:
+        # PROTOTYPE (relay/native/front.py): the head phase in C; off by default (and never with TLS)
         from relay.native.front import NativeFront
 
         servers = [NativeFront(ctx, socks, shared.values(slot),
                                [shared.values(i) for i in range(shared.nslots) if i != slot])]
     else:
-        servers = [Acceptor(sock, lambda: ClientConnection(ctx), ctx.counters, siblings,
-                            lambda: len(ctx.connections) + len(ctx.tunnels)) for sock in socks]
+        servers = [Acceptor(sock, factory(is_tls), ctx.counters, siblings,
+                            lambda: len(ctx.connections) + len(ctx.tunnels)) for sock, is_tls in zip(socks, flags)]
         for server in servers:
             server.start()
     ctx.start_sweeping()
@@ -121,3 +131,19 @@ async def _serve(settings: Settings, socks: list[socket.socket], index: int, slo
             break
         await asyncio.sleep(0.05)
     return 0
+
+
+def tls_server(settings: Settings, handoff, ctx: Context):
+    """The TLS listeners' contexts, from what the supervisor checked and handed
+    over (workers/tls.py), and the shared ticket keys (relay/tls/tickets.py)."""
+    from relay.tls import openssl, tickets
+    from relay.tls.server import TlsServer, context
+
+    ca = f"/proc/self/fd/{handoff.tls_ca_fd}" if handoff.tls_ca_fd >= 0 else ""
+    shared_keys = handoff.tls_keys_fd >= 0 and openssl.HELPER is not None
+    contexts = [context(f"/proc/self/fd/{fd}", settings.tls_min_version, ca, settings.tls_client_verify,
+                        tickets=shared_keys) for fd in handoff.tls_cert_fds]
+    if shared_keys:
+        ctx.ticket_keys = tickets.WorkerKeys(tickets.KeyStore.attach(handoff.tls_keys_fd), openssl.set_keys)
+    header = settings.tls_client_header.encode() if settings.tls_client_ca else b""
+    return TlsServer(contexts, handoff.tls_names, settings.tls_strict_sni, header)
