@@ -433,7 +433,7 @@ def _listeners(values: dict[str, Any], problems: list[str]) -> list[str]:
     if not tls and (certs or keys or values.get("tls_client_ca") or values.get("tls_ticket_keys")):
         out.append(f"{PREFIX}TLS_CERT, _KEY, _CLIENT_CA and _TICKET_KEYS need {PREFIX}TLS_LISTEN: "
                    f"without it nothing serves TLS")
-    overlap = set(listen) & set(tls)
+    overlap = {a for a in set(listen) & set(tls) if a.port != 0}  # port 0: any free one, never the same
     if overlap:
         out.append(f"{PREFIX}TLS_LISTEN: {sorted(map(str, overlap))[0]} is in {PREFIX}LISTEN too: "
                    f"an address is either plain or TLS")

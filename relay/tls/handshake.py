@@ -82,10 +82,8 @@ _CLIENT_CERT = ("PEER_DID_NOT_RETURN_A_CERTIFICATE", "CERTIFICATE_VERIFY_FAILED"
                 "CERTIFICATE_REQUIRED", "TLSV13_ALERT_CERTIFICATE_REQUIRED")
 
 
-def outcome(exc: BaseException | None, sni_refused: bool = False) -> str:
+def outcome(exc: BaseException | None) -> str:
     """The outcome label of a handshake that ended with ``exc``."""
-    if sni_refused:
-        return "failed_sni"
     if isinstance(exc, ssl.SSLError):
         reason = (exc.reason or "").upper()
         if reason in _PROTOCOL:
@@ -94,7 +92,8 @@ def outcome(exc: BaseException | None, sni_refused: bool = False) -> str:
             return "failed_cipher"
         if reason in _CLIENT_CERT or isinstance(exc, ssl.SSLCertVerificationError):
             return "failed_client_certificate"
-        if "SERVERNAME" in reason or "UNRECOGNIZED_NAME" in reason:
+        if reason == "CALLBACK_FAILED" or "SERVERNAME" in reason or "UNRECOGNIZED_NAME" in reason:
+            # our one callback that can fail is the SNI choice (RELAY_TLS_STRICT_SNI)
             return "failed_sni"
         return "failed_other"
     if isinstance(exc, ConnectionAbortedError):  # the SSL protocol's own timer

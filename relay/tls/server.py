@@ -76,7 +76,6 @@ class TlsServer:
         i = self.chooser.choose(server_name)
         if i is None:
             if self.strict_sni:
-                sslobj.sni_refused = True  # read by relay.tls.handshake.outcome
                 return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
             return None
         if i:

@@ -1,0 +1,62 @@
+"""TLS test kit: throwaway CAs and certificates (trustme), a relay with a TLS
+listener, and openssl s_client as the client that says exactly what happened."""
+
+from __future__ import annotations
+
+import shutil
+import ssl
+import subprocess
+from pathlib import Path
+
+import trustme
+
+from tests.helpers import Relay
+
+ECDSA = trustme.KeyType.ECDSA
+
+
+class Pair:
+    """A certificate (chain: leaf, then intermediates) and its key, as files."""
+
+    def __init__(self, directory: Path, name: str, cert):
+        self.cert = directory / f"{name}.crt"
+        self.key = directory / f"{name}.key"
+        self.cert.write_bytes(b"".join(p.bytes() for p in cert.cert_chain_pems))
+        self.key.write_bytes(cert.private_key_pem.bytes())
+        self.obj = cert
+
+
+def make_ca(directory: Path) -> trustme.CA:
+    ca = trustme.CA(key_type=ECDSA)
+    ca.cert_pem.write_to_path(str(directory / "ca.pem"))
+    return ca
+
+
+def issue(ca: trustme.CA, directory: Path, name: str, *names: str, **kw) -> Pair:
+    return Pair(directory, name, ca.issue_cert(*(names or (name,)), key_type=ECDSA, **kw))
+
+
+def tls_env(*pairs: Pair, **extra: str) -> dict[str, str]:
+    env = {"RELAY_TLS_LISTEN": "127.0.0.1:0", "RELAY_TLS_CERT": ",".join(str(p.cert) for p in pairs),
+           "RELAY_TLS_KEY": ",".join(str(p.key) for p in pairs)}
+    env.update(extra)
+    return env
+
+
+def tls_relay(origin: str, *pairs: Pair, workers: int = 2, **extra: str) -> Relay:
+    return Relay(origin, workers=workers, env=tls_env(*pairs, **extra))
+
+
+def client_context(directory: Path) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(directory / "ca.pem"))
+
+
+REQUEST = b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+
+
+def s_client(port: int, *args: str, stdin: bytes = REQUEST, timeout: float = 15.0) -> str:
+    """``openssl s_client`` against the relay: its whole output (stdout + stderr)."""
+    assert shutil.which("openssl"), "openssl (the CLI) is needed: apt-get install openssl"
+    out = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-ign_eof", *args],
+                         input=stdin, capture_output=True, timeout=timeout)
+    return out.stdout.decode(errors="replace") + out.stderr.decode(errors="replace")
