@@ -59,12 +59,29 @@ def main(argv: list[str] | None = None) -> int:
         return getattr(control, args.command)(args.env_file)
     try:
         settings = load(env_file=args.env_file, require_origin=True)
+        if args.command == "check" and settings.tls_listen:
+            from workers.tls import check as check_tls
+
+            plan = check_tls(settings)
     except ConfigError as e:
         print_problems(e)
         return 2
     if args.command == "check":
+        if settings.tls_listen:
+            _describe_tls(plan)
         return check(settings)
     return run(settings, args.env_file)
+
+
+def _describe_tls(plan) -> None:
+    """``wsrelay check``: each certificate's names and expiry, and how tickets are shared."""
+    from relay.tls import openssl
+    from relay.tls.certs import describe
+
+    for c in plan.certificates:
+        print(f"wsrelay: TLS certificate {describe(c)}", file=sys.stderr)
+    if openssl.HELPER is None:
+        print(f"wsrelay: note: TLS session tickets are per worker process: {openssl.WHY_NOT}", file=sys.stderr)
 
 
 def check(settings: Settings) -> int:
@@ -80,7 +97,7 @@ def check(settings: Settings) -> int:
         sys.stdout.write(json.dumps(settings.to_dict(), indent=2) + "\n")
     else:
         sys.stdout.write(settings.to_json().decode() + "\n")
-    addresses = [("RELAY_LISTEN", a) for a in settings.listen]
+    addresses = [("RELAY_LISTEN", a) for a in settings.listen] + [("RELAY_TLS_LISTEN", a) for a in settings.tls_listen]
     if settings.metrics_listen is not None:
         addresses.append(("RELAY_METRICS_LISTEN", settings.metrics_listen))
     for variable, addr in addresses:

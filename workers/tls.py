@@ -117,9 +117,16 @@ class Tls:
             return
         self.current = self.running = check(settings, self.environ).open()
         self._publish(self.current)
+        from relay.tls import openssl
+        from relay.tls.certs import describe
+
         for c in self.current.certificates:
-            log.info("TLS certificate %s: %s, expires %s", c.cert_path, ", ".join(c.names) or "(no names)",
-                     time.strftime("%Y-%m-%d", time.gmtime(c.not_after)))
+            log.info("TLS certificate %s", describe(c))
+        if openssl.HELPER is None:
+            log.warning("TLS session tickets are per worker process (a client resumes only on the worker "
+                        "that issued its ticket): %s", openssl.WHY_NOT)
+        log.info("TLS: session ticket keys %s; TLS connections are served by the Python data plane",
+                 f"from {settings.tls_ticket_keys}" if settings.tls_ticket_keys else "generated, rotated every 12 h")
 
     def prepare(self, settings: Settings, reloading: bool) -> None:
         """A reload: check the new settings' TLS files (ConfigError: nothing changes)."""
