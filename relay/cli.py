@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=int, default=8080,
                    help="relay port when RELAY_LISTEN is not set (default 8080; a free one if taken)")
     d.add_argument("--env-file", metavar="PATH", help="read RELAY_* settings from this file too")
+    d.add_argument("--tls", action="store_true",
+                   help="also serve https:// and wss:// (RELAY_TLS_LISTEN, default 127.0.0.1:8443) with a "
+                        "throwaway local CA (needs trustme)")
     st = sub.add_parser("status", help="show what the running relay serves (its /config)",
                         description="Version, pid, generation, workers, the last reload's outcome and the "
                                     "effective settings of the relay at RELAY_METRICS_LISTEN (its /config).")
@@ -50,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from relay.demo import main as demo
 
-        return demo(args.port, args.env_file)
+        return demo(args.port, args.env_file, args.tls)
     if args.command in ("status", "reload", "stop"):
         from relay import control
 
