@@ -5,63 +5,66 @@ relay processes, rotated HAProxy's way."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
-import contextlib
 import os
 import signal
 import threading
 
-from websockets.sync.client import connect
-
 from tests.helpers import Relay, wait_for
 from tests.probes import metric
 from tests.test_tls import names_for
-from tests.tls_support import client_context, issue, make_ca, s_client, tls_relay
+from tests.tls_support import client_context, issue, make_ca, s_client, tls_relay, wss_echo
 
 
 def test_reload_serves_the_new_certificate_and_refuses_no_wss_connection(ws_origin, tmp_path):
     ca = make_ca(tmp_path)
     live = issue(ca, tmp_path, "live", "localhost", "old.example")
     renewed = issue(ca, tmp_path, "renewed", "localhost", "new.example")
-    with tls_relay(ws_origin.addr, live, workers=2, RELAY_DRAIN_TIMEOUT="20") as r, contextlib.ExitStack() as stack:
+    with tls_relay(ws_origin.addr, live, workers=2, RELAY_DRAIN_TIMEOUT="20") as r:
         ctx = client_context(tmp_path)
         url = f"wss://localhost:{r.tls_port}/"
-        held = stack.enter_context(connect(url, ssl=ctx, open_timeout=10))  # an open tunnel on generation 0
-        held.send("before")
-        assert held.recv(timeout=5) == "before"
-        failures, done, stop = [], [0], threading.Event()
+        failures, done, held, stop = [], [0], [], threading.Event()
 
-        def stream():
-            while not stop.is_set():
-                try:
-                    with connect(url, ssl=ctx, open_timeout=10) as ws:
-                        ws.send("x")
-                        assert ws.recv(timeout=10) == "x"
-                    done[0] += 1
-                except Exception as e:  # noqa: BLE001 - every failure is the finding
-                    failures.append(repr(e))
+        async def clients():
+            from websockets.asyncio.client import connect
 
-        threads = [threading.Thread(target=stream) for _ in range(3)]
-        for t in threads:
-            t.start()
-        wait_for(lambda: done[0] >= 10, 30, what="a stream of wss connections")
-        assert "old.example" in names_for(r, "localhost")
-        # certbot's way: the files named in the settings get new contents
-        live.cert.write_bytes(renewed.cert.read_bytes())
-        live.key.write_bytes(renewed.key.read_bytes())
-        r.signal(signal.SIGHUP)
-        r.wait_log("reload: generation 1 accepting", timeout=30)
-        at_reload = done[0]
-        wait_for(lambda: done[0] >= at_reload + 10, 30, what="connections after the reload")
-        stop.set()
-        for t in threads:
-            t.join(30)
-        if failures:
-            open("/tmp/tlsw/fail.log", "w").write(r.text() + "\n" + "\n".join(r.access))
+            async with connect(url, ssl=ctx, open_timeout=10) as old:  # an open tunnel on generation 0
+                await old.send("before")
+                held.append(await asyncio.wait_for(old.recv(), 10))
+
+                async def stream():
+                    while not stop.is_set():
+                        try:
+                            async with connect(url, ssl=ctx, open_timeout=10) as ws:
+                                await ws.send("x")
+                                assert await asyncio.wait_for(ws.recv(), 10) == "x"
+                            done[0] += 1
+                        except Exception as e:  # noqa: BLE001 - every failure is the finding
+                            failures.append(repr(e))
+
+                await asyncio.gather(*(stream() for _ in range(3)))
+                await old.send("after")  # the old generation's tunnel lives on
+                held.append(await asyncio.wait_for(old.recv(), 10))
+
+        thread = threading.Thread(target=asyncio.run, args=(clients(),))
+        thread.start()
+        try:
+            wait_for(lambda: done[0] >= 10, 30, what="a stream of wss connections")
+            assert "old.example" in names_for(r, "localhost")
+            # certbot's way: the files named in the settings get new contents
+            live.cert.write_bytes(renewed.cert.read_bytes())
+            live.key.write_bytes(renewed.key.read_bytes())
+            r.signal(signal.SIGHUP)
+            r.wait_log("reload: generation 1 accepting", timeout=30)
+            at_reload = done[0]
+            wait_for(lambda: done[0] >= at_reload + 10, 30, what="connections after the reload")
+        finally:
+            stop.set()
+            thread.join(60)
         assert failures == []
+        assert held == ["before", "after"]
         assert "new.example" in names_for(r, "localhost")
-        held.send("after")  # the old generation's tunnel lives on
-        assert held.recv(timeout=5) == "after"
 
 
 def test_a_bad_certificate_or_a_key_that_does_not_match_is_refused_and_nothing_changes(ws_origin, tmp_path):
@@ -80,9 +83,8 @@ def test_a_bad_certificate_or_a_key_that_does_not_match_is_refused_and_nothing_c
         r.signal(signal.SIGHUP)
         r.wait_log("reload refused", count=2)
         assert f"RELAY_TLS_CERT: {live.cert}: no PEM certificate in it" in r.text()
-        with connect(f"wss://localhost:{r.tls_port}/", ssl=client_context(tmp_path), open_timeout=10) as ws:
-            ws.send("still serving")
-            assert ws.recv(timeout=5) == "still serving"
+        assert wss_echo(f"wss://localhost:{r.tls_port}/", client_context(tmp_path), "still serving") == \
+            ["still serving"]
         assert "generation 1" not in r.text() and "Traceback" not in r.text()
 
 

@@ -60,3 +60,26 @@ def s_client(port: int, *args: str, stdin: bytes = REQUEST, timeout: float = 15.
     out = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-ign_eof", *args],
                          input=stdin, capture_output=True, timeout=timeout)
     return out.stdout.decode(errors="replace") + out.stderr.decode(errors="replace")
+
+
+def wss_echo(url: str, ctx: ssl.SSLContext, *messages, path_first: bool = False, **kw):
+    """Open ``url`` with websockets' asyncio client, send each message and
+    collect its echo (or, with ``path_first``, the first message first).
+
+    Not websockets' sync client over TLS: its reader thread and the sender
+    share one ssl.SSLSocket, and concurrent reads and writes on it corrupt
+    records now and then (bad record MAC, or a request that never arrives),
+    against any server (measured against websockets' own TLS server too)."""
+    import asyncio
+
+    from websockets.asyncio.client import connect
+
+    async def main():
+        async with connect(url, ssl=ctx, open_timeout=10, **kw) as ws:
+            out = [await asyncio.wait_for(ws.recv(), 10)] if path_first else []
+            for m in messages:
+                await ws.send(m)
+                out.append(await asyncio.wait_for(ws.recv(), 10))
+            return out
+
+    return asyncio.run(main())

@@ -59,18 +59,16 @@ def start(transport: asyncio.Transport, protocol: asyncio.BaseProtocol, context:
     tls = _ssl_protocol_class(loop)(loop, protocol, context, waiter, server_side=True, server_hostname=None,
                                     call_connection_made=True, ssl_handshake_timeout=timeout,
                                     ssl_shutdown_timeout=shutdown_timeout)
+    # Paused around the switch, as start_tls does: uvloop picks its read path
+    # (plain or buffered) when reading starts, and until reading restarts it
+    # would hand the next bytes to the previous protocol's data_received.
+    transport.pause_reading()
     transport.set_protocol(tls)
     tls.connection_made(transport)
-    if first:
-        buf = tls.get_buffer(len(first))
-        n = min(len(first), len(buf))
-        buf[:n] = first[:n]
-        tls.buffer_updated(n)
-        if n < len(first):  # never: the buffer is 256 KiB and a first read at most as large
-            rest = first[n:]
-            buf = tls.get_buffer(len(rest))
-            buf[:len(rest)] = rest
-            tls.buffer_updated(len(rest))
+    buf = tls.get_buffer(len(first))
+    buf[:len(first)] = first  # a first read is at most 256 KiB, the size of this buffer
+    tls.buffer_updated(len(first))
+    transport.resume_reading()
     return waiter
 
 
