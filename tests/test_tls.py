@@ -230,3 +230,14 @@ def test_client_certificates_the_verified_subject_reaches_the_origin_never_the_c
                      additional_headers={"X-Client-DN": "CN=forged"}) as ws:
             headers = json.loads(ws.recv())["headers"]
         assert not [v for k, v in headers if k.lower() == "x-client-dn"]
+
+
+def test_certificate_expiry_is_a_metric_one_series_per_certificate(relay, pki):
+    from cryptography import x509
+
+    leaf = x509.load_pem_x509_certificate(pki[2].cert.read_bytes())
+    assert metric(relay, "wsrelay_tls_certificate_expiry_timestamp_seconds", 'name="localhost"') == \
+        leaf.not_valid_after_utc.timestamp()
+    text = __import__("urllib.request").request.urlopen(
+        f"http://127.0.0.1:{relay.metrics_port}/metrics", timeout=5).read().decode()
+    assert text.count("wsrelay_tls_certificate_expiry_timestamp_seconds{") == 1
