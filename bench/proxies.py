@@ -152,6 +152,37 @@ http {{
 """
 
 
+def pki(root: Path) -> dict[str, Path]:
+    """One ECDSA P-256 certificate for localhost (and its CA) per benchmark run,
+    in ``root``: every TLS system serves the same one."""
+    d = root / "pki"
+    paths = {"ca": d / "ca.pem", "cert": d / "cert.pem", "key": d / "key.pem", "both": d / "both.pem"}
+    if paths["both"].exists():
+        return paths
+    import trustme
+
+    d.mkdir(parents=True, exist_ok=True)
+    ca = trustme.CA(key_type=trustme.KeyType.ECDSA)
+    leaf = ca.issue_cert("localhost", key_type=trustme.KeyType.ECDSA)
+    ca.cert_pem.write_to_path(str(paths["ca"]))
+    chain = b"".join(p.bytes() for p in leaf.cert_chain_pems)
+    paths["cert"].write_bytes(chain)
+    paths["key"].write_bytes(leaf.private_key_pem.bytes())
+    paths["both"].write_bytes(chain + leaf.private_key_pem.bytes())  # HAProxy's crt: chain and key
+    return paths
+
+
+def nginx_tls(conf: str, pki_paths: dict[str, Path]) -> str:
+    """nginx's config with TLS 1.3 on the listener: shared session cache, tickets on."""
+    return conf.replace("backlog=4096;", f"""backlog=4096 ssl;
+        ssl_certificate {pki_paths["cert"]};
+        ssl_certificate_key {pki_paths["key"]};
+        ssl_protocols TLSv1.3;
+        ssl_ecdh_curve X25519:prime256v1:secp384r1;
+        ssl_session_cache shared:SSL:10m;
+        ssl_session_tickets on;""")
+
+
 def haproxy_conf(tmp: Path, port: int, origin_port: int) -> str:
     maxconn = max_tunnels()
     # plain HTTP: client keep-alive (http-keep-alive) and server reuse (http-reuse safe) are the defaults
@@ -191,6 +222,8 @@ class System:
     env: dict[str, str] = field(default_factory=dict)
     #: seconds between scrapes of /metrics while running (0: no scraper)
     scrape_every: float = 0.0
+    #: serves TLS (wss://) with the run's certificate (:func:`pki`)
+    tls: bool = False
     proc: subprocess.Popen | None = None
     port: int = 0
     tmp: Path | None = None
@@ -200,7 +233,7 @@ class System:
 
     @property
     def url(self) -> str:
-        return f"ws://{HOST}:{self.port}/"
+        return f"wss://localhost:{self.port}/" if self.tls else f"ws://{HOST}:{self.port}/"
 
     def start(self, origin_port: int, tmp: Path, cpus: set[int] | None, timeout: float = 15.0) -> None:
         self.tmp = tmp
@@ -215,13 +248,18 @@ class System:
             if kind == "nginx":
                 self.port = free_port()
                 conf = tmp / "nginx.conf"
-                conf.write_text(nginx_conf(tmp, self.port, origin_port))
+                text = nginx_conf(tmp, self.port, origin_port)
+                conf.write_text(nginx_tls(text, pki(tmp.parent)) if self.tls else text)
                 argv = [_binary("nginx"), "-p", str(tmp), "-c", str(conf),
                         "-g", "daemon off;"]
             elif kind == "haproxy":
                 self.port = free_port()
                 conf = tmp / "haproxy.cfg"
-                conf.write_text(haproxy_conf(tmp, self.port, origin_port))
+                text = haproxy_conf(tmp, self.port, origin_port)
+                if self.tls:
+                    text = text.replace(f"bind {HOST}:{self.port}", f"bind {HOST}:{self.port} ssl crt "
+                                        f"{pki(tmp.parent)['both']} ssl-min-ver TLSv1.3 alpn http/1.1")
+                conf.write_text(text)
                 argv = [_binary("haproxy"), "-f", str(conf), "-db"]
             elif kind == "naive":
                 argv = [sys.executable, "-m", "bench.naive_relay", "--listen", f"{HOST}:0",
@@ -231,6 +269,10 @@ class System:
                            RELAY_WORKERS=str(self.workers), RELAY_METRICS_LISTEN="",
                            RELAY_ACCESS_LOG="0", RELAY_DRAIN_TIMEOUT="1")
                 env.update(self.env)
+                if self.tls:
+                    paths = pki(tmp.parent)
+                    env.update(RELAY_LISTEN="", RELAY_TLS_LISTEN=f"{HOST}:0", RELAY_TLS_CERT=str(paths["cert"]),
+                               RELAY_TLS_KEY=str(paths["key"]), RELAY_TLS_MIN_VERSION="1.3")
                 argv = [sys.executable, "-m", "relay", "run"]
             else:
                 raise StartError(f"unknown system {self.key}")
@@ -342,6 +384,10 @@ SYSTEMS = {
     # the cost of frames mode (RELAY_MODE=frames: frame headers tracked both ways)
     "wsrelay-frames": dict(label="wsrelay (1 worker, frames mode)", workers=1, env={"RELAY_MODE": "frames"}),
     # ... with a message limit: compressed messages inflated both ways to be measured
+    # TLS termination: TLS 1.3, the same ECDSA P-256 certificate (pki())
+    "nginx-tls": dict(label="nginx (1 worker, TLS)", tls=True),
+    "haproxy-tls": dict(label="HAProxy (1 thread, TLS)", tls=True),
+    "wsrelay-tls": dict(label="wsrelay (1 worker, TLS)", workers=1, tls=True),
     "wsrelay-frames-limit": dict(label="wsrelay (1 worker, frames mode, 1 MiB limit)", workers=1,
                                  env={"RELAY_MODE": "frames", "RELAY_MAX_MESSAGE_BYTES": str(1 << 20)}),
 }

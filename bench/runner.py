@@ -27,6 +27,7 @@ from bench import procstat, proxies
 
 ANCHORS = ("nginx", "haproxy")
 PROXIED = ("nginx", "haproxy", "naive", "wsrelay", "wsrelay-python")
+TLS_SYSTEMS = ("nginx-tls", "haproxy-tls", "wsrelay-tls")
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Workload:
     higher_better: bool = True
     pinned: bool = True       # follow --pin (the scaling workload never pins)
     deflate: bool = False     # echo with permessage-deflate (bench/loadgen.py --deflate)
+    resume: bool = False      # tls-handshake: resume the previous cycle's session
 
 
 def workloads(quick: bool, idle_conns: int) -> list[Workload]:
@@ -72,6 +74,16 @@ def workloads(quick: bool, idle_conns: int) -> list[Workload]:
         # plain HTTP/1.1 (the long-polling fallback): keep-alive GETs to the origin's HTTP port,
         # size = the origin's response body (bench.origin.HTTP_BODY)
         Workload("http-rate", "HTTP GET, 128 B body, 50 keep-alive conns", "http", 50, 128, metric="req/s"),
+        # TLS termination (README, "TLS"): the same ECDSA P-256 certificate and TLS 1.3 for all
+        Workload("tls-echo-64", "wss 64 B echo, 50 conns", "echo", 50, 64, systems=TLS_SYSTEMS),
+        Workload("tls-echo-4k", "wss 4 KiB echo, 50 conns", "echo", 50, 4096, systems=TLS_SYSTEMS),
+        Workload("tls-echo-1m", "wss 1 MiB echo, 4 conns", "echo", 4, 1 << 20, metric="MB/s", systems=TLS_SYSTEMS),
+        Workload("tls-handshake", "full TLS handshakes + upgrade + echo, 8 loops", "tls-handshake", 8,
+                 metric="handshakes/s", systems=TLS_SYSTEMS),
+        Workload("tls-resume", "resumed TLS handshakes + upgrade + echo, 8 loops", "tls-handshake", 8,
+                 metric="handshakes/s", systems=TLS_SYSTEMS, resume=True),
+        Workload("tls-idle", f"{idle_conns:,} idle wss conns", "idle", idle_conns, systems=TLS_SYSTEMS,
+                 procs=4, metric="KiB/tunnel", higher_better=False),
     ]
     if quick:
         keep = {"echo-64", "echo-1m", "handshake", "idle", "http-rate", "storm"}
@@ -158,6 +170,10 @@ def run_trial(w: Workload, key: str, origin_pid: int, origin_port: int, opts, tm
                     "--duration", str(duration), "--lat-file", str(tmp / f"lat-{i}.bin")]
             if w.deflate:
                 argv.append("--deflate")
+            if sysm.tls:
+                argv += ["--ca", str(proxies.pki(tmp_root)["ca"])]
+            if w.resume:
+                argv.append("--resume")
             children.append(Child(argv, cpus.load))
         connect_timeout = 30 + w.conns / 200
         readies = [c.line("READY", connect_timeout) for c in children]
@@ -219,7 +235,7 @@ def run_trial(w: Workload, key: str, origin_pid: int, origin_port: int, opts, tm
             for k, v in r.get("error_kinds", {}).items():
                 kinds[k] = kinds.get(k, 0) + v
         res["error_kinds"] = kinds
-        if w.mode != "handshake" and connected < w.conns:
+        if w.mode not in ("handshake", "tls-handshake") and connected < w.conns:
             res["errors"] += w.conns - connected
             kinds["not_connected"] = w.conns - connected
     except Exception as e:  # one failed trial must not lose the whole run
@@ -366,9 +382,10 @@ def summarize(wls: list[Workload], trials: list[dict]) -> dict:
             row["values"] = [t["value"] for t in ts]
             row["errors"] = sum(t.get("errors", 0) for t in ts)
             rows[key] = row
+        suffix = "-tls" if any(k.endswith("-tls") for k in w.systems) else ""  # TLS rows: the TLS anchors
         for field_, tag in (("value", ""), ("per_core", "_core")):
-            nginx = rows.get("nginx", {}).get(field_)
-            anchors = [rows[a][field_] for a in ANCHORS if a in rows and rows[a].get(field_)]
+            nginx = rows.get("nginx" + suffix, {}).get(field_)
+            anchors = [rows[a + suffix][field_] for a in ANCHORS if a + suffix in rows and rows[a + suffix].get(field_)]
             best = (max(anchors) if w.higher_better else min(anchors)) if anchors else None
             naive = rows.get("naive", {}).get(field_)
             for key, row in rows.items():
@@ -400,6 +417,9 @@ TARGETS = [
     ("echo-64", "best", 1.15), ("echo-4k", "best", 1.2), ("echo-1m", "best", 1.5),
     ("handshake", "best", 1.0), ("idle", "best", 0.25), ("storm", "best", 1.0),
     ("echo-64", "naive", 1.4), ("echo-1m", "naive", 2.5),
+    # issue 16: TLS, per proxy core against the better of nginx and HAProxy
+    ("tls-echo-64", "best", 1.0), ("tls-echo-4k", "best", 1.0), ("tls-echo-1m", "best", 1.0),
+    ("tls-handshake", "best", 1.0), ("tls-resume", "best", 1.0), ("tls-idle", "best", 1.0),
 ]
 
 
@@ -407,7 +427,7 @@ def check_targets(summary: dict, wls: list[dict]) -> list[dict]:
     hb = {w["key"]: w["higher_better"] for w in wls}
     out = []
     for wl, against, goal in TARGETS:
-        row = summary.get(wl, {}).get("wsrelay")
+        row = summary.get(wl, {}).get("wsrelay") or summary.get(wl, {}).get("wsrelay-tls")
         if row is None:
             continue
         higher = hb[wl]
