@@ -328,9 +328,8 @@ class Supervisor:
         return t
 
     def _tick(self) -> None:
-        now = time.monotonic()
+        self.listeners.tls.tick(now := time.monotonic())  # ticket key rotation (workers/tls.py)
         self.status.expire()
-        self.listeners.tls.tick(now)
         fresh, stuck = self.workers.check_heartbeats(lambda w: self.shared.counters(w.slot).last_heartbeat,
                                                      now, HUNG_AFTER)
         for w, silent in stuck:

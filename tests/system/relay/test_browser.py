@@ -11,6 +11,7 @@ CHROMIUM overrides the path.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 import pytest

@@ -16,9 +16,9 @@ import time
 import pytest
 from websockets.sync.client import connect  # plain ws:// only (see tests/tls_support.wss_echo)
 
-from tests.helpers import Relay, wait_for
-from tests.probes import metric
-from tests.tls_support import ECDSA, client_context, issue, make_ca, s_client, tls_relay, wss_echo
+from tests.support.relay import Relay, wait_for
+from tests.support.scrape import metric
+from tests.support.tls import ECDSA, client_context, issue, make_ca, names_for, s_client, tls_relay, wss_echo
 
 
 @pytest.fixture(scope="module")
@@ -66,14 +66,14 @@ def test_wss_echo_with_aiohttp(relay, pki):
 
 
 def test_versions_below_tls12_are_refused_and_counted(relay):
-    before = metric(relay, "wsrelay_tls_handshakes_total", 'outcome="failed_protocol"')
+    before = metric(relay, "wsrelay_tls_handshakes_total", outcome="failed_protocol")
     for flag in ("-tls1", "-tls1_1"):
         out = s_client(relay.tls_port, flag, "-cipher", "DEFAULT@SECLEVEL=0")
         assert "Cipher is (NONE)" in out, out
     for flag, version in (("-tls1_2", "TLSv1.2"), ("-tls1_3", "TLSv1.3")):
         out = s_client(relay.tls_port, flag)
         assert f"Protocol  : {version}" in out and "HTTP/1.1 426" in out, out
-    wait_for(lambda: metric(relay, "wsrelay_tls_handshakes_total", 'outcome="failed_protocol"') >= before + 2,
+    wait_for(lambda: metric(relay, "wsrelay_tls_handshakes_total", outcome="failed_protocol") >= before + 2,
              10, what="failed_protocol counted")
 
 
@@ -88,13 +88,13 @@ def test_twenty_reconnects_all_resume_whichever_worker_accepts(relay, tmp_path):
     sess = tmp_path / "session"
     first = s_client(relay.tls_port, "-sess_out", str(sess))
     assert "New, TLSv1.3" in first, first
-    before = {w: metric(relay, "wsrelay_tls_handshakes_total", f'outcome="resumed",worker="{w}"') for w in (0, 1)}
+    before = {w: metric(relay, "wsrelay_tls_handshakes_total", outcome="resumed", worker=str(w)) for w in (0, 1)}
     reused = 0
     for _ in range(20):
         out = s_client(relay.tls_port, "-sess_in", str(sess), "-sess_out", str(sess))
         reused += "Reused, TLSv1.3" in out
     assert reused == 20
-    after = {w: metric(relay, "wsrelay_tls_handshakes_total", f'outcome="resumed",worker="{w}"') for w in (0, 1)}
+    after = {w: metric(relay, "wsrelay_tls_handshakes_total", outcome="resumed", worker=str(w)) for w in (0, 1)}
     assert sum(after.values()) - sum(before.values()) == 20
     assert all(after[w] > before[w] for w in (0, 1)), (before, after)  # both workers resumed tickets
 
@@ -107,7 +107,7 @@ def test_plain_http_on_the_tls_port_gets_nginxs_400(relay):
             data += chunk
     assert data.startswith(b"HTTP/1.1 400 Bad Request\r\n")
     assert b"plain HTTP request was sent to a TLS port" in data
-    assert metric(relay, "wsrelay_tls_handshakes_total", 'outcome="plain_http"') >= 1
+    assert metric(relay, "wsrelay_tls_handshakes_total", outcome="plain_http") >= 1
 
 
 def test_garbage_and_truncated_hellos_get_a_close_and_nothing_else(ws_origin, pki):
@@ -131,9 +131,9 @@ def test_garbage_and_truncated_hellos_get_a_close_and_nothing_else(ws_origin, pk
             t0 = time.monotonic()
             assert s.recv(4096) == b""
             assert 0.8 < time.monotonic() - t0 < 5
-        wait_for(lambda: metric(r, "wsrelay_tls_handshakes_total", 'outcome="timeout"') == 1, 10,
+        wait_for(lambda: metric(r, "wsrelay_tls_handshakes_total", outcome="timeout") == 1, 10,
                  what="the timeout counted")
-        assert metric(r, "wsrelay_tls_handshakes_total", 'outcome="failed_other"') == 1
+        assert metric(r, "wsrelay_tls_handshakes_total", outcome="failed_other") == 1
         assert "Traceback" not in r.text()
 
 
@@ -166,7 +166,7 @@ def test_a_slow_client_is_dropped_at_the_handshake_timeout_others_unharmed(ws_or
     with tls_relay(ws_origin.addr, pair, workers=1, RELAY_HANDSHAKE_TIMEOUT="3") as r:
         closed_after = asyncio.run(main(r.tls_port))
         assert closed_after is not None and 2.5 < closed_after < 6, closed_after
-        assert metric(r, "wsrelay_tls_handshakes_total", 'outcome="timeout"') == 1
+        assert metric(r, "wsrelay_tls_handshakes_total", outcome="timeout") == 1
 
 
 def test_sni_picks_the_certificate_by_name_wildcards_included(ws_origin, tmp_path):
@@ -182,24 +182,8 @@ def test_sni_picks_the_certificate_by_name_wildcards_included(ws_origin, tmp_pat
     with tls_relay(ws_origin.addr, default, wild, workers=1, RELAY_TLS_STRICT_SNI="1") as r:
         assert "Cipher is (NONE)" in s_client(r.tls_port, "-servername", "unknown.example")
         assert "*.b.example" in names_for(r, "q.b.example")
-        wait_for(lambda: metric(r, "wsrelay_tls_handshakes_total", 'outcome="failed_sni"') == 1, 10,
+        wait_for(lambda: metric(r, "wsrelay_tls_handshakes_total", outcome="failed_sni") == 1, 10,
                  what="failed_sni")
-
-
-def names_for(relay: Relay, server_name: str) -> str:
-    """The DNS names of the certificate the relay presents for ``server_name``."""
-    der = None
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    with socket.create_connection(("127.0.0.1", relay.tls_port), timeout=10) as s:
-        with ctx.wrap_socket(s, server_hostname=server_name) as t:
-            der = t.getpeercert(binary_form=True)
-    from cryptography import x509
-
-    cert = x509.load_der_x509_certificate(der)
-    return ",".join(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-                    .get_values_for_type(x509.DNSName))
 
 
 def test_client_certificates_the_verified_subject_reaches_the_origin_never_the_clients(ws_origin, tmp_path):
@@ -223,7 +207,7 @@ def test_client_certificates_the_verified_subject_reaches_the_origin_never_the_c
         # without a client certificate: refused in the handshake, counted
         with pytest.raises(Exception):  # noqa: B017 - whichever way the client library reports it
             wss_echo(f"wss://localhost:{r.tls_port}/", client_context(tmp_path), "x")
-        wait_for(lambda: metric(r, "wsrelay_tls_handshakes_total", 'outcome="failed_client_certificate"') >= 1,
+        wait_for(lambda: metric(r, "wsrelay_tls_handshakes_total", outcome="failed_client_certificate") >= 1,
                  10, what="failed_client_certificate")
         # the plain listener never passes a client's own value on
         with connect(f"ws://127.0.0.1:{r.port}/headers", open_timeout=10,
@@ -235,9 +219,9 @@ def test_client_certificates_the_verified_subject_reaches_the_origin_never_the_c
 def test_certificate_expiry_is_a_metric_one_series_per_certificate(relay, pki):
     from cryptography import x509
 
+    from tests.support.scrape import samples
+
     leaf = x509.load_pem_x509_certificate(pki[2].cert.read_bytes())
-    assert metric(relay, "wsrelay_tls_certificate_expiry_timestamp_seconds", 'name="localhost"') == \
-        leaf.not_valid_after_utc.timestamp()
-    text = __import__("urllib.request").request.urlopen(
-        f"http://127.0.0.1:{relay.metrics_port}/metrics", timeout=5).read().decode()
-    assert text.count("wsrelay_tls_certificate_expiry_timestamp_seconds{") == 1
+    series = {labels: v for (n, labels), v in samples(relay).items()
+              if n == "wsrelay_tls_certificate_expiry_timestamp_seconds"}
+    assert series == {(("name", "localhost"),): leaf.not_valid_after_utc.timestamp()}

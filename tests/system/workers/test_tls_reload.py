@@ -11,10 +11,9 @@ import os
 import signal
 import threading
 
-from tests.helpers import Relay, wait_for
-from tests.probes import metric
-from tests.test_tls import names_for
-from tests.tls_support import client_context, issue, make_ca, s_client, tls_relay, wss_echo
+from tests.support.relay import Relay, wait_for
+from tests.support.scrape import metric
+from tests.support.tls import client_context, issue, make_ca, names_for, s_client, tls_relay, wss_echo
 
 
 def test_reload_serves_the_new_certificate_and_refuses_no_wss_connection(ws_origin, tmp_path):
@@ -126,7 +125,7 @@ def test_ticket_keys_file_two_relays_resume_each_others_sessions_and_rotate(ws_o
         a.wait_log("reload: generation 2 accepting", timeout=30)
         assert _resumed(a.tls_port, fresh)  # k1 decrypts still
         assert not _resumed(a.tls_port, old)
-        assert metric(a, "wsrelay_tls_handshakes_total", 'outcome="failed_other"') == 0
+        assert metric(a, "wsrelay_tls_handshakes_total", outcome="failed_other") == 0
 
 
 def test_a_bad_ticket_key_file_is_refused_with_its_line(ws_origin, tmp_path):

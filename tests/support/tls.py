@@ -4,13 +4,14 @@ listener, and openssl s_client as the client that says exactly what happened."""
 from __future__ import annotations
 
 import shutil
+import socket
 import ssl
 import subprocess
 from pathlib import Path
 
 import trustme
 
-from tests.helpers import Relay
+from tests.support.relay import Relay
 
 ECDSA = trustme.KeyType.ECDSA
 
@@ -130,3 +131,19 @@ def public_style_pair(directory: Path, name: str, days: int = 90) -> Pair:
             pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()): b})()
 
     return Pair(directory, name, _Leaf())
+
+
+def names_for(relay, server_name: str) -> str:
+    """The DNS names of the certificate the relay presents for ``server_name``."""
+    der = None
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", relay.tls_port), timeout=10) as s:
+        with ctx.wrap_socket(s, server_hostname=server_name) as t:
+            der = t.getpeercert(binary_form=True)
+    from cryptography import x509
+
+    cert = x509.load_der_x509_certificate(der)
+    return ",".join(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+                    .get_values_for_type(x509.DNSName))

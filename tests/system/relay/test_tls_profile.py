@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tls_support import public_style_pair, tls_relay
+from tests.support.tls import public_style_pair, tls_relay
 
 
 def test_the_tls_listener_is_mozilla_intermediate_per_sslyze(ws_origin, tmp_path):

@@ -17,7 +17,7 @@ from relay.tls import handshake, openssl, tickets
 from relay.tls.certs import check_pair
 from relay.tls.names import Chooser, matches
 from relay.tls.server import context, subject
-from tests.tls_support import ECDSA, issue, make_ca
+from tests.support.tls import ECDSA, issue, make_ca
 
 
 def test_names_exact_and_one_label_wildcards():
