@@ -27,15 +27,20 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
 
 
 @pytest.fixture(scope="module")
-def browser():
+def playwright():
     if not os.access(CHROMIUM, os.X_OK):
         pytest.fail(f"no Chromium at {CHROMIUM}: apt-get install chromium (README, Development)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
+        yield p
+
+
+@pytest.fixture(scope="module")
+def browser(playwright):
+    b = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+    yield b
+    b.close()
 
 
 def visit(browser, url: str, shot, also: str = "true") -> tuple[str, int, str]:
@@ -77,7 +82,7 @@ def test_page_falls_back_to_polling_when_upgrade_is_refused(browser, tmp_path):
     assert ok >= 4  # the page and its polls, relayed as plain HTTP
 
 
-def test_page_over_https_and_wss_with_the_demos_throwaway_ca(tmp_path):
+def test_page_over_https_and_wss_with_the_demos_throwaway_ca(playwright, tmp_path):
     """README: `wsrelay demo --tls`, then open the https:// page, the throwaway CA trusted
     the way Chromium on Linux trusts a CA: in the user's NSS database (certutil,
     Debian's libnss3-tools). No certificate error is ignored: an untrusted chain
@@ -85,8 +90,6 @@ def test_page_over_https_and_wss_with_the_demos_throwaway_ca(tmp_path):
     if not shutil.which("certutil"):
         pytest.fail("no certutil: apt-get install libnss3-tools (README, Development)")
     import subprocess
-
-    from playwright.sync_api import sync_playwright
 
     with Demo("--port", "0", "--tls") as demo:
         demo.wait_ready()
@@ -98,13 +101,12 @@ def test_page_over_https_and_wss_with_the_demos_throwaway_ca(tmp_path):
         subprocess.run(["certutil", "-N", "-d", f"sql:{nssdb}", "--empty-password"], check=True)
         subprocess.run(["certutil", "-A", "-d", f"sql:{nssdb}", "-t", "C,,", "-n", "wsrelay-demo", "-i", ca],
                        check=True)
-        with sync_playwright() as p:
-            b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS,
-                                  env={**os.environ, "HOME": str(tmp_path / "home")})
-            try:
-                mode, received, log = visit(b, page_url, tmp_path / "tls.png")
-            finally:
-                b.close()
+        b = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS,
+                                       env={**os.environ, "HOME": str(tmp_path / "home")})
+        try:
+            mode, received, log = visit(b, page_url, tmp_path / "tls.png")
+        finally:
+            b.close()
         handshakes = metric(demo.url("metrics"), "wsrelay_tls_handshakes_total")
         failed = sum(metric(demo.url("metrics"), "wsrelay_tls_handshakes_total", outcome=o)
                      for o in ("failed_protocol", "failed_cipher", "failed_other", "failed_sni"))
