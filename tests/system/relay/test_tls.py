@@ -225,3 +225,18 @@ def test_certificate_expiry_is_a_metric_one_series_per_certificate(relay, pki):
     series = {labels: v for (n, labels), v in samples(relay).items()
               if n == "wsrelay_tls_certificate_expiry_timestamp_seconds"}
     assert series == {(("name", "localhost"),): leaf.not_valid_after_utc.timestamp()}
+
+
+def test_an_origin_closing_closes_the_tls_client_at_once(relay, pki):
+    """TLS has no half-close through uvloop: the origin's FIN becomes the
+    client's close_notify and close, not a connection left open until the
+    client gives up (websockets waits close_timeout for the server's close)."""
+    from websockets.asyncio.client import connect as aconnect
+
+    async def main():
+        async with aconnect(f"wss://localhost:{relay.tls_port}/close/1000", ssl=client_context(pki[0]),
+                            open_timeout=10, close_timeout=20) as ws:
+            await asyncio.wait_for(ws.wait_closed(), 15)  # bounded far below close_timeout
+            return ws.close_code
+
+    assert asyncio.run(main()) == 1000
