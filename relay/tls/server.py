@@ -32,10 +32,24 @@ ALPN = ["http/1.1"]
 VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 
+class _SSLObject(ssl.SSLObject):
+    """ssl.SSLObject whose read, write and pending are _ssl's own methods:
+    uvloop's TLS layer calls them several times per record, and the Python
+    wrappers (one frame each) add nothing for a server with a buffer."""
+
+    @classmethod
+    def _create(cls, *args, **kwargs):
+        obj = super()._create(*args, **kwargs)
+        inner = obj._sslobj
+        obj.read, obj.write, obj.pending = inner.read, inner.write, inner.pending
+        return obj
+
+
 def context(pem_path: str, min_version: str, client_ca: str = "", client_verify: str = "required",
             tickets: bool = True) -> ssl.SSLContext:
     """A server context for one certificate (``pem_path``: chain then key)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.sslobject_class = _SSLObject
     ctx.minimum_version = VERSIONS[min_version]
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.set_ciphers(CIPHERS_TLS12)
