@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -30,6 +31,41 @@ class Address(msgspec.Struct, frozen=True):
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+class Route(msgspec.Struct, frozen=True):
+    """One entry of ``RELAY_ROUTES`` (README, "Routes and origins"): requests
+    whose Host is ``host`` (``""``: any, ``*.example.com``: its subdomains)
+    and whose path starts with ``path`` on whole segments go to ``pool``."""
+
+    host: str
+    path: str
+    pool: str
+
+    def __str__(self) -> str:
+        return f"{self.host}{self.path} = {self.pool}"
+
+
+class PoolSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """A named origin pool (``RELAY_POOL_<NAME>``) with every setting resolved:
+    its own ``RELAY_POOL_<NAME>_<SETTING>`` where set, else the global one."""
+
+    name: str
+    origins: tuple[Address, ...]
+    websocket: bool = True
+    allowed_origins: tuple[str, ...] = ()
+    connect_timeout: float = 5.0
+    read_timeout: float = 300.0
+    balance: str = "least_conn"
+    max_conns: int = 0
+    max_fails: int = 3
+    fail_timeout: float = 10.0
+    slowstart: float = 10.0
+    health_check_path: str = ""
+    health_check_interval: float = 5.0
+    health_check_timeout: float = 2.0
+    health_check_rise: int = 2
+    health_check_fall: int = 3
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -57,6 +93,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     forwarded_proto: Literal["http", "https"] = "http"
     pid_file: str = ""
     data_plane: Literal["auto", "native", "python"] = "auto"
+    routes: tuple[Route, ...] = ()
+    balance: str = "least_conn"
+    max_conns: int = 0
+    max_fails: int = 3
+    fail_timeout: float = 10.0
+    slowstart: float = 10.0
+    health_check_path: str = ""
+    health_check_interval: float = 5.0
+    health_check_timeout: float = 2.0
+    health_check_rise: int = 2
+    health_check_fall: int = 3
+    #: the named pools, resolved (RELAY_POOL_<NAME>[_<SETTING>]); not a variable of its own
+    pools: tuple[PoolSettings, ...] = ()
 
     def effective_data_plane(self) -> str:
         """What serves tunnels: "native" or "python" (relay/native)."""
@@ -71,22 +120,29 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         """``{"RELAY_X": value, ..., "effective_workers": n}``, the fields in
         :data:`SECRETS` replaced by :data:`REDACTED` when set: what ``wsrelay
         check`` prints and ``/config`` serves."""
+        from relay import pools
+
         out: dict[str, Any] = {}
         for name in self.__struct_fields__:
+            if name == "pools":
+                continue
             v = getattr(self, name)
             if isinstance(v, Address):
                 v = str(v)
-            elif isinstance(v, tuple) and v and isinstance(v[0], Address):
+            elif isinstance(v, tuple) and v and isinstance(v[0], (Address, Route)):
                 v = [str(a) for a in v]
             if name in SECRETS and v:
                 v = REDACTED
             out[PREFIX + name.upper()] = v
+        out.update(pools.variables(self, SECRETS))
         out["effective_workers"] = self.effective_workers()
         out["effective_data_plane"] = self.effective_data_plane()
         if self.effective_data_plane() != self.data_plane and self.data_plane != "python" and self.mode == "tunnel":
             from relay import native
 
             out["native_unavailable"] = native.WHY_NOT
+        out["effective_routes"] = [r.to_dict("origin" in SECRETS) for r in pools.table(self)]
+        out["effective_pools"] = {p.name: pools.describe(p, SECRETS) for p in pools.effective(self)}
         return out
 
     def to_json(self) -> bytes:
@@ -233,6 +289,38 @@ def _pid_file(text: str) -> str:
     return text
 
 
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+#: RELAY_BALANCE: least connections, round-robin, or a consistent hash of a cookie or header
+BALANCE_EXAMPLE = "least_conn, round_robin, cookie:NAME or header:NAME"
+
+
+def _balance(text: str) -> str:
+    t = text.strip()
+    if t.lower() in ("least_conn", "round_robin"):
+        return t.lower()
+    kind, sep, name = t.partition(":")
+    if sep and kind.lower() in ("cookie", "header") and _TOKEN.match(name):
+        # header names are case-insensitive (RFC 9110 §5.1), cookie names are not (RFC 6265 §5.4)
+        return f"{kind.lower()}:{name.lower() if kind.lower() == 'header' else name}"
+    raise _Bad(f"expected {BALANCE_EXAMPLE}")
+
+
+def _check_path(text: str) -> str:
+    t = text.strip()
+    if t and (not t.startswith("/") or any(not (0x21 <= ord(c) < 0x7f) or c == "#" for c in t)):
+        raise _Bad("expected a URL path starting with /, e.g. /healthz (empty: no active health checks)")
+    return t
+
+
+def _routes(text: str) -> tuple[Route, ...]:
+    from relay import pools
+
+    try:
+        return pools.parse_routes(text)
+    except ValueError as e:
+        raise _Bad(str(e)) from None
+
+
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "listen": _listen,
     "origin": _origins,
@@ -258,12 +346,27 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "forwarded_proto": _choice("http", "https"),
     "pid_file": _pid_file,
     "data_plane": _choice("auto", "native", "python"),
+    "routes": _routes,
+    "balance": _balance,
+    "max_conns": _int(0),
+    "max_fails": _int(0, 1000),
+    "fail_timeout": _seconds(0.05, False),
+    "slowstart": _seconds(0.05, True),
+    "health_check_path": _check_path,
+    "health_check_interval": _seconds(0.05, False),
+    "health_check_timeout": _seconds(0.05, False),
+    "health_check_rise": _int(1, 100),
+    "health_check_fall": _int(1, 100),
 }
 
-assert set(_PARSERS) == set(Settings.__struct_fields__), "every setting needs a parser"
+#: fields that are not a variable of their own (RELAY_POOL_<NAME>... variables, relay/pools.py)
+DERIVED = frozenset({"pools"})
+assert set(_PARSERS) == set(Settings.__struct_fields__) - DERIVED, "every setting needs a parser"
 
-#: Every variable wsrelay reads, for docs and for the env-file drift test.
-VARIABLES: tuple[str, ...] = tuple(PREFIX + name.upper() for name in Settings.__struct_fields__)
+#: Every variable wsrelay reads, for docs and for the env-file drift test
+#: (besides the RELAY_POOL_<NAME>... family of relay/pools.py).
+VARIABLES: tuple[str, ...] = tuple(PREFIX + name.upper() for name in Settings.__struct_fields__
+                                   if name not in DERIVED)
 
 
 def read_env_file_all(path: str) -> tuple[dict[str, str], list[str]]:
@@ -348,14 +451,26 @@ def load(environ: Mapping[str, str] | None = None, env_file: str | None = None,
         values_from_file, problems = read_env_file_all(env_file)
         source.update(values_from_file)
         unreadable = bool(problems) and problems[0].startswith(f"--env-file {env_file}: ")
+    from relay import pools
+
     values: dict[str, Any] = {}
+    pool_vars: dict[str, str] = {}
     for key, text in source.items():
         if not key.startswith(PREFIX):
+            continue
+        if key.startswith(pools.POOL_PREFIX):
+            pool_vars[key] = text
             continue
         name = key[len(PREFIX):].lower()
         parser = _PARSERS.get(name)
         if parser is None:
             problems.append(_unknown(key))
+            continue
+        if name == "routes":  # a table: blanks align it; one problem per bad entry
+            try:
+                values[name] = pools.parse_routes(text)
+            except pools.RouteError as e:
+                problems += [f"{key}: {line}" for line in e.lines]
             continue
         reason = _whitespace(text)
         if reason is None:
@@ -365,7 +480,11 @@ def load(environ: Mapping[str, str] | None = None, env_file: str | None = None,
             except _Bad as e:
                 reason = f": {e}"
         problems.append(f"{key}: {_quote(text)}{reason if reason.startswith(':') else ' ' + reason}")
-    if require_origin and not unreadable and "origin" not in values and not any(p.startswith(PREFIX + "ORIGIN") for p in problems):
+    values["pools"] = pools.resolve(pool_vars, values, problems)
+    if not any(p.startswith((PREFIX + "ORIGIN", PREFIX + "ROUTES", pools.POOL_PREFIX)) for p in problems):
+        pools.check_routes(values.get("routes", ()), values["pools"], "origin" in values, problems)
+    if (require_origin and not unreadable and "origin" not in values and not values.get("routes")
+            and not any(p.startswith((PREFIX + "ORIGIN", PREFIX + "ROUTES")) for p in problems)):
         problems.append(f"{PREFIX}ORIGIN is not set: expected the origin server(s), e.g. {_ORIGIN_EXAMPLE}")
     if "data_plane" in values:
         from relay import native
