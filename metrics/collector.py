@@ -10,7 +10,7 @@ scrape is one pass over a few KiB. prometheus-client still does the exposition.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -27,19 +27,45 @@ class Source(Protocol):
     def limit(self) -> int: ...
     def restarts(self) -> int: ...
     def processes(self) -> dict[str, tuple[float, float, float]]: ...  # index -> rss, cpu s, fds
+    def origins(self) -> Iterable: ...  # metrics.source.OriginFigures, one per origin of each pool
+
+
+def _cumulative(buckets: tuple[float, ...], counts: list[float]) -> list[tuple[str, float]]:
+    out, running = [], 0.0
+    for bound, c in zip((*(str(b) for b in buckets), "+Inf"), counts):
+        running += c
+        out.append((bound, running))
+    return out
 
 
 def _histogram(name: str, doc: str, buckets: tuple[float, ...], base: int,
                data: dict[str, list[float]]) -> HistogramMetricFamily:
     h = HistogramMetricFamily(name, doc, labels=["worker"])
     for worker, v in data.items():
-        counts = v[base: base + len(buckets) + 1]
-        cumulative, running = [], 0.0
-        for bound, c in zip((*(str(b) for b in buckets), "+Inf"), counts):
-            running += c
-            cumulative.append((bound, running))
-        h.add_metric([worker], cumulative, v[base + len(buckets) + 1])
+        h.add_metric([worker], _cumulative(buckets, v[base: base + len(buckets) + 1]), v[base + len(buckets) + 1])
     return h
+
+
+def _origins(figures: list) -> Iterator[Metric]:
+    """Per origin of each pool (README, "Routes and origins")."""
+    labels = ["pool", "origin"]
+    up = GaugeMetricFamily("wsrelay_origin_up", "1 while the origin's health check passes and it is not "
+                           "taken out after failures (0 until it answers again)", labels=labels)
+    conns = GaugeMetricFamily("wsrelay_origin_connections", "Open connections to the origin (tunnels, "
+                              "requests in flight, connects), across workers", labels=labels)
+    errors = CounterMetricFamily("wsrelay_origin_errors", "Origin failures by reason",
+                                 labels=[*labels, "reason"])
+    connect = HistogramMetricFamily("wsrelay_origin_connect_seconds", "TCP connect time to the origin",
+                                    labels=labels)
+    n = len(layout.CONNECT_BUCKETS)
+    for f in figures:
+        key = [f.pool, f.origin]
+        up.add_metric(key, 1.0 if f.up else 0.0)
+        conns.add_metric(key, f.connections)
+        for reason, count in zip(layout.ORIGIN_REASONS, f.errors):
+            errors.add_metric([*key, reason], count)
+        connect.add_metric(key, _cumulative(layout.CONNECT_BUCKETS, f.connect[: n + 1]), f.connect[n + 1])
+    yield from (up, conns, errors, connect)
 
 
 class RelayCollector:
@@ -136,3 +162,4 @@ class RelayCollector:
         yield rss
         yield cpu
         yield fds
+        yield from _origins(list(src.origins()))

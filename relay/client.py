@@ -173,11 +173,11 @@ class ClientConnection(asyncio.Protocol):
         self._to(SERVING)
         try:
             if upgrade:
-                key = gate.admit_upgrade(ctx, req, self.client_ip, self.requests == 1)
-                self.server = Upgrade(self, req, key, record, rest, request_id)
+                key, pool = gate.admit_upgrade(ctx, req, self.client_ip, self.requests == 1)
+                self.server = Upgrade(self, req, key, record, rest, request_id, pool)
             else:
-                length = gate.admit_request(ctx, req, self.requests == 1)
-                self.server = Exchange(self, req, length, record, rest, request_id)
+                length, pool = gate.admit_request(ctx, req, self.requests == 1)
+                self.server = Exchange(self, req, length, record, rest, request_id, pool)
         except RelayError as e:
             self.refuse(e.status, e.outcome, record, upgrade=upgrade)
 
