@@ -191,6 +191,8 @@ class System:
     env: dict[str, str] = field(default_factory=dict)
     #: seconds between scrapes of /metrics while running (0: no scraper)
     scrape_every: float = 0.0
+    #: the path clients ask for (a route of RELAY_ROUTES)
+    path: str = "/"
     proc: subprocess.Popen | None = None
     port: int = 0
     tmp: Path | None = None
@@ -200,7 +202,7 @@ class System:
 
     @property
     def url(self) -> str:
-        return f"ws://{HOST}:{self.port}/"
+        return f"ws://{HOST}:{self.port}{self.path}"
 
     def start(self, origin_port: int, tmp: Path, cpus: set[int] | None, timeout: float = 15.0) -> None:
         self.tmp = tmp
@@ -230,7 +232,7 @@ class System:
                 env.update(RELAY_ORIGIN=f"{HOST}:{origin_port}", RELAY_LISTEN=f"{HOST}:0",
                            RELAY_WORKERS=str(self.workers), RELAY_METRICS_LISTEN="",
                            RELAY_ACCESS_LOG="0", RELAY_DRAIN_TIMEOUT="1")
-                env.update(self.env)
+                env.update({k: v.replace("{origin}", f"{HOST}:{origin_port}") for k, v in self.env.items()})
                 argv = [sys.executable, "-m", "relay", "run"]
             else:
                 raise StartError(f"unknown system {self.key}")
@@ -323,6 +325,15 @@ def _repo_root() -> str:
     return str(Path(__file__).resolve().parent.parent)
 
 
+#: 50 routes: 10 by Host (which a request to 127.0.0.1 does not match, so the
+#: host lookup runs and falls through), 30 under their own first segment, and
+#: 10 under /live, where the benchmark's /live/v2/stream is matched after
+#: longer prefixes sharing that segment
+ROUTES_50 = "\n".join([f"h{i}.example.com/ = p{i % 5}" for i in range(10)]
+                      + [f"/app{i}/ws = p{i % 5}" for i in range(30)]
+                      + [f"/live/v{i} = p{i % 5}" for i in range(5)]
+                      + [f"/live/v{i}/stream = live" for i in range(4)] + ["/live = live"])
+
 SYSTEMS = {
     "direct": dict(label="direct (no proxy)"),
     "nginx": dict(label="nginx (1 worker)"),
@@ -344,10 +355,16 @@ SYSTEMS = {
     # ... with a message limit: compressed messages inflated both ways to be measured
     "wsrelay-frames-limit": dict(label="wsrelay (1 worker, frames mode, 1 MiB limit)", workers=1,
                                  env={"RELAY_MODE": "frames", "RELAY_MAX_MESSAGE_BYTES": str(1 << 20)}),
+    # the cost of routing (README, "Routes and origins"): the request matches a route either way
+    "wsrelay-routes-1": dict(label="wsrelay (1 worker, 1 route)", workers=1, path="/live/v2/stream",
+                             env={"RELAY_ROUTES": "/live = live", "RELAY_POOL_LIVE": "{origin}"}),
+    "wsrelay-routes-50": dict(label="wsrelay (1 worker, 50 routes)", workers=1, path="/live/v2/stream",
+                              env={"RELAY_ROUTES": ROUTES_50, "RELAY_POOL_LIVE": "{origin}",
+                                   **{f"RELAY_POOL_P{i}": "{origin}" for i in range(5)}}),
 }
 
 #: a variant also compared with another than plain wsrelay: the limit's cost is frames mode with it ÷ without
-BASELINES = {"wsrelay-frames-limit": "wsrelay-frames"}
+BASELINES = {"wsrelay-frames-limit": "wsrelay-frames", "wsrelay-routes-50": "wsrelay-routes-1"}
 
 
 def make(key: str) -> System:

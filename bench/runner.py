@@ -54,6 +54,9 @@ def workloads(quick: bool, idle_conns: int) -> list[Workload]:
         Workload("echo-1m", "1 MiB echo, 4 conns", "echo", 4, 1 << 20, metric="MB/s"),
         Workload("handshake", "handshakes, 8 loops", "handshake", 8, metric="handshakes/s",
                  systems=("direct",) + PROXIED + ("wsrelay-nh",)),
+        # routing decided once per request, at a cost that does not grow with the routes
+        Workload("handshake-routes", "handshakes, 8 loops, 50 routes vs 1", "handshake", 8,
+                 metric="handshakes/s", systems=("wsrelay-routes-1", "wsrelay-routes-50")),
         Workload("idle", f"{idle_conns:,} idle conns", "idle", idle_conns, systems=PROXIED,
                  procs=4, metric="KiB/tunnel", higher_better=False),
         # 5,000 clients connecting at once (a reconnect storm after an outage or a deploy):
