@@ -68,16 +68,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def check(settings: Settings) -> int:
-    """Print the effective settings as JSON (indented on a terminal, one line
-    otherwise, for scripts), and a note on stderr for each listen address that
-    cannot be bound right now: normal for the relay you are about to reload,
-    but a second ``wsrelay run`` would refuse to start."""
+    """Print the effective settings as JSON (indented on a terminal, then the
+    route table as a request tries it; one line otherwise, for scripts: the
+    table is its ``effective_routes``), and a note on stderr for each listen
+    address that cannot be bound right now: normal for the relay you are
+    about to reload, but a second ``wsrelay run`` would refuse to start."""
+    from relay import pools
     from workers import listeners as listening
 
     if sys.stdout.isatty():
         import json
 
         sys.stdout.write(json.dumps(settings.to_dict(), indent=2) + "\n")
+        sys.stdout.write(pools.render(pools.table(settings)) + "\n")
     else:
         sys.stdout.write(settings.to_json().decode() + "\n")
     addresses = [("RELAY_LISTEN", a) for a in settings.listen]
