@@ -8,16 +8,19 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 from websockets.asyncio.client import connect
 
-from tests.helpers import LoopThread, Relay, raw_exchange, read_head, status_of, upgrade_request, wait_for
+from tests.helpers import ROOT, LoopThread, Relay, raw_exchange, read_head, status_of, upgrade_request, wait_for
 from tests.origin_process import OriginProcess
 from tests.probes import metric
 from tests.raw_origins import read_frame
@@ -331,3 +334,55 @@ def test_one_health_checker_per_host_and_what_it_says_reaches_every_worker(origi
         # and the checker is the supervisor's: its log lines carry the supervisor's pid
         m = re.search(rf"wsrelay\[(\d+)\] \w+ origin {re.escape(b.addr)} \(pool default\) down", r.text())
         assert int(m.group(1)) == r.proc.pid
+
+
+# -- the README's example ------------------------------------------------------------------------
+
+def readme_routes_example() -> str:
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    block = text.split("<!-- routes-example -->")[1].split("<!-- /routes-example -->")[0]
+    return block.split("```sh\n")[1].split("```")[0]
+
+
+def test_the_readme_routes_example(origins, tmp_path):
+    """The multi-route example of README "Routes and origins", as written, with
+    its addresses replaced by three real origins."""
+    example = readme_routes_example()
+    addrs = list(dict.fromkeys(re.findall(r"10\.0\.\d+\.\d+:\d+", example)))
+    assert len(addrs) == 7
+    env_file = tmp_path / "wsrelay.env"
+    env_file.write_text(re.sub(r"10\.0\.\d+\.\d+:\d+", lambda m: origins[addrs.index(m.group()) % 3].addr, example))
+    out = subprocess.run([sys.executable, "-m", "relay", "check", "--env-file", str(env_file)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=30,
+                         env={k: v for k, v in os.environ.items() if not k.startswith("RELAY_")})
+    assert out.returncode == 0, out.stderr
+    table = [(r["host"], r["path"], r["pool"]) for r in json.loads(out.stdout)["effective_routes"]]
+    assert table == [("admin.example.com", "/", "api"), ("feed.example.com", "/", "feed"),
+                     ("*", "/socket.io", "chat"), ("*", "/chat", "chat"), ("*", "/feed", "feed"),
+                     ("*", "/api", "api"), ("*", "(anything else)", "default")]
+    with Relay(None, args=("--env-file", str(env_file))) as r:
+        # socket.io: polling, then the upgrade, on one origin by the io cookie
+        cookie = "Cookie: io=Zx81pQ\r\n"
+        polled = {hello_over_http(r.port, f"/socket.io/?EIO=4&transport=polling&t={i}", extra=cookie)[1]["origin"]
+                  for i in range(6)}
+        status, hello = hello_over_ws(r.port, "/socket.io/?EIO=4&transport=websocket", extra=cookie)
+        assert status == 101 and polled == {hello["origin"]}
+        assert hello_over_ws(r.port, "/chat/room/7")[0] == 101
+        # feed: its own allowed Origins
+        assert hello_over_ws(r.port, "/feed", extra="Origin: https://app.example.com\r\n")[0] == 101
+        assert hello_over_ws(r.port, "/feed", extra="Origin: https://evil.example\r\n")[0] == 403
+        assert hello_over_ws(r.port, "/live", host="Feed.Example.com:443")[0] == 101
+        # api: plain HTTP only
+        assert hello_over_http(r.port, "/api/v1/users")[0] == 200
+        assert hello_over_ws(r.port, "/api/v1/stream")[0] == 403
+        assert hello_over_http(r.port, "/users", host="ADMIN.example.com")[0] == 200
+        assert hello_over_ws(r.port, "/elsewhere")[0] == 101
+        expected = {"/socket.io/": "chat", "/chat/room/7": "chat", "/live": "feed", "/api/v1/users": "api",
+                    "/users": "api", "/elsewhere": "default"}
+
+        def pools_logged() -> dict:
+            return {x["path"]: x["pool"] for x in access(r) if x["status"] in (101, 200)}
+        wait_for(lambda: expected.items() <= pools_logged().items(), 5, what="each request's pool logged")
+        # the chat pool's health checks reach its origins (and only its: the others have none)
+        wait_for(lambda: sum(o.stats()["probes"] for o in origins) >= 3, 20, what="health checks of pool chat")
