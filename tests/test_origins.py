@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import pytest
 from websockets.asyncio.client import connect
@@ -386,3 +387,28 @@ def test_the_readme_routes_example(origins, tmp_path):
         wait_for(lambda: expected.items() <= pools_logged().items(), 5, what="each request's pool logged")
         # the chat pool's health checks reach its origins (and only its: the others have none)
         wait_for(lambda: sum(o.stats()["probes"] for o in origins) >= 3, 20, what="health checks of pool chat")
+
+
+def test_a_reload_applies_a_new_route_table_and_refuses_a_bad_one(origins, tmp_path):
+    a, b, c = origins
+    env_file = tmp_path / "wsrelay.env"
+    env_file.write_text(f"RELAY_ORIGIN={a.addr}\nRELAY_POOL_X={b.addr}\nRELAY_ROUTES=/x = x\n")
+    with Relay(None, args=("--env-file", str(env_file))) as r:
+        assert hello_over_ws(r.port, "/x/1")[1]["origin"] == "b"
+        assert hello_over_ws(r.port, "/y")[1]["origin"] == "a"
+        # /y gets a pool of its own, /x moves to c
+        env_file.write_text(f"RELAY_ORIGIN={a.addr}\nRELAY_POOL_X={c.addr}\nRELAY_POOL_Y={b.addr}\n"
+                            f"RELAY_ROUTES=/x = x, /y = y\n")
+        r.signal(signal.SIGHUP)
+        r.wait_log("reload: generation 1 accepting")
+        assert hello_over_ws(r.port, "/x/1")[1]["origin"] == "c"
+        assert hello_over_ws(r.port, "/y")[1]["origin"] == "b"
+        page = urllib.request.urlopen(f"http://127.0.0.1:{r.metrics_port}/metrics", timeout=5).read().decode()
+        assert f'origin="{b.addr}",pool="x"' not in page  # b left pool x: its series with it
+        assert metric(r, "wsrelay_origin_up", f'origin="{b.addr}",pool="y"') == 1
+        # a misspelt pool: refused, the running table stays
+        env_file.write_text(f"RELAY_ORIGIN={a.addr}\nRELAY_POOL_X={c.addr}\nRELAY_ROUTES=/x = z\n")
+        r.signal(signal.SIGHUP)
+        r.wait_log("reload refused, still serving the running configuration: RELAY_ROUTES: '/x = z': "
+                   "no pool named z")
+        assert hello_over_ws(r.port, "/x/1")[1]["origin"] == "c"
