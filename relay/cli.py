@@ -68,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def check(settings: Settings) -> int:
-    """Print the effective settings as JSON (indented on a terminal, then the
-    route table as a request tries it; one line otherwise, for scripts: the
-    table is its ``effective_routes``), and a note on stderr for each listen
+    """Print the effective settings as JSON (indented on a terminal, with the
+    route table as a request tries it on stderr; one line otherwise, for
+    scripts: the table is its ``effective_routes``), and a note on stderr for each listen
     address that cannot be bound right now: normal for the relay you are
     about to reload, but a second ``wsrelay run`` would refuse to start."""
     from relay import pools
@@ -80,7 +80,8 @@ def check(settings: Settings) -> int:
         import json
 
         sys.stdout.write(json.dumps(settings.to_dict(), indent=2) + "\n")
-        sys.stdout.write(pools.render(pools.table(settings)) + "\n")
+        if settings.routes:  # for the person at the terminal; stdout stays JSON
+            print(pools.render(pools.table(settings)), file=sys.stderr)
     else:
         sys.stdout.write(settings.to_json().decode() + "\n")
     addresses = [("RELAY_LISTEN", a) for a in settings.listen]

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from relay import envfile
+from relay import envfile, pools
 from relay.errors import ConfigError
 
 PREFIX = "RELAY_"
@@ -116,37 +116,48 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     def effective_workers(self) -> int:
         return self.workers or len(os.sched_getaffinity(0))
 
-    def to_dict(self) -> dict[str, Any]:
-        """``{"RELAY_X": value, ..., "effective_workers": n}``, the fields in
-        :data:`SECRETS` replaced by :data:`REDACTED` when set: what ``wsrelay
-        check`` prints and ``/config`` serves."""
-        from relay import pools
+    def default_pool(self) -> PoolSettings | None:
+        """RELAY_ORIGIN as a pool with the global settings; None when it is not set."""
+        if not self.origin:
+            return None
+        return PoolSettings(name=pools.DEFAULT, origins=self.origin,
+                            **{n: getattr(self, n) for n in pools.POOL_SETTINGS if n != "websocket"})
 
+    def to_dict(self) -> dict[str, Any]:
+        """``{"RELAY_X": value, ..., "effective_workers": n, "effective_routes":
+        [...], "effective_pools": {...}}``, the fields in :data:`SECRETS`
+        replaced by :data:`REDACTED` when set: what ``wsrelay check`` prints
+        and ``/config`` serves."""
         out: dict[str, Any] = {}
         for name in self.__struct_fields__:
-            if name == "pools":
-                continue
-            v = getattr(self, name)
-            if isinstance(v, Address):
-                v = str(v)
-            elif isinstance(v, tuple) and v and isinstance(v[0], (Address, Route)):
-                v = [str(a) for a in v]
-            if name in SECRETS and v:
-                v = REDACTED
-            out[PREFIX + name.upper()] = v
-        out.update(pools.variables(self, SECRETS))
+            if name not in DERIVED:
+                out[PREFIX + name.upper()] = _shown(name, getattr(self, name))
+        out.update(pools.variables(self, _shown))
         out["effective_workers"] = self.effective_workers()
         out["effective_data_plane"] = self.effective_data_plane()
         if self.effective_data_plane() != self.data_plane and self.data_plane != "python" and self.mode == "tunnel":
             from relay import native
 
             out["native_unavailable"] = native.WHY_NOT
-        out["effective_routes"] = [r.to_dict("origin" in SECRETS) for r in pools.table(self)]
-        out["effective_pools"] = {p.name: pools.describe(p, SECRETS) for p in pools.effective(self)}
+        out["effective_routes"] = [r.to_dict(_shown) for r in pools.table(self)]
+        out["effective_pools"] = {p.name: pools.describe(p, _shown) for p in pools.effective(self)}
         return out
 
     def to_json(self) -> bytes:
         return msgspec.json.encode(self.to_dict())
+
+
+def _shown(name: str, v: Any) -> Any:
+    """A setting's value as ``wsrelay check`` and ``/config`` show it."""
+    if isinstance(v, Address):
+        v = str(v)
+    elif isinstance(v, tuple) and v and isinstance(v[0], (Address, Route, str)):
+        v = [str(a) for a in v]
+    elif isinstance(v, tuple):
+        v = list(v)
+    if name in SECRETS and v:
+        v = REDACTED
+    return v
 
 
 #: Settings whose values are never printed or served (``wsrelay check``,
@@ -313,12 +324,10 @@ def _check_path(text: str) -> str:
 
 
 def _routes(text: str) -> tuple[Route, ...]:
-    from relay import pools
-
     try:
-        return pools.parse_routes(text)
-    except ValueError as e:
-        raise _Bad(str(e)) from None
+        return tuple(Route(*r) for r in pools.parse_routes(text))
+    except pools.RouteError as e:
+        raise _Bad("; ".join(e.lines)) from None
 
 
 _PARSERS: dict[str, Callable[[str], Any]] = {
@@ -361,6 +370,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
 
 #: fields that are not a variable of their own (RELAY_POOL_<NAME>... variables, relay/pools.py)
 DERIVED = frozenset({"pools"})
+#: what RELAY_POOL_<NAME>_<SETTING> values parse with: the global setting's parser
+_POOL_PARSERS = {**{name: _PARSERS[name] for name in pools.POOL_SETTINGS if name != "websocket"},
+                 "websocket": _bool}
 assert set(_PARSERS) == set(Settings.__struct_fields__) - DERIVED, "every setting needs a parser"
 
 #: Every variable wsrelay reads, for docs and for the env-file drift test
@@ -438,6 +450,17 @@ def load_one(name: str, environ: Mapping[str, str] | None = None, env_file: str 
     raise ConfigError([f"{key}: {_quote(text)}{reason if reason.startswith(':') else ' ' + reason}"])
 
 
+def _pool_value(key: str, setting: str | None, text: str) -> Any:
+    """A RELAY_POOL_<NAME>[_<SETTING>] value, or ValueError with the problem's line."""
+    reason = _whitespace(text)
+    if reason is None:
+        try:
+            return (_origins if setting is None else _POOL_PARSERS[setting])(text)
+        except _Bad as e:
+            reason = f": {e}"
+    raise ValueError(f"{key}: {_quote(text)}{reason if reason.startswith(':') else ' ' + reason}")
+
+
 def load(environ: Mapping[str, str] | None = None, env_file: str | None = None,
          require_origin: bool = True) -> Settings:
     """Build :class:`Settings` from the environment and an optional env file.
@@ -451,8 +474,6 @@ def load(environ: Mapping[str, str] | None = None, env_file: str | None = None,
         values_from_file, problems = read_env_file_all(env_file)
         source.update(values_from_file)
         unreadable = bool(problems) and problems[0].startswith(f"--env-file {env_file}: ")
-    from relay import pools
-
     values: dict[str, Any] = {}
     pool_vars: dict[str, str] = {}
     for key, text in source.items():
@@ -468,7 +489,7 @@ def load(environ: Mapping[str, str] | None = None, env_file: str | None = None,
             continue
         if name == "routes":  # a table: blanks align it; one problem per bad entry
             try:
-                values[name] = pools.parse_routes(text)
+                values[name] = tuple(Route(*r) for r in pools.parse_routes(text))
             except pools.RouteError as e:
                 problems += [f"{key}: {line}" for line in e.lines]
             continue
@@ -480,7 +501,10 @@ def load(environ: Mapping[str, str] | None = None, env_file: str | None = None,
             except _Bad as e:
                 reason = f": {e}"
         problems.append(f"{key}: {_quote(text)}{reason if reason.startswith(':') else ' ' + reason}")
-    values["pools"] = pools.resolve(pool_vars, values, problems)
+    own = pools.resolve(pool_vars, _pool_value, problems)
+    defaults = Settings()
+    base = {n: values.get(n, getattr(defaults, n)) for n in pools.POOL_SETTINGS if n != "websocket"}
+    values["pools"] = tuple(PoolSettings(name=name, **{**base, **v}) for name, v in own.items())
     if not any(p.startswith((PREFIX + "ORIGIN", PREFIX + "ROUTES", pools.POOL_PREFIX)) for p in problems):
         pools.check_routes(values.get("routes", ()), values["pools"], "origin" in values, problems)
     if (require_origin and not unreadable and "origin" not in values and not values.get("routes")

@@ -13,6 +13,9 @@ A request takes the routes of its Host first (exact, then ``*.`` wildcards,
 the longest suffix first), then the routes for any host, the longest path
 prefix first, matched on whole segments; then the default pool
 (relay/routes.py matches at run time).
+
+Sans-I/O and below relay/config.py, which calls it: the settings are read
+here through their attributes, and the field parsers come from the caller.
 """
 
 from __future__ import annotations
@@ -20,10 +23,8 @@ from __future__ import annotations
 import difflib
 import posixpath
 import re
+from collections.abc import Callable
 from typing import Any, NamedTuple
-
-from relay import config
-from relay.config import Address, PoolSettings, Route
 
 POOL_PREFIX = "RELAY_POOL_"
 #: the pool of RELAY_ORIGIN
@@ -35,8 +36,6 @@ POOL_SETTINGS = ("websocket", "allowed_origins", "connect_timeout", "read_timeou
                  "health_check_timeout", "health_check_rise", "health_check_fall")
 # longest first, so RELAY_POOL_X_HEALTH_CHECK_TIMEOUT is not read as a setting "timeout"
 _SUFFIXES = sorted(POOL_SETTINGS, key=len, reverse=True)
-_PARSERS = {**{name: config._PARSERS[name] for name in POOL_SETTINGS if name != "websocket"},
-            "websocket": config._bool}
 
 _POOL_NAME = re.compile(r"[a-z0-9][a-z0-9_]*\Z")
 _LABEL = r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?"
@@ -54,10 +53,10 @@ class RouteError(ValueError):
         self.lines = lines
 
 
-def parse_routes(text: str) -> tuple[Route, ...]:
-    """``RELAY_ROUTES`` -> routes in the order written; raises :class:`RouteError`
-    naming every bad entry."""
-    routes: list[Route] = []
+def parse_routes(text: str) -> list[tuple[str, str, str]]:
+    """``RELAY_ROUTES`` -> (host, path, pool) in the order written; raises
+    :class:`RouteError` naming every bad entry."""
+    routes: list[tuple[str, str, str]] = []
     problems: list[str] = []
     seen: set[tuple[str, str]] = set()
     for line in text.splitlines():
@@ -72,16 +71,16 @@ def parse_routes(text: str) -> tuple[Route, ...]:
             except ValueError as e:
                 problems.append(f"{item!r}: {e}")
                 continue
-            if (route.host, route.path) in seen:
-                problems.append(f"{item!r}: {route.host}{route.path} is routed twice")
-            seen.add((route.host, route.path))
+            if route[:2] in seen:
+                problems.append(f"{item!r}: {route[0]}{route[1]} is routed twice")
+            seen.add(route[:2])
             routes.append(route)
     if problems:
         raise RouteError(problems)
-    return tuple(routes)
+    return routes
 
 
-def _route(item: str) -> Route:
+def _route(item: str) -> tuple[str, str, str]:
     if "#" in item:
         raise ValueError("an inline comment? A comment must be a line of its own inside the quoted value")
     m = _ROUTE.match(item)
@@ -99,18 +98,17 @@ def _route(item: str) -> Route:
         raise ValueError("expected a plain path prefix: no %-escapes, no . or .. segments, no //")
     if not _POOL_NAME.match(pool):
         raise ValueError("expected a pool name of letters, digits and _")
-    return Route(host, path.rstrip("/") or "/", pool)
+    return host, path.rstrip("/") or "/", pool
 
 
-def _defaults(values: dict[str, Any]) -> dict[str, Any]:
-    base = config.Settings()
-    return {name: values.get(name, getattr(base, name)) for name in POOL_SETTINGS if name != "websocket"}
-
-
-def resolve(pool_vars: dict[str, str], values: dict[str, Any], problems: list[str]) -> tuple[PoolSettings, ...]:
-    """The ``RELAY_POOL_*`` variables -> named pools, each setting resolved
-    against the global ``values``; bad ones become lines in ``problems``."""
-    origins: dict[str, tuple[Address, ...]] = {}
+def resolve(pool_vars: dict[str, str], parse: Callable[[str, str | None, str], Any],
+            problems: list[str]) -> dict[str, dict[str, Any]]:
+    """The ``RELAY_POOL_*`` variables -> each named pool's own values
+    (``origins`` and the settings it sets), sorted by name; bad ones become
+    lines in ``problems``. ``parse(key, setting, text)`` turns a value into
+    its type (``setting`` None: the origins), or raises ValueError holding
+    the problem's line."""
+    origins: dict[str, Any] = {}
     own: dict[str, dict[str, Any]] = {}
     first_key: dict[str, str] = {}
     for key in sorted(pool_vars):
@@ -127,29 +125,25 @@ def resolve(pool_vars: dict[str, str], values: dict[str, Any], problems: list[st
                             f"otherwise")
             continue
         first_key.setdefault(name, f"{POOL_PREFIX}{rest[:len(name)]}")
-        reason = config._whitespace(text)
-        if reason is None:
-            try:
-                if setting is None:
-                    origins[name] = config._origins(text)
-                else:
-                    own.setdefault(name, {})[setting] = _PARSERS[setting](text)
-                continue
-            except config._Bad as e:
-                reason = f": {e}"
-        problems.append(f"{key}: {config._quote(text)}{reason if reason.startswith(':') else ' ' + reason}")
+        try:
+            value = parse(key, setting, text)
+        except ValueError as e:
+            problems.append(str(e))
+            continue
+        if setting is None:
+            origins[name] = value
+        else:
+            own.setdefault(name, {})[setting] = value
     for name in sorted(set(own) - set(origins)):
         if not any(p.startswith(first_key[name] + ":") for p in problems):
             problems.append(f"{first_key[name]}: pool {name} has settings but no origins: set "
                             f"{first_key[name]}=host:port,...")
-    base = _defaults(values)
-    return tuple(PoolSettings(name=name, origins=origins[name], **{**base, **own.get(name, {})})
-                 for name in sorted(origins))
+    return {name: {"origins": origins[name], **own.get(name, {})} for name in sorted(origins)}
 
 
-def check_routes(routes: tuple[Route, ...], pools: tuple[PoolSettings, ...], has_default: bool,
-                 problems: list[str]) -> None:
-    """Every route names a pool that exists, and every pool gets a route."""
+def check_routes(routes, pools, has_default: bool, problems: list[str]) -> None:
+    """Every route names a pool that exists, and every pool gets a route
+    (``routes``: relay.config.Route, ``pools``: relay.config.PoolSettings)."""
     names = {p.name for p in pools}
     before = len(problems)
     for r in routes:
@@ -172,21 +166,14 @@ def check_routes(routes: tuple[Route, ...], pools: tuple[PoolSettings, ...], has
 
 # -- what the settings amount to ---------------------------------------------------------
 
-def default_pool(settings: config.Settings) -> PoolSettings | None:
-    """RELAY_ORIGIN as a pool with the global settings; None when it is not set."""
-    if not settings.origin:
-        return None
-    return PoolSettings(name=DEFAULT, origins=settings.origin,
-                        **{n: getattr(settings, n) for n in POOL_SETTINGS if n != "websocket"})
-
-
-def effective(settings: config.Settings) -> list[PoolSettings]:
-    """Every pool requests can go to: the default one first (if set), then the named ones."""
-    default = default_pool(settings)
+def effective(settings) -> list:
+    """Every pool requests can go to (relay.config.PoolSettings): the default
+    one first (RELAY_ORIGIN, if set), then the named ones."""
+    default = settings.default_pool()
     return ([default] if default is not None else []) + list(settings.pools)
 
 
-def keys(settings: config.Settings) -> list[str]:
+def keys(settings) -> list[str]:
     """The origin table's entries these settings need (relay/origins/table.py)."""
     from relay.origins.table import key
 
@@ -204,12 +191,13 @@ class Row(NamedTuple):
     pool: str    # "" = none: 404
     origins: tuple[str, ...]
 
-    def to_dict(self, hide_origins: bool = False) -> dict[str, Any]:
+    def to_dict(self, shown: Callable[[str, Any], Any]) -> dict[str, Any]:
+        """``shown(setting, value)``: how ``wsrelay check`` shows a value (redacted, ...)."""
         return {"host": self.host or "*", "path": self.path, "pool": self.pool or None,
-                "origins": config.REDACTED if hide_origins and self.origins else list(self.origins)}
+                "origins": shown("origin", self.origins)}
 
 
-def table(settings: config.Settings) -> list[Row]:
+def table(settings) -> list[Row]:
     """The routes in the order a request tries them, ending with what takes
     the rest (the default pool, or nothing: 404)."""
     origins = {p.name: tuple(str(a) for a in p.origins) for p in effective(settings)}
@@ -221,35 +209,27 @@ def table(settings: config.Settings) -> list[Row]:
     return rows
 
 
-def _shown(name: str, v: Any, secrets: frozenset[str]) -> Any:
-    if name in secrets and v:
-        return config.REDACTED
-    if isinstance(v, tuple):
-        return [str(a) for a in v]
-    return v
-
-
-def describe(pool: PoolSettings, secrets: frozenset[str] = frozenset()) -> dict[str, Any]:
+def describe(pool, shown: Callable[[str, Any], Any]) -> dict[str, Any]:
     """A pool's effective settings, for ``wsrelay check`` and ``/config``
-    (``secrets``: settings shown as ``(redacted)``, relay.config.SECRETS)."""
-    out: dict[str, Any] = {"origins": _shown("origin", pool.origins, secrets)}
+    (``shown(setting, value)``: how a value is shown, secrets redacted)."""
+    out: dict[str, Any] = {"origins": shown("origin", pool.origins)}
     for name in POOL_SETTINGS:
-        out[name] = _shown(name, getattr(pool, name), secrets)
+        out[name] = shown(name, getattr(pool, name))
     return out
 
 
-def variables(settings: config.Settings, secrets: frozenset[str] = frozenset()) -> dict[str, Any]:
-    """The RELAY_POOL_* variables the settings amount to (the pool's own values only)."""
+def variables(settings, shown: Callable[[str, Any], Any]) -> dict[str, Any]:
+    """The RELAY_POOL_* variables the settings amount to (each pool's own values only)."""
     out: dict[str, Any] = {}
-    base = _defaults({n: getattr(settings, n) for n in POOL_SETTINGS if n != "websocket"})
+    base = {n: getattr(settings, n) for n in POOL_SETTINGS if n != "websocket"}
     base["websocket"] = True
     for p in settings.pools:
         key = POOL_PREFIX + p.name.upper()
-        out[key] = _shown("origin", p.origins, secrets)
+        out[key] = shown("origin", p.origins)
         for name in POOL_SETTINGS:
             v = getattr(p, name)
             if v != base[name]:
-                out[f"{key}_{name.upper()}"] = _shown(name, v, secrets)
+                out[f"{key}_{name.upper()}"] = shown(name, v)
     return out
 
 

@@ -268,7 +268,7 @@ def test_check_prints_the_route_table():
     assert settings["RELAY_POOL_API_WEBSOCKET"] is False
 
 
-def test_check_on_a_terminal_prints_the_route_table_for_a_person():
+def test_check_on_a_terminal_shows_the_route_table_to_a_person():
     import pty
 
     leader, follower = pty.openpty()
@@ -288,7 +288,8 @@ def test_check_on_a_terminal_prints_the_route_table_for_a_person():
         text += chunk
     os.close(leader)
     assert proc.returncode == 0, proc.stderr
-    lines = text.decode().replace("\r\n", "\n").split("routes, in the order a request tries them")[1].splitlines()
+    assert json.loads(text.decode())["RELAY_ROUTES"]  # stdout stays JSON
+    lines = proc.stderr.decode().split("routes, in the order a request tries them")[1].splitlines()
     assert [line.split()[:3] for line in lines[1:6]] == [
         ["HOST", "PATH", "POOL"], ["admin.example.com", "/", "api"], ["*", "/chat", "chat"],
         ["*", "/api", "api"], ["*", "(anything", "else)"]]

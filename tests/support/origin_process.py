@@ -1,7 +1,7 @@
 """A real origin in a process of its own (aiohttp), so that "killed" means a
 real SIGKILL, and "restarted" a new process on the same port.
 
-``python -m tests.origin_process --name a [--port P] [--close-after S]``
+``python -m tests.support.origin_process --name a [--port P] [--close-after S]``
 prints ``READY <port>`` once it listens, then serves:
 
 - a WebSocket on any path: first a text message ``{"origin", "path",
@@ -29,7 +29,7 @@ import sys
 import threading
 import urllib.request
 
-from tests.helpers import ROOT, wait_for
+from tests.support.relay import ROOT, wait_for
 
 
 def _app(name: str, close_after: float | None):
@@ -113,7 +113,7 @@ class OriginProcess:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> "OriginProcess":
-        args = [sys.executable, "-m", "tests.origin_process", "--name", self.name, "--port", str(self.port)]
+        args = [sys.executable, "-m", "tests.support.origin_process", "--name", self.name, "--port", str(self.port)]
         if self.close_after is not None:
             args += ["--close-after", str(self.close_after)]
         self.proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,

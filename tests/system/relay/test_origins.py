@@ -1,6 +1,6 @@
 """Routes and origins with real origin processes (README, "Routes and
 origins"): each origin is an aiohttp server in a process of its own
-(tests/origin_process.py), so "killed" is a SIGKILL and "restarted" a new
+(tests/support/origin_process.py), so "killed" is a SIGKILL and "restarted" a new
 process on the same port. Every 502 a client gets is counted."""
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 import pytest
 from websockets.asyncio.client import connect
 
-from tests.helpers import ROOT, LoopThread, Relay, raw_exchange, read_head, status_of, upgrade_request, wait_for
-from tests.origin_process import OriginProcess
-from tests.probes import metric
-from tests.raw_origins import read_frame
+from tests.support.net import raw_exchange, read_head, status_of, upgrade_request
+from tests.support.origin_process import OriginProcess
+from tests.support.raw_origins import read_frame
+from tests.support.relay import ROOT, LoopThread, Relay, wait_for
+from tests.support.scrape import metric, samples
 
 
 def hello_over_ws(port: int, path: str = "/", host: str = "relay.test", extra: str = "") -> tuple[int, dict | None]:
@@ -91,7 +91,7 @@ def test_no_route_and_no_default_pool_is_404(origins):
         assert hello_over_http(r.port, "/chat")[1]["origin"] == "b"
         assert hello_over_http(r.port, "/other")[0] == 404
         assert hello_over_ws(r.port, "/other")[0] == 404
-        assert metric(r, "wsrelay_websocket_upgrades_total", 'outcome="no_route"') == 1
+        assert metric(r, "wsrelay_websocket_upgrades_total", outcome="no_route") == 1
         wait_for(lambda: [x["outcome"] for x in access(r) if x["status"] == 404] == ["no_route"] * 2, 5,
                  what="two 404s logged")
 
@@ -135,6 +135,7 @@ def held_hello(port: int, path: str) -> tuple[socket.socket, str]:
     return s, json.loads(read_frame(s, rest)[1])["origin"]
 
 
+@pytest.mark.slow  # ~20 s: two cool-downs and a slow start
 def test_killed_origin_leaves_the_pool_and_comes_back_gradually(origins):
     a, b, c = origins
     window = 2.0
@@ -164,13 +165,13 @@ def test_killed_origin_leaves_the_pool_and_comes_back_gradually(origins):
         wait_for(lambda: len(access(r)) >= len(traffic.statuses), 5, what="the access log")
         tried_twice = [x for x in access(r) if x["pool"] == "chat" and x["tries"] == 2]
         assert 2 <= len(tried_twice) <= 2 + (time.monotonic() - killed) / window + 1, tried_twice
-        assert metric(r, "wsrelay_origin_up", f'origin="{c.addr}"') == 0
-        assert metric(r, "wsrelay_origin_up", f'origin="{b.addr}"') == 1
-        assert metric(r, "wsrelay_origin_errors_total", f'origin="{c.addr}",pool="chat",reason="connect"') >= 2
+        assert metric(r, "wsrelay_origin_up", origin=c.addr) == 0
+        assert metric(r, "wsrelay_origin_up", origin=b.addr) == 1
+        assert metric(r, "wsrelay_origin_errors_total", origin=c.addr, pool="chat", reason="connect") >= 2
         for s in held:
             s.close()
         b.wait_ws_open(0)
-        wait_for(lambda: metric(r, "wsrelay_origin_connections", 'pool="chat"') == 0, 10, what="tunnels closed")
+        wait_for(lambda: metric(r, "wsrelay_origin_connections", pool="chat") == 0, 10, what="tunnels closed")
 
         # 40 long-lived WebSockets on b; c comes back on its port
         held = hold(r.port, "/chat", 40)
@@ -246,6 +247,7 @@ async def _hold(url: str, n: int, stop: asyncio.Event, where: dict[int, str], op
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
+@pytest.mark.slow  # ~20 s: 300 WebSockets, several generations of the fast origin's sessions
 def test_least_connections_spreads_long_lived_websockets_evenly():
     """300 WebSockets over 3 origins, one of which closes each of its sessions
     after about a second: least connections keeps every origin within ±10% of
@@ -323,10 +325,10 @@ def test_one_health_checker_per_host_and_what_it_says_reaches_every_worker(origi
         served = collections.Counter((hello_over_ws if i % 2 else hello_over_http)(r.port)[1]["origin"]
                                      for i in range(30))
         assert served["b"] == 0 and served["a"] and served["c"], served
-        assert metric(r, "wsrelay_origin_up", f'origin="{b.addr}"') == 0
+        assert metric(r, "wsrelay_origin_up", origin=b.addr) == 0
         b.healthy(True)
         r.wait_log(f"origin {b.addr} (pool default) up: health check GET /healthz passed 2 times in a row")
-        wait_for(lambda: metric(r, "wsrelay_origin_up", f'origin="{b.addr}"') == 1, 5, what="b up")
+        wait_for(lambda: metric(r, "wsrelay_origin_up", origin=b.addr) == 1, 5, what="b up")
         served = collections.Counter(hello_over_http(r.port)[1]["origin"] for _ in range(30))
         assert served["b"], served
         # each change was one line, however many workers there are
@@ -403,9 +405,8 @@ def test_a_reload_applies_a_new_route_table_and_refuses_a_bad_one(origins, tmp_p
         r.wait_log("reload: generation 1 accepting")
         assert hello_over_ws(r.port, "/x/1")[1]["origin"] == "c"
         assert hello_over_ws(r.port, "/y")[1]["origin"] == "b"
-        page = urllib.request.urlopen(f"http://127.0.0.1:{r.metrics_port}/metrics", timeout=5).read().decode()
-        assert f'origin="{b.addr}",pool="x"' not in page  # b left pool x: its series with it
-        assert metric(r, "wsrelay_origin_up", f'origin="{b.addr}",pool="y"') == 1
+        assert ("wsrelay_origin_up", (("origin", b.addr), ("pool", "x"))) not in samples(r)  # gone with b
+        assert metric(r, "wsrelay_origin_up", origin=b.addr, pool="y") == 1
         # a misspelt pool: refused, the running table stays
         env_file.write_text(f"RELAY_ORIGIN={a.addr}\nRELAY_POOL_X={c.addr}\nRELAY_ROUTES=/x = z\n")
         r.signal(signal.SIGHUP)
