@@ -13,7 +13,9 @@ prints ``READY <port>`` once it listens, then serves:
   opened and open now);
 - any other request: 200 with ``{"origin", "path", "host"}``.
 
-:class:`OriginProcess` runs one from a test.
+:class:`OriginProcess` runs one from a test; :func:`hello_over_ws`,
+:func:`hello_over_http` and :func:`held_hello` ask through a relay and say
+which origin answered.
 """
 
 from __future__ import annotations
@@ -24,11 +26,14 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import urllib.request
 
+from tests.support.net import raw_exchange, read_head, status_of, upgrade_request
+from tests.support.raw_origins import read_frame
 from tests.support.relay import ROOT, wait_for
 
 
@@ -160,6 +165,35 @@ class OriginProcess:
 
     def wait_ws_open(self, n: int, timeout: float = 20) -> None:
         wait_for(lambda: self.stats()["ws_open"] == n, timeout, what=f"{n} WebSockets open at {self.name}")
+
+
+# -- clients that learn which origin served them ----------------------------------------
+
+def hello_over_ws(port: int, path: str = "/", host: str = "relay.test", extra: str = "") -> tuple[int, dict | None]:
+    """Open a WebSocket by hand: (status, the origin's first message naming itself)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(upgrade_request(path, host, extra=extra))
+        head, rest = read_head(s)
+        status = status_of(head)
+        if status != 101:
+            return status, None
+        _op, payload, _rest = read_frame(s, rest)
+        return 101, json.loads(payload)
+
+
+def hello_over_http(port: int, path: str = "/", host: str = "relay.test", extra: str = "") -> tuple[int, dict | None]:
+    out = raw_exchange(port, f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n".encode())
+    status = status_of(out)
+    return status, json.loads(out.partition(b"\r\n\r\n")[2]) if status == 200 else None
+
+
+def held_hello(port: int, path: str) -> tuple[socket.socket, str]:
+    """A WebSocket left open, and the name of its origin."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(upgrade_request(path))
+    head, rest = read_head(s)
+    assert status_of(head) == 101
+    return s, json.loads(read_frame(s, rest)[1])["origin"]
 
 
 def main() -> None:

@@ -20,29 +20,9 @@ import time
 import pytest
 from websockets.asyncio.client import connect
 
-from tests.support.net import raw_exchange, read_head, status_of, upgrade_request
-from tests.support.origin_process import OriginProcess
-from tests.support.raw_origins import read_frame
+from tests.support.origin_process import OriginProcess, held_hello, hello_over_http, hello_over_ws
 from tests.support.relay import ROOT, LoopThread, Relay, wait_for
 from tests.support.scrape import metric, samples
-
-
-def hello_over_ws(port: int, path: str = "/", host: str = "relay.test", extra: str = "") -> tuple[int, dict | None]:
-    """Open a WebSocket by hand: (status, the origin's first message naming itself)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(upgrade_request(path, host, extra=extra))
-        head, rest = read_head(s)
-        status = status_of(head)
-        if status != 101:
-            return status, None
-        _op, payload, _rest = read_frame(s, rest)
-        return 101, json.loads(payload)
-
-
-def hello_over_http(port: int, path: str = "/", host: str = "relay.test", extra: str = "") -> tuple[int, dict | None]:
-    out = raw_exchange(port, f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n".encode())
-    status = status_of(out)
-    return status, json.loads(out.partition(b"\r\n\r\n")[2]) if status == 200 else None
 
 
 def access(relay: Relay) -> list[dict]:
@@ -124,15 +104,6 @@ class Traffic:
 def hold(port: int, path: str, n: int) -> list[socket.socket]:
     """``n`` WebSockets opened and left open."""
     return [held_hello(port, path)[0] for _ in range(n)]
-
-
-def held_hello(port: int, path: str) -> tuple[socket.socket, str]:
-    """A WebSocket left open, and the name of its origin."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=10)
-    s.sendall(upgrade_request(path))
-    head, rest = read_head(s)
-    assert status_of(head) == 101
-    return s, json.loads(read_frame(s, rest)[1])["origin"]
 
 
 @pytest.mark.slow  # ~20 s: two cool-downs and a slow start
