@@ -4,6 +4,9 @@ A slot is an array of float64 written only by its worker (plain stores, no
 lock: one writer, and readers tolerate a value one update old). Counters are
 cumulative for the slot's lifetime; the supervisor folds a dead worker's final
 values into the history of its worker index, so a series never goes backwards.
+
+The origin table's layout (relay/origins/table.py) is here too, so the
+shared-memory fingerprint covers it.
 """
 
 from __future__ import annotations
