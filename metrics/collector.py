@@ -27,6 +27,7 @@ class Source(Protocol):
     def limit(self) -> int: ...
     def restarts(self) -> int: ...
     def processes(self) -> dict[str, tuple[float, float, float]]: ...  # index -> rss, cpu s, fds
+    def cluster(self) -> dict | None: ...  # cluster mode's figures, None when off
 
 
 def _histogram(name: str, doc: str, buckets: tuple[float, ...], base: int,
@@ -118,12 +119,15 @@ class RelayCollector:
         g = GaugeMetricFamily("wsrelay_clients", "WebSocket clients counted against the global limit")
         g.add_metric([], src.clients())
         yield g
-        g = GaugeMetricFamily("wsrelay_clients_limit", "The global limit (RELAY_MAX_CLIENTS)")
+        g = GaugeMetricFamily("wsrelay_clients_limit", "The host's limit: RELAY_MAX_CLIENTS, "
+                              "or the lease from Redis when lower (cluster mode)")
         g.add_metric([], src.limit())
         yield g
         c = CounterMetricFamily("wsrelay_worker_restarts", "Workers restarted after dying")
         c.add_metric([], src.restarts())
         yield c
+
+        yield from _cluster(src.cluster())
 
         procs = src.processes()
         rss = GaugeMetricFamily("wsrelay_worker_resident_memory_bytes", "Worker RSS", labels=["worker"])
@@ -136,3 +140,32 @@ class RelayCollector:
         yield rss
         yield cpu
         yield fds
+
+
+#: Every reason a lease call can fail (each gets a series from the start).
+LEASE_ERRORS = ("timeout", "connection", "response", "other")
+
+
+def _cluster(figures: dict | None) -> Iterator[Metric]:
+    """Cluster mode (README, "A fleet"): the host's lease and what Redis said last."""
+    if figures is None:
+        return
+    name = [figures["name"]]
+    for metric, doc, key in (
+            ("wsrelay_cluster_leased_slots", "Slots of the fleet limit this host leases from Redis", "leased"),
+            ("wsrelay_cluster_limit", "The fleet-wide limit (RELAY_CLUSTER_LIMIT)", "limit"),
+            ("wsrelay_cluster_clients", "Clients held by the whole fleet, as of this host's last lease call",
+             "fleet_clients"),
+            ("wsrelay_cluster_hosts", "Hosts holding a lease, as of this host's last lease call", "hosts"),
+            ("wsrelay_cluster_redis_up", "1 if this host's last call to Redis succeeded", "redis_up"),
+            ("wsrelay_cluster_fallback", "1 while RELAY_CLUSTER_FALLBACK applies (lease expired without Redis)",
+             "fallback")):
+        g = GaugeMetricFamily(metric, doc, labels=["cluster"])
+        g.add_metric(name, float(figures[key]))
+        yield g
+    c = CounterMetricFamily("wsrelay_cluster_lease_errors", "Failed lease calls to Redis by reason",
+                            labels=["cluster", "reason"])
+    errors = figures["errors"]
+    for reason in (*LEASE_ERRORS, *(r for r in errors if r not in LEASE_ERRORS)):
+        c.add_metric([figures["name"], reason], errors.get(reason, 0))
+    yield c

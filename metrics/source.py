@@ -41,7 +41,8 @@ class Source:
 
     def __init__(self, version: str, history: History, live: Callable[[], Iterable[LiveWorker]],
                  indices: Callable[[], int], clients: Callable[[], int], limit: Callable[[], int],
-                 restarts: Callable[[], int], data_plane: Callable[[], str] = lambda: "python") -> None:
+                 restarts: Callable[[], int], data_plane: Callable[[], str] = lambda: "python",
+                 cluster: Callable[[], dict | None] = lambda: None) -> None:
         self.version = version
         self._data_plane = data_plane
         self.history = history
@@ -51,6 +52,8 @@ class Source:
         self.clients = clients
         self.limit = limit
         self.restarts = restarts
+        #: cluster mode's figures (workers/cluster.py ``figures``), None when it is off
+        self.cluster = cluster
 
     @property
     def data_plane(self) -> str:

@@ -71,7 +71,8 @@ def check(settings: Settings) -> int:
     """Print the effective settings as JSON (indented on a terminal, one line
     otherwise, for scripts), and a note on stderr for each listen address that
     cannot be bound right now: normal for the relay you are about to reload,
-    but a second ``wsrelay run`` would refuse to start."""
+    but a second ``wsrelay run`` would refuse to start. In cluster mode, a
+    note says whether Redis answers (a relay starts either way: README, "A fleet")."""
     from workers import listeners as listening
 
     if sys.stdout.isatty():
@@ -90,4 +91,8 @@ def check(settings: Settings) -> int:
         if problem is not None:
             print(f"wsrelay: note: {listening.why(variable, addr, problem)} "
                   f"(fine if that is the running relay you are about to reload; a second relay would refuse to start)", file=sys.stderr)
+    if settings.cluster_redis:
+        from workers import cluster
+
+        print(f"wsrelay: note: {cluster.probe(settings)}", file=sys.stderr)
     return 0

@@ -57,6 +57,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     forwarded_proto: Literal["http", "https"] = "http"
     pid_file: str = ""
     data_plane: Literal["auto", "native", "python"] = "auto"
+    # A fleet: one client limit across hosts, leased from Redis (README, "A fleet").
+    cluster_redis: str = ""
+    cluster_limit: int = 0
+    cluster_name: str = "wsrelay"
+    cluster_block: int = 64
+    cluster_lease_ttl: float = 10.0
+    cluster_fallback: Literal["hold", "local", "closed"] = "hold"
+    cluster_local_limit: int = 0
 
     def effective_data_plane(self) -> str:
         """What serves tunnels: "native" or "python" (relay/native)."""
@@ -80,6 +88,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 v = [str(a) for a in v]
             if name in SECRETS and v:
                 v = REDACTED
+            elif name == "cluster_redis" and v:
+                v = redact_url(v)
             out[PREFIX + name.upper()] = v
         out["effective_workers"] = self.effective_workers()
         out["effective_data_plane"] = self.effective_data_plane()
@@ -93,10 +103,24 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         return msgspec.json.encode(self.to_dict())
 
 
+#: Settings a reload (SIGHUP) cannot change: the supervisor keeps the running
+#: value and logs a warning (README, "Settings").
+RESTART_ONLY: tuple[str, ...] = ("metrics_listen", "pid_file", "cluster_redis", "cluster_name")
+
 #: Settings whose values are never printed or served (``wsrelay check``,
 #: ``/config``, logs): a credential added later goes here. None exists yet.
 SECRETS: frozenset[str] = frozenset()
 REDACTED = "(redacted)"
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password of its userinfo replaced by :data:`REDACTED`
+    (``redis://:s3cret@h:6379`` -> ``redis://:(redacted)@h:6379``)."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, hosts = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.partition(':')[0]}:{REDACTED}@{hosts}"
 
 
 class _Bad(ValueError):
@@ -233,6 +257,36 @@ def _pid_file(text: str) -> str:
     return text
 
 
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://")
+
+
+def _cluster_redis(text: str) -> str:
+    """A Redis URL (redis-py's ``from_url`` forms), or ``redis+sentinel://h1:26379,h2:26379/service[/db]``;
+    empty: cluster mode off. Only the form is checked here (no I/O)."""
+    text = text.strip()
+    if not text:
+        return ""
+    if not text.startswith(_REDIS_SCHEMES):
+        raise _Bad("expected redis://host:6379[/db], rediss://…, unix:///path/redis.sock or "
+                   "redis+sentinel://host:26379[,host:26379]/service (empty: cluster mode off)")
+    scheme, _, rest = text.partition("://")
+    hosts = rest.rpartition("@")[2]
+    if scheme == "unix" and not hosts.startswith("/"):
+        raise _Bad("expected unix:///absolute/path/redis.sock")
+    if scheme == "redis+sentinel" and (not hosts.partition("/")[2].strip("/") or not hosts.partition("/")[0]):
+        raise _Bad("expected redis+sentinel://host:26379[,host:26379]/service[/db]: sentinels and the service name")
+    if scheme in ("redis", "rediss") and not hosts.split("/")[0].split("?")[0]:
+        raise _Bad("expected redis://host:6379[/db] with a host")
+    return text
+
+
+def _cluster_name(text: str) -> str:
+    text = text.strip()
+    if not text or not all(c.isascii() and (c.isalnum() or c in "-_.") for c in text) or len(text) > 64:
+        raise _Bad("expected 1-64 letters, digits, '-', '_' or '.' (the fleet's key prefix in Redis)")
+    return text
+
+
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "listen": _listen,
     "origin": _origins,
@@ -258,6 +312,13 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "forwarded_proto": _choice("http", "https"),
     "pid_file": _pid_file,
     "data_plane": _choice("auto", "native", "python"),
+    "cluster_redis": _cluster_redis,
+    "cluster_limit": _int(0),
+    "cluster_name": _cluster_name,
+    "cluster_block": _int(1, 1 << 20),
+    "cluster_lease_ttl": _seconds(0.5, False),
+    "cluster_fallback": _choice("hold", "local", "closed"),
+    "cluster_local_limit": _int(0),
 }
 
 assert set(_PARSERS) == set(Settings.__struct_fields__), "every setting needs a parser"
@@ -373,6 +434,24 @@ def load(environ: Mapping[str, str] | None = None, env_file: str | None = None,
         why = native.problem(values["data_plane"], values.get("mode", "tunnel"))
         if why:
             problems.append(f"{PREFIX}DATA_PLANE=native: {why}")
+    problems += _cluster_problems(values, problems)
     if problems:
         raise ConfigError(problems)
     return Settings(**values)
+
+
+def _cluster_problems(values: dict[str, Any], problems: list[str]) -> list[str]:
+    """What cluster mode needs once ``RELAY_CLUSTER_REDIS`` is set: a fleet
+    limit, and the optional redis client (``pip install 'wsrelay[cluster]'``)."""
+    if not values.get("cluster_redis"):
+        return []
+    out = []
+    if not values.get("cluster_limit") and not any(p.startswith(PREFIX + "CLUSTER_LIMIT") for p in problems):
+        out.append(f"{PREFIX}CLUSTER_LIMIT is not set: expected the fleet-wide limit of concurrent WebSocket "
+                   f"clients (an integer >= 1) when {PREFIX}CLUSTER_REDIS is set")
+    import importlib.util
+
+    if importlib.util.find_spec("redis") is None:
+        out.append(f"{PREFIX}CLUSTER_REDIS is set but the redis client is not installed: "
+                   "pip install 'wsrelay[cluster]'")
+    return out

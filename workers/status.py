@@ -58,7 +58,8 @@ class Status:
                         live=lambda: [LiveWorker(w.index, w.pid, sup.shared.values(w.slot)) for w in sup.workers],
                         indices=lambda: sup.settings.effective_workers(), clients=sup.shared.total_clients,
                         limit=lambda: sup.shared.limit, restarts=lambda: sup.restarts.count,
-                        data_plane=lambda: sup.settings.effective_data_plane())
+                        data_plane=lambda: sup.settings.effective_data_plane(),
+                        cluster=lambda: sup.limits.figures())
         addr = sup.settings.metrics_listen
         try:
             self.endpoint = serve(addr.host, addr.port, source, self.healthy, self.ready, self.config)
