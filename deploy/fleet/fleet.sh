@@ -149,9 +149,16 @@ up() {
         write_env "$i"
         start_host "$i"
     done
+    # HAProxy needs two descriptors per connection and refuses to start past its limit.
+    ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+    local fds maxconn
+    fds=$(ulimit -n)
+    [ "$fds" != unlimited ] || fds=1000000
+    maxconn=$(( (fds - 100) / 2 ))
+    [ "$maxconn" -le 4000 ] || maxconn=4000
     {
         echo "global"
-        echo "    maxconn 4000"
+        echo "    maxconn $maxconn"
         echo "    stats socket $DIR/haproxy.sock mode 600 level admin"
         echo "defaults"
         echo "    mode tcp"
