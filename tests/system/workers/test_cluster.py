@@ -110,6 +110,26 @@ def test_two_relays_admit_exactly_the_fleet_limit(ws_origin, redis_server):
             s.close()
 
 
+def test_clients_at_one_host_get_the_slots_an_idle_host_leased(ws_origin, redis_server):
+    """Every slot of an idle fleet is leased ahead (half each here); when all
+    clients come to one host, the idle one gives its slots back (the fleet is
+    marked starved by the host refusing clients) and the busy host reaches
+    the whole fleet limit."""
+    env = cluster_env(redis_server, 10)
+    with Relay(ws_origin.addr, env=env) as a, Relay(ws_origin.addr, env=env) as b:
+        wait_for(lambda: sorted(lease for lease, _ in redis_server.leases("t").values()) == [5, 5], 10,
+                 what="the idle fleet leased 5 + 5")
+        t = time.monotonic()
+        held, refused = fill([a], 10)  # retries on 503 every 10 ms
+        took = time.monotonic() - t
+        assert len(refused) > 0  # a's own 5 were not enough at first
+        assert upgrade(a.port)[0] == 503 and upgrade(b.port)[0] == 503
+        assert metric(b, "wsrelay_cluster_leased_slots") == 0
+        assert took < 4, took  # a heartbeat and a second of idleness, with room to spare
+        for s in held:
+            s.close()
+
+
 def test_a_stopped_relay_gives_its_lease_back_at_once(ws_origin, redis_server):
     env = cluster_env(redis_server, 10, lease_ttl="30")
     with Relay(ws_origin.addr, env=env) as a, Relay(ws_origin.addr, env=env) as b:
