@@ -111,6 +111,13 @@ class RelayCollector:
             c.add_metric([w], v[layout.ACCEPT_ERRORS])
         yield c
 
+        c = CounterMetricFamily("wsrelay_proxy_protocol_errors", "Connections closed in their PROXY protocol "
+                                "phase, by reason", labels=["worker", "reason"])
+        for w, v in data.items():
+            for i, reason in enumerate(layout.PROXY_ERRORS):
+                c.add_metric([w, reason], v[layout.PROXY_PROTOCOL_ERRORS + i])
+        yield c
+
         yield _histogram("wsrelay_handshake_seconds", "From the request's first byte to the 101 relayed",
                          layout.HANDSHAKE_BUCKETS, layout.HANDSHAKE, data)
         yield _histogram("wsrelay_websocket_duration_seconds", "Lifetime of finished tunnels",

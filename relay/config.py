@@ -12,6 +12,7 @@ at once — each naming the variable, the value and what is expected.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -65,6 +66,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     cluster_lease_ttl: float = 10.0
     cluster_fallback: Literal["hold", "local", "closed"] = "hold"
     cluster_local_limit: int = 0
+    proxy_protocol: Literal["off", "on"] = "off"
+    trusted_proxies: tuple[str, ...] = ()
+    per_ip_v6_prefix: int = 64
+    origin_proxy_protocol: Literal["off", "v2"] = "off"
 
     def effective_data_plane(self) -> str:
         """What serves tunnels: "native" or "python" (relay/native)."""
@@ -287,6 +292,25 @@ def _cluster_name(text: str) -> str:
     return text
 
 
+def _trusted_proxies(text: str) -> tuple[str, ...]:
+    """CIDR networks or single addresses (nginx's set_real_ip_from), normalised."""
+    out = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            net = ipaddress.ip_network(part)
+        except ValueError:
+            try:
+                loose = ipaddress.ip_network(part, strict=False)
+            except ValueError:
+                raise _Bad("expected IP networks in CIDR notation or addresses, e.g. "
+                           "10.0.0.0/8,2001:db8::/32,192.0.2.7") from None
+            raise _Bad(f"{part} has host bits set: did you mean {loose}?") from None
+        out.append(str(net))
+    return tuple(out)
+
+
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "listen": _listen,
     "origin": _origins,
@@ -319,6 +343,10 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "cluster_lease_ttl": _seconds(0.5, False),
     "cluster_fallback": _choice("hold", "local", "closed"),
     "cluster_local_limit": _int(0),
+    "proxy_protocol": _choice("off", "on"),
+    "trusted_proxies": _trusted_proxies,
+    "per_ip_v6_prefix": _int(1, 128),
+    "origin_proxy_protocol": _choice("off", "v2"),
 }
 
 assert set(_PARSERS) == set(Settings.__struct_fields__), "every setting needs a parser"
@@ -435,6 +463,12 @@ def load(environ: Mapping[str, str] | None = None, env_file: str | None = None,
         if why:
             problems.append(f"{PREFIX}DATA_PLANE=native: {why}")
     problems += _cluster_problems(values, problems)
+    if values.get("proxy_protocol") == "on" and not values.get("trusted_proxies") \
+            and not any(p.startswith(PREFIX + "TRUSTED_PROXIES") for p in problems):
+        # The spec (HAProxy's doc/proxy-protocol.txt §5): accepting the header
+        # from anyone lets anyone spoof their address.
+        problems.append(f"{PREFIX}PROXY_PROTOCOL=on needs {PREFIX}TRUSTED_PROXIES: the load balancers' "
+                        f"addresses, e.g. 10.0.0.0/8 (a PROXY header from anyone else is refused)")
     if problems:
         raise ConfigError(problems)
     return Settings(**values)

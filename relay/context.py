@@ -20,6 +20,7 @@ import asyncio
 import time
 
 from metrics.counters import Counters
+from relay.addresses import TrustedProxies
 from relay.config import Settings
 from relay.frames_tunnel import FramesTunnel
 from relay.http_head import Response
@@ -44,6 +45,13 @@ class Context:
         self.access = AccessLog(settings.access_log, index)
         self.ws_paths = tuple(p.encode() for p in settings.ws_paths)
         self.proto = settings.forwarded_proto.encode()
+        #: every connection starts with a PROXY header (README, "Behind a load balancer")
+        self.proxy_protocol = settings.proxy_protocol == "on"
+        #: RELAY_TRUSTED_PROXIES: who may send that header, and whose X-Forwarded-For
+        #: and X-Request-ID are kept
+        self.trusted = TrustedProxies(settings.trusted_proxies)
+        #: origins get a PROXY v2 header first on every connection
+        self.origin_proxy_v2 = settings.origin_proxy_protocol == "v2"
         self.origins = Origins(settings.origin, FailureLog())
         #: idle origin connections for plain HTTP; closed when draining starts
         self.pool = Pool(asyncio.get_running_loop())

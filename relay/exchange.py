@@ -84,7 +84,14 @@ class Exchange:
         self.pending = rest
         pool = ctx.pool
         self.loop = pool.loop
-        origin = pool.get()
+        if ctx.origin_proxy_v2:
+            # An origin connection told one client's address serves that client
+            # only (HAProxy reuses one only for the same PROXY block).
+            origin, conn.parked_origin = conn.parked_origin, None
+            if origin is not None and origin.transport.is_closing():
+                origin = None
+        else:
+            origin = pool.get()
         if origin is not None:
             self.reused = True
             self._begin(origin)
@@ -96,7 +103,8 @@ class Exchange:
         ctx = self.ctx
         try:
             async with asyncio.timeout(ctx.settings.connect_timeout):
-                _t, origin, addr = await ctx.origins.connect(OriginConn)
+                _t, origin, addr = await ctx.origins.connect(
+                    OriginConn, self.conn.origin_header() if ctx.origin_proxy_v2 else b"")
             origin.addr = str(addr)
         except TimeoutError:
             ctx.origins.failures.failed("", "connect timeout",
@@ -125,7 +133,8 @@ class Exchange:
         if self.record is not None:
             self.record.origin = origin.addr
         conn = self.conn
-        out = forward_head(self.req, conn.client_ip, self.ctx.proto, False, self.request_id, origin.addr.encode())
+        out = forward_head(self.req, conn.client_ip, self.ctx.proto, False, self.request_id, origin.addr.encode(),
+                           conn.trusted)
         pending, self.pending = self.pending, b""
         body = self.req_body
         if pending:
@@ -356,9 +365,20 @@ class Exchange:
         origin.release()
         if self.origin_paused:
             origin.transport.resume_reading()  # it was paused for a slow client
-        if not (self.origin_keep and self.req_body.done and self.ctx.pool.put(origin)):
+        if not (self.origin_keep and self.req_body.done and self._keep(origin)):
             origin.transport.close()
         self.conn.finished(self.keep_client)
+
+    def _keep(self, origin: OriginConn) -> bool:
+        """Keep an idle origin connection for a next request: in the worker's
+        pool, or, when it carries this client's PROXY header, for this client's
+        next request only (closed with the client's connection)."""
+        if not self.ctx.origin_proxy_v2:
+            return self.ctx.pool.put(origin)
+        if not self.keep_client or self.ctx.draining or origin.transport.is_closing():
+            return False
+        self.conn.parked_origin = origin
+        return True
 
     def _cut(self) -> None:
         """The response broke off mid-body (a reset, a cut before its end,

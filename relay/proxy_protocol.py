@@ -224,6 +224,8 @@ def crc32c(data: bytes) -> int:
 # -- the sending side ----------------------------------------------------------------
 
 _V2_PROXY = 0x21  # version 2, PROXY command
+#: a v2 header saying "use the connection's own addresses" (LOCAL, AF_UNSPEC)
+V2_LOCAL = V2_SIGNATURE + b"\x20\x00\x00\x00"
 
 
 def _packed(address: str) -> tuple[int, bytes]:

@@ -132,9 +132,11 @@ class Upgrade:
         """Connect, send the head, await the final answer's head. An origin that
         closes without a byte of answer is left for the next (each once)."""
         ctx = self.conn.ctx
-        head = forward_head(self.req, self.conn.client_ip, ctx.proto, True, self.request_id)
+        conn = self.conn
+        head = forward_head(self.req, conn.client_ip, ctx.proto, True, self.request_id, trusted=conn.trusted)
+        first = conn.origin_header() if ctx.origin_proxy_v2 else b""
         for tries_left in range(len(ctx.origins) - 1, -1, -1):
-            origin_t, answer, addr = await ctx.origins.connect(UpgradeAnswer)
+            origin_t, answer, addr = await ctx.origins.connect(UpgradeAnswer, first)
             self.record.origin = str(addr)
             origin_t.write(head)
             try:

@@ -26,8 +26,9 @@ class Origins:
     def __len__(self) -> int:
         return len(self._origins)
 
-    async def connect(self, factory) -> tuple[asyncio.Transport, asyncio.Protocol, Address]:
-        """Connect to one origin with ``factory()`` as the protocol.
+    async def connect(self, factory, first: bytes = b"") -> tuple[asyncio.Transport, asyncio.Protocol, Address]:
+        """Connect to one origin with ``factory()`` as the protocol; ``first``
+        is written at once (a PROXY v2 header: RELAY_ORIGIN_PROXY_PROTOCOL).
 
         Returns (transport, protocol, address). Raises
         :class:`~relay.errors.OriginUnavailable` when every origin failed.
@@ -44,5 +45,7 @@ class Origins:
                 self.failures.failed(str(addr), "connect failed", e.strerror or str(e))
                 continue
             # uvloop sets TCP_NODELAY on every TCP transport it creates.
+            if first:
+                transport.write(first)
             return transport, protocol, addr
         raise OriginUnavailable(str(last), str(addr))

@@ -103,11 +103,14 @@ def check_request_semantics(buf: bytes, max_bytes: int = MAX_HEAD) -> None:
     path_allowed(req.path, (b"/", b"/ws"))
     origin_allowed(req.get(b"origin"), ("https://app.example.com", "*.example.org", "example.net"))
     check_forward_roundtrip(req, upgrade)
+    check_forward_roundtrip(req, upgrade, trusted=True)
 
 
-def check_forward_roundtrip(req: Request, upgrade: bool, client_ip: str = "203.0.113.7") -> bytes:
-    """forward_head keeps the request's meaning and injects nothing."""
-    out = forward_head(req, client_ip, b"http", upgrade, b"0123456789abcdef0123456789abcdef")
+def check_forward_roundtrip(req: Request, upgrade: bool, client_ip: str = "203.0.113.7",
+                            trusted: bool = False) -> bytes:
+    """forward_head keeps the request's meaning and injects nothing; the
+    client's X-Forwarded-For survives only from a ``trusted`` proxy."""
+    out = forward_head(req, client_ip, b"http", upgrade, b"0123456789abcdef0123456789abcdef", trusted=trusted)
     again = parse_request_head(out, len(out))
     assert again is not None and again.head_len == len(out), (req.fields, out)
     assert (again.method, again.target, again.path) == (req.method, req.target, req.path), out
@@ -139,6 +142,8 @@ def check_forward_roundtrip(req: Request, upgrade: bool, client_ip: str = "203.0
                                       else req.get_all(b"host") or [b"localhost"]), out
     xff = again.get_all(b"x-forwarded-for")
     assert len(xff) == 1 and xff[0].endswith(client_ip.encode()), xff
+    if not trusted:
+        assert xff == [client_ip.encode()], xff  # whatever the client claimed is gone
     assert again.get_all(b"x-request-id") == [b"0123456789abcdef0123456789abcdef"], out
     return out
 
