@@ -61,7 +61,8 @@ async def _serve(settings: Settings, socks: list[socket.socket], index: int, slo
         # ... or every worker but the first one slow to start (5 s).
         await asyncio.sleep(5)
     loop = asyncio.get_running_loop()
-    ctx = Context(settings, index, Admission(shared, slot, settings.max_clients_per_ip), shared.counters(slot))
+    ctx = Context(settings, index, Admission(shared, slot, settings.max_clients_per_ip,
+                                                       settings.per_ip_v6_prefix), shared.counters(slot))
     # Our own accept loop, not loop.create_server: see workers/accept.py (EMFILE).
     for sock in socks:
         sock.listen(settings.backlog)  # a reload may change RELAY_BACKLOG on the same socket
