@@ -389,6 +389,10 @@ SYSTEMS = {
     # ... with a message limit: compressed messages inflated both ways to be measured
     "wsrelay-frames-limit": dict(label="wsrelay (1 worker, frames mode, 1 MiB limit)", workers=1,
                                  env={"RELAY_MODE": "frames", "RELAY_MAX_MESSAGE_BYTES": str(1 << 20)}),
+    # the cost of the per-IP table (RELAY_MAX_CLIENTS_PER_IP: shared memory, under the admission lock),
+    # with a limit the handshake loops never reach
+    "wsrelay-perip": dict(label="wsrelay (1 worker, per-IP limit)", workers=1,
+                          env={"RELAY_MAX_CLIENTS_PER_IP": "1000"}),
 }
 
 #: a variant also compared with another than plain wsrelay: the limit's cost is frames mode with it ÷ without

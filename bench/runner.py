@@ -57,6 +57,8 @@ def workloads(quick: bool, idle_conns: int) -> list[Workload]:
         # cluster mode (RELAY_CLUSTER_REDIS) off vs on: the lease never sits on a handshake's path
         Workload("cluster-hs", "handshakes, 8 loops, cluster mode off vs on", "handshake", 8,
                  metric="handshakes/s", systems=("wsrelay", "wsrelay-cluster")),
+        Workload("handshake-perip", "handshakes, 8 loops, per-IP limit off vs on", "handshake", 8,
+                 metric="handshakes/s", systems=("wsrelay", "wsrelay-perip")),
         Workload("idle", f"{idle_conns:,} idle conns", "idle", idle_conns, systems=PROXIED,
                  procs=4, metric="KiB/tunnel", higher_better=False),
         # 5,000 clients connecting at once (a reconnect storm after an outage or a deploy):

@@ -87,19 +87,20 @@ class IPTable:
         """The bucket ``key``'s probe run starts at."""
         return int.from_bytes(hashlib.blake2b(key, digest_size=8, key=self._secret).digest(), "little") & self.mask
 
-    @staticmethod
-    def halves(key: bytes) -> tuple[int, int]:
-        return int.from_bytes(key[:8], "big", signed=True), int.from_bytes(key[8:], "big", signed=True)
+    def locate(self, key: bytes) -> tuple[int, int, int]:
+        """What :meth:`take` and :meth:`give` need of a 16-byte key: its two
+        int64 halves and its home bucket (callers may keep it: it never changes)."""
+        return int.from_bytes(key[:8], "big", signed=True), int.from_bytes(key[8:], "big", signed=True), \
+            self.home(key)
 
     # -- a worker's side ------------------------------------------------------------
-    def take(self, key: bytes, slot: int, limit: int, admit) -> str | None:
-        """One more client of ``key`` in ``slot``, if ``key`` holds fewer than
-        ``limit`` across all slots and ``admit()`` (the global limit) agrees.
-        Returns None (taken), ``"limit_ip"``, ``"full"`` or what ``admit``
-        returned."""
+    def take(self, where: tuple[int, int, int], slot: int, limit: int, admit) -> str | None:
+        """One more client of the key ``where`` (:meth:`locate`) in ``slot``,
+        if the key holds fewer than ``limit`` across all slots and ``admit()``
+        (the global limit) agrees. Returns None (taken), ``"limit_ip"``,
+        ``"full"`` or what ``admit`` returned."""
         words, mask = self.words, self.mask
-        hi, lo = self.halves(key)
-        i = self.home(key)
+        hi, lo, i = where
         total = 0
         mine = -1
         for _ in range(self.capacity):
@@ -131,11 +132,11 @@ class IPTable:
         self.used[0] += 1
         return None
 
-    def give(self, key: bytes, slot: int) -> bool:
-        """One client of ``key`` in ``slot`` fewer; False if it had none."""
+    def give(self, where: tuple[int, int, int], slot: int) -> bool:
+        """One client of the key ``where`` (:meth:`locate`) in ``slot`` fewer;
+        False if it had none."""
         words, mask = self.words, self.mask
-        hi, lo = self.halves(key)
-        i = self.home(key)
+        hi, lo, i = where
         for _ in range(self.capacity):
             b = 3 * i
             meta = words[b + 2]

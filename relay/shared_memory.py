@@ -41,6 +41,8 @@ from relay.addresses import per_ip_key
 log = logging.getLogger("wsrelay")
 #: at most one log line per this many seconds about a full per-IP table
 FULL_LOG_EVERY = 10.0
+#: client addresses whose table place a worker keeps at hand
+WHERE_CACHE = 4096
 
 _HEADER = 8  # int64 slots in the header
 LIMIT = 0
@@ -164,7 +166,7 @@ class Admission:
     """
 
     __slots__ = ("_shared", "_clients", "_slot", "_fd", "_header", "_per_ip", "_v6_prefix", "_table",
-                 "_full", "_full_logged")
+                 "_full", "_full_logged", "_where")
 
     def __init__(self, shared: SharedState, slot: int, per_ip: int = 0, v6_prefix: int = 64):
         self._shared = shared
@@ -177,6 +179,18 @@ class Admission:
         self._table = shared.table
         self._full = 0
         self._full_logged = -FULL_LOG_EVERY
+        #: client address -> its place in the table (IPTable.locate), for the
+        #: addresses seen lately: a give, a reconnect, need no hashing again
+        self._where: dict[str, tuple[int, int, int] | None] = {}
+
+    def _locate(self, ip: str) -> tuple[int, int, int] | None:
+        where = self._where.get(ip, False)
+        if where is False:
+            if len(self._where) >= WHERE_CACHE:
+                self._where.clear()
+            key = per_ip_key(ip, self._v6_prefix)
+            where = self._where[ip] = None if key is None else self._table.locate(key)
+        return where
 
     def _global(self) -> str | None:
         """The global limit, under the lock."""
@@ -187,13 +201,13 @@ class Admission:
         (``RELAY_MAX_CLIENTS_PER_IP``, or the per-IP table full) or ``"limit"``
         (the global limit), counted apart so that an alert on the global limit
         does not fire on one busy address."""
-        key = per_ip_key(ip, self._v6_prefix) if self._per_ip and ip is not None else None
+        where = self._locate(ip) if self._per_ip and ip is not None else None
         fcntl.lockf(self._fd, fcntl.LOCK_EX)
         try:
-            if key is None:
+            if where is None:
                 refused = self._global()
             else:
-                refused = self._table.take(key, self._slot, self._per_ip, self._global)
+                refused = self._table.take(where, self._slot, self._per_ip, self._global)
             if refused is None:
                 self._clients[self._slot] += 1
         finally:
@@ -204,13 +218,13 @@ class Admission:
         return refused
 
     def give(self, ip: str | None = None) -> None:
-        key = per_ip_key(ip, self._v6_prefix) if self._per_ip and ip is not None else None
-        if key is None:
+        where = self._locate(ip) if self._per_ip and ip is not None else None
+        if where is None:
             self._clients[self._slot] -= 1  # one aligned store by the slot's only writer: no lock
             return
         fcntl.lockf(self._fd, fcntl.LOCK_EX)
         try:
-            self._table.give(key, self._slot)
+            self._table.give(where, self._slot)
             self._clients[self._slot] -= 1
         finally:
             fcntl.lockf(self._fd, fcntl.LOCK_UN)
