@@ -1,6 +1,6 @@
 """The per-IP table: how many WebSocket clients each address holds, across
 all workers of a host (``RELAY_MAX_CLIENTS_PER_IP``; README, "Behind a load
-balancer"). Lives in shared memory (relay/shared.py) and is changed only
+balancer"). Lives in shared memory (relay/shared_memory.py) and is changed only
 under the record lock that also guards the global limit, so both are judged
 in one critical section.
 
@@ -70,7 +70,7 @@ class IPTable:
 
     ``used`` is a one-element int64 view holding the number of entries (kept
     by whoever changes them; exact again after every :meth:`rebuild`).
-    Callers hold the shared lock around every method but :func:`key_hash`."""
+    Callers hold the shared lock around :meth:`take`, :meth:`give` and :meth:`rebuild`."""
 
     __slots__ = ("words", "capacity", "mask", "max_entries", "used", "_secret")
 

@@ -23,17 +23,12 @@ import pytest
 from websockets.sync.client import connect as ws_connect
 
 from relay.proxy_protocol import V2_SIGNATURE
-from tests.helpers import ROOT, Relay, read_head, status_of, upgrade_request, wait_for
-from tests.probes import metric
+from tests.support.net import free_port, read_head, status_of, upgrade_request
+from tests.support.relay import ROOT, Relay, wait_for
+from tests.support.scrape import metric
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 pytestmark = pytest.mark.skipif(not Path(HAPROXY).exists(), reason="haproxy not installed (apt-get install haproxy)")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class HAProxy:
@@ -194,12 +189,12 @@ def test_haproxy_over_ipv6_to_the_relay(ws_origin, tmp_path):
 
 def test_a_forged_header_from_an_untrusted_address_is_refused(proxied, ws_origin):
     before = len(ws_origin.requests)
-    untrusted = metric(proxied, "wsrelay_proxy_protocol_errors_total", 'reason="untrusted"')
+    untrusted = metric(proxied, "wsrelay_proxy_protocol_errors_total", reason="untrusted")
     for header in (v2_tcp(("203.0.113.9", 4000), ("127.0.0.1", proxied.port)),
                    b"PROXY TCP4 203.0.113.9 127.0.0.1 4000 80\r\n"):
         with connect_from("127.0.0.3", proxied.port) as s:
             assert refused_silently(s, header + upgrade_request("/headers")) == b""
-    wait_for(lambda: metric(proxied, "wsrelay_proxy_protocol_errors_total", 'reason="untrusted"') == untrusted + 2,
+    wait_for(lambda: metric(proxied, "wsrelay_proxy_protocol_errors_total", reason="untrusted") == untrusted + 2,
              10, what="two untrusted connections counted")
     assert len(ws_origin.requests) == before  # nothing reached the origin
 
@@ -212,13 +207,13 @@ def test_a_forged_header_from_an_untrusted_address_is_refused(proxied, ws_origin
     ("timeout", b"PROXY TCP4 192.0.2.1 ", False),                           # then silence past 3 s
 ])
 def test_a_trusted_source_without_a_valid_header_is_refused_without_an_answer(proxied, reason, data, half_close):
-    before = metric(proxied, "wsrelay_proxy_protocol_errors_total", f'reason="{reason}"')
+    before = metric(proxied, "wsrelay_proxy_protocol_errors_total", reason=reason)
     t0 = time.monotonic()
     with connect_from("127.0.0.1", proxied.port) as s:
         assert refused_silently(s, data, half_close) == b""
     if reason == "timeout":
         assert 2.5 < time.monotonic() - t0 < 8
-    wait_for(lambda: metric(proxied, "wsrelay_proxy_protocol_errors_total", f'reason="{reason}"') == before + 1,
+    wait_for(lambda: metric(proxied, "wsrelay_proxy_protocol_errors_total", reason=reason) == before + 1,
              10, what=f"{reason} counted")
 
 
@@ -291,10 +286,10 @@ def test_per_ip_limit_holds_across_four_workers_through_haproxy(ws_origin, tmp_p
                         s.close()
                 wait_for(lambda: metric(r, "wsrelay_clients") == 0, 15, what="every client given back")
             refusing = [w for w in range(4)
-                        if metric(r, "wsrelay_websocket_upgrades_total", f'outcome="limit_ip",worker="{w}"')]
+                        if metric(r, "wsrelay_websocket_upgrades_total", outcome="limit_ip", worker=str(w))]
             assert len(refusing) >= 2, "the bursts never spread over workers: nothing was shown"
-            assert metric(r, "wsrelay_websocket_upgrades_total", 'outcome="limit_ip"') == 3 * 55
-            assert metric(r, "wsrelay_websocket_upgrades_total", 'outcome="limit"') == 0
+            assert metric(r, "wsrelay_websocket_upgrades_total", outcome="limit_ip") == 3 * 55
+            assert metric(r, "wsrelay_websocket_upgrades_total", outcome="limit") == 0
 
 
 def test_a_killed_workers_per_ip_share_comes_back(ws_origin):
@@ -305,7 +300,7 @@ def test_a_killed_workers_per_ip_share_comes_back(ws_origin):
         try:
             assert statuses == [101] * 4
             assert burst("127.0.0.2", r.port, 1)[0] == [503]
-            per_worker = {w: int(metric(r, "wsrelay_websocket_connections", f'worker="{w}"')) for w in (0, 1)}
+            per_worker = {w: int(metric(r, "wsrelay_websocket_connections", worker=str(w))) for w in (0, 1)}
             victim = max(per_worker, key=per_worker.get)
             killed = per_worker[victim]
             pid = r.worker_pids()[victim]
@@ -342,7 +337,7 @@ def test_a_full_per_ip_table_refuses_new_addresses_and_says_so(ws_origin, tmp_pa
             socks += s
             assert statuses == [503]
             r.wait_log("per-IP table full (32 entries)")
-            assert metric(r, "wsrelay_websocket_upgrades_total", 'outcome="limit_ip"') == 1
+            assert metric(r, "wsrelay_websocket_upgrades_total", outcome="limit_ip") == 1
             statuses, s = burst("127.0.1.1", r.port, 2)  # a known address: one more fits, then its limit
             socks += s
             assert statuses == [101, 503]

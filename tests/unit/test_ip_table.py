@@ -1,4 +1,4 @@
-"""The per-IP table (relay/ip_table.py) and its admission (relay/shared.py),
+"""The per-IP table (relay/ip_table.py) and its admission (relay/shared_memory.py),
 without processes: counts against a model under random churn, a worker
 killed at every single store of every operation (the table may overcount
 until the reap, never undercount; after the reap it is exact), probe runs
@@ -13,7 +13,7 @@ import pytest
 
 from relay import ip_table
 from relay.addresses import TrustedProxies, per_ip_key
-from relay.shared import Admission, SharedState
+from relay.shared_memory import Admission, SharedState
 
 
 def table(capacity: int = 64) -> ip_table.IPTable:
