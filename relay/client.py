@@ -77,7 +77,7 @@ class ClientConnection(asyncio.Protocol):
         self.client_ip = "-"
         self.client_port = 0
         #: the address the client connected to, when a PROXY header said it
-        #: (else the socket's own: :meth:`addresses`)
+        #: (else the socket's own: :meth:`origin_header` asks it)
         self.local: tuple[str, int] | None = None
         #: the client is in RELAY_TRUSTED_PROXIES: its X-Forwarded-For and
         #: X-Request-ID are kept (README, "Behind a load balancer")
