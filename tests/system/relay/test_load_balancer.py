@@ -164,7 +164,8 @@ def test_haproxy_in_front_the_origin_and_the_access_log_see_the_client(proxied, 
     assert seen["x-forwarded-for"] == ["127.0.0.2"]  # the client's, not HAProxy's 127.0.0.1; the forgery gone
     assert other["x-forwarded-for"] == ["127.0.0.3"]
     assert re.fullmatch(r"[0-9a-f]{32}", seen["x-request-id"][0])  # 127.0.0.2 is no trusted proxy
-    recs = wait_for(lambda: access_lines(proxied, path="/headers/" + send_proxy), 10, what="access lines")
+    recs = wait_for(lambda: (lambda r: r if len(r) == 2 else None)(access_lines(proxied, path="/headers/" + send_proxy)),
+                    10, what="both access lines (written as each tunnel ends)")
     assert sorted(r["client"] for r in recs) == ["127.0.0.2", "127.0.0.3"]
     assert {r["status"] for r in recs} == {101}
 
