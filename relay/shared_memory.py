@@ -126,11 +126,15 @@ class SharedState:
 
     @limit.setter
     def limit(self, value: int) -> None:
-        if value > self.table.max_entries >= self.header[LIMIT]:
+        self.header[LIMIT] = value
+
+    def check_table(self, max_clients: int) -> None:
+        """Warn when (a reload's) ``RELAY_MAX_CLIENTS`` is more than the per-IP
+        table, sized at start, can always hold (supervisor)."""
+        if max_clients > self.table.max_entries:
             log.warning("RELAY_MAX_CLIENTS=%d is more than the per-IP table holds (%d addresses x workers, "
                         "sized at start): with RELAY_MAX_CLIENTS_PER_IP set, clients of new addresses beyond "
-                        "it get 503 (limit_ip) until a restart", value, self.table.max_entries)
-        self.header[LIMIT] = value
+                        "it get 503 (limit_ip) until a restart", max_clients, self.table.max_entries)
 
     def total_clients(self) -> int:
         return sum(self.clients)

@@ -212,6 +212,7 @@ class LocalLimit:
         self.configure(settings)
 
     def configure(self, settings: Settings) -> None:
+        self.shared.check_table(settings.max_clients)
         self.shared.limit = settings.max_clients
 
     def figures(self) -> dict | None:
@@ -273,6 +274,7 @@ class ClusterLimit:
     def configure(self, settings: Settings) -> None:
         """A reload: a new RELAY_MAX_CLIENTS, fleet limit, block, TTL or fallback
         applies at once (Redis and the fleet's name need a restart)."""
+        self.shared.check_table(settings.max_clients)
         with self._mu:
             self.settings = settings
             self.resync = True
