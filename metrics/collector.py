@@ -28,6 +28,7 @@ class Source(Protocol):
     def restarts(self) -> int: ...
     def processes(self) -> dict[str, tuple[float, float, float]]: ...  # index -> rss, cpu s, fds
     def origins(self) -> Iterable: ...  # metrics.source.OriginFigures, one per origin of each pool
+    def cluster(self) -> dict | None: ...  # cluster mode's figures, None when off
 
 
 def _cumulative(buckets: tuple[float, ...], counts: list[float]) -> list[tuple[str, float]]:
@@ -136,6 +137,13 @@ class RelayCollector:
             c.add_metric([w], v[layout.ACCEPT_ERRORS])
         yield c
 
+        c = CounterMetricFamily("wsrelay_proxy_protocol_errors", "Connections closed in their PROXY protocol "
+                                "phase, by reason", labels=["worker", "reason"])
+        for w, v in data.items():
+            for i, reason in enumerate(layout.PROXY_ERRORS):
+                c.add_metric([w, reason], v[layout.PROXY_PROTOCOL_ERRORS + i])
+        yield c
+
         yield _histogram("wsrelay_handshake_seconds", "From the request's first byte to the 101 relayed",
                          layout.HANDSHAKE_BUCKETS, layout.HANDSHAKE, data)
         yield _histogram("wsrelay_websocket_duration_seconds", "Lifetime of finished tunnels",
@@ -144,12 +152,15 @@ class RelayCollector:
         g = GaugeMetricFamily("wsrelay_clients", "WebSocket clients counted against the global limit")
         g.add_metric([], src.clients())
         yield g
-        g = GaugeMetricFamily("wsrelay_clients_limit", "The global limit (RELAY_MAX_CLIENTS)")
+        g = GaugeMetricFamily("wsrelay_clients_limit", "The host's limit: RELAY_MAX_CLIENTS, "
+                              "or the lease from Redis when lower (cluster mode)")
         g.add_metric([], src.limit())
         yield g
         c = CounterMetricFamily("wsrelay_worker_restarts", "Workers restarted after dying")
         c.add_metric([], src.restarts())
         yield c
+
+        yield from _cluster(src.cluster())
 
         procs = src.processes()
         rss = GaugeMetricFamily("wsrelay_worker_resident_memory_bytes", "Worker RSS", labels=["worker"])
@@ -163,3 +174,32 @@ class RelayCollector:
         yield cpu
         yield fds
         yield from _origins(list(src.origins()))
+
+
+#: Every reason a lease call can fail (each gets a series from the start).
+LEASE_ERRORS = ("timeout", "connection", "response", "other")
+
+
+def _cluster(figures: dict | None) -> Iterator[Metric]:
+    """Cluster mode (README, "A fleet"): the host's lease and what Redis said last."""
+    if figures is None:
+        return
+    name = [figures["name"]]
+    for metric, doc, key in (
+            ("wsrelay_cluster_leased_slots", "Slots of the fleet limit this host leases from Redis", "leased"),
+            ("wsrelay_cluster_limit", "The fleet-wide limit (RELAY_CLUSTER_LIMIT)", "limit"),
+            ("wsrelay_cluster_clients", "Clients held by the whole fleet, as of this host's last lease call",
+             "fleet_clients"),
+            ("wsrelay_cluster_hosts", "Hosts holding a lease, as of this host's last lease call", "hosts"),
+            ("wsrelay_cluster_redis_up", "1 if this host's last call to Redis succeeded", "redis_up"),
+            ("wsrelay_cluster_fallback", "1 while RELAY_CLUSTER_FALLBACK applies (lease expired without Redis)",
+             "fallback")):
+        g = GaugeMetricFamily(metric, doc, labels=["cluster"])
+        g.add_metric(name, float(figures[key]))
+        yield g
+    c = CounterMetricFamily("wsrelay_cluster_lease_errors", "Failed lease calls to Redis by reason",
+                            labels=["cluster", "reason"])
+    errors = figures["errors"]
+    for reason in (*LEASE_ERRORS, *(r for r in errors if r not in LEASE_ERRORS)):
+        c.add_metric([figures["name"], reason], errors.get(reason, 0))
+    yield c

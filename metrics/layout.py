@@ -14,6 +14,11 @@ from __future__ import annotations
 OUTCOMES = ("upgraded", "origin_rejected", "bad_request", "forbidden", "limit",
             "origin_error", "timeout", "draining", "limit_ip", "no_route", "limit_origin")
 DIRECTIONS = ("upstream", "downstream")
+# Why a connection was closed in its PROXY protocol phase (README, "Behind a
+# load balancer"): from a source outside RELAY_TRUSTED_PROXIES, bytes that are
+# no PROXY header, a header breaking the spec, a header cut by the client's
+# close, or not complete within RELAY_HANDSHAKE_TIMEOUT.
+PROXY_ERRORS = ("untrusted", "missing", "invalid", "truncated", "timeout")
 SIDES = ("client", "origin")
 # Close codes tracked by frames mode; anything else is counted as "other".
 CLOSE_CODES = (1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1010, 1011,
@@ -33,7 +38,8 @@ DURATION = HANDSHAKE + len(HANDSHAKE_BUCKETS) + 2
 CLOSES = DURATION + len(DURATION_BUCKETS) + 2  # + side * (len(CLOSE_CODES)+1) + code index
 ACCEPT_ERRORS = CLOSES + 2 * (len(CLOSE_CODES) + 1)
 PING_TIMEOUTS = ACCEPT_ERRORS + 1
-HTTP = PING_TIMEOUTS + 1                       # + status code
+PROXY_PROTOCOL_ERRORS = PING_TIMEOUTS + 1      # + PROXY_ERRORS.index(reason)
+HTTP = PROXY_PROTOCOL_ERRORS + len(PROXY_ERRORS)  # + status code
 # Gauges read by sibling workers to balance accepts (workers/accept.py).
 LOAD = HTTP + HTTP_CODES  # open connections of any kind, as of the last accept
 ACCEPTING = LOAD + 1      # 1 while the worker takes new connections

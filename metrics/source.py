@@ -53,7 +53,8 @@ class Source:
     def __init__(self, version: str, history: History, live: Callable[[], Iterable[LiveWorker]],
                  indices: Callable[[], int], clients: Callable[[], int], limit: Callable[[], int],
                  restarts: Callable[[], int], data_plane: Callable[[], str] = lambda: "python",
-                 origins: Callable[[], Iterable[OriginFigures]] = lambda: ()) -> None:
+                 origins: Callable[[], Iterable[OriginFigures]] = lambda: (),
+                 cluster: Callable[[], dict | None] = lambda: None) -> None:
         self.version = version
         self._data_plane = data_plane
         self.history = history
@@ -65,6 +66,8 @@ class Source:
         self.restarts = restarts
         #: every origin of the running pools: a label set bounded by the configuration
         self.origins = origins
+        #: cluster mode's figures (workers/cluster.py ``figures``), None when it is off
+        self.cluster = cluster
 
     @property
     def data_plane(self) -> str:

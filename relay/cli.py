@@ -72,7 +72,9 @@ def check(settings: Settings) -> int:
     route table as a request tries it on stderr; one line otherwise, for
     scripts: the table is its ``effective_routes``), and a note on stderr for each listen
     address that cannot be bound right now: normal for the relay you are
-    about to reload, but a second ``wsrelay run`` would refuse to start."""
+    about to reload, but a second ``wsrelay run`` would refuse to start. In
+    cluster mode, a note says whether Redis answers (a relay starts either
+    way: README, "A fleet")."""
     from relay import pools
     from workers import listeners as listening
 
@@ -94,4 +96,8 @@ def check(settings: Settings) -> int:
         if problem is not None:
             print(f"wsrelay: note: {listening.why(variable, addr, problem)} "
                   f"(fine if that is the running relay you are about to reload; a second relay would refuse to start)", file=sys.stderr)
+    if settings.cluster_redis:
+        from workers import cluster
+
+        print(f"wsrelay: note: {cluster.probe(settings)}", file=sys.stderr)
     return 0

@@ -12,6 +12,7 @@ PROXY protocol plug in here: a transport of another kind, a state before
 
 States and their transitions are all in :data:`TRANSITIONS`::
 
+    PROXY ──header──▶ HEAD    (RELAY_PROXY_PROTOCOL=on; refused: CLOSED, no answer)
     HEAD ──head──▶ SERVING ──finished(keep)──▶ HEAD          (keep-alive)
      │               ├──────finished(close)──▶ LINGER ──▶ CLOSED
      │               └──hand_over()──────────▶ TUNNEL      (the socket is a tunnel's)
@@ -29,11 +30,13 @@ import time
 
 from relay import gate
 from relay.context import Context
-from relay.errors import HeadError, RelayError
+from relay.errors import HeadError, ProxyProtocolError, RelayError
 from relay.exchange import Exchange
 from relay.handshake import is_upgrade
 from relay.http_head import BARE_LF_END, HEAD_END, parse_request_head
-from relay.logs import AccessRecord, new_request_id
+from relay.headers import request_id_for
+from relay.logs import AccessRecord
+from relay.proxy_protocol import V2_LOCAL, parse_proxy_header, v2_header
 from relay.responses import refusal
 from relay.seam import Server
 from relay.tunnel import reset
@@ -44,6 +47,7 @@ LINGER_SECONDS = 2.0
 
 
 class State(enum.Enum):
+    PROXY = "reading a PROXY protocol header"
     HEAD = "reading a request head"
     SERVING = "a server has the connection"
     LINGER = "answered; half-closed, discarding input"
@@ -51,8 +55,9 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
-HEAD, SERVING, LINGER, TUNNEL, CLOSED = State
+PROXY, HEAD, SERVING, LINGER, TUNNEL, CLOSED = State
 TRANSITIONS: dict[State, frozenset[State]] = {
+    PROXY: frozenset({HEAD, CLOSED}),
     HEAD: frozenset({SERVING, LINGER, CLOSED}),
     SERVING: frozenset({HEAD, LINGER, TUNNEL, CLOSED}),
     LINGER: frozenset({CLOSED}),
@@ -68,8 +73,20 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.state = HEAD
-        #: the client's address (the peer's, until the PROXY protocol says otherwise)
+        #: the client's address and port (the peer's, until a PROXY header says otherwise)
         self.client_ip = "-"
+        self.client_port = 0
+        #: the address the client connected to, when a PROXY header said it
+        #: (else the socket's own: :meth:`origin_header` asks it)
+        self.local: tuple[str, int] | None = None
+        #: the client is in RELAY_TRUSTED_PROXIES: its X-Forwarded-For and
+        #: X-Request-ID are kept (README, "Behind a load balancer")
+        self.trusted = False
+        #: RELAY_ORIGIN_PROXY_PROTOCOL=v2: the header every origin connection
+        #: of this client starts with, and the plain-HTTP origin connection kept
+        #: for its next request (it carries this client's header: never pooled)
+        self._origin_header: bytes | None = None
+        self.parked_origin = None
         #: time.monotonic() of the first byte of the current request
         self.started = 0.0
         self.timer: asyncio.TimerHandle | None = None
@@ -88,8 +105,19 @@ class ClientConnection(asyncio.Protocol):
         self.ctx.connections.add(self)
         peer = transport.get_extra_info("peername")
         if peer:
-            self.client_ip = peer[0]
+            self.client_ip, self.client_port = peer[0], peer[1]
         # No TCP_NODELAY here: uvloop sets it on every TCP transport already.
+        ctx = self.ctx
+        if ctx.proxy_protocol:
+            if self.client_ip not in ctx.trusted:
+                # Only the load balancers may say who the client is (spec §5):
+                # anyone else is closed without an answer.
+                ctx.counters.proxy_error("untrusted")
+                transport.close()
+                return
+            self.state = PROXY
+        elif ctx.trusted:
+            self.trusted = self.client_ip in ctx.trusted
         self._await_head()
 
     def data_received(self, data: bytes) -> None:
@@ -113,12 +141,16 @@ class ClientConnection(asyncio.Protocol):
         elif state is LINGER:
             if b"\r\n\r\n" in data or len(data) == 0:
                 self.close()
+        elif state is PROXY:
+            self._proxy_header(data)
 
     def eof_received(self) -> bool:
         if self.state is SERVING:
             return self.server.eof()
         if self.state is LINGER:
             self.close()
+        elif self.state is PROXY and self.buf:
+            self._proxy_refused("truncated")  # spec §2.2: partial headers are refused
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -126,6 +158,9 @@ class ClientConnection(asyncio.Protocol):
             self._to(CLOSED)
         self.ctx.connections.discard(self)
         self._cancel_timer()
+        if self.parked_origin is not None:
+            self.parked_origin.transport.close()
+            self.parked_origin = None
         server, self.server = self.server, None
         if server is not None:
             server.lost()
@@ -138,6 +173,58 @@ class ClientConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self.server is not None:
             self.server.writable(True)
+
+    # -- the PROXY protocol header (README, "Behind a load balancer") -------------------
+    def _proxy_header(self, data: bytes) -> None:
+        """Read the header the load balancer puts first; the client's own bytes follow it."""
+        self.buf += data
+        try:
+            header = parse_proxy_header(self.buf)
+        except ProxyProtocolError as e:
+            self._proxy_refused(e.reason)
+            return
+        if header is None:
+            return
+        if header.source is not None:  # else (LOCAL, UNKNOWN, AF_UNIX): the connection's own
+            self.client_ip, self.client_port = header.source
+            self.local = header.destination
+        del self.buf[:header.length]
+        ctx = self.ctx
+        self.trusted = bool(ctx.trusted) and self.client_ip in ctx.trusted
+        self._to(HEAD)
+        self._after_proxy_header()
+
+    def _after_proxy_header(self) -> None:
+        """The step after the PROXY phase: the rest of the stream is the
+        client's, here a request head (a TLS handshake would start here). The
+        handshake timeout still counts from the accept."""
+        if self.buf:
+            self.started = time.monotonic()
+            self._try_head()
+
+    def _proxy_refused(self, reason: str) -> None:
+        """The spec's answer to a bad header: abort, say nothing; counted by reason."""
+        self.ctx.counters.proxy_error(reason)
+        self.buf.clear()
+        self._to(CLOSED)
+        self.transport.abort()
+
+    def origin_header(self) -> bytes:
+        """The PROXY v2 header for this client's origin connections (HAProxy's
+        ``send-proxy-v2``): its address and port, and the address it connected
+        to, as a PROXY header gave them or the socket has them."""
+        header = self._origin_header
+        if header is None:
+            local = self.local
+            if local is None:
+                sock = self.transport.get_extra_info("sockname")
+                local = (sock[0], sock[1]) if sock else ("0.0.0.0", 0)
+            try:
+                header = v2_header((self.client_ip, self.client_port), local)
+            except OSError:  # no IP address to tell (no peer name)
+                header = V2_LOCAL
+            self._origin_header = header
+        return header
 
     # -- the head -------------------------------------------------------------------
     def _await_head(self) -> None:
@@ -166,7 +253,7 @@ class ClientConnection(asyncio.Protocol):
         self.buf.clear()
         ctx = self.ctx
         upgrade = is_upgrade(req)
-        request_id = new_request_id()
+        request_id = request_id_for(req, self.trusted)
         record = ctx.access.record(self.client_ip, req.method, req.path, req.get(b"user-agent"),
                                    req.get(b"x-forwarded-for"), request_id.decode()) \
             if upgrade or ctx.access.enabled else None
@@ -191,6 +278,9 @@ class ClientConnection(asyncio.Protocol):
 
     def _head_timeout(self) -> None:
         self.timer = None
+        if self.state is PROXY:
+            self._proxy_refused("timeout")
+            return
         if self.state is not HEAD:
             return
         if self.buf:  # a started head that never finished: slowloris or a dead client

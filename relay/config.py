@@ -12,6 +12,7 @@ at once — each naming the variable, the value and what is expected.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -104,6 +105,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     health_check_timeout: float = 2.0
     health_check_rise: int = 2
     health_check_fall: int = 3
+    # A fleet: one client limit across hosts, leased from Redis (README, "A fleet").
+    cluster_redis: str = ""
+    cluster_limit: int = 0
+    cluster_name: str = "wsrelay"
+    cluster_block: int = 64
+    cluster_lease_ttl: float = 10.0
+    cluster_fallback: Literal["hold", "local", "closed"] = "hold"
+    cluster_local_limit: int = 0
+    proxy_protocol: Literal["off", "on"] = "off"
+    trusted_proxies: tuple[str, ...] = ()
+    per_ip_v6_prefix: int = 64
+    origin_proxy_protocol: Literal["off", "v2"] = "off"
     #: the named pools, resolved (RELAY_POOL_<NAME>[_<SETTING>]); not a variable of its own
     pools: tuple[PoolSettings, ...] = ()
 
@@ -157,13 +170,29 @@ def _shown(name: str, v: Any) -> Any:
         v = list(v)
     if name in SECRETS and v:
         v = REDACTED
+    elif name == "cluster_redis" and v:
+        v = redact_url(v)
     return v
 
+
+#: Settings a reload (SIGHUP) cannot change: the supervisor keeps the running
+#: value and logs a warning (README, "Settings").
+RESTART_ONLY: tuple[str, ...] = ("metrics_listen", "pid_file", "cluster_redis", "cluster_name")
 
 #: Settings whose values are never printed or served (``wsrelay check``,
 #: ``/config``, logs): a credential added later goes here. None exists yet.
 SECRETS: frozenset[str] = frozenset()
 REDACTED = "(redacted)"
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password of its userinfo replaced by :data:`REDACTED`
+    (``redis://:s3cret@h:6379`` -> ``redis://:(redacted)@h:6379``)."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, hosts = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.partition(':')[0]}:{REDACTED}@{hosts}"
 
 
 class _Bad(ValueError):
@@ -328,6 +357,53 @@ def _routes(text: str) -> tuple[Route, ...]:
         return tuple(Route(*r) for r in pools.parse_routes(text))
     except pools.RouteError as e:
         raise _Bad("; ".join(e.lines)) from None
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://")
+
+
+def _cluster_redis(text: str) -> str:
+    """A Redis URL (redis-py's ``from_url`` forms), or ``redis+sentinel://h1:26379,h2:26379/service[/db]``;
+    empty: cluster mode off. Only the form is checked here (no I/O)."""
+    text = text.strip()
+    if not text:
+        return ""
+    if not text.startswith(_REDIS_SCHEMES):
+        raise _Bad("expected redis://host:6379[/db], rediss://…, unix:///path/redis.sock or "
+                   "redis+sentinel://host:26379[,host:26379]/service (empty: cluster mode off)")
+    scheme, _, rest = text.partition("://")
+    hosts = rest.rpartition("@")[2]
+    if scheme == "unix" and not hosts.startswith("/"):
+        raise _Bad("expected unix:///absolute/path/redis.sock")
+    if scheme == "redis+sentinel" and (not hosts.partition("/")[2].strip("/") or not hosts.partition("/")[0]):
+        raise _Bad("expected redis+sentinel://host:26379[,host:26379]/service[/db]: sentinels and the service name")
+    if scheme in ("redis", "rediss") and not hosts.split("/")[0].split("?")[0]:
+        raise _Bad("expected redis://host:6379[/db] with a host")
+    return text
+
+
+def _cluster_name(text: str) -> str:
+    text = text.strip()
+    if not text or not all(c.isascii() and (c.isalnum() or c in "-_.") for c in text) or len(text) > 64:
+        raise _Bad("expected 1-64 letters, digits, '-', '_' or '.' (the fleet's key prefix in Redis)")
+    return text
+
+
+def _trusted_proxies(text: str) -> tuple[str, ...]:
+    """CIDR networks or single addresses (nginx's set_real_ip_from), normalised."""
+    out = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            net = ipaddress.ip_network(part)
+        except ValueError:
+            try:
+                loose = ipaddress.ip_network(part, strict=False)
+            except ValueError:
+                raise _Bad("expected IP networks in CIDR notation or addresses, e.g. "
+                           "10.0.0.0/8,2001:db8::/32,192.0.2.7") from None
+            raise _Bad(f"{part} has host bits set: did you mean {loose}?") from None
+        out.append(str(net))
+    return tuple(out)
 
 
 _PARSERS: dict[str, Callable[[str], Any]] = {
@@ -366,6 +442,17 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "health_check_timeout": _seconds(0.05, False),
     "health_check_rise": _int(1, 100),
     "health_check_fall": _int(1, 100),
+    "cluster_redis": _cluster_redis,
+    "cluster_limit": _int(0),
+    "cluster_name": _cluster_name,
+    "cluster_block": _int(1, 1 << 20),
+    "cluster_lease_ttl": _seconds(0.5, False),
+    "cluster_fallback": _choice("hold", "local", "closed"),
+    "cluster_local_limit": _int(0),
+    "proxy_protocol": _choice("off", "on"),
+    "trusted_proxies": _trusted_proxies,
+    "per_ip_v6_prefix": _int(1, 128),
+    "origin_proxy_protocol": _choice("off", "v2"),
 }
 
 #: fields that are not a variable of their own (RELAY_POOL_<NAME>... variables, relay/pools.py)
@@ -516,6 +603,30 @@ def load(environ: Mapping[str, str] | None = None, env_file: str | None = None,
         why = native.problem(values["data_plane"], values.get("mode", "tunnel"))
         if why:
             problems.append(f"{PREFIX}DATA_PLANE=native: {why}")
+    problems += _cluster_problems(values, problems)
+    if values.get("proxy_protocol") == "on" and not values.get("trusted_proxies") \
+            and not any(p.startswith(PREFIX + "TRUSTED_PROXIES") for p in problems):
+        # The spec (HAProxy's doc/proxy-protocol.txt §5): accepting the header
+        # from anyone lets anyone spoof their address.
+        problems.append(f"{PREFIX}PROXY_PROTOCOL=on needs {PREFIX}TRUSTED_PROXIES: the load balancers' "
+                        f"addresses, e.g. 10.0.0.0/8 (a PROXY header from anyone else is refused)")
     if problems:
         raise ConfigError(problems)
     return Settings(**values)
+
+
+def _cluster_problems(values: dict[str, Any], problems: list[str]) -> list[str]:
+    """What cluster mode needs once ``RELAY_CLUSTER_REDIS`` is set: a fleet
+    limit, and the optional redis client (``pip install 'wsrelay[cluster]'``)."""
+    if not values.get("cluster_redis"):
+        return []
+    out = []
+    if not values.get("cluster_limit") and not any(p.startswith(PREFIX + "CLUSTER_LIMIT") for p in problems):
+        out.append(f"{PREFIX}CLUSTER_LIMIT is not set: expected the fleet-wide limit of concurrent WebSocket "
+                   f"clients (an integer >= 1) when {PREFIX}CLUSTER_REDIS is set")
+    import importlib.util
+
+    if importlib.util.find_spec("redis") is None:
+        out.append(f"{PREFIX}CLUSTER_REDIS is set but the redis client is not installed: "
+                   "pip install 'wsrelay[cluster]'")
+    return out

@@ -22,6 +22,7 @@ import time
 
 from metrics.counters import Counters
 from relay import pools
+from relay.addresses import TrustedProxies
 from relay.config import Settings
 from relay.frames_tunnel import FramesTunnel
 from relay.http_head import Response
@@ -63,6 +64,13 @@ class Context:
         #: which pool a request goes to (None: 404)
         self.router: Router[OriginPool] = Router(((r.host, r.path, self.pools[r.pool]) for r in settings.routes),
                                                  self.pools.get(pools.DEFAULT))
+        #: every connection starts with a PROXY header (README, "Behind a load balancer")
+        self.proxy_protocol = settings.proxy_protocol == "on"
+        #: RELAY_TRUSTED_PROXIES: who may send that header, and whose X-Forwarded-For
+        #: and X-Request-ID are kept
+        self.trusted = TrustedProxies(settings.trusted_proxies)
+        #: origins get a PROXY v2 header first on every connection
+        self.origin_proxy_v2 = settings.origin_proxy_protocol == "v2"
         self.tunnel_class = TUNNELS[settings.mode]
         #: the native data plane (relay/native), when it serves this worker's tunnels
         self.native = None

@@ -95,7 +95,16 @@ class Exchange:
         self.read_timeout_s = pool.read_timeout
         self.loop = asyncio.get_running_loop()
         member = dial.choose()  # raises Refused (503) at RELAY_MAX_CONNS: the connection refuses
-        origin = member.idle.get()
+        if self.ctx.origin_proxy_v2:
+            # An origin connection told one client's address serves that client
+            # only (HAProxy reuses one only for the same PROXY block), and only
+            # when it goes to the origin this request was balanced to.
+            origin, conn.parked_origin = conn.parked_origin, None
+            if origin is not None and (origin.transport.is_closing() or origin.addr != member.name):
+                origin.transport.close()
+                origin = None
+        else:
+            origin = member.idle.get()
         if origin is not None:
             self.reused = True
             self._begin(origin)
@@ -107,7 +116,8 @@ class Exchange:
         pool, dial = self.pool, self.dial
         try:
             async with asyncio.timeout(pool.connect_timeout):
-                _t, origin = await dial.connect(OriginConn)
+                _t, origin = await dial.connect(
+                    OriginConn, self.conn.origin_header() if self.ctx.origin_proxy_v2 else b"")
             origin.addr = dial.member.name
         except TimeoutError:
             if dial.member is not None:
@@ -131,7 +141,8 @@ class Exchange:
         """Send the request head, with whatever body followed it, in one write."""
         self.origin = origin
         conn = self.conn
-        out = forward_head(self.req, conn.client_ip, self.ctx.proto, False, self.request_id, origin.addr.encode())
+        out = forward_head(self.req, conn.client_ip, self.ctx.proto, False, self.request_id, origin.addr.encode(),
+                           conn.trusted)
         pending, self.pending = self.pending, b""
         body = self.req_body
         if pending:
@@ -382,9 +393,20 @@ class Exchange:
         origin.release()
         if self.origin_paused:
             origin.transport.resume_reading()  # it was paused for a slow client
-        if not (self.origin_keep and self.req_body.done and self.dial.tried[-1].idle.put(origin)):
+        if not (self.origin_keep and self.req_body.done and self._keep(origin)):
             origin.transport.close()
         self.conn.finished(self.keep_client)
+
+    def _keep(self, origin: OriginConn) -> bool:
+        """Keep an idle origin connection for a next request: in the worker's
+        pool, or, when it carries this client's PROXY header, for this client's
+        next request only (closed with the client's connection)."""
+        if not self.ctx.origin_proxy_v2:
+            return self.dial.tried[-1].idle.put(origin)
+        if not self.keep_client or self.ctx.draining or origin.transport.is_closing():
+            return False
+        self.conn.parked_origin = origin
+        return True
 
     def _cut(self) -> None:
         """The response broke off mid-body (a reset, a cut before its end,

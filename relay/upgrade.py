@@ -162,10 +162,11 @@ class Upgrade:
     async def _ask_origin(self) -> tuple[asyncio.Transport, UpgradeAnswer, Response]:
         """Connect, send the head, await the final answer's head. An origin that
         closes without a byte of answer is left for the next (each once)."""
-        ctx, dial = self.conn.ctx, self.dial
-        head = forward_head(self.req, self.conn.client_ip, ctx.proto, True, self.request_id)
+        ctx, dial, conn = self.conn.ctx, self.dial, self.conn
+        head = forward_head(self.req, conn.client_ip, ctx.proto, True, self.request_id, trusted=conn.trusted)
+        first = conn.origin_header() if ctx.origin_proxy_v2 else b""
         while True:
-            origin_t, answer = await dial.connect(UpgradeAnswer)
+            origin_t, answer = await dial.connect(UpgradeAnswer, first)
             origin_t.write(head)
             try:
                 return origin_t, answer, await answer.head

@@ -59,7 +59,8 @@ class Status:
                         indices=lambda: sup.settings.effective_workers(), clients=sup.shared.total_clients,
                         limit=lambda: sup.shared.limit, restarts=lambda: sup.restarts.count,
                         data_plane=lambda: sup.settings.effective_data_plane(),
-                        origins=lambda: [OriginFigures(*f) for f in sup.origins.figures()])
+                        origins=lambda: [OriginFigures(*f) for f in sup.origins.figures()],
+                        cluster=lambda: sup.limits.figures())
         addr = sup.settings.metrics_listen
         try:
             self.endpoint = serve(addr.host, addr.port, source, self.healthy, self.ready, self.config)

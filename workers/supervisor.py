@@ -13,11 +13,10 @@ current generation lacks; :meth:`_reap` collects the dead.
 An upgrade whose shared-memory layout differs cannot join the running
 supervisor: its workers exit with :data:`workers.child.EXIT_LAYOUT` before
 touching shared memory, and the reload is refused as a bad env file would be
-(the running generation keeps serving; nothing restarts in a loop).
-
-Its parts: listening sockets (workers/listeners.py), the worker table and
-restart backoff (workers/workerset.py), signals (workers/signals.py), what
-the operator sees (workers/status.py), origin health (workers/health.py).
+(the running generation keeps serving; nothing restarts in a loop). Its
+parts: sockets (workers/listeners.py), the worker table and restart
+backoff (workers/workerset.py), signals (workers/signals.py), the client limit
+(workers/cluster.py), origin health (workers/health.py), status (workers/status.py).
 """
 
 from __future__ import annotations
@@ -33,10 +32,10 @@ import msgspec
 
 from metrics.source import History
 from relay import __version__, native
-from relay.config import Settings, load
+from relay.config import RESTART_ONLY, Settings, load
 from relay.errors import ConfigError
 from relay.shared_memory import SharedState
-from workers import child, pidfile, proctitle, systemd
+from workers import child, cluster, pidfile, proctitle, systemd
 from workers.health import Origins
 from workers.listeners import Listeners
 from workers.status import Status
@@ -96,6 +95,7 @@ class Supervisor:
                                               signal.SIGQUIT))
         if s.metrics_listen is not None:
             self.status.start_endpoint(self.sel)
+        self.limits = cluster.limits(s, self.shared)  # RELAY_MAX_CLIENTS, or a lease of the fleet's limit
         log.info("wsrelay %s listening on %s (%s), %d workers, origin %s, mode %s, %s",
                  __version__, self.listeners.names(),
                  "socket-activated" if self.listeners.activated else "bound", n,
@@ -116,6 +116,7 @@ class Supervisor:
         log.info("wsrelay stopped")
         self.status.close()
         self.origins.close()
+        self.limits.close()
         return self.exit_code
 
     # -- signals --------------------------------------------------------------------
@@ -154,15 +155,14 @@ class Supervisor:
                 log.error("reload refused, still serving the running configuration: %s", line)
             self.status.reloaded(e.lines)
             return
-        for name in ("metrics_listen", "pid_file"):
+        for name in RESTART_ONLY:
             if getattr(new, name) != getattr(self.settings, name):
                 log.warning("RELAY_%s changes need a restart; keeping %s", name.upper(),
-                            getattr(self.settings, name) or "none")
-        new = msgspec.structs.replace(new, metrics_listen=self.settings.metrics_listen,
-                                      pid_file=self.settings.pid_file)
+                            self.settings.to_dict()["RELAY_" + name.upper()] or "none")
+        new = msgspec.structs.replace(new, **{name: getattr(self.settings, name) for name in RESTART_ONLY})
         before = self.reload.before if self.reload is not None else self.settings
         self.settings = new
-        self.shared.limit = new.max_clients
+        self.limits.configure(new)
         # The new generation inherits the supervisor's level (workers/child.py).
         logging.getLogger().setLevel(getattr(logging, new.log_level.upper()))
         self.generation += 1
@@ -287,7 +287,7 @@ class Supervisor:
             self.workers.signal(signal.SIGTERM, only=lambda x: x in failed)
             self.settings = prev = self.reload.before
             self.listeners.rollback(prev)
-            self.shared.limit = prev.max_clients
+            self.limits.configure(prev)
             self.origins.configure(prev, self.generation, {x.generation for x in self.workers})
             # The running workers are the current generation again.
             for x in self.workers:

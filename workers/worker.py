@@ -62,14 +62,16 @@ async def _serve(settings: Settings, socks: list[socket.socket], index: int, slo
         # ... or every worker but the first one slow to start (5 s).
         await asyncio.sleep(5)
     loop = asyncio.get_running_loop()
-    ctx = Context(settings, index, Admission(shared, slot, settings.max_clients_per_ip), shared.counters(slot),
-                  origins, slot)
+    ctx = Context(settings, index, Admission(shared, slot, settings.max_clients_per_ip, settings.per_ip_v6_prefix),
+                  shared.counters(slot), origins, slot)
     # Our own accept loop, not loop.create_server: see workers/accept.py (EMFILE).
     for sock in socks:
         sock.listen(settings.backlog)  # a reload may change RELAY_BACKLOG on the same socket
     siblings = tuple(shared.counters(i) for i in range(shared.nslots) if i != slot)
-    if ctx.native is not None and os.environ.get("WSRELAY_NATIVE_HANDSHAKE") == "1":
-        # PROTOTYPE (relay/native/front.py): the head phase in C; off by default
+    if ctx.native is not None and os.environ.get("WSRELAY_NATIVE_HANDSHAKE") == "1" \
+            and not ctx.proxy_protocol and not ctx.origin_proxy_v2:
+        # PROTOTYPE (relay/native/front.py): the head phase in C; off by default, and
+        # not with a PROXY header to read or to send (only relay/client.py does those)
         from relay.native.front import NativeFront
 
         servers = [NativeFront(ctx, socks, shared.values(slot),

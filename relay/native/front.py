@@ -40,9 +40,8 @@ from relay.client import ClientConnection
 from relay.context import Context
 from relay.errors import HeadError, RelayError
 from relay.handshake import check_upgrade_response, is_upgrade
-from relay.headers import forward_head
+from relay.headers import forward_head, request_id_for
 from relay.http_head import parse_request_head, parse_response_head
-from relay.logs import new_request_id
 from relay.native.plane import NativeTunnel, _share_strings
 from relay.origins.answer import MAX_RESPONSE_HEAD
 from relay.origins.dial import Dial
@@ -131,7 +130,8 @@ class NativeFront:
             self._to_python(cid)
             return
         started = time.monotonic()
-        request_id = new_request_id()
+        trusted = ip in ctx.trusted
+        request_id = request_id_for(req, trusted)
         rec = ctx.access.record(ip, req.method, req.path, req.get(b"user-agent"), req.get(b"x-forwarded-for"),
                                 request_id.decode())
         rec.data_plane = "native"
@@ -147,7 +147,8 @@ class NativeFront:
         order = [first] + [m for m in pool.members if m is not first]
         rec.pool = pool.name
         self.pending[cid] = (rec, key, ip, started, order)
-        self.engine.connect(cid, [self.addrs[m] for m in order], forward_head(req, ip, ctx.proto, True, request_id))
+        self.engine.connect(cid, [self.addrs[m] for m in order],
+                            forward_head(req, ip, ctx.proto, True, request_id, trusted=trusted))
 
     def _response(self, cid: int, data: bytes, head_end: int, index: int) -> None:
         rec, key, ip, started, order = self.pending.pop(cid)

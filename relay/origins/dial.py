@@ -67,9 +67,10 @@ class Dial:
             self.member = None
             self.pool.closed(m)
 
-    async def connect(self, factory) -> tuple[asyncio.Transport, asyncio.Protocol]:
+    async def connect(self, factory, first: bytes = b"") -> tuple[asyncio.Transport, asyncio.Protocol]:
         """Connect to the origin held (or the next one) with ``factory()`` as the
-        protocol, failing over on connect errors. Raises
+        protocol, failing over on connect errors; ``first`` is written at once
+        (a PROXY v2 header: RELAY_ORIGIN_PROXY_PROTOCOL). Raises
         :class:`~relay.errors.OriginUnavailable` naming the last origin tried
         when none accepted."""
         loop = asyncio.get_running_loop()
@@ -89,4 +90,6 @@ class Dial:
                 continue
             # uvloop sets TCP_NODELAY on every TCP transport it creates.
             pool.connected(m, time.perf_counter() - started)
+            if first:
+                transport.write(first)
             return transport, protocol
