@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench import procstat, proxies
@@ -56,6 +56,14 @@ def workloads(quick: bool, idle_conns: int) -> list[Workload]:
         Workload("echo-1m", "1 MiB echo, 4 conns", "echo", 4, 1 << 20, metric="MB/s"),
         Workload("handshake", "handshakes, 8 loops", "handshake", 8, metric="handshakes/s",
                  systems=("direct",) + PROXIED + ("wsrelay-nh",)),
+        # routing decided once per request, at a cost that does not grow with the routes
+        Workload("handshake-routes", "handshakes, 8 loops, 50 routes vs 1", "handshake", 8,
+                 metric="handshakes/s", systems=("wsrelay-routes-1", "wsrelay-routes-50")),
+        # cluster mode (RELAY_CLUSTER_REDIS) off vs on: the lease never sits on a handshake's path
+        Workload("cluster-hs", "handshakes, 8 loops, cluster mode off vs on", "handshake", 8,
+                 metric="handshakes/s", systems=("wsrelay", "wsrelay-cluster")),
+        Workload("handshake-perip", "handshakes, 8 loops, per-IP limit off vs on", "handshake", 8,
+                 metric="handshakes/s", systems=("wsrelay", "wsrelay-perip")),
         Workload("idle", f"{idle_conns:,} idle conns", "idle", idle_conns, systems=PROXIED,
                  procs=4, metric="KiB/tunnel", higher_better=False),
         # 5,000 clients connecting at once (a reconnect storm after an outage or a deploy):
@@ -212,9 +220,11 @@ def run_trial(w: Workload, key: str, origin_pid: int, origin_port: int, opts, tm
             _sleep_until(t0 + int(warmup * 1e9))
             ppids = sysm.pids()
             cpu0 = [procstat.cpu_seconds(p) for p in (ppids, origin_pids, load_pids)]
+            redis0 = sysm.redis_commands()
             w0 = time.monotonic()
             _sleep_until(t0 + int((warmup + duration) * 1e9))
             cpu1 = [procstat.cpu_seconds(p) for p in (ppids, origin_pids, load_pids)]
+            redis1 = sysm.redis_commands()
             wall = time.monotonic() - w0
             results = [c.line("RESULT", 60 + duration) for c in children]
             msgs = sum(r["msgs"] for r in results)
@@ -226,6 +236,12 @@ def run_trial(w: Workload, key: str, origin_pid: int, origin_port: int, opts, tm
                        origin_cpu=origin_cpu, load_cpu=load_cpu, connected=connected,
                        **_latency(tmp, len(children)))
             res["value"] = res["mb_s"] if w.metric == "MB/s" else rate
+            if redis0 is not None and redis1 is not None and msgs:
+                # Redis work per 1,000 handshakes in the window: script calls (round trips), and every
+                # command Redis ran, those inside the script included (INFO commandstats counts both)
+                done = {k: v - redis0.get(k, 0) for k, v in redis1.items() if k != "info"}
+                res["redis_calls_per_1k"] = 1000 * (done.get("evalsha", 0) + done.get("eval", 0)) / msgs
+                res["redis_cmds_per_1k"] = 1000 * sum(done.values()) / msgs
             # what one core of this proxy carries: the figure that survives a noisy machine
             res["per_core"] = res["value"] / proxy_cpu if key != "direct" and proxy_cpu > 0 else None
             res["proxy_us_per_msg"] = proxy_cpu * 1e6 / rate if key != "direct" and rate else None
@@ -364,7 +380,8 @@ def _trial_line(w: Workload, t: dict) -> str:
 
 
 NUMERIC = ("value", "per_core", "proxy_cpu_s", "msgs_s", "mb_s", "p50_us", "p99_us", "p999_us", "proxy_cpu", "origin_cpu",
-           "load_cpu", "proxy_us_per_msg", "rss_before_kib", "rss_after_kib", "connected", "deflate_ratio")
+           "load_cpu", "proxy_us_per_msg", "rss_before_kib", "rss_after_kib", "connected", "deflate_ratio",
+           "redis_calls_per_1k", "redis_cmds_per_1k")
 
 
 def summarize(wls: list[Workload], trials: list[dict]) -> dict:

@@ -88,16 +88,22 @@ def _describe_tls(plan) -> None:
 
 
 def check(settings: Settings) -> int:
-    """Print the effective settings as JSON (indented on a terminal, one line
-    otherwise, for scripts), and a note on stderr for each listen address that
-    cannot be bound right now: normal for the relay you are about to reload,
-    but a second ``wsrelay run`` would refuse to start."""
+    """Print the effective settings as JSON (indented on a terminal, with the
+    route table as a request tries it on stderr; one line otherwise, for
+    scripts: the table is its ``effective_routes``), and a note on stderr for each listen
+    address that cannot be bound right now: normal for the relay you are
+    about to reload, but a second ``wsrelay run`` would refuse to start. In
+    cluster mode, a note says whether Redis answers (a relay starts either
+    way: README, "A fleet")."""
+    from relay import pools
     from workers import listeners as listening
 
     if sys.stdout.isatty():
         import json
 
         sys.stdout.write(json.dumps(settings.to_dict(), indent=2) + "\n")
+        if settings.routes:  # for the person at the terminal; stdout stays JSON
+            print(pools.render(pools.table(settings)), file=sys.stderr)
     else:
         sys.stdout.write(settings.to_json().decode() + "\n")
     addresses = [("RELAY_LISTEN", a) for a in settings.listen] + [("RELAY_TLS_LISTEN", a) for a in settings.tls_listen]
@@ -110,4 +116,8 @@ def check(settings: Settings) -> int:
         if problem is not None:
             print(f"wsrelay: note: {listening.why(variable, addr, problem)} "
                   f"(fine if that is the running relay you are about to reload; a second relay would refuse to start)", file=sys.stderr)
+    if settings.cluster_redis:
+        from workers import cluster
+
+        print(f"wsrelay: note: {cluster.probe(settings)}", file=sys.stderr)
     return 0

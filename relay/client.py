@@ -12,6 +12,7 @@ PROXY protocol plug in here: a transport of another kind, a state before
 
 States and their transitions are all in :data:`TRANSITIONS`::
 
+    PROXY ──header──▶ TLS or HEAD    (RELAY_PROXY_PROTOCOL=on; refused: CLOSED, no answer)
     TLS ──handshake──▶ HEAD                                  (RELAY_TLS_LISTEN only)
      └──failed / timed out / plain HTTP (400)──▶ LINGER / CLOSED
     HEAD ──head──▶ SERVING ──finished(keep)──▶ HEAD          (keep-alive)
@@ -36,12 +37,13 @@ import time
 
 from relay import gate
 from relay.context import Context
-from relay.errors import HeadError, RelayError
+from relay.errors import HeadError, ProxyProtocolError, RelayError
 from relay.exchange import Exchange
 from relay.handshake import is_upgrade
 from relay.http_head import BARE_LF_END, HEAD_END, parse_request_head
-from relay.logs import AccessRecord, new_request_id
-from relay.responses import refusal
+from relay.headers import request_id_for
+from relay.logs import AccessRecord
+from relay.proxy_protocol import V2_LOCAL, parse_proxy_header, v2_header
 from relay.seam import Server
 from relay.responses import PLAIN_HTTP_ON_TLS, refusal
 from relay.tls import handshake as tls_handshake
@@ -53,6 +55,7 @@ LINGER_SECONDS = 2.0
 
 
 class State(enum.Enum):
+    PROXY = "reading a PROXY protocol header"
     TLS = "TLS handshake"
     HEAD = "reading a request head"
     SERVING = "a server has the connection"
@@ -61,8 +64,10 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
-TLS, HEAD, SERVING, LINGER, TUNNEL, CLOSED = State
+PROXY, TLS, HEAD, SERVING, LINGER, TUNNEL, CLOSED = State
 TRANSITIONS: dict[State, frozenset[State]] = {
+    # a balancer's PROXY header comes before the TLS handshake (HAProxy's accept-proxy on an ssl bind)
+    PROXY: frozenset({TLS, HEAD, CLOSED}),
     TLS: frozenset({HEAD, LINGER, CLOSED}),
     HEAD: frozenset({SERVING, LINGER, CLOSED}),
     SERVING: frozenset({HEAD, LINGER, TUNNEL, CLOSED}),
@@ -89,8 +94,20 @@ class ClientConnection(asyncio.Protocol):
         self.tls_version = ""
         self.tls_resumed = False
         self.tls_counted = False
-        #: the client's address (the peer's, until the PROXY protocol says otherwise)
+        #: the client's address and port (the peer's, until a PROXY header says otherwise)
         self.client_ip = "-"
+        self.client_port = 0
+        #: the address the client connected to, when a PROXY header said it
+        #: (else the socket's own: :meth:`origin_header` asks it)
+        self.local: tuple[str, int] | None = None
+        #: the client is in RELAY_TRUSTED_PROXIES: its X-Forwarded-For and
+        #: X-Request-ID are kept (README, "Behind a load balancer")
+        self.trusted = False
+        #: RELAY_ORIGIN_PROXY_PROTOCOL=v2: the header every origin connection
+        #: of this client starts with, and the plain-HTTP origin connection kept
+        #: for its next request (it carries this client's header: never pooled)
+        self._origin_header: bytes | None = None
+        self.parked_origin = None
         #: time.monotonic() of the first byte of the current request
         self.started = 0.0
         self.timer: asyncio.TimerHandle | None = None
@@ -112,15 +129,26 @@ class ClientConnection(asyncio.Protocol):
         self.ctx.connections.add(self)
         peer = transport.get_extra_info("peername")
         if peer:
-            self.client_ip = peer[0]
+            self.client_ip, self.client_port = peer[0], peer[1]
         # No TCP_NODELAY here: uvloop sets it on every TCP transport already.
-        if self.state is TLS:
-            # One deadline for the handshake and the head that follows it.
-            self.started = time.monotonic()
-            self.timer = asyncio.get_running_loop().call_later(self.ctx.settings.handshake_timeout,
-                                                               self._head_timeout)
-        else:
+        ctx = self.ctx
+        if ctx.proxy_protocol:
+            if self.client_ip not in ctx.trusted:
+                # Only the load balancers may say who the client is (spec §5):
+                # anyone else is closed without an answer.
+                ctx.counters.proxy_error("untrusted")
+                transport.close()
+                return
+            self.state = PROXY
+        elif ctx.trusted:
+            self.trusted = self.client_ip in ctx.trusted
+        if self.state is HEAD:
             self._await_head()
+        else:
+            # One deadline for the PROXY header, the TLS handshake and the head that follows.
+            self.started = time.monotonic()
+            self.timer = asyncio.get_running_loop().call_later(ctx.settings.handshake_timeout,
+                                                               self._head_timeout)
 
     def data_received(self, data: bytes) -> None:
         state = self.state
@@ -145,12 +173,16 @@ class ClientConnection(asyncio.Protocol):
         elif state is LINGER:
             if b"\r\n\r\n" in data or len(data) == 0:
                 self.close()
+        elif state is PROXY:
+            self._proxy_header(data)
 
     def eof_received(self) -> bool:
         if self.state is SERVING:
             return self.server.eof()
         if self.state is LINGER:
             self.close()
+        elif self.state is PROXY and self.buf:
+            self._proxy_refused("truncated")  # spec §2.2: partial headers are refused
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -158,6 +190,9 @@ class ClientConnection(asyncio.Protocol):
             self._to(CLOSED)
         self.ctx.connections.discard(self)
         self._cancel_timer()
+        if self.parked_origin is not None:
+            self.parked_origin.transport.close()
+            self.parked_origin = None
         server, self.server = self.server, None
         if server is not None:
             server.lost()
@@ -170,6 +205,65 @@ class ClientConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self.server is not None:
             self.server.writable(True)
+
+    # -- the PROXY protocol header (README, "Behind a load balancer") -------------------
+    def _proxy_header(self, data: bytes) -> None:
+        """Read the header the load balancer puts first; the client's own bytes follow it."""
+        self.buf += data
+        try:
+            header = parse_proxy_header(self.buf)
+        except ProxyProtocolError as e:
+            self._proxy_refused(e.reason)
+            return
+        if header is None:
+            return
+        if header.source is not None:  # else (LOCAL, UNKNOWN, AF_UNIX): the connection's own
+            self.client_ip, self.client_port = header.source
+            self.local = header.destination
+        del self.buf[:header.length]
+        ctx = self.ctx
+        self.trusted = bool(ctx.trusted) and self.client_ip in ctx.trusted
+        self._after_proxy_header()
+
+    def _after_proxy_header(self) -> None:
+        """The step after the PROXY phase: the rest of the stream is the
+        client's, a TLS handshake on a TLS listener, else a request head. The
+        handshake timeout still counts from the accept."""
+        if self.tls is not None:
+            self._to(TLS)
+            if self.buf:
+                first = bytes(self.buf)
+                self.buf.clear()
+                self._tls_start(first)
+            return
+        self._to(HEAD)
+        if self.buf:
+            self.started = time.monotonic()
+            self._try_head()
+
+    def _proxy_refused(self, reason: str) -> None:
+        """The spec's answer to a bad header: abort, say nothing; counted by reason."""
+        self.ctx.counters.proxy_error(reason)
+        self.buf.clear()
+        self._to(CLOSED)
+        self.transport.abort()
+
+    def origin_header(self) -> bytes:
+        """The PROXY v2 header for this client's origin connections (HAProxy's
+        ``send-proxy-v2``): its address and port, and the address it connected
+        to, as a PROXY header gave them or the socket has them."""
+        header = self._origin_header
+        if header is None:
+            local = self.local
+            if local is None:
+                sock = self.transport.get_extra_info("sockname")
+                local = (sock[0], sock[1]) if sock else ("0.0.0.0", 0)
+            try:
+                header = v2_header((self.client_ip, self.client_port), local)
+            except OSError:  # no IP address to tell (no peer name)
+                header = V2_LOCAL
+            self._origin_header = header
+        return header
 
     # -- the head -------------------------------------------------------------------
     def _await_head(self) -> None:
@@ -198,7 +292,7 @@ class ClientConnection(asyncio.Protocol):
         self.buf.clear()
         ctx = self.ctx
         upgrade = is_upgrade(req)
-        request_id = new_request_id()
+        request_id = request_id_for(req, self.trusted)
         record = ctx.access.record(self.client_ip, req.method, req.path, req.get(b"user-agent"),
                                    req.get(b"x-forwarded-for"), request_id.decode()) \
             if upgrade or ctx.access.enabled else None
@@ -208,11 +302,11 @@ class ClientConnection(asyncio.Protocol):
         self._to(SERVING)
         try:
             if upgrade:
-                key = gate.admit_upgrade(ctx, req, self.client_ip, self.requests == 1)
-                self.server = Upgrade(self, req, key, record, rest, request_id)
+                key, pool = gate.admit_upgrade(ctx, req, self.client_ip, self.requests == 1)
+                self.server = Upgrade(self, req, key, record, rest, request_id, pool)
             else:
-                length = gate.admit_request(ctx, req, self.requests == 1)
-                self.server = Exchange(self, req, length, record, rest, request_id)
+                length, pool = gate.admit_request(ctx, req, self.requests == 1)
+                self.server = Exchange(self, req, length, record, rest, request_id, pool)
         except RelayError as e:
             self.refuse(e.status, e.outcome, record, upgrade=upgrade)
 
@@ -272,6 +366,9 @@ class ClientConnection(asyncio.Protocol):
 
     def _head_timeout(self) -> None:
         self.timer = None
+        if self.state is PROXY:
+            self._proxy_refused("timeout")
+            return
         if self.state is TLS:
             if not self.tls_counted:
                 self.tls_counted = True

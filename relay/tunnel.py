@@ -137,7 +137,8 @@ class Tunnel:
     :attr:`counts_messages`) are where another mode's tunnel class differs
     (relay/frames_tunnel.py)."""
 
-    __slots__ = ("client", "origin", "on_end", "started", "last_bytes", "last_active", "ended", "record")
+    __slots__ = ("client", "origin", "on_end", "started", "last_bytes", "last_active", "ended", "record",
+                 "upstream")
 
     #: the protocol of each socket; relay.frames_tunnel swaps in its own
     side_class = Side
@@ -182,6 +183,8 @@ class Tunnel:
         self.on_end = on_end
         #: what the access log says of this session; finished by on_end
         self.record = record
+        #: the origin (relay/origins/balance.Member) whose connection count it holds
+        self.upstream = None
         self.started = time.monotonic()
         self.last_bytes = 0
         self.last_active = self.started

@@ -28,6 +28,7 @@ from relay.client import ClientConnection
 from relay.config import Settings
 from relay.context import Context
 from relay.frames_tunnel import GOING_AWAY, SERVICE_RESTART
+from relay.origins.table import OriginTable
 from relay.shared_memory import Admission, SharedState
 from workers.accept import Acceptor
 
@@ -35,7 +36,7 @@ log = logging.getLogger("wsrelay.worker")
 
 
 def run(settings: Settings, socks: list[socket.socket], index: int, slot: int,
-        shared: SharedState, ready_fd: int, handoff=None) -> int:
+        shared: SharedState, ready_fd: int, origins: OriginTable, handoff=None) -> int:
     """Serve until drained; returns the exit code. Called by workers/child.py in
     a fresh interpreter the supervisor forked and exec'd."""
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD, signal.SIGUSR1):
@@ -46,13 +47,13 @@ def run(settings: Settings, socks: list[socket.socket], index: int, slot: int,
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
-        return loop.run_until_complete(_serve(settings, socks, index, slot, shared, ready_fd, handoff))
+        return loop.run_until_complete(_serve(settings, socks, index, slot, shared, ready_fd, origins, handoff))
     finally:
         loop.close()
 
 
 async def _serve(settings: Settings, socks: list[socket.socket], index: int, slot: int,
-                 shared: SharedState, ready_fd: int, handoff=None) -> int:
+                 shared: SharedState, ready_fd: int, origins: OriginTable, handoff=None) -> int:
     fault = os.environ.get("WSRELAY_FAULT")
     if fault == "crash-on-start":
         # Fault injection for tests and chaos drills: a worker that cannot start.
@@ -61,7 +62,8 @@ async def _serve(settings: Settings, socks: list[socket.socket], index: int, slo
         # ... or every worker but the first one slow to start (5 s).
         await asyncio.sleep(5)
     loop = asyncio.get_running_loop()
-    ctx = Context(settings, index, Admission(shared, slot, settings.max_clients_per_ip), shared.counters(slot))
+    ctx = Context(settings, index, Admission(shared, slot, settings.max_clients_per_ip, settings.per_ip_v6_prefix),
+                  shared.counters(slot), origins, slot)
     # Our own accept loop, not loop.create_server: see workers/accept.py (EMFILE).
     for sock in socks:
         sock.listen(settings.backlog)  # a reload may change RELAY_BACKLOG on the same socket
@@ -76,8 +78,10 @@ async def _serve(settings: Settings, socks: list[socket.socket], index: int, slo
             return lambda: ClientConnection(ctx, tls)
         return lambda: ClientConnection(ctx)
 
-    if ctx.native is not None and os.environ.get("WSRELAY_NATIVE_HANDSHAKE") == "1" and tls is None:
-        # PROTOTYPE (relay/native/front.py): the head phase in C; off by default (and never with TLS)
+    if ctx.native is not None and os.environ.get("WSRELAY_NATIVE_HANDSHAKE") == "1" and tls is None \
+            and not ctx.proxy_protocol and not ctx.origin_proxy_v2:
+        # PROTOTYPE (relay/native/front.py): the head phase in C; off by default, and
+        # not with TLS or a PROXY header to read or to send (only relay/client.py does those)
         from relay.native.front import NativeFront
 
         servers = [NativeFront(ctx, socks, shared.values(slot),

@@ -18,7 +18,9 @@ the failures are counted and logged as workers/accept.py does.
 What this prototype does not do yet (so it is not the default): relaying a
 rejection's body beyond the first read (the origin's non-101 answer is
 written as read, then the connection closes),
-origins named by host name (resolved once at start), and the drain's
+origins named by host name (resolved once at start), the passive health of
+origins beyond the first tried (a failure counts against the pool's first
+choice), and the drain's
 "first request of a connection accepted before the drain is served" rule
 beyond stopping accepts. It exists to measure the design (bench/RESULTS.md)
 and will be wired through the client-connection seam of relay/client.py.
@@ -28,8 +30,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import itertools
 import logging
+import os
 import socket
 import time
 
@@ -38,12 +40,13 @@ from relay.client import ClientConnection
 from relay.context import Context
 from relay.errors import HeadError, RelayError
 from relay.handshake import check_upgrade_response, is_upgrade
-from relay.headers import forward_head
+from relay.headers import forward_head, request_id_for
 from relay.http_head import parse_request_head, parse_response_head
-from relay.logs import new_request_id
 from relay.native.plane import NativeTunnel, _share_strings
 from relay.origins.answer import MAX_RESPONSE_HEAD
+from relay.origins.dial import Dial
 from relay.responses import refusal
+from relay.upgrade import GATEWAY_ERRORS
 from workers.accept import LOG_EVERY, PAUSE
 
 ENV = "WSRELAY_NATIVE_HANDSHAKE"
@@ -71,9 +74,9 @@ class NativeFront:
         self.engine.handshakes(self._head, self._response, self._failed, self._timeout,
                                max_head=s.max_header_bytes, head_timeout=s.handshake_timeout,
                                connect_timeout=s.connect_timeout)
-        self.addrs = _numeric(s.origin)
-        self._next = itertools.cycle(range(len(self.addrs)))
-        #: upgrades waiting for their origin: id -> (record, key, client ip, started, origin order)
+        #: each origin of each pool, resolved once (module docstring)
+        self.addrs = {m: _numeric([m.addr])[0] for pool in ctx.pools.values() for m in pool.members}
+        #: upgrades waiting for their origin: id -> (record, key, client ip, started, origins in order)
         self.pending: dict[int, tuple] = {}
         self.socks = socks
         if mine is not None and siblings:
@@ -127,28 +130,46 @@ class NativeFront:
             self._to_python(cid)
             return
         started = time.monotonic()
-        request_id = new_request_id()
+        trusted = ip in ctx.trusted
+        request_id = request_id_for(req, trusted)
         rec = ctx.access.record(ip, req.method, req.path, req.get(b"user-agent"), req.get(b"x-forwarded-for"),
                                 request_id.decode())
         rec.data_plane = "native"
         try:
-            key = gate.admit_upgrade(ctx, req, ip, True)
+            key, pool = gate.admit_upgrade(ctx, req, ip, True)
         except RelayError as e:
             return self._refuse(cid, e.status, e.outcome, rec, started)
-        start = next(self._next)
-        order = self.addrs[start:] + self.addrs[:start]
+        try:
+            first = Dial(pool, req).choose()  # the pool's balancer: the engine tries it first
+        except RelayError as e:  # every origin at RELAY_MAX_CONNS
+            ctx.admission.give(ip)
+            return self._refuse(cid, e.status, e.outcome, rec, started)
+        order = [first] + [m for m in pool.members if m is not first]
+        rec.pool = pool.name
         self.pending[cid] = (rec, key, ip, started, order)
-        self.engine.connect(cid, order, forward_head(req, ip, ctx.proto, True, request_id))
+        self.engine.connect(cid, [self.addrs[m] for m in order],
+                            forward_head(req, ip, ctx.proto, True, request_id, trusted=trusted))
 
     def _response(self, cid: int, data: bytes, head_end: int, index: int) -> None:
         rec, key, ip, started, order = self.pending.pop(cid)
         ctx = self.ctx
-        rec.origin = "%s:%d" % order[index]
+        member = order[index]
+        pool = member.pool
+        if index:  # the first did not accept the connection: the count moves on
+            pool.closed(order[0])
+            pool.opened(member)
+        rec.origin = member.name
+        rec.tries = index + 1
         try:
             resp = parse_response_head(data, MAX_RESPONSE_HEAD)
             if resp is None:
                 raise HeadError(502, "incomplete origin answer", "origin_error")
+            if resp.status in GATEWAY_ERRORS:
+                pool.failed(member, "status_5xx", f"{resp.status} to an upgrade", resp.status)
+            else:
+                pool.answered(member)
             if resp.status != 101:
+                pool.closed(member)
                 rec.status = resp.status
                 rec.outcome = "origin_rejected"
                 ctx.counters.upgrade("origin_rejected", resp.status)
@@ -158,6 +179,7 @@ class NativeFront:
                 return
             check_upgrade_response(resp, key)
         except HeadError as e:
+            pool.closed(member)
             ctx.admission.give(ip)
             return self._refuse(cid, e.status, e.outcome, rec, started)
         handshake_s = time.monotonic() - started
@@ -167,16 +189,23 @@ class NativeFront:
         ctx.counters.upgrade("upgraded", 101, handshake_s)
         _share_strings(rec)
         tunnel = NativeTunnel(ctx.native, -1, -1, rec)
+        tunnel.upstream = member  # its connection count, given back when the tunnel ends
         ctx.tunnels.add(tunnel)
         ctx.counters.tunnels(len(ctx.tunnels))
         tunnel.id = self.engine.splice(cid, data, tunnel)
 
     def _failed(self, cid: int, err: int) -> None:
-        rec, _key, ip, started, _order = self.pending.pop(cid)
+        rec, _key, ip, started, order = self.pending.pop(cid)
         self.ctx.admission.give(ip)
+        order[0].pool.closed(order[0])
         if err == errno.ECONNABORTED:  # the client left while its origin was asked
             self.engine.close_handshake(cid)
             return
+        # every origin of the pool was tried (the first counts the failure; the
+        # engine does not say which of the others failed how)
+        order[0].pool.failed(order[0], "connect", os.strerror(err))
+        rec.origin = order[-1].name
+        rec.tries = len(order)
         self._refuse(cid, 502, "origin_error", rec, started)
 
     def _timeout(self, cid: int, phase: str, nbytes: int) -> None:
@@ -184,8 +213,11 @@ class NativeFront:
             if nbytes:
                 self.ctx.counters.http(408)
             return
-        rec, _key, ip, started, _order = self.pending.pop(cid)
+        rec, _key, ip, started, order = self.pending.pop(cid)
         self.ctx.admission.give(ip)
+        order[0].pool.closed(order[0])
+        order[0].pool.failed(order[0], "timeout", "no answer to an upgrade within RELAY_CONNECT_TIMEOUT", 504)
+        rec.origin = order[0].name
         self._refuse(cid, 504, "timeout", rec, started)
 
     # -- helpers ------------------------------------------------------------------------

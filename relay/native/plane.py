@@ -53,7 +53,7 @@ class NativeTunnel(metaclass=_TunnelModeHooks):
     # An idle tunnel costs its slot in the engine and this object: no bound
     # on_end per tunnel (the plane holds the context's), descriptors dropped
     # once the engine owns them (bench/RESULTS.md, idle memory).
-    __slots__ = ("plane", "cfd", "ofd", "id", "record", "started", "up", "down", "ended")
+    __slots__ = ("plane", "cfd", "ofd", "id", "record", "started", "up", "down", "ended", "upstream")
 
     #: relay.context reads byte counts and idle times of native tunnels from
     #: the engine in one call per sweep, not per tunnel
@@ -77,6 +77,8 @@ class NativeTunnel(metaclass=_TunnelModeHooks):
         self.ofd = ofd
         self.id: int | None = None
         self.record = record
+        #: the origin (relay/origins/balance.Member) whose connection count it holds
+        self.upstream = None
         self.started = time.monotonic()
         #: final byte counts, set when the tunnel ends (open ones: bytes())
         self.up = 0
