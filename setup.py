@@ -1,11 +1,17 @@
-"""The one compiled part: relay/native (the native data plane, README "Settings",
-RELAY_DATA_PLANE). Everything else is declared in pyproject.toml.
+"""The compiled parts; everything else is declared in pyproject.toml.
 
-The extension is optional: without a C compiler and Python's headers
-(Debian: build-essential python3-dev) `pip install .` still installs the
-pure-Python data plane, and the relay says at startup why native is off.
-WSRELAY_REQUIRE_NATIVE=1 (set by .ci/run) makes a failed build an error, so
-CI never tests only the fallback without noticing.
+- relay/native (the native data plane, README "Settings", RELAY_DATA_PLANE).
+- relay/tls/_openssl.c: what Python's ssl module cannot do for the TLS
+  listeners (shared session ticket keys, key-exchange groups; README "TLS").
+  It needs no OpenSSL headers: it finds libssl's functions where Python's
+  _ssl module loaded them.
+
+Both are optional: without a C compiler and Python's headers (Debian:
+build-essential python3-dev) `pip install .` still installs the pure-Python
+data plane, and TLS listeners with per-process ticket keys (a session resumes
+only on the worker that issued it) and OpenSSL's default groups; the relay
+says at startup why. WSRELAY_REQUIRE_NATIVE=1 (set by .ci/run) makes a failed
+build of either an error, so CI never tests only the fallback without noticing.
 """
 
 import os
@@ -14,12 +20,18 @@ from setuptools import Extension, setup
 
 REQUIRED = os.environ.get("WSRELAY_REQUIRE_NATIVE", "") not in ("", "0")
 
-setup(ext_modules=[Extension(
-    "relay.native._engine",
-    sources=["relay/native/_engine.c", "relay/native/_heads.c", "relay/native/engine.c", "relay/native/handshake.c",
-             "relay/native/http_head.c"],
-    depends=["relay/native/engine.h", "relay/native/handshake.h", "relay/native/http_head.h", "relay/native/_heads.h"],
-    extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",
-                        "-Wno-missing-field-initializers", "-Wno-cast-function-type"],
-    optional=not REQUIRED,
-)])
+setup(ext_modules=[
+    Extension(
+        "relay.native._engine",
+        sources=["relay/native/_engine.c", "relay/native/_heads.c", "relay/native/engine.c",
+                 "relay/native/handshake.c", "relay/native/http_head.c"],
+        depends=["relay/native/engine.h", "relay/native/handshake.h", "relay/native/http_head.h",
+                 "relay/native/_heads.h"],
+        extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",
+                            "-Wno-missing-field-initializers", "-Wno-cast-function-type"],
+        optional=not REQUIRED,
+    ),
+    Extension("relay.tls._openssl", sources=["relay/tls/_openssl.c"], libraries=["dl"],
+              extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+              optional=not REQUIRED),
+])

@@ -54,6 +54,7 @@ import asyncio
 import json
 import os
 import random
+import ssl
 import sys
 import time
 import zlib
@@ -236,12 +237,12 @@ async def _connect(url: str, run: Run, sem: asyncio.Semaphore | None = None) -> 
             if run.first:
                 transport, client = await ws_connect(lambda: DeflateEchoClient(run), url,
                                                      websocket_handshake_timeout=30, max_frame_size=64 << 20,
-                                                     extra_headers=DEFLATE_OFFER)
+                                                     extra_headers=DEFLATE_OFFER, ssl_context=TLS)
                 if client is not None and client.closing:
                     return None
             else:
                 transport, client = await ws_connect(lambda: EchoClient(run), url, websocket_handshake_timeout=30,
-                                                     max_frame_size=64 << 20)
+                                                     max_frame_size=64 << 20, ssl_context=TLS)
         except Exception as e:  # a refused or failed handshake is a result, not a crash
             run.error(type(e).__name__)
             return None
@@ -352,7 +353,8 @@ async def handshake_mode(a: argparse.Namespace) -> dict:
         while now_ns() < run.stop_at:
             start = now_ns()
             try:
-                transport, client = await ws_connect(HandshakeClient, a.url, websocket_handshake_timeout=10)
+                transport, client = await ws_connect(HandshakeClient, a.url, websocket_handshake_timeout=10,
+                                                     ssl_context=TLS)
             except Exception as e:
                 run.error(type(e).__name__)
                 await asyncio.sleep(0.01)  # a refusing proxy must not turn this into a busy loop
@@ -599,10 +601,131 @@ async def http_mode(a: argparse.Namespace) -> dict:
             "errors": run.errors, "error_kinds": run.error_kinds, "lat": run.lat}
 
 
+#: the client TLS context for wss:// URLs (--ca), TLS 1.3 only
+TLS = None
+
+
+class TlsCycle(asyncio.Protocol):
+    """One TLS cycle on a raw connection: TLS handshake (resuming ``session``
+    when given), upgrade, one 64 B echo, close. Not picows: asyncio's
+    create_connection cannot offer a session to resume, so the TLS layer is
+    an ssl.SSLObject over memory BIOs (the same client for every proxy)."""
+
+    UPGRADE = (b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    FRAME = bytes([0x82, 0x80 | 64]) + b"\0\0\0\0" + b"x" * 64   # masked with a zero key: the payload as is
+    CLOSE = bytes([0x88, 0x82]) + b"\0\0\0\0" + b"\x03\xe8"
+
+    def __init__(self, session, done: asyncio.Future):
+        self.inc, self.out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = TLS.wrap_bio(self.inc, self.out, server_hostname="localhost", session=session)
+        self.done = done
+        self.stage = "tls"
+        self.buf = b""
+        self.transport = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self._step()
+
+    def _flush(self) -> None:
+        data = self.out.read()
+        if data:
+            self.transport.write(data)
+
+    def _step(self) -> None:
+        if self.stage == "tls":
+            try:
+                self.obj.do_handshake()
+            except ssl.SSLWantReadError:
+                self._flush()
+                return
+            self.stage = "upgrade"
+            self.obj.write(self.UPGRADE)
+            self._flush()
+        try:
+            while True:
+                self.buf += self.obj.read(65536)
+        except ssl.SSLWantReadError:
+            pass
+        except (ssl.SSLError, ssl.SSLZeroReturnError) as e:
+            return self._fail(e)
+        if self.stage == "upgrade" and b"\r\n\r\n" in self.buf:
+            head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+            if not head.startswith(b"HTTP/1.1 101"):
+                return self._fail(ConnectionError(head[:40]))
+            self.stage = "echo"
+            self.obj.write(self.FRAME)
+        if self.stage == "echo" and len(self.buf) >= 66:
+            self.stage = "closing"
+            self.obj.write(self.CLOSE)
+            self._flush()
+            if not self.done.done():
+                self.done.set_result((self.obj.session, self.obj.session_reused))
+            self.transport.close()
+            return
+        self._flush()
+
+    def _fail(self, e: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(e)
+        self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        self.inc.write(data)
+        self._step()
+
+    def connection_lost(self, exc) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc or ConnectionError("closed before the echo"))
+
+
+async def tls_cycle_mode(a: argparse.Namespace) -> dict:
+    """``--mode tls-handshake``: cycles of TLS + upgrade + echo + close; with
+    ``--resume`` every cycle resumes the previous cycle's session (its ticket)
+    and one that does not is an error."""
+    from urllib.parse import urlsplit
+
+    run = Run(64)
+    u = urlsplit(a.url)
+    loop = asyncio.get_running_loop()
+    _emit("READY", {"connected": 0, "errors": 0})
+    t0 = await _wait_start(a.steered, a.warmup)
+    run.measure_from = t0 + int(a.warmup * 1e9)
+    run.measure_to = run.stop_at = run.measure_from + int(a.duration * 1e9)
+
+    async def loop_once() -> None:
+        session = None
+        while now_ns() < run.stop_at:
+            start = now_ns()
+            done = loop.create_future()
+            try:
+                await loop.create_connection(lambda: TlsCycle(session if a.resume else None, done),
+                                             u.hostname, u.port)
+                new, reused = await asyncio.wait_for(done, 10)
+            except Exception as e:
+                run.error(type(e).__name__)
+                await asyncio.sleep(0.01)
+                continue
+            if a.resume and session is not None and not reused:
+                run.error("not_resumed")
+            session = new
+            end = now_ns()
+            if run.measure_from <= end < run.measure_to:
+                run.lat.append(end - start)
+                run.msgs += 1
+
+    await asyncio.gather(*(loop_once() for _ in range(a.conns)))
+    return {"mode": "tls-handshake", "msgs": run.msgs, "window_s": a.duration, "errors": run.errors,
+            "error_kinds": run.error_kinds, "lat": run.lat}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.loadgen",
                                  description="One picows load-generator process (see the module docstring).")
-    ap.add_argument("--mode", choices=("echo", "handshake", "idle", "http", "storm"), default="echo")
+    ap.add_argument("--mode", choices=("echo", "handshake", "idle", "http", "storm", "tls-handshake"), default="echo")
+    ap.add_argument("--ca", help="wss://: trust this CA (PEM); TLS 1.3 only")
+    ap.add_argument("--resume", action="store_true", help="tls-handshake: resume the previous session each cycle")
     ap.add_argument("--url", required=True)
     ap.add_argument("--conns", type=int, default=10, help="connections (echo, idle, http) or loops (handshake)")
     ap.add_argument("--size", type=int, default=64, help="message size in bytes (echo)")
@@ -614,8 +737,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lat-file", help="write latencies (int64 ns) here")
     ap.add_argument("--steered", action="store_true", help="wait for START/stop lines on stdin")
     a = ap.parse_args(argv)
+    global TLS
+    if a.ca:
+        TLS = ssl.create_default_context(cafile=a.ca)
+        TLS.minimum_version = ssl.TLSVersion.TLSv1_3
     mode = {"echo": echo_mode, "handshake": handshake_mode, "idle": idle_mode, "http": http_mode,
-            "storm": storm_mode}[a.mode]
+            "storm": storm_mode, "tls-handshake": tls_cycle_mode}[a.mode]
     cpu0 = os.times()
     result = uvloop.run(mode(a))
     cpu1 = os.times()

@@ -84,13 +84,16 @@ def main(argv: list[str] | None = None) -> int:
     relay = proxies.make(a.system)
     children: list[runner.Child] = []
     try:
-        relay.start(origin.http_port if w.mode == "http" else oport, tmp, None)
+        (tmp / "run").mkdir()
+        relay.start(origin.http_port if w.mode == "http" else oport, tmp / "run", None)
         worker = [p for p in relay.pids() if p != relay.proc.pid][0]
         for n in runner._split(w.conns, w.procs):
             children.append(runner.Child(
                 [sys.executable, "-m", "bench.loadgen", "--mode", w.mode, "--url", relay.url, "--conns", str(n),
                  "--size", str(w.size), "--warmup", "1", "--duration", str(a.seconds + 2)]
-                + (["--deflate"] if w.deflate else []), None))
+                + (["--deflate"] if w.deflate else [])
+                + (["--ca", str(proxies.pki(tmp)["ca"])] if relay.tls else [])
+                + (["--resume"] if w.resume else []), None))
         for c in children:
             c.line("READY", 120)
         time.sleep(1.0)

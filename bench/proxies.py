@@ -9,6 +9,10 @@
 - ``wsrelay`` / ``wsrelay-2w``: ``python -m relay run`` with 1 or 2 workers
   (``RELAY_DATA_PLANE=auto``: the native data plane when it is built);
   ``wsrelay-python``: 1 worker on the Python data plane.
+- ``wsrelay-cluster``: 1 worker in cluster mode (README, "A fleet"), leasing
+  from its own ``redis-server`` on a unix socket in the trial's temp dir
+  (Debian's package, no persistence); :meth:`System.redis_commands` reads
+  Redis's ``INFO commandstats`` for the commands-per-handshake figure.
 
 A system's process tree (supervisor/master included) is what memory and CPU
 are summed over. Processes are started in their own session so a stop can
@@ -152,6 +156,37 @@ http {{
 """
 
 
+def pki(root: Path) -> dict[str, Path]:
+    """One ECDSA P-256 certificate for localhost (and its CA) per benchmark run,
+    in ``root``: every TLS system serves the same one."""
+    d = root / "pki"
+    paths = {"ca": d / "ca.pem", "cert": d / "cert.pem", "key": d / "key.pem", "both": d / "both.pem"}
+    if paths["both"].exists():
+        return paths
+    import trustme
+
+    d.mkdir(parents=True, exist_ok=True)
+    ca = trustme.CA(key_type=trustme.KeyType.ECDSA)
+    leaf = ca.issue_cert("localhost", key_type=trustme.KeyType.ECDSA)
+    ca.cert_pem.write_to_path(str(paths["ca"]))
+    chain = b"".join(p.bytes() for p in leaf.cert_chain_pems)
+    paths["cert"].write_bytes(chain)
+    paths["key"].write_bytes(leaf.private_key_pem.bytes())
+    paths["both"].write_bytes(chain + leaf.private_key_pem.bytes())  # HAProxy's crt: chain and key
+    return paths
+
+
+def nginx_tls(conf: str, pki_paths: dict[str, Path]) -> str:
+    """nginx's config with TLS 1.3 on the listener: shared session cache, tickets on."""
+    return conf.replace("backlog=4096;", f"""backlog=4096 ssl;
+        ssl_certificate {pki_paths["cert"]};
+        ssl_certificate_key {pki_paths["key"]};
+        ssl_protocols TLSv1.3;
+        ssl_ecdh_curve X25519:prime256v1:secp384r1;
+        ssl_session_cache shared:SSL:10m;
+        ssl_session_tickets on;""")
+
+
 def haproxy_conf(tmp: Path, port: int, origin_port: int) -> str:
     maxconn = max_tunnels()
     # plain HTTP: client keep-alive (http-keep-alive) and server reuse (http-reuse safe) are the defaults
@@ -191,16 +226,23 @@ class System:
     env: dict[str, str] = field(default_factory=dict)
     #: seconds between scrapes of /metrics while running (0: no scraper)
     scrape_every: float = 0.0
+    #: serves TLS (wss://) with the run's certificate (:func:`pki`)
+    tls: bool = False
+    #: the path clients ask for (a route of RELAY_ROUTES)
+    path: str = "/"
     proc: subprocess.Popen | None = None
     port: int = 0
     tmp: Path | None = None
     log: Path | None = None
+    #: cluster mode, with a redis-server of its own
+    redis: bool = False
     _pids: list[int] = field(default_factory=list)
     _scraper: "_Scraper | None" = None
+    _redis: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"ws://{HOST}:{self.port}/"
+        return f"wss://localhost:{self.port}{self.path}" if self.tls else f"ws://{HOST}:{self.port}{self.path}"
 
     def start(self, origin_port: int, tmp: Path, cpus: set[int] | None, timeout: float = 15.0) -> None:
         self.tmp = tmp
@@ -215,13 +257,18 @@ class System:
             if kind == "nginx":
                 self.port = free_port()
                 conf = tmp / "nginx.conf"
-                conf.write_text(nginx_conf(tmp, self.port, origin_port))
+                text = nginx_conf(tmp, self.port, origin_port)
+                conf.write_text(nginx_tls(text, pki(tmp.parent)) if self.tls else text)
                 argv = [_binary("nginx"), "-p", str(tmp), "-c", str(conf),
                         "-g", "daemon off;"]
             elif kind == "haproxy":
                 self.port = free_port()
                 conf = tmp / "haproxy.cfg"
-                conf.write_text(haproxy_conf(tmp, self.port, origin_port))
+                text = haproxy_conf(tmp, self.port, origin_port)
+                if self.tls:
+                    text = text.replace(f"bind {HOST}:{self.port}", f"bind {HOST}:{self.port} ssl crt "
+                                        f"{pki(tmp.parent)['both']} ssl-min-ver TLSv1.3 alpn http/1.1")
+                conf.write_text(text)
                 argv = [_binary("haproxy"), "-f", str(conf), "-db"]
             elif kind == "naive":
                 argv = [sys.executable, "-m", "bench.naive_relay", "--listen", f"{HOST}:0",
@@ -230,7 +277,14 @@ class System:
                 env.update(RELAY_ORIGIN=f"{HOST}:{origin_port}", RELAY_LISTEN=f"{HOST}:0",
                            RELAY_WORKERS=str(self.workers), RELAY_METRICS_LISTEN="",
                            RELAY_ACCESS_LOG="0", RELAY_DRAIN_TIMEOUT="1")
-                env.update(self.env)
+                env.update({k: v.replace("{origin}", f"{HOST}:{origin_port}") for k, v in self.env.items()})
+                if self.tls:
+                    paths = pki(tmp.parent)
+                    env.update(RELAY_LISTEN="", RELAY_TLS_LISTEN=f"{HOST}:0", RELAY_TLS_CERT=str(paths["cert"]),
+                               RELAY_TLS_KEY=str(paths["key"]), RELAY_TLS_MIN_VERSION="1.3")
+                if self.redis:
+                    env.update(RELAY_CLUSTER_REDIS=f"unix://{self._start_redis(timeout)}",
+                               RELAY_CLUSTER_LIMIT="1000000", RELAY_CLUSTER_NAME="bench")
                 argv = [sys.executable, "-m", "relay", "run"]
             else:
                 raise StartError(f"unknown system {self.key}")
@@ -254,6 +308,35 @@ class System:
                 line = _wait_line(self.log, self.proc, "metrics on http://", timeout)
                 url = line[line.index("http://"):].split()[0]
                 self._scraper = _Scraper(url, self.scrape_every)
+
+    def _start_redis(self, timeout: float) -> str:
+        sock = str(self.tmp / "redis.sock")
+        self._redis = subprocess.Popen(
+            [_binary("redis-server"), "--port", "0", "--unixsocket", sock, "--unixsocketperm", "700",
+             "--save", "", "--appendonly", "no", "--dir", str(self.tmp)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while self.redis_commands() is None:
+            if time.monotonic() > deadline or self._redis.poll() is not None:
+                raise StartError("redis-server did not start (Debian: apt-get install -y redis-server)")
+            time.sleep(0.05)
+        return sock
+
+    def redis_commands(self) -> dict[str, int] | None:
+        """Calls per command since Redis started (``INFO commandstats``: commands
+        run by scripts included); None without a Redis."""
+        if self._redis is None:
+            return None
+        r = subprocess.run([_binary("redis-cli"), "-s", str(self.tmp / "redis.sock"), "info", "commandstats"],
+                           capture_output=True, text=True, timeout=10)
+        if r.returncode != 0 or "# Commandstats" not in r.stdout:
+            return None
+        out = {}
+        for line in r.stdout.splitlines():
+            if line.startswith("cmdstat_"):
+                name, _, rest = line.partition(":")
+                out[name.removeprefix("cmdstat_")] = int(rest.split(",")[0].removeprefix("calls="))
+        return out
 
     def pids(self) -> list[int]:
         if self.proc is None:
@@ -285,6 +368,10 @@ class System:
         except (ProcessLookupError, PermissionError):
             pass
         self.proc = None
+        if self._redis is not None:
+            self._redis.terminate()
+            self._redis.wait(10)
+            self._redis = None
 
 
 class _Scraper:
@@ -323,6 +410,15 @@ def _repo_root() -> str:
     return str(Path(__file__).resolve().parent.parent)
 
 
+#: 50 routes: 10 by Host (which a request to 127.0.0.1 does not match, so the
+#: host lookup runs and falls through), 30 under their own first segment, and
+#: 10 under /live, where the benchmark's /live/v2/stream is matched after
+#: longer prefixes sharing that segment
+ROUTES_50 = "\n".join([f"h{i}.example.com/ = p{i % 5}" for i in range(10)]
+                      + [f"/app{i}/ws = p{i % 5}" for i in range(30)]
+                      + [f"/live/v{i} = p{i % 5}" for i in range(5)]
+                      + [f"/live/v{i}/stream = live" for i in range(4)] + ["/live = live"])
+
 SYSTEMS = {
     "direct": dict(label="direct (no proxy)"),
     "nginx": dict(label="nginx (1 worker)"),
@@ -340,15 +436,31 @@ SYSTEMS = {
     # the cost of observability: the same worker with /metrics on, scraped every second
     "wsrelay-metrics": dict(label="wsrelay (1 worker, /metrics scraped 1/s)", workers=1,
                             env={"RELAY_METRICS_LISTEN": f"{HOST}:0"}, scrape_every=1.0),
+    # the cost of cluster mode: the same worker leasing its limit from a local Redis
+    "wsrelay-cluster": dict(label="wsrelay (1 worker, cluster mode)", workers=1, redis=True),
     # the cost of frames mode (RELAY_MODE=frames: frame headers tracked both ways)
     "wsrelay-frames": dict(label="wsrelay (1 worker, frames mode)", workers=1, env={"RELAY_MODE": "frames"}),
     # ... with a message limit: compressed messages inflated both ways to be measured
+    # TLS termination: TLS 1.3, the same ECDSA P-256 certificate (pki())
+    "nginx-tls": dict(label="nginx (1 worker, TLS)", tls=True),
+    "haproxy-tls": dict(label="HAProxy (1 thread, TLS)", tls=True),
+    "wsrelay-tls": dict(label="wsrelay (1 worker, TLS)", workers=1, tls=True),
     "wsrelay-frames-limit": dict(label="wsrelay (1 worker, frames mode, 1 MiB limit)", workers=1,
                                  env={"RELAY_MODE": "frames", "RELAY_MAX_MESSAGE_BYTES": str(1 << 20)}),
+    # the cost of routing (README, "Routes and origins"): the request matches a route either way
+    "wsrelay-routes-1": dict(label="wsrelay (1 worker, 1 route)", workers=1, path="/live/v2/stream",
+                             env={"RELAY_ROUTES": "/live = live", "RELAY_POOL_LIVE": "{origin}"}),
+    "wsrelay-routes-50": dict(label="wsrelay (1 worker, 50 routes)", workers=1, path="/live/v2/stream",
+                              env={"RELAY_ROUTES": ROUTES_50, "RELAY_POOL_LIVE": "{origin}",
+                                   **{f"RELAY_POOL_P{i}": "{origin}" for i in range(5)}}),
+    # the cost of the per-IP table (RELAY_MAX_CLIENTS_PER_IP: shared memory, under the admission lock),
+    # with a limit the handshake loops never reach
+    "wsrelay-perip": dict(label="wsrelay (1 worker, per-IP limit)", workers=1,
+                          env={"RELAY_MAX_CLIENTS_PER_IP": "1000"}),
 }
 
 #: a variant also compared with another than plain wsrelay: the limit's cost is frames mode with it ÷ without
-BASELINES = {"wsrelay-frames-limit": "wsrelay-frames"}
+BASELINES = {"wsrelay-frames-limit": "wsrelay-frames", "wsrelay-routes-50": "wsrelay-routes-1"}
 
 
 def make(key: str) -> System:

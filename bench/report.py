@@ -55,6 +55,9 @@ def rows(run: dict) -> list[list[str]]:
                 fig += f"; {r['x_base']:.2f}× {SYSTEMS[r['base']]['label']}"
                 if r.get("x_base_core") is not None:
                     fig += f", {r['x_base_core']:.2f}× per core"
+            if r.get("redis_calls_per_1k") is not None:
+                fig += (f"; Redis per 1,000 handshakes: {r['redis_calls_per_1k']:.2f} script calls, "
+                        f"{r['redis_cmds_per_1k']:.1f} commands")
             if r.get("deflate_ratio") is not None and key == w["systems"][0]:
                 fig += f" (compressed to {r['deflate_ratio']:.0%})"
             per_core = f"{_fmt(r.get('per_core'), unit)}" if r.get("per_core") else "–"

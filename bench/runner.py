@@ -20,13 +20,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench import procstat, proxies
 
 ANCHORS = ("nginx", "haproxy")
 PROXIED = ("nginx", "haproxy", "naive", "wsrelay", "wsrelay-python")
+TLS_SYSTEMS = ("nginx-tls", "haproxy-tls", "wsrelay-tls")
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Workload:
     higher_better: bool = True
     pinned: bool = True       # follow --pin (the scaling workload never pins)
     deflate: bool = False     # echo with permessage-deflate (bench/loadgen.py --deflate)
+    resume: bool = False      # tls-handshake: resume the previous cycle's session
 
 
 def workloads(quick: bool, idle_conns: int) -> list[Workload]:
@@ -54,6 +56,14 @@ def workloads(quick: bool, idle_conns: int) -> list[Workload]:
         Workload("echo-1m", "1 MiB echo, 4 conns", "echo", 4, 1 << 20, metric="MB/s"),
         Workload("handshake", "handshakes, 8 loops", "handshake", 8, metric="handshakes/s",
                  systems=("direct",) + PROXIED + ("wsrelay-pyheads",)),
+        # routing decided once per request, at a cost that does not grow with the routes
+        Workload("handshake-routes", "handshakes, 8 loops, 50 routes vs 1", "handshake", 8,
+                 metric="handshakes/s", systems=("wsrelay-routes-1", "wsrelay-routes-50")),
+        # cluster mode (RELAY_CLUSTER_REDIS) off vs on: the lease never sits on a handshake's path
+        Workload("cluster-hs", "handshakes, 8 loops, cluster mode off vs on", "handshake", 8,
+                 metric="handshakes/s", systems=("wsrelay", "wsrelay-cluster")),
+        Workload("handshake-perip", "handshakes, 8 loops, per-IP limit off vs on", "handshake", 8,
+                 metric="handshakes/s", systems=("wsrelay", "wsrelay-perip")),
         Workload("idle", f"{idle_conns:,} idle conns", "idle", idle_conns, systems=PROXIED,
                  procs=4, metric="KiB/tunnel", higher_better=False),
         # 5,000 clients connecting at once (a reconnect storm after an outage or a deploy):
@@ -72,6 +82,16 @@ def workloads(quick: bool, idle_conns: int) -> list[Workload]:
         # plain HTTP/1.1 (the long-polling fallback): keep-alive GETs to the origin's HTTP port,
         # size = the origin's response body (bench.origin.HTTP_BODY)
         Workload("http-rate", "HTTP GET, 128 B body, 50 keep-alive conns", "http", 50, 128, metric="req/s"),
+        # TLS termination (README, "TLS"): the same ECDSA P-256 certificate and TLS 1.3 for all
+        Workload("tls-echo-64", "wss 64 B echo, 50 conns", "echo", 50, 64, systems=TLS_SYSTEMS),
+        Workload("tls-echo-4k", "wss 4 KiB echo, 50 conns", "echo", 50, 4096, systems=TLS_SYSTEMS),
+        Workload("tls-echo-1m", "wss 1 MiB echo, 4 conns", "echo", 4, 1 << 20, metric="MB/s", systems=TLS_SYSTEMS),
+        Workload("tls-handshake", "full TLS handshakes + upgrade + echo, 8 loops", "tls-handshake", 8,
+                 metric="handshakes/s", systems=TLS_SYSTEMS),
+        Workload("tls-resume", "resumed TLS handshakes + upgrade + echo, 8 loops", "tls-handshake", 8,
+                 metric="handshakes/s", systems=TLS_SYSTEMS, resume=True),
+        Workload("tls-idle", f"{idle_conns:,} idle wss conns", "idle", idle_conns, systems=TLS_SYSTEMS,
+                 procs=4, metric="KiB/tunnel", higher_better=False),
     ]
     if quick:
         keep = {"echo-64", "echo-1m", "handshake", "idle", "http-rate", "storm"}
@@ -158,6 +178,10 @@ def run_trial(w: Workload, key: str, origin_pid: int, origin_port: int, opts, tm
                     "--duration", str(duration), "--lat-file", str(tmp / f"lat-{i}.bin")]
             if w.deflate:
                 argv.append("--deflate")
+            if sysm.tls:
+                argv += ["--ca", str(proxies.pki(tmp_root)["ca"])]
+            if w.resume:
+                argv.append("--resume")
             children.append(Child(argv, cpus.load))
         connect_timeout = 30 + w.conns / 200
         readies = [c.line("READY", connect_timeout) for c in children]
@@ -197,10 +221,12 @@ def run_trial(w: Workload, key: str, origin_pid: int, origin_port: int, opts, tm
             ppids = sysm.pids()
             cpu0 = [procstat.cpu_seconds(p) for p in (ppids, origin_pids, load_pids)]
             split0 = procstat.cpu_user_system(ppids)
+            redis0 = sysm.redis_commands()
             w0 = time.monotonic()
             _sleep_until(t0 + int((warmup + duration) * 1e9))
             cpu1 = [procstat.cpu_seconds(p) for p in (ppids, origin_pids, load_pids)]
             split1 = procstat.cpu_user_system(ppids)
+            redis1 = sysm.redis_commands()
             wall = time.monotonic() - w0
             results = [c.line("RESULT", 60 + duration) for c in children]
             msgs = sum(r["msgs"] for r in results)
@@ -212,6 +238,12 @@ def run_trial(w: Workload, key: str, origin_pid: int, origin_port: int, opts, tm
                        origin_cpu=origin_cpu, load_cpu=load_cpu, connected=connected,
                        **_latency(tmp, len(children)))
             res["value"] = res["mb_s"] if w.metric == "MB/s" else rate
+            if redis0 is not None and redis1 is not None and msgs:
+                # Redis work per 1,000 handshakes in the window: script calls (round trips), and every
+                # command Redis ran, those inside the script included (INFO commandstats counts both)
+                done = {k: v - redis0.get(k, 0) for k, v in redis1.items() if k != "info"}
+                res["redis_calls_per_1k"] = 1000 * (done.get("evalsha", 0) + done.get("eval", 0)) / msgs
+                res["redis_cmds_per_1k"] = 1000 * sum(done.values()) / msgs
             # what one core of this proxy carries: the figure that survives a noisy machine
             res["per_core"] = res["value"] / proxy_cpu if key != "direct" and proxy_cpu > 0 else None
             res["proxy_us_per_msg"] = proxy_cpu * 1e6 / rate if key != "direct" and rate else None
@@ -225,7 +257,7 @@ def run_trial(w: Workload, key: str, origin_pid: int, origin_port: int, opts, tm
             for k, v in r.get("error_kinds", {}).items():
                 kinds[k] = kinds.get(k, 0) + v
         res["error_kinds"] = kinds
-        if w.mode != "handshake" and connected < w.conns:
+        if w.mode not in ("handshake", "tls-handshake") and connected < w.conns:
             res["errors"] += w.conns - connected
             kinds["not_connected"] = w.conns - connected
     except Exception as e:  # one failed trial must not lose the whole run
@@ -354,7 +386,8 @@ def _trial_line(w: Workload, t: dict) -> str:
 
 
 NUMERIC = ("value", "per_core", "proxy_cpu_s", "msgs_s", "mb_s", "p50_us", "p99_us", "p999_us", "proxy_cpu", "origin_cpu",
-           "load_cpu", "proxy_us_per_msg", "proxy_user_us", "proxy_sys_us", "rss_before_kib", "rss_after_kib", "connected", "deflate_ratio")
+           "load_cpu", "proxy_us_per_msg", "proxy_user_us", "proxy_sys_us", "rss_before_kib", "rss_after_kib",
+           "connected", "deflate_ratio", "redis_calls_per_1k", "redis_cmds_per_1k")
 
 
 def summarize(wls: list[Workload], trials: list[dict]) -> dict:
@@ -372,9 +405,10 @@ def summarize(wls: list[Workload], trials: list[dict]) -> dict:
             row["values"] = [t["value"] for t in ts]
             row["errors"] = sum(t.get("errors", 0) for t in ts)
             rows[key] = row
+        suffix = "-tls" if any(k.endswith("-tls") for k in w.systems) else ""  # TLS rows: the TLS anchors
         for field_, tag in (("value", ""), ("per_core", "_core")):
-            nginx = rows.get("nginx", {}).get(field_)
-            anchors = [rows[a][field_] for a in ANCHORS if a in rows and rows[a].get(field_)]
+            nginx = rows.get("nginx" + suffix, {}).get(field_)
+            anchors = [rows[a + suffix][field_] for a in ANCHORS if a + suffix in rows and rows[a + suffix].get(field_)]
             best = (max(anchors) if w.higher_better else min(anchors)) if anchors else None
             naive = rows.get("naive", {}).get(field_)
             for key, row in rows.items():
@@ -406,6 +440,9 @@ TARGETS = [
     ("echo-64", "best", 1.15), ("echo-4k", "best", 1.2), ("echo-1m", "best", 1.5),
     ("handshake", "best", 1.0), ("idle", "best", 0.25), ("storm", "best", 1.0),
     ("echo-64", "naive", 1.4), ("echo-1m", "naive", 2.5),
+    # issue 16: TLS, per proxy core against the better of nginx and HAProxy
+    ("tls-echo-64", "best", 1.0), ("tls-echo-4k", "best", 1.0), ("tls-echo-1m", "best", 1.0),
+    ("tls-handshake", "best", 1.0), ("tls-resume", "best", 1.0), ("tls-idle", "best", 1.0),
 ]
 
 
@@ -413,7 +450,7 @@ def check_targets(summary: dict, wls: list[dict]) -> list[dict]:
     hb = {w["key"]: w["higher_better"] for w in wls}
     out = []
     for wl, against, goal in TARGETS:
-        row = summary.get(wl, {}).get("wsrelay")
+        row = summary.get(wl, {}).get("wsrelay") or summary.get(wl, {}).get("wsrelay-tls")
         if row is None:
             continue
         higher = hb[wl]

@@ -237,7 +237,7 @@ purge_conffiles() {
             say "removed $rel"
         fi
     done
-    rmdir "$CONF_DIR" 2>/dev/null || true
+    rmdir "$CONF_DIR/tls" "$CONF_DIR" 2>/dev/null || true
 }
 
 uninstall() {
@@ -269,7 +269,7 @@ uninstall() {
     rm -rf "$VENV"
     say "removed $PREFIX"
     if [ $PURGE -eq 1 ]; then purge_conffiles; fi
-    rmdir "$CONF_DIR" 2>/dev/null || true
+    rmdir "$CONF_DIR/tls" "$CONF_DIR" 2>/dev/null || true
     if live_systemd; then
         systemctl daemon-reload
         say "sysctl values stay in effect until reboot"
@@ -350,7 +350,8 @@ else
     pip_args=(install --disable-pip-version-check --no-warn-script-location --quiet)
     [ $NO_DEPS -eq 0 ] || pip_args+=(--no-deps)
     pip_args+=("${PIP_ARGS[@]}")
-    PIP_ROOT_USER_ACTION=ignore "$PY" -m pip "${pip_args[@]}" "$build/src"
+    # [tls]: cryptography, which reads RELAY_TLS_CERT (README, "TLS")
+    PIP_ROOT_USER_ACTION=ignore "$PY" -m pip "${pip_args[@]}" "$build/src[tls]"
     mkdir -p "$STATE"
     echo "$want" > "$STAMP"
     say "installed $("$VENV/bin/wsrelay" --version) into $PREFIX"
@@ -367,6 +368,11 @@ for name in wsrelay.service wsrelay.socket; do
     record "$(sha "$UNIT_DIR/$name")" "/etc/systemd/system/$name"
 done
 put_conffile "$DEPLOY/wsrelay.env" "$CONF_DIR/wsrelay.env" 644
+# TLS certificates and keys, handed to the service by LoadCredential= (root only)
+if [ ! -d "$CONF_DIR/tls" ]; then
+    install -d -m 700 "$CONF_DIR/tls"
+    say "installed /etc/wsrelay/tls (empty; README \"TLS\")"
+fi
 put_conffile "$DEPLOY/sysctl.d/60-wsrelay.conf" "$SYSCTL_DIR/60-wsrelay.conf" 644
 SYSCTL_CHANGED=$CHANGED
 

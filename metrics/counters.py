@@ -12,9 +12,11 @@ from __future__ import annotations
 from metrics import layout
 
 _OUTCOME = {name: layout.UPGRADES + i for i, name in enumerate(layout.OUTCOMES)}
+_PROXY_ERROR = {name: layout.PROXY_PROTOCOL_ERRORS + i for i, name in enumerate(layout.PROXY_ERRORS)}
 _HANDSHAKE_SUM = layout.HANDSHAKE + len(layout.HANDSHAKE_BUCKETS) + 1
 _DURATION_SUM = layout.DURATION + len(layout.DURATION_BUCKETS) + 1
 _LAST_CODE = layout.HTTP_CODES - 1
+_TLS = {name: layout.TLS_HANDSHAKES + i for i, name in enumerate(layout.TLS_OUTCOMES)}
 
 
 class Counters:
@@ -51,6 +53,13 @@ class Counters:
 
     def ping_timeout(self) -> None:
         self._m[layout.PING_TIMEOUTS] += 1
+
+    def tls_handshake(self, outcome: str) -> None:
+        """A TLS handshake ended with ``outcome`` (one of layout.TLS_OUTCOMES)."""
+        self._m[_TLS[outcome]] += 1
+    def proxy_error(self, reason: str) -> None:
+        """A connection closed in its PROXY protocol phase, for ``reason`` (one of layout.PROXY_ERRORS)."""
+        self._m[_PROXY_ERROR[reason]] += 1
 
     def accept_error(self) -> None:
         self._m[layout.ACCEPT_ERRORS] += 1

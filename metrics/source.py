@@ -16,6 +16,17 @@ from typing import NamedTuple
 from metrics import layout
 
 
+class OriginFigures(NamedTuple):
+    """One origin of one pool, from the origin table (relay/origins/table.py)."""
+
+    pool: str
+    origin: str          # host:port
+    up: bool             # requests go to it
+    connections: int     # open, across workers
+    errors: list[float]  # by layout.ORIGIN_REASONS, cumulative
+    connect: list[float]  # layout.CONNECT_BUCKETS counts (not cumulative), +Inf, sum
+
+
 class LiveWorker(NamedTuple):
     index: int
     pid: int
@@ -41,7 +52,10 @@ class Source:
 
     def __init__(self, version: str, history: History, live: Callable[[], Iterable[LiveWorker]],
                  indices: Callable[[], int], clients: Callable[[], int], limit: Callable[[], int],
-                 restarts: Callable[[], int], data_plane: Callable[[], str] = lambda: "python") -> None:
+                 restarts: Callable[[], int], data_plane: Callable[[], str] = lambda: "python",
+                 certificates: Callable[[], dict[str, float]] = dict,
+                 origins: Callable[[], Iterable[OriginFigures]] = lambda: (),
+                 cluster: Callable[[], dict | None] = lambda: None) -> None:
         self.version = version
         self._data_plane = data_plane
         self.history = history
@@ -51,6 +65,12 @@ class Source:
         self.clients = clients
         self.limit = limit
         self.restarts = restarts
+        #: served TLS certificates: metric label ``name`` -> expiry (Unix time)
+        self.certificates = certificates
+        #: every origin of the running pools: a label set bounded by the configuration
+        self.origins = origins
+        #: cluster mode's figures (workers/cluster.py ``figures``), None when it is off
+        self.cluster = cluster
 
     @property
     def data_plane(self) -> str:

@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=int, default=8080,
                    help="relay port when RELAY_LISTEN is not set (default 8080; a free one if taken)")
     d.add_argument("--env-file", metavar="PATH", help="read RELAY_* settings from this file too")
+    d.add_argument("--tls", action="store_true",
+                   help="also serve https:// and wss:// (RELAY_TLS_LISTEN, default 127.0.0.1:8443) with a "
+                        "throwaway local CA (needs trustme)")
     st = sub.add_parser("status", help="show what the running relay serves (its /config)",
                         description="Version, pid, generation, workers, the last reload's outcome and the "
                                     "effective settings of the relay at RELAY_METRICS_LISTEN (its /config).")
@@ -50,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from relay.demo import main as demo
 
-        return demo(args.port, args.env_file)
+        return demo(args.port, args.env_file, args.tls)
     if args.command in ("status", "reload", "stop"):
         from relay import control
 
@@ -59,28 +62,51 @@ def main(argv: list[str] | None = None) -> int:
         return getattr(control, args.command)(args.env_file)
     try:
         settings = load(env_file=args.env_file, require_origin=True)
+        if args.command == "check" and settings.tls_listen:
+            from workers.tls import check as check_tls
+
+            plan = check_tls(settings)
     except ConfigError as e:
         print_problems(e)
         return 2
     if args.command == "check":
+        if settings.tls_listen:
+            _describe_tls(plan)
         return check(settings)
     return run(settings, args.env_file)
 
 
+def _describe_tls(plan) -> None:
+    """``wsrelay check``: each certificate's names and expiry, and how tickets are shared."""
+    from relay.tls import openssl
+    from relay.tls.certs import describe
+
+    for c in plan.certificates:
+        print(f"wsrelay: TLS certificate {describe(c)}", file=sys.stderr)
+    if openssl.HELPER is None:
+        print(f"wsrelay: note: TLS session tickets are per worker process: {openssl.WHY_NOT}", file=sys.stderr)
+
+
 def check(settings: Settings) -> int:
-    """Print the effective settings as JSON (indented on a terminal, one line
-    otherwise, for scripts), and a note on stderr for each listen address that
-    cannot be bound right now: normal for the relay you are about to reload,
-    but a second ``wsrelay run`` would refuse to start."""
+    """Print the effective settings as JSON (indented on a terminal, with the
+    route table as a request tries it on stderr; one line otherwise, for
+    scripts: the table is its ``effective_routes``), and a note on stderr for each listen
+    address that cannot be bound right now: normal for the relay you are
+    about to reload, but a second ``wsrelay run`` would refuse to start. In
+    cluster mode, a note says whether Redis answers (a relay starts either
+    way: README, "A fleet")."""
+    from relay import pools
     from workers import listeners as listening
 
     if sys.stdout.isatty():
         import json
 
         sys.stdout.write(json.dumps(settings.to_dict(), indent=2) + "\n")
+        if settings.routes:  # for the person at the terminal; stdout stays JSON
+            print(pools.render(pools.table(settings)), file=sys.stderr)
     else:
         sys.stdout.write(settings.to_json().decode() + "\n")
-    addresses = [("RELAY_LISTEN", a) for a in settings.listen]
+    addresses = [("RELAY_LISTEN", a) for a in settings.listen] + [("RELAY_TLS_LISTEN", a) for a in settings.tls_listen]
     if settings.metrics_listen is not None:
         addresses.append(("RELAY_METRICS_LISTEN", settings.metrics_listen))
     for variable, addr in addresses:
@@ -90,4 +116,8 @@ def check(settings: Settings) -> int:
         if problem is not None:
             print(f"wsrelay: note: {listening.why(variable, addr, problem)} "
                   f"(fine if that is the running relay you are about to reload; a second relay would refuse to start)", file=sys.stderr)
+    if settings.cluster_redis:
+        from workers import cluster
+
+        print(f"wsrelay: note: {cluster.probe(settings)}", file=sys.stderr)
     return 0

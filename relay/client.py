@@ -19,6 +19,9 @@ native plane read), with ``serve``: the connection then starts in
 
 States and their transitions are all in :data:`TRANSITIONS`::
 
+    PROXY ──header──▶ TLS or HEAD    (RELAY_PROXY_PROTOCOL=on; refused: CLOSED, no answer)
+    TLS ──handshake──▶ HEAD                                  (RELAY_TLS_LISTEN only)
+     └──failed / timed out / plain HTTP (400)──▶ LINGER / CLOSED
     HEAD ──head──▶ SERVING ──finished(keep)──▶ HEAD          (keep-alive)
      │               ├──────finished(close)──▶ LINGER ──▶ CLOSED
      │               └──hand_over()──────────▶ TUNNEL      (the socket is a tunnel's)
@@ -26,6 +29,11 @@ States and their transitions are all in :data:`TRANSITIONS`::
 
 Refusals are short canned answers followed by a lingering close, so the
 client reads them even if it is still sending (nginx's ``lingering_close``).
+
+A connection from a TLS listener starts in ``TLS``: the first bytes decide
+between a ClientHello and plain HTTP (a 400 saying so), then the handshake
+(relay/tls/handshake.py) runs within ``RELAY_HANDSHAKE_TIMEOUT``, counted from
+the accept, and the head must arrive within the same deadline.
 """
 
 from __future__ import annotations
@@ -37,13 +45,16 @@ from collections.abc import Callable
 
 from relay import gate
 from relay.context import Context
-from relay.errors import HeadError, RelayError
+from relay.errors import HeadError, ProxyProtocolError, RelayError
 from relay.exchange import Exchange
 from relay.handshake import is_upgrade
 from relay.http_head import BARE_LF_END, HEAD_END, parse_request_head
-from relay.logs import AccessLog, AccessRecord, new_request_id
-from relay.responses import refusal
+from relay.headers import request_id_for
+from relay.logs import AccessLog, AccessRecord
+from relay.proxy_protocol import V2_LOCAL, parse_proxy_header, v2_header
 from relay.seam import Server
+from relay.responses import PLAIN_HTTP_ON_TLS, refusal
+from relay.tls import handshake as tls_handshake
 from relay.tunnel import reset
 from relay.upgrade import Upgrade
 
@@ -61,6 +72,8 @@ def unparsed_record(access: AccessLog, client_ip: str, buf: bytes | bytearray) -
 
 
 class State(enum.Enum):
+    PROXY = "reading a PROXY protocol header"
+    TLS = "TLS handshake"
     HEAD = "reading a request head"
     SERVING = "a server has the connection"
     LINGER = "answered; half-closed, discarding input"
@@ -68,8 +81,11 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
-HEAD, SERVING, LINGER, TUNNEL, CLOSED = State
+PROXY, TLS, HEAD, SERVING, LINGER, TUNNEL, CLOSED = State
 TRANSITIONS: dict[State, frozenset[State]] = {
+    # a balancer's PROXY header comes before the TLS handshake (HAProxy's accept-proxy on an ssl bind)
+    PROXY: frozenset({TLS, HEAD, CLOSED}),
+    TLS: frozenset({HEAD, LINGER, CLOSED}),
     HEAD: frozenset({SERVING, LINGER, CLOSED}),
     SERVING: frozenset({HEAD, LINGER, TUNNEL, CLOSED}),
     LINGER: frozenset({CLOSED}),
@@ -79,20 +95,43 @@ TRANSITIONS: dict[State, frozenset[State]] = {
 
 
 class ClientConnection(asyncio.Protocol):
-    def __init__(self, ctx: Context, serve: Callable[["ClientConnection"], Server] | None = None,
+    def __init__(self, ctx: Context, tls=None, serve: Callable[["ClientConnection"], Server] | None = None,
                  started: float = 0.0):
-        """``serve``: the request's head was read and is being answered elsewhere
-        (the native head phase hands it over): the connection starts in
-        ``SERVING`` with ``serve(self)`` as its server; ``started`` is when
+        """``tls``: the listener's relay.tls.server.TlsServer, None on a plain
+        listener. ``serve``: the request's head was read and is being answered
+        elsewhere (the native head phase hands it over): the connection starts
+        in ``SERVING`` with ``serve(self)`` as its server; ``started`` is when
         that request's first byte came."""
         #: the worker's context (settings, counters, access log, origins)
         self.ctx = ctx
         self._serve = serve
+        #: the listener's relay.tls.server.TlsServer, None on a plain listener
+        self.tls = tls
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
-        self.state = HEAD
-        #: the client's address (the peer's, until the PROXY protocol says otherwise)
+        self.state = HEAD if tls is None else TLS
+        #: X-Forwarded-Proto of its requests: https on a TLS listener
+        self.proto = ctx.proto if tls is None else b"https"
+        #: RELAY_TLS_CLIENT_HEADER: (name, the line with the verified subject or b""), when mTLS is on
+        self.own_header = ctx.own_header
+        #: the negotiated TLS version ("" on a plain listener) and whether the session was resumed
+        self.tls_version = ""
+        self.tls_resumed = False
+        self.tls_counted = False
+        #: the client's address and port (the peer's, until a PROXY header says otherwise)
         self.client_ip = "-"
+        self.client_port = 0
+        #: the address the client connected to, when a PROXY header said it
+        #: (else the socket's own: :meth:`origin_header` asks it)
+        self.local: tuple[str, int] | None = None
+        #: the client is in RELAY_TRUSTED_PROXIES: its X-Forwarded-For and
+        #: X-Request-ID are kept (README, "Behind a load balancer")
+        self.trusted = False
+        #: RELAY_ORIGIN_PROXY_PROTOCOL=v2: the header every origin connection
+        #: of this client starts with, and the plain-HTTP origin connection kept
+        #: for its next request (it carries this client's header: never pooled)
+        self._origin_header: bytes | None = None
+        self.parked_origin = None
         #: time.monotonic() of the first byte of the current request
         self.started = started
         self.timer: asyncio.TimerHandle | None = None
@@ -107,19 +146,39 @@ class ClientConnection(asyncio.Protocol):
 
     # -- asyncio callbacks ----------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.state is TLS and self.transport is not None:
+            self._tls_done(transport)  # the TLS transport, once the handshake is done
+            return
         self.transport = transport  # type: ignore[assignment]
         self.ctx.connections.add(self)
         peer = transport.get_extra_info("peername")
         if peer:
-            self.client_ip = peer[0]
+            self.client_ip, self.client_port = peer[0], peer[1]
         # No TCP_NODELAY here: uvloop sets it on every TCP transport already.
-        if self._serve is not None:
+        ctx = self.ctx
+        if ctx.proxy_protocol:
+            if self.client_ip not in ctx.trusted:
+                # Only the load balancers may say who the client is (spec §5):
+                # anyone else is closed without an answer.
+                ctx.counters.proxy_error("untrusted")
+                transport.close()
+                return
+            self.state = PROXY
+        elif ctx.trusted:
+            self.trusted = self.client_ip in ctx.trusted
+        if self._serve is not None:  # a request the native head phase read (never after a PROXY header)
             serve, self._serve = self._serve, None
             self.requests = 1
             self._to(SERVING)
             self.server = serve(self)
             return
-        self._await_head()
+        if self.state is HEAD:
+            self._await_head()
+        else:
+            # One deadline for the PROXY header, the TLS handshake and the head that follows.
+            self.started = time.monotonic()
+            self.timer = asyncio.get_running_loop().call_later(ctx.settings.handshake_timeout,
+                                                               self._head_timeout)
 
     def data_received(self, data: bytes) -> None:
         state = self.state
@@ -139,15 +198,21 @@ class ClientConnection(asyncio.Protocol):
                     self._try_head()
         elif state is SERVING:
             self.server.data(data)
+        elif state is TLS:
+            self._tls_start(data)
         elif state is LINGER:
             if b"\r\n\r\n" in data or len(data) == 0:
                 self.close()
+        elif state is PROXY:
+            self._proxy_header(data)
 
     def eof_received(self) -> bool:
         if self.state is SERVING:
             return self.server.eof()
         if self.state is LINGER:
             self.close()
+        elif self.state is PROXY and self.buf:
+            self._proxy_refused("truncated")  # spec §2.2: partial headers are refused
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -155,6 +220,9 @@ class ClientConnection(asyncio.Protocol):
             self._to(CLOSED)
         self.ctx.connections.discard(self)
         self._cancel_timer()
+        if self.parked_origin is not None:
+            self.parked_origin.transport.close()
+            self.parked_origin = None
         server, self.server = self.server, None
         if server is not None:
             server.lost()
@@ -167,6 +235,65 @@ class ClientConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self.server is not None:
             self.server.writable(True)
+
+    # -- the PROXY protocol header (README, "Behind a load balancer") -------------------
+    def _proxy_header(self, data: bytes) -> None:
+        """Read the header the load balancer puts first; the client's own bytes follow it."""
+        self.buf += data
+        try:
+            header = parse_proxy_header(self.buf)
+        except ProxyProtocolError as e:
+            self._proxy_refused(e.reason)
+            return
+        if header is None:
+            return
+        if header.source is not None:  # else (LOCAL, UNKNOWN, AF_UNIX): the connection's own
+            self.client_ip, self.client_port = header.source
+            self.local = header.destination
+        del self.buf[:header.length]
+        ctx = self.ctx
+        self.trusted = bool(ctx.trusted) and self.client_ip in ctx.trusted
+        self._after_proxy_header()
+
+    def _after_proxy_header(self) -> None:
+        """The step after the PROXY phase: the rest of the stream is the
+        client's, a TLS handshake on a TLS listener, else a request head. The
+        handshake timeout still counts from the accept."""
+        if self.tls is not None:
+            self._to(TLS)
+            if self.buf:
+                first = bytes(self.buf)
+                self.buf.clear()
+                self._tls_start(first)
+            return
+        self._to(HEAD)
+        if self.buf:
+            self.started = time.monotonic()
+            self._try_head()
+
+    def _proxy_refused(self, reason: str) -> None:
+        """The spec's answer to a bad header: abort, say nothing; counted by reason."""
+        self.ctx.counters.proxy_error(reason)
+        self.buf.clear()
+        self._to(CLOSED)
+        self.transport.abort()
+
+    def origin_header(self) -> bytes:
+        """The PROXY v2 header for this client's origin connections (HAProxy's
+        ``send-proxy-v2``): its address and port, and the address it connected
+        to, as a PROXY header gave them or the socket has them."""
+        header = self._origin_header
+        if header is None:
+            local = self.local
+            if local is None:
+                sock = self.transport.get_extra_info("sockname")
+                local = (sock[0], sock[1]) if sock else ("0.0.0.0", 0)
+            try:
+                header = v2_header((self.client_ip, self.client_port), local)
+            except OSError:  # no IP address to tell (no peer name)
+                header = V2_LOCAL
+            self._origin_header = header
+        return header
 
     # -- the head -------------------------------------------------------------------
     def _await_head(self) -> None:
@@ -195,23 +322,82 @@ class ClientConnection(asyncio.Protocol):
         self.buf.clear()
         ctx = self.ctx
         upgrade = is_upgrade(req)
-        request_id = new_request_id()
+        request_id = request_id_for(req, self.trusted)
         record = ctx.access.record(self.client_ip, req.method, req.path, req.get(b"user-agent"),
                                    req.get(b"x-forwarded-for"), request_id.decode()) \
             if upgrade or ctx.access.enabled else None
+        if record is not None and self.tls_version:
+            record.tls_version = self.tls_version
+            record.tls_resumed = self.tls_resumed
         self._to(SERVING)
         try:
             if upgrade:
-                key = gate.admit_upgrade(ctx, req, self.client_ip, self.requests == 1)
-                self.server = Upgrade(self, req, key, record, rest, request_id)
+                key, pool = gate.admit_upgrade(ctx, req, self.client_ip, self.requests == 1)
+                self.server = Upgrade(self, req, key, record, rest, request_id, pool)
             else:
-                length = gate.admit_request(ctx, req, self.requests == 1)
-                self.server = Exchange(self, req, length, record, rest, request_id)
+                length, pool = gate.admit_request(ctx, req, self.requests == 1)
+                self.server = Exchange(self, req, length, record, rest, request_id, pool)
         except RelayError as e:
             self.refuse(e.status, e.outcome, record, upgrade=upgrade)
 
+    # -- TLS ---------------------------------------------------------------------
+    def _tls_start(self, first: bytes) -> None:
+        """The first bytes on a TLS listener: a ClientHello starts the
+        handshake with them; anything else is plain HTTP and gets nginx's 400."""
+        ctx = self.ctx
+        if not tls_handshake.looks_like_tls(first):
+            self.tls_counted = True
+            ctx.counters.tls_handshake("plain_http")
+            self.buf += first
+            self.refuse(400, "bad_request", unparsed_record(ctx.access, self.client_ip, self.buf),
+                        answer=PLAIN_HTTP_ON_TLS)
+            return
+        left = self.started + ctx.settings.handshake_timeout - time.monotonic()
+        # The SSL protocol's own timer is a backstop: ours (the head timer) fires first.
+        waiter = tls_handshake.start(self.transport, self, self.tls.default, first, max(left, 0.01) + 1.0,
+                                     LINGER_SECONDS)
+        waiter.add_done_callback(self._tls_ended)
+
+    def _tls_done(self, transport: asyncio.Transport) -> None:
+        """Handshake complete: requests now come through ``transport``."""
+        self.transport = transport
+        sslobj = transport.get_extra_info("ssl_object")
+        self.tls_version = sslobj.version() or ""
+        self.tls_resumed = sslobj.session_reused
+        self.tls_counted = True
+        self.ctx.counters.tls_handshake("resumed" if self.tls_resumed else "full")
+        if self.own_header is not None and self.tls.client_header:
+            from relay.tls.server import subject
+
+            dn = subject(transport.get_extra_info("peercert"))
+            if dn:
+                self.own_header = (self.own_header[0], self.tls.client_header + b": " + dn.encode())
+        self._to(HEAD)  # the head timer runs on: same deadline
+
+    def _tls_ended(self, waiter: asyncio.Future) -> None:
+        """The handshake's end: a failure (or the client gone) ends the connection."""
+        if self.state is not TLS:
+            return
+        exc = None if waiter.cancelled() else waiter.exception()
+        if not self.tls_counted:
+            self.tls_counted = True
+            self.ctx.counters.tls_handshake(tls_handshake.outcome(exc))
+        self._to(CLOSED)
+        self._cancel_timer()
+        self.ctx.connections.discard(self)
+        self.ctx.maybe_idle()
+
     def _head_timeout(self) -> None:
         self.timer = None
+        if self.state is PROXY:
+            self._proxy_refused("timeout")
+            return
+        if self.state is TLS:
+            if not self.tls_counted:
+                self.tls_counted = True
+                self.ctx.counters.tls_handshake("timeout")
+            self.transport.abort()
+            return
         if self.state is not HEAD:
             return
         if self.buf:  # a started head that never finished: slowloris or a dead client
@@ -259,9 +445,11 @@ class ClientConnection(asyncio.Protocol):
         self.transport.resume_reading()
         self._await_head()
 
-    def refuse(self, status: int, outcome: str, record: AccessRecord | None, upgrade: bool = False) -> None:
-        """Answer with the relay's canned ``status`` (relay/responses.py), count
-        it (as an upgrade outcome when ``upgrade``), log it, then linger."""
+    def refuse(self, status: int, outcome: str, record: AccessRecord | None, upgrade: bool = False,
+               answer: bytes | None = None) -> None:
+        """Answer with the relay's canned ``status`` (relay/responses.py) or
+        ``answer``, count it (as an upgrade outcome when ``upgrade``), log it,
+        then linger."""
         if self.state is LINGER or self.state is CLOSED:
             return
         self.server = None
@@ -275,7 +463,7 @@ class ClientConnection(asyncio.Protocol):
             record.outcome = outcome
             record.duration_s = round(time.monotonic() - self.started, 3)
             ctx.access.write(record)
-        self.transport.write(refusal(status, self.head_request))
+        self.transport.write(answer if answer is not None else refusal(status, self.head_request))
         self._linger()
 
     def reset(self) -> None:

@@ -1,8 +1,9 @@
 """A worker's shared state: settings turned into ready-to-use values, the open
-connections and tunnels, the origin pool, the counters in its shared-memory
-slot, the access log, and the once-a-second sweep that publishes byte counts,
-enforces the idle timeout and runs the tunnel class's own housekeeping
-(frames mode: pings, overdue closes).
+connections and tunnels, the routes and origin pools, the counters in its
+shared-memory slot, the access log, and the once-a-second sweep that
+publishes byte counts, enforces the idle timeout, closes idle connections to
+origins that are out, and runs the tunnel class's own housekeeping (frames
+mode: pings, overdue closes).
 
 The tunnel class is chosen once, here, from :data:`TUNNELS` keyed by
 ``RELAY_MODE``; nothing else asks which mode runs.
@@ -20,13 +21,16 @@ import asyncio
 import time
 
 from metrics.counters import Counters
+from relay import pools
+from relay.addresses import TrustedProxies
 from relay.config import Settings
 from relay.frames_tunnel import FramesTunnel
 from relay.http_head import Response
 from relay.logs import AccessLog, AccessRecord
-from relay.origins.dial import Origins
-from relay.origins.pool import Pool
+from relay.origins.balance import Member, OriginPool
 from relay.origins.report import FailureLog
+from relay.origins.table import OriginTable
+from relay.routes import Router
 from relay.shared_memory import Admission
 from relay.tunnel import Tunnel
 
@@ -35,7 +39,8 @@ TUNNELS: dict[str, type[Tunnel]] = {"tunnel": Tunnel, "frames": FramesTunnel}
 
 
 class Context:
-    def __init__(self, settings: Settings, index: int, admission: Admission, counters: Counters):
+    def __init__(self, settings: Settings, index: int, admission: Admission, counters: Counters,
+                 table: OriginTable | None = None, slot: int = 0):
         self.settings = settings
         self.index = index
         self.admission = admission
@@ -44,10 +49,36 @@ class Context:
         self.access = AccessLog(settings.access_log, index)
         self.ws_paths = tuple(p.encode() for p in settings.ws_paths)
         self.proto = settings.forwarded_proto.encode()
-        self.origins = Origins(settings.origin, FailureLog())
-        #: idle origin connections for plain HTTP; closed when draining starts
-        self.pool = Pool(asyncio.get_running_loop())
+        #: RELAY_TLS_CLIENT_HEADER while client certificates are asked for: the
+        #: edge's own header (a client's is never passed on, on any listener)
+        self.own_header = (settings.tls_client_header.lower().encode(), b"") if settings.tls_client_ca else None
+        #: the ticket keys shared with the supervisor (relay/tls/tickets.py), on TLS workers
+        self.ticket_keys = None
+        if table is None:  # on its own (benchmarks, tests): a table of its own
+            table = OriginTable(1)
+            table.assign(pools.keys(settings))
+            table.slot_started(0)
+        self.table = table
+        loop = asyncio.get_running_loop()
+        failures = FailureLog()
+        entries = table.entries()
+        #: the origin pools by name (README, "Routes and origins"); each origin
+        #: keeps its idle plain-HTTP connections, closed when draining starts
+        self.pools = {p.name: OriginPool(p, table, entries, slot, loop, failures)
+                      for p in pools.effective(settings)}
+        #: which pool a request goes to (None: 404)
+        self.router: Router[OriginPool] = Router(((r.host, r.path, self.pools[r.pool]) for r in settings.routes),
+                                                 self.pools.get(pools.DEFAULT))
+        #: every connection starts with a PROXY header (README, "Behind a load balancer")
+        self.proxy_protocol = settings.proxy_protocol == "on"
+        #: RELAY_TRUSTED_PROXIES: who may send that header, and whose X-Forwarded-For
+        #: and X-Request-ID are kept
+        self.trusted = TrustedProxies(settings.trusted_proxies)
+        #: origins get a PROXY v2 header first on every connection
+        self.origin_proxy_v2 = settings.origin_proxy_protocol == "v2"
         self.tunnel_class = TUNNELS[settings.mode]
+        #: the tunnel class of TLS clients, whatever the data plane (README, "TLS")
+        self.python_tunnel_class = self.tunnel_class
         #: the native data plane (relay/native), when it serves this worker's tunnels
         self.native = None
         if settings.effective_data_plane() == "native":
@@ -68,11 +99,16 @@ class Context:
 
     # -- tunnels --------------------------------------------------------------------
     def open_tunnel(self, client: asyncio.Transport, origin: asyncio.Transport, record: AccessRecord,
-                    response: Response, head: bytes, to_client: bytes, to_origin: bytes) -> Tunnel:
+                    response: Response, head: bytes, to_client: bytes, to_origin: bytes,
+                    upstream: Member | None = None) -> Tunnel:
         """Join ``client`` and ``origin`` after the origin's 101 (``response``):
         ``head`` is that 101 as received, ``to_client`` what the origin sent
-        after it, ``to_origin`` what the client sent after its request."""
-        tunnel = self.tunnel_class.open(self, client, origin, record, response)
+        after it, ``to_origin`` what the client sent after its request;
+        ``upstream``: the origin, whose connection count the tunnel holds until it ends."""
+        # TLS clients stay on the Python plane (the native pump relays plaintext only)
+        cls = self.tunnel_class if client.get_extra_info("ssl_object") is None else self.python_tunnel_class
+        tunnel = cls.open(self, client, origin, record, response)
+        tunnel.upstream = upstream
         self.tunnels.add(tunnel)
         self.counters.tunnels(len(self.tunnels))
         tunnel.start(head, to_client, to_origin)
@@ -80,6 +116,9 @@ class Context:
 
     def tunnel_ended(self, tunnel: Tunnel) -> None:
         self.tunnels.discard(tunnel)
+        upstream = tunnel.upstream
+        if upstream is not None:
+            upstream.pool.closed(upstream)
         self.admission.give(tunnel.record.client if tunnel.record is not None else tunnel.client_ip)
         self.counters.tunnels(len(self.tunnels))
         self._closed_up += tunnel.up
@@ -106,7 +145,8 @@ class Context:
         """Stop keeping anything for later: idle keep-alive connections and
         pooled origin connections close; what is in flight goes on."""
         self.draining = True
-        self.pool.close()
+        for pool in self.pools.values():
+            pool.close_idle()
         for conn in list(self.connections):
             conn.drain()
         self.maybe_idle()
@@ -147,6 +187,8 @@ class Context:
 
     def _sweep(self) -> None:
         self.counters.heartbeat(time.monotonic())
+        if self.ticket_keys is not None:
+            self.ticket_keys.refresh()
         self._publish_bytes()
         limit = self.settings.idle_timeout
         now = time.monotonic()
@@ -163,4 +205,6 @@ class Context:
                 elif now - t.last_active >= limit:
                     t.close()
         self.tunnel_class.sweep(self.tunnels, now, self.settings)
+        for pool in self.pools.values():
+            pool.sweep(now)
         self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)

@@ -10,6 +10,12 @@ Only what a demo needs differs from ``run``, and only while the variable is
 not set: ``RELAY_LISTEN`` 127.0.0.1:8080 (``--port``; a free port if taken),
 ``RELAY_WORKERS`` 2, ``RELAY_METRICS_LISTEN`` 127.0.0.1:9108 (a free port if
 taken), ``RELAY_ACCESS_LOG`` 0. ``RELAY_ORIGIN`` is always the demo origin.
+
+``--tls`` adds a TLS listener (``RELAY_TLS_LISTEN`` 127.0.0.1:8443, a free
+port if taken) with a throwaway local CA and a certificate for ``localhost``
+and 127.0.0.1 (trustme: ECDSA P-256), written to a temporary directory the
+demo prints, so a browser or curl can be told to trust that CA; the page is
+then at https:// and opens wss://.
 """
 
 from __future__ import annotations
@@ -54,10 +60,12 @@ def serve_origin(sock: socket.socket) -> None:
     uvloop.run(serve_demo(sock))
 
 
-def round_trip(host: str, port: int, path: str, text: str, timeout: float = 5.0) -> str:
-    """One text message through ws://host:port/path with a minimal blocking client."""
+def round_trip(host: str, port: int, path: str, text: str, timeout: float = 5.0, tls=None) -> str:
+    """One text message through ws://host:port/path (wss:// with the
+    ``ssl.SSLContext`` ``tls``) with a minimal blocking client."""
     key = base64.b64encode(os.urandom(16))
-    with socket.create_connection((host, port), timeout=timeout) as s:
+    with socket.create_connection((host, port), timeout=timeout) as raw:
+        s = tls.wrap_socket(raw, server_hostname="localhost") if tls is not None else raw
         s.sendall(b"GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                   b"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n"
                   % (path.encode(), _hostport(host, port).encode(), key))
@@ -94,7 +102,24 @@ def _connect_host(host: str) -> str:
 DEMO_PAGE_SOCKET = "/ws"  # the path relay/demo_page.html opens its WebSocket on
 
 
-def demo_environ(port: int, env_file: str | None) -> dict[str, str]:
+def throwaway_pki(directory: str) -> dict[str, str]:
+    """A local CA and a certificate for localhost/127.0.0.1 in ``directory``;
+    the RELAY_TLS_* settings that serve it (and DEMO_CA: the CA to trust)."""
+    try:
+        import trustme
+    except ImportError:
+        raise ConfigError(["--tls needs the trustme package for its throwaway CA: pip install trustme"]) from None
+    ca = trustme.CA(key_type=trustme.KeyType.ECDSA, organization_name="wsrelay demo")
+    cert = ca.issue_cert("localhost", "127.0.0.1", key_type=trustme.KeyType.ECDSA)
+    paths = {name: os.path.join(directory, name) for name in ("ca.pem", "cert.pem", "key.pem")}
+    ca.cert_pem.write_to_path(paths["ca.pem"])
+    with open(paths["cert.pem"], "wb") as f:
+        f.write(b"".join(p.bytes() for p in cert.cert_chain_pems))
+    cert.private_key_pem.write_to_path(paths["key.pem"])
+    return {"RELAY_TLS_CERT": paths["cert.pem"], "RELAY_TLS_KEY": paths["key.pem"], "DEMO_CA": paths["ca.pem"]}
+
+
+def demo_environ(port: int, env_file: str | None, tls: dict[str, str] | None = None) -> dict[str, str]:
     """The environment ``run`` would see, plus the demo's defaults where unset."""
     environ = dict(os.environ)
     from_file = read_env_file_all(env_file)[0] if env_file else {}
@@ -105,6 +130,9 @@ def demo_environ(port: int, env_file: str | None) -> dict[str, str]:
                 "RELAY_ACCESS_LOG": "0"}
     if "RELAY_METRICS_LISTEN" not in given:
         defaults["RELAY_METRICS_LISTEN"] = f"127.0.0.1:{_free_port(9108)}"
+    if tls is not None:
+        defaults["RELAY_TLS_LISTEN"] = f"127.0.0.1:{_free_port(8443 if port else 0)}"
+        defaults.update({k: v for k, v in tls.items() if k.startswith("RELAY_")})
     for key, value in defaults.items():
         if key not in given:
             environ[key] = value
@@ -112,11 +140,16 @@ def demo_environ(port: int, env_file: str | None) -> dict[str, str]:
     return environ
 
 
-def main(port: int = 8080, env_file: str | None = None) -> int:
+def main(port: int = 8080, env_file: str | None = None, tls: bool = False) -> int:
+    import ssl
+    import tempfile
+
     from relay.serve import print_problems, run
 
+    pki_dir = tempfile.TemporaryDirectory(prefix="wsrelay-demo-") if tls else None
     try:
-        settings = load(demo_environ(port, env_file), env_file, require_origin=False)
+        pki = throwaway_pki(pki_dir.name) if pki_dir is not None else None
+        settings = load(demo_environ(port, env_file, pki), env_file, require_origin=False)
     except ConfigError as e:
         print_problems(e)
         return 2
@@ -145,6 +178,19 @@ def main(port: int = 8080, env_file: str | None = None) -> int:
             return
         lines = [f"relay on {url} -> echo origin on ws://127.0.0.1:{origin_port}/",
                  f"open http://{base}/ in a browser for the demo page"]
+        if pki is not None and sup.listeners.tls_port:
+            tls_port = sup.listeners.tls_port
+            try:
+                answer_tls = round_trip("127.0.0.1", tls_port, path, "hello over TLS",
+                                        tls=ssl.create_default_context(cafile=pki["DEMO_CA"]))
+            except OSError as e:
+                print(f"wsrelay demo: TLS round trip FAILED: {e}", file=sys.stderr, flush=True)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            lines += [f"relay on wss://localhost:{tls_port}{path} (TLS; round trip OK: got {answer_tls!r})",
+                      f"open https://localhost:{tls_port}/ for the page over TLS, trusting the throwaway CA "
+                      f"{pki['DEMO_CA']}",
+                      f"  e.g. curl --cacert {pki['DEMO_CA']} https://localhost:{tls_port}/"]
         if not path_allowed(DEMO_PAGE_SOCKET.encode(), tuple(p.encode() for p in settings.ws_paths)):
             lines.append(f"(RELAY_WS_PATHS refuses upgrades on {DEMO_PAGE_SOCKET}, where the page opens its "
                          f"WebSocket: it will fall back to polling)")
@@ -158,6 +204,8 @@ def main(port: int = 8080, env_file: str | None = None) -> int:
     try:
         return run(settings, env_file, on_ready=ready)
     finally:
+        if pki_dir is not None:
+            pki_dir.cleanup()
         try:
             os.kill(pid, signal.SIGTERM)
             os.waitpid(pid, 0)

@@ -19,6 +19,9 @@ gets, so no caller has to guess one::
      ├── InflateError              a compressed message is invalid (.code 1002) or
      │                             too big inflated (1009); the frame tracker turns
      │                             it into a ProtocolError (relay/deflate.py)
+     ├── ProxyProtocolError        a PROXY protocol header we refuse: .reason (a metrics
+     │                             label); the connection closes without an answer
+     │                             (relay/proxy_protocol.py)
      ├── ValueError
      │    └── ExtensionError       the origin's 101 agreed extensions the message limit
      │                             cannot measure through; a HeadError 502 at the
@@ -95,6 +98,17 @@ class OriginTimeout(RelayError):
 
     status = 504
     outcome = "timeout"
+
+
+class ProxyProtocolError(Exception):
+    """A PROXY protocol header we refuse (HAProxy's doc/proxy-protocol.txt):
+    ``reason`` is ``"missing"`` (the bytes start like neither version) or
+    ``"invalid"`` (a header that breaks the spec). The spec's answer is to
+    abort the connection, so there is no status."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 class ConfigError(Exception):

@@ -5,10 +5,12 @@ The request head goes to the origin rebuilt by
 :func:`relay.headers.forward_head`; bodies stream both ways as received
 (Content-Length or still chunked; de-chunked only for an HTTP/1.0 client),
 delimited by :class:`relay.http_body.BodyScanner`, never buffered whole: a side
-that cannot keep up pauses reading on the other. ``RELAY_READ_TIMEOUT``
-bounds each wait for the origin (504 if no answer has started). Origin
-connections come from, and go back to, the worker's pool
-(relay/origins/pool.py).
+that cannot keep up pauses reading on the other. The pool's
+``RELAY_READ_TIMEOUT`` bounds each wait for the origin (504 if no answer has
+started). The origin is chosen once, by the pool's balancer
+(relay/origins/dial.py); its idle connections are reused, and the
+connection goes back to them (relay/origins/pool.py). Failures count against
+that origin, answers for it (relay/origins/outlier.py).
 
 The client is read throughout, not only while its body streams: a reset
 while the origin still holds the request (a long poll the client gave up)
@@ -24,16 +26,21 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import TYPE_CHECKING
 
-from relay.errors import FramingError, HeadError, OriginUnavailable
+from relay.errors import FramingError, HeadError, OriginUnavailable, Refused
 from relay.http_body import BodyScanner
 from relay.headers import forward_head, response_head
 from relay.http_head import Request, body_framing, keeps_alive, parse_response_head
 from relay.logs import AccessRecord
-from relay.seam import Connection
 from relay.origins.answer import MAX_RESPONSE_HEAD
+from relay.origins.dial import Dial
 from relay.origins.pool import OriginConn
+from relay.seam import Connection
+from relay.upgrade import GATEWAY_ERRORS
 
+if TYPE_CHECKING:
+    from relay.origins.balance import OriginPool
 
 #: bytes of pipelined requests read ahead while a response is pending;
 #: beyond it the client is not read until the response is complete.
@@ -50,10 +57,13 @@ class Exchange:
     is awaited, in a Task."""
 
     def __init__(self, conn: Connection, req: Request, length: int, record: AccessRecord | None,
-                 rest: bytes, request_id: bytes) -> None:
+                 rest: bytes, request_id: bytes, pool: "OriginPool") -> None:
         self.conn = conn
-        self.ctx = ctx = conn.ctx
+        self.ctx = conn.ctx
         self.req = req
+        self.pool = pool
+        #: the origin chosen (holding its connection count), and those tried before
+        self.dial = dial = Dial(pool, req)
         self.record = record
         self.request_id = request_id
         self.origin: OriginConn | None = None
@@ -82,9 +92,19 @@ class Exchange:
         self.http10 = req.version == b"1.0"
         #: bytes that followed the head in the same read
         self.pending = rest
-        pool = ctx.pool
-        self.loop = pool.loop
-        origin = pool.get()
+        self.read_timeout_s = pool.read_timeout
+        self.loop = asyncio.get_running_loop()
+        member = dial.choose()  # raises Refused (503) at RELAY_MAX_CONNS: the connection refuses
+        if self.ctx.origin_proxy_v2:
+            # An origin connection told one client's address serves that client
+            # only (HAProxy reuses one only for the same PROXY block), and only
+            # when it goes to the origin this request was balanced to.
+            origin, conn.parked_origin = conn.parked_origin, None
+            if origin is not None and (origin.transport.is_closing() or origin.addr != member.name):
+                origin.transport.close()
+                origin = None
+        else:
+            origin = member.idle.get()
         if origin is not None:
             self.reused = True
             self._begin(origin)
@@ -93,39 +113,36 @@ class Exchange:
 
     # -- connecting and sending the request ------------------------------------------
     async def _connect(self) -> None:
-        ctx = self.ctx
+        pool, dial = self.pool, self.dial
         try:
-            async with asyncio.timeout(ctx.settings.connect_timeout):
-                _t, origin, addr = await ctx.origins.connect(OriginConn)
-            origin.addr = str(addr)
+            async with asyncio.timeout(pool.connect_timeout):
+                _t, origin = await dial.connect(
+                    OriginConn, self.conn.origin_header() if self.ctx.origin_proxy_v2 else b"")
+            origin.addr = dial.member.name
         except TimeoutError:
-            ctx.origins.failures.failed("", "connect timeout",
-                                        f"RELAY_CONNECT_TIMEOUT={ctx.settings.connect_timeout:g}s", 504)
+            if dial.member is not None:
+                pool.failed(dial.member, "timeout", f"no connection within "
+                            f"RELAY_CONNECT_TIMEOUT={pool.connect_timeout:g}s", 504)
             return self._fail(504, "timeout")
-        except OriginUnavailable as e:
-            if self.record is not None:
-                self.record.origin = e.origin
+        except (OriginUnavailable, Refused) as e:
             return self._fail(e.status, e.outcome)
         if self.done:  # the client went away meanwhile
             origin.transport.close()
             return
         if self.sent is not None:  # sending again what a stale pooled connection lost
             self.origin = origin
-            if self.record is not None:
-                self.record.origin = origin.addr
             sent, self.sent = self.sent, None
             self.last = self.loop.time()
-            origin.serve(self, sent, self.ctx.settings.read_timeout)
+            origin.serve(self, sent, self.read_timeout_s)
             return
         self._begin(origin)
 
     def _begin(self, origin: OriginConn) -> None:
         """Send the request head, with whatever body followed it, in one write."""
         self.origin = origin
-        if self.record is not None:
-            self.record.origin = origin.addr
         conn = self.conn
-        out = forward_head(self.req, conn.client_ip, self.ctx.proto, False, self.request_id, origin.addr.encode())
+        out = forward_head(self.req, conn.client_ip, conn.proto, False, self.request_id, origin.addr.encode(),
+                           conn.trusted, own=conn.own_header)
         pending, self.pending = self.pending, b""
         body = self.req_body
         if pending:
@@ -145,7 +162,7 @@ class Exchange:
         self.last = self.loop.time()
         if self.reused and self.req.method in IDEMPOTENT:
             self.sent = out
-        origin.serve(self, out, self.ctx.settings.read_timeout)
+        origin.serve(self, out, self.read_timeout_s)
         self._read_client()
 
     def _read_client(self) -> None:
@@ -213,12 +230,16 @@ class Exchange:
         self._read_client()
 
     def read_deadline(self) -> float | None:
-        return None if self.done else self.last + self.ctx.settings.read_timeout
+        return None if self.done else self.last + self.read_timeout_s
 
     def read_timeout(self) -> None:
-        self.ctx.origins.failures.failed(self.origin.addr, "timeout", f"no answer within "
-                                         f"RELAY_READ_TIMEOUT={self.ctx.settings.read_timeout:g}s", 504)
+        self._failed("timeout", f"no answer within RELAY_READ_TIMEOUT={self.read_timeout_s:g}s", 504)
         self._fail(504, "timeout")
+
+    def _failed(self, reason: str, detail: str, answer: int = 502) -> None:
+        """Count a failure against the origin of this request."""
+        if self.dial.member is not None:
+            self.pool.failed(self.dial.member, reason, detail, answer)
 
     def origin_data(self, data: bytes) -> None:
         self.last = self.loop.time()
@@ -227,7 +248,7 @@ class Exchange:
             try:
                 self._parse_head(data)
             except (HeadError, FramingError) as e:
-                self.ctx.origins.failures.failed(self.origin.addr, "bad answer", str(e))
+                self._failed("invalid", str(e))
                 self._fail(e.status, e.outcome)
             return
         out = self._body_part(data)
@@ -273,6 +294,10 @@ class Exchange:
             # connection ends after this response, announced in its head.
             self.keep_client = False
         self.status = resp.status
+        if resp.status in GATEWAY_ERRORS:
+            self._failed("status_5xx", f"{resp.status} to {self.req.method.decode('latin-1')}", resp.status)
+        elif self.dial.member is not None:
+            self.pool.answered(self.dial.member)
         self.origin_keep = length is not None and keeps_alive(resp)
         self.resp_body = body = BodyScanner(length, dechunk=dechunk, response=True)
         out = response_head(resp, raw, resp.tokens(b"connection"), self.keep_client, dechunk)
@@ -314,14 +339,14 @@ class Exchange:
         if body is None:
             if self.sent is not None:
                 return self._resend()
-            self.ctx.origins.failures.failed(self.origin.addr, "closed", "before answering a request")
+            self._failed("closed", "before answering a request")
             self._fail(502, "origin_error")
         elif body.until_close and exc is None:
             body.finish()
             self.origin_keep = False
             self._finish()
         else:
-            self.ctx.origins.failures.failed(self.origin.addr, "cut", "in the middle of a response body")
+            self._failed("cut", "in the middle of a response body")
             self._cut()
 
     def _resend(self) -> None:
@@ -334,10 +359,22 @@ class Exchange:
         self.task = asyncio.ensure_future(self._connect())
 
     # -- endings ------------------------------------------------------------------------
+    def _note(self) -> None:
+        """The request is over: give the origin's count back; the access log
+        names the pool, the last origin tried and how many were."""
+        dial = self.dial
+        dial.release()
+        rec = self.record
+        if rec is not None:
+            rec.pool = self.pool.name
+            rec.origin = dial.last
+            rec.tries = dial.tries
+
     def _account(self, status: int, outcome: str) -> None:
         """Count the request and write its access log line."""
         ctx = self.ctx
         ctx.counters.http(status)
+        self._note()
         rec = self.record
         if rec is not None:
             rec.status = status
@@ -356,9 +393,20 @@ class Exchange:
         origin.release()
         if self.origin_paused:
             origin.transport.resume_reading()  # it was paused for a slow client
-        if not (self.origin_keep and self.req_body.done and self.ctx.pool.put(origin)):
+        if not (self.origin_keep and self.req_body.done and self._keep(origin)):
             origin.transport.close()
         self.conn.finished(self.keep_client)
+
+    def _keep(self, origin: OriginConn) -> bool:
+        """Keep an idle origin connection for a next request: in the worker's
+        pool, or, when it carries this client's PROXY header, for this client's
+        next request only (closed with the client's connection)."""
+        if not self.ctx.origin_proxy_v2:
+            return self.dial.tried[-1].idle.put(origin)
+        if not self.keep_client or self.ctx.draining or origin.transport.is_closing():
+            return False
+        self.conn.parked_origin = origin
+        return True
 
     def _cut(self) -> None:
         """The response broke off mid-body (a reset, a cut before its end,
@@ -382,4 +430,5 @@ class Exchange:
         if self.origin is not None:
             self.origin.release()
             self.origin.transport.abort()
+        self._note()
         self.conn.refuse(status, outcome, self.record)

@@ -1,8 +1,10 @@
-"""Whether a request can be served, decided from its head alone, before
-anything is started for it (README, "What happens at the edge").
+"""Whether a request can be served, and by which pool, decided from its head
+alone, before anything is started for it (README, "What happens at the
+edge", "Routes and origins").
 
 :func:`admit_upgrade` and :func:`admit_request` either return what serving
-needs or raise a :class:`~relay.errors.RelayError` carrying the answer
+needs — the pool the request is routed to among it, chosen once here
+(relay/routes.py) — or raise a :class:`~relay.errors.RelayError` carrying the answer
 (400, 403, 426, 503, …). They touch no socket; the only state they change
 is the admission slot an upgrade takes last, once every other check passed,
 so a refused upgrade never holds one. The caller owns that slot from then on
@@ -22,36 +24,50 @@ from relay.http_head import Request, body_framing
 
 if TYPE_CHECKING:
     from relay.context import Context
+    from relay.origins.balance import OriginPool
 
 
-def admit_upgrade(ctx: "Context", req: Request, client_ip: str, first: bool) -> bytes:
-    """Check an upgrade request and take an admission slot for it.
+def route(ctx: "Context", req: Request) -> "OriginPool":
+    """The pool ``req`` goes to. Raises Refused(404) when no route matches and
+    there is no default pool, HeadError(400) for a path that routes elsewhere
+    once decoded."""
+    pool = ctx.router.route(req.path, req.authority or req.get(b"host"))
+    if pool is None:
+        raise Refused(404, "no route", "no_route")
+    return pool
+
+
+def admit_upgrade(ctx: "Context", req: Request, client_ip: str, first: bool) -> tuple[bytes, "OriginPool"]:
+    """Check an upgrade request, route it and take an admission slot for it.
 
     ``first``: the connection's first request (served even while draining:
     its client connected before the drain began, so a reload refuses
-    nothing). Returns the client's ``Sec-WebSocket-Key``. Raises
-    :class:`~relay.errors.HeadError` (400, 426: RFC 6455 §4.2.1) or
-    :class:`~relay.errors.Refused` (403 path or ``Origin``, 503 draining or
-    at the limit).
+    nothing). Returns the client's ``Sec-WebSocket-Key`` and the pool.
+    Raises :class:`~relay.errors.HeadError` (400, 426: RFC 6455 §4.2.1) or
+    :class:`~relay.errors.Refused` (404 no route, 403 path, ``Origin`` or a
+    pool without WebSockets, 503 draining or at the limit).
     """
     key = validate_upgrade(req)
-    if not path_allowed(req.path, ctx.ws_paths) or not origin_allowed(req.get(b"origin"),
-                                                                      ctx.settings.allowed_origins):
+    pool = route(ctx, req)
+    if (not pool.websocket or not path_allowed(req.path, ctx.ws_paths)
+            or not origin_allowed(req.get(b"origin"), pool.allowed_origins)):
         raise Refused(403, "path or Origin not allowed", "forbidden")
     if ctx.draining and not first:
         raise Refused(503, "draining", "draining")
     refused = ctx.admission.take(client_ip)  # "limit" or "limit_ip": counted apart (deploy/alerts.yml)
     if refused:
         raise Refused(503, "client limit reached", refused)
-    return key
+    return key, pool
 
 
-def admit_request(ctx: "Context", req: Request, first: bool) -> int:
-    """Check a plain HTTP request; returns its body length (RFC 9112 §6.3:
-    ``-1`` chunked, ``0`` none). ``first`` as for :func:`admit_upgrade`.
-    Raises :class:`~relay.errors.HeadError` (400, ambiguous framing) or
-    :class:`~relay.errors.Refused` (503 draining)."""
+def admit_request(ctx: "Context", req: Request, first: bool) -> tuple[int, "OriginPool"]:
+    """Check and route a plain HTTP request; returns its body length (RFC 9112
+    §6.3: ``-1`` chunked, ``0`` none) and its pool. ``first`` as for
+    :func:`admit_upgrade`. Raises :class:`~relay.errors.HeadError` (400,
+    ambiguous framing) or :class:`~relay.errors.Refused` (404 no route, 503
+    draining)."""
     length = body_framing(req, is_request=True)
+    pool = route(ctx, req)
     if ctx.draining and not first:
         raise Refused(503, "draining", "draining")
-    return length or 0
+    return length or 0, pool

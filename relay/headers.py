@@ -11,7 +11,10 @@ direction (RFC 9110 §7.6.1, §7.6.2; the X-Forwarded-* de facto standard).
 
 from __future__ import annotations
 
+import re
+
 from relay.http_head import CRLF, Request, Response
+from relay.logs import new_request_id
 
 # RFC 9110 §7.6.1: never forwarded as received. Upgrade and Connection are
 # re-added for upgrades; Proxy-Connection is a legacy hop-by-hop header.
@@ -22,10 +25,11 @@ HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te",
     b"transfer-encoding", b"upgrade",
 })
-# The edge owns these: what a client claims is replaced, except that
-# X-Forwarded-For gets the client's address appended (as nginx does).
-# X-Request-ID is the edge's too: a client could otherwise pick the id that
-# origins log and correlate by (Envoy generates it the same way).
+# The edge owns these: what a client claims is replaced, except from a
+# trusted proxy (RELAY_TRUSTED_PROXIES), whose X-Forwarded-For gets the
+# client's address appended (nginx's set_real_ip_from) and whose X-Request-ID
+# is kept (Envoy's edge does the same): anyone else could otherwise forge the
+# address an origin trusts, or pick the id that origins log and correlate by.
 FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-request-id"})
 # A peer may name any header in Connection to have it dropped (RFC 9110
 # §7.6.1), but never these: without Content-Length the origin would read the
@@ -63,38 +67,61 @@ def response_head(resp: Response, raw: bytes, conn_tokens: set[bytes], keep: boo
     return CRLF.join(lines)
 
 
+#: an X-Request-ID a trusted proxy may hand on: visible ASCII, as ids are (a
+#: UUID, 32 hex digits, HAProxy's unique-id-format), 1-200 bytes
+_REQUEST_ID = re.compile(rb"[!-~]{1,200}\Z")
+
+
+def request_id_for(req: Request, trusted: bool) -> bytes:
+    """The request's X-Request-ID: a trusted proxy's own when it sent exactly
+    one well-formed value, else a new one (relay/logs.new_request_id)."""
+    if trusted:
+        ids = req.get_all(b"x-request-id")
+        if len(ids) == 1 and _REQUEST_ID.match(ids[0]):
+            return ids[0]
+    return new_request_id()
+
+
 # Names whose underscore spelling never reaches the origin (see forward_head).
 NO_UNDERSCORE = FORWARDED | HOP_BY_HOP | {b"content-length"}
 
 
 def forward_head(req: Request, client_ip: str, proto: bytes, upgrade: bool, request_id: bytes = b"",
-                 default_host: bytes = b"localhost") -> bytes:
+                 default_host: bytes = b"localhost", trusted: bool = False,
+                 own: tuple[bytes, bytes] | None = None) -> bytes:
     """The head to send to the origin, built in one join.
 
     Header lines pass through byte for byte, except the hop-by-hop ones, those
     the Connection header names, and the X-Forwarded-* family and
     X-Request-ID (underscore spellings included), which the edge sets itself
-    (``request_id``, when given). For an upgrade, ``Connection: Upgrade`` and
+    (``request_id``, when given). ``X-Forwarded-For`` is ``client_ip`` alone,
+    or, from a ``trusted`` proxy, the list it sent with ``client_ip`` appended. For an upgrade, ``Connection: Upgrade`` and
     the client's Upgrade line are kept; for plain HTTP the origin connection
     is kept alive. An HTTP/1.0 request without Host gets ``default_host`` (the
     origin's address, as nginx's ``$proxy_host``): the origin reads HTTP/1.1,
-    which requires one.
+    which requires one. ``own``: a header the edge owns besides those
+    (``RELAY_TLS_CLIENT_HEADER``): ``(lowercase name, line to send or b"")``;
+    a client's own lines of it are dropped, underscore spellings included.
     """
     named = req.tokens(b"connection") - NEVER_NAMED
     drop = HOP_BY_HOP | FORWARDED | named
+    if own is not None:
+        drop = drop | {own[0]}
     lines = [b"%s %s HTTP/1.1" % (req.method, req.target)]
     xff = []
     host = None
     for name, line, value in req.fields:
         if name in drop:
             if name == b"x-forwarded-for":
-                xff.append(value)
+                if trusted:
+                    xff.append(value)
             elif upgrade and name == b"upgrade":
                 lines.append(line)
             elif not upgrade and name == b"transfer-encoding":
                 lines.append(line)  # the body is relayed as received, still chunked
             continue
-        if b"_" in name and name.replace(b"_", b"-") in NO_UNDERSCORE:
+        if b"_" in name and (name.replace(b"_", b"-") in NO_UNDERSCORE
+                             or (own is not None and name.replace(b"_", b"-") == own[0])):
             # CGI and many WSGI/Rack servers read X_Forwarded_For as
             # X-Forwarded-For: a client could forge what the edge sets, and
             # Transfer_Encoding or Content_Length would frame the body otherwise
@@ -122,6 +149,8 @@ def forward_head(req: Request, client_ip: str, proto: bytes, upgrade: bool, requ
         lines.append(b"X-Forwarded-Host: " + host)
     if request_id:
         lines.append(b"X-Request-ID: " + request_id)
+    if own is not None and own[1]:
+        lines.append(own[1])
     lines.append(b"Connection: Upgrade" if upgrade else b"Connection: keep-alive")
     lines.append(b"")
     lines.append(b"")

@@ -119,8 +119,9 @@ def keeps_alive(head: Request | Response) -> bool:
     return head.version == b"1.1" or b"keep-alive" in tokens
 
 
-def _head_bounds(buf: bytes | bytearray, max_bytes: int, error: HeadError) -> tuple[int, int] | None:
-    """(start, end) of the head lines, skipping leading empty lines (RFC 9112 §2.2)."""
+def _head_bounds(buf: bytes | bytearray, max_bytes: int, who: int) -> tuple[int, int] | None:
+    """(start, end) of the head lines, skipping leading empty lines (RFC 9112 §2.2).
+    ``who``: 400 for a request head (too large: 431), 502 for a response's."""
     start = 0
     while buf.startswith(CRLF, start):
         start += 2
@@ -130,14 +131,15 @@ def _head_bounds(buf: bytes | bytearray, max_bytes: int, error: HeadError) -> tu
         # A head ended by bare LFs: refused (README), not waited on until the
         # handshake timeout; RFC 9112 §2.2 lets a recipient refuse bare LF. The
         # same answer whether or not a CRLF CRLF follows (whole or trickled).
-        raise HeadError(error.status if error.status == 502 else 400, "bare LF in the head", error.outcome)
+        raise HeadError(who, "bare LF in the head", "bad_request" if who == 400 else "origin_error")
     if end < 0:
-        if len(buf) > max_bytes:
-            raise error
-        return None
-    if end + 4 > max_bytes:
-        raise error
-    return start, end
+        if len(buf) <= max_bytes:
+            return None
+    elif end + 4 <= max_bytes:
+        return start, end
+    if who == 400:
+        raise HeadError(431, "request head too large")
+    raise HeadError(502, "origin response head too large", "origin_error")
 
 
 def _fields(lines: list[bytes], who: int) -> list[tuple[bytes, bytes, bytes]]:
@@ -164,8 +166,10 @@ def parse_request_head(buf: bytes | bytearray, max_bytes: int) -> Request | None
     than HTTP/1.x, 400 for anything malformed.
     """
     try:
-        bounds = _head_bounds(buf, max_bytes, HeadError(431, "request head too large"))
-    except HeadError:
+        bounds = _head_bounds(buf, max_bytes, 400)
+    except HeadError as e:
+        if e.status != 431:
+            raise
         # The request line alone does not fit: 414, as nginx answers when it
         # overflows large_client_header_buffers (RFC 9110 §15.5.15).
         start = 0
@@ -276,7 +280,7 @@ def _check_status_start(buf: bytes | bytearray) -> None:
 
 def parse_response_head(buf: bytes | bytearray, max_bytes: int) -> Response | None:
     """Parse the origin's status line and fields (RFC 9112 §4); 502 when malformed."""
-    bounds = _head_bounds(buf, max_bytes, HeadError(502, "origin response head too large", "origin_error"))
+    bounds = _head_bounds(buf, max_bytes, 502)
     if bounds is None:
         _check_status_start(buf)
         return None

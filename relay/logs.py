@@ -64,12 +64,16 @@ class AccessRecord(msgspec.Struct, omit_defaults=False):
     duration_s: float
     bytes_up: int
     bytes_down: int
-    origin: str
+    origin: str           # the origin that served it, or the last one tried
+    pool: str             # the pool it was routed to ("" when none)
+    tries: int            # origins tried (more than 1: failed over)
     user_agent: str
     x_forwarded_for: str  # as the client sent it
     request_id: str       # the X-Request-ID the origin got
     #: which data plane relayed the session (relay/native): "native" or "python"
     data_plane: str = "python"
+    tls_version: str = ""     # "TLSv1.3", "TLSv1.2"; "" on a plain listener
+    tls_resumed: bool = False  # the TLS session was resumed (a ticket), not a full handshake
 
 
 _encode = msgspec.json.Encoder().encode
@@ -121,7 +125,7 @@ class AccessLog:
         return AccessRecord(time="", worker=self.worker, client=client,
                             method=_text(method, 32), path=_text(path),
                             status=0, outcome="", handshake_ms=0.0, duration_s=0.0,
-                            bytes_up=0, bytes_down=0, origin="", user_agent=_text(user_agent),
+                            bytes_up=0, bytes_down=0, origin="", pool="", tries=0, user_agent=_text(user_agent),
                             x_forwarded_for=_text(x_forwarded_for), request_id=request_id)
 
     def write(self, record: AccessRecord) -> None:

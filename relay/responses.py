@@ -43,6 +43,13 @@ _HEAD_ONLY: dict[int, bytes] = {status: answer[: answer.index(b"\r\n\r\n") + 4]
                                 for status, answer in REFUSALS.items()}
 
 
+# nginx's answer to plain HTTP on an HTTPS port (its 497), as a 400.
+PLAIN_HTTP_ON_TLS_BODY = b"400 bad request: a plain HTTP request was sent to a TLS port (use https:// or wss://)\n"
+PLAIN_HTTP_ON_TLS = (b"HTTP/1.1 400 Bad Request\r\nServer: wsrelay\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(PLAIN_HTTP_ON_TLS_BODY)
+                     + PLAIN_HTTP_ON_TLS_BODY)
+
+
 def refusal(status: int, head_request: bool = False) -> bytes:
     """The canned answer for ``status`` (500 for one we have none for);
     without its body when answering a HEAD request."""

@@ -19,14 +19,17 @@ if TYPE_CHECKING:
 
     from relay.context import Context
     from relay.logs import AccessRecord
+    from relay.origins.pool import OriginConn
 
 
 class Connection(Protocol):
     """What a server may do with the client's connection."""
 
     ctx: "Context"         # the worker's context
-    client_ip: str         # the client's address
+    client_ip: str         # the client's address (a PROXY header's, when there is one)
+    trusted: bool          # the client is in RELAY_TRUSTED_PROXIES (X-Forwarded-For, X-Request-ID kept)
     started: float         # time.monotonic() of the request's first byte
+    parked_origin: "OriginConn | None"  # RELAY_ORIGIN_PROXY_PROTOCOL=v2: this client's idle origin connection
 
     def send(self, data: bytes) -> None: ...
     def reading(self, on: bool) -> None: ...       # read from the client, or stop
@@ -36,6 +39,7 @@ class Connection(Protocol):
                upgrade: bool = False) -> None: ...  # the relay's own answer, then close
     def reset(self) -> None: ...                   # abort with a reset (an answer broke off)
     def hand_over(self) -> "asyncio.Transport": ...  # the socket becomes a tunnel's
+    def origin_header(self) -> bytes: ...          # the PROXY v2 header for this client's origin connections
 
 
 class Server(Protocol):

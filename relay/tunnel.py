@@ -101,7 +101,11 @@ class Side(asyncio.BufferedProtocol):
             return False
         if peer.transport.can_write_eof():
             peer.transport.write_eof()
-        return True  # keep our write side open: the other direction may go on
+        else:  # TLS has no half-close (uvloop): close_notify after what is buffered
+            peer.transport.close()
+        # Keep our write side open, the other direction may go on: TCP can
+        # (half-close); TLS cannot (uvloop closes after the client's close_notify).
+        return self.transport.can_write_eof()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -133,7 +137,8 @@ class Tunnel:
     :attr:`counts_messages`) are where another mode's tunnel class differs
     (relay/frames_tunnel.py)."""
 
-    __slots__ = ("client", "origin", "on_end", "started", "last_bytes", "last_active", "ended", "record")
+    __slots__ = ("client", "origin", "on_end", "started", "last_bytes", "last_active", "ended", "record",
+                 "upstream")
 
     #: the protocol of each socket; relay.frames_tunnel swaps in its own
     side_class = Side
@@ -180,13 +185,18 @@ class Tunnel:
         self.on_end = on_end
         #: what the access log says of this session; finished by on_end
         self.record = record
+        #: the origin (relay/origins/balance.Member) whose connection count it holds
+        self.upstream = None
         self.started = time.monotonic()
         self.last_bytes = 0
         self.last_active = self.started
         self.ended = False
         for side in (self.client, self.origin):
             t = side.transport
-            t.set_write_buffer_limits(high=0)
+            # A TLS transport copies what it is given into OpenSSL at once, and
+            # with a high-water mark of 0 would report itself paused after every
+            # write (its buffer size is 0 >= 0): 1 pauses only when records wait.
+            t.set_write_buffer_limits(high=0 if t.get_extra_info("ssl_object") is None else 1)
             t.set_protocol(_HOP)
             t.set_protocol(side)
 

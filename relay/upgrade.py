@@ -1,8 +1,9 @@
 """An admitted upgrade, from its request to a running tunnel (README, "What
-happens at the edge"): connect to an origin, forward the head, read the
-answer; on a valid ``101`` the tunnel for ``RELAY_MODE`` takes both sockets,
-on any other answer the origin's refusal is relayed and the connection
-closes.
+happens at the edge"): connect to an origin of its pool (relay/origins/dial.py),
+forward the head, read the answer; on a valid ``101`` the tunnel for
+``RELAY_MODE`` takes both sockets, on any other answer the origin's refusal
+is relayed and the connection closes. Every failure is counted against the
+origin that failed (relay/origins/outlier.py), every answer for it.
 
 The admission slot :mod:`relay.gate` took is this object's until the tunnel
 exists, then the tunnel's: given back here on every path that ends without
@@ -15,16 +16,23 @@ import asyncio
 import logging
 import socket
 import time
+from typing import TYPE_CHECKING
 
-from relay.errors import FramingError, HeadError, OriginClosed, OriginUnavailable
+from relay.errors import FramingError, HeadError, OriginClosed, OriginUnavailable, Refused
 from relay.http_body import BodyScanner
 from relay.handshake import check_upgrade_response
 from relay.headers import forward_head, response_head
 from relay.http_head import Request, Response, body_framing
 from relay.logs import AccessRecord
-from relay.seam import Connection
 from relay.origins.answer import UpgradeAnswer
+from relay.origins.dial import Dial
+from relay.seam import Connection
 
+if TYPE_CHECKING:
+    from relay.origins.balance import OriginPool
+
+#: an origin's own answers that count as its failure (Envoy's gateway errors)
+GATEWAY_ERRORS = frozenset({502, 503, 504})
 
 log = logging.getLogger("wsrelay.worker")
 
@@ -33,9 +41,12 @@ class Upgrade:
     """Serves one upgrade request (a :class:`relay.seam.Server`)."""
 
     def __init__(self, conn: Connection, req: Request, key: bytes, record: AccessRecord,
-                 rest: bytes, request_id: bytes) -> None:
+                 rest: bytes, request_id: bytes, pool: "OriginPool") -> None:
         self.conn = conn
         self.req = req
+        self.pool = pool
+        #: the origin being tried, and those tried before it
+        self.dial = Dial(pool, req)
         self.key = key
         self.record = record
         self.request_id = request_id
@@ -84,30 +95,46 @@ class Upgrade:
             self.holds_slot = False
             self.conn.ctx.admission.give(self.conn.client_ip)
 
+    def _note(self) -> None:
+        """The access log names the pool, the last origin tried and how many were."""
+        rec, dial = self.record, self.dial
+        rec.pool = self.pool.name
+        rec.origin = dial.last
+        rec.tries = dial.tries
+
     def _refuse(self, status: int, outcome: str) -> None:
         self._release()
+        self.dial.release()
+        self._note()
         self.conn.refuse(status, outcome, self.record, upgrade=True)
 
     async def _run(self) -> None:
         conn, ctx, rec = self.conn, self.conn.ctx, self.record
+        pool, dial = self.pool, self.dial
         origin_t: asyncio.Transport | None = None
         try:
-            failures = ctx.origins.failures
             try:
-                async with asyncio.timeout(ctx.settings.connect_timeout):
+                async with asyncio.timeout(pool.connect_timeout):
                     origin_t, answer, resp = await self._ask_origin()
             except TimeoutError:
-                failures.failed(rec.origin, "timeout", f"no answer to an upgrade within "
-                                f"RELAY_CONNECT_TIMEOUT={ctx.settings.connect_timeout:g}s", 504)
+                if dial.member is not None:
+                    pool.failed(dial.member, "timeout", f"no answer to an upgrade within "
+                                f"RELAY_CONNECT_TIMEOUT={pool.connect_timeout:g}s", 504)
                 return self._refuse(504, "timeout")
-            except OriginUnavailable as e:
-                rec.origin = e.origin
+            except (OriginUnavailable, OriginClosed, Refused) as e:  # counted where they happened
                 return self._refuse(e.status, e.outcome)
             except HeadError as e:
-                failures.failed(rec.origin, "bad answer", str(e))
+                pool.failed(dial.member, "invalid", str(e))
                 return self._refuse(e.status, e.outcome)
+            member = dial.member
+            self._note()
             if resp.status != 101:
+                if resp.status in GATEWAY_ERRORS:
+                    pool.failed(member, "status_5xx", f"{resp.status} to an upgrade", resp.status)
+                else:
+                    pool.answered(member)
                 self._release()
+                dial.release()
                 rec.status = resp.status
                 rec.outcome = "origin_rejected"
                 ctx.counters.upgrade("origin_rejected", resp.status)
@@ -119,8 +146,9 @@ class Upgrade:
                 check_upgrade_response(resp, self.key)
                 ctx.tunnel_class.check_response(resp, ctx.settings)  # frames mode: what the limit measures by
             except HeadError as e:
-                failures.failed(rec.origin, "bad answer", str(e))
+                pool.failed(member, "invalid", str(e))
                 return self._refuse(e.status, e.outcome)
+            pool.answered(member)
             handshake_s = time.monotonic() - conn.started
             rec.status = 101
             rec.outcome = "upgraded"
@@ -128,31 +156,37 @@ class Upgrade:
             ctx.counters.upgrade("upgraded", 101, handshake_s)
             data = bytes(answer.buf)
             self.holds_slot = False  # the tunnel's now: given back when it ends
+            dial.member = None  # and the origin's connection count too
             ctx.open_tunnel(conn.hand_over(), origin_t, rec, resp,
-                            head=data[:resp.head_len], to_client=data[resp.head_len:], to_origin=self.early)
+                            head=data[:resp.head_len], to_client=data[resp.head_len:], to_origin=self.early,
+                            upstream=member)
             origin_t = None
         finally:
             self._release()
+            dial.release()
             if origin_t is not None:
                 origin_t.abort()
 
     async def _ask_origin(self) -> tuple[asyncio.Transport, UpgradeAnswer, Response]:
         """Connect, send the head, await the final answer's head. An origin that
         closes without a byte of answer is left for the next (each once)."""
-        ctx = self.conn.ctx
-        head = forward_head(self.req, self.conn.client_ip, ctx.proto, True, self.request_id)
-        for tries_left in range(len(ctx.origins) - 1, -1, -1):
-            origin_t, answer, addr = await ctx.origins.connect(UpgradeAnswer)
-            self.record.origin = str(addr)
+        ctx, dial, conn = self.conn.ctx, self.dial, self.conn
+        head = forward_head(self.req, conn.client_ip, conn.proto, True, self.request_id, trusted=conn.trusted,
+                            own=conn.own_header)
+        first = conn.origin_header() if ctx.origin_proxy_v2 else b""
+        while True:
+            origin_t, answer = await dial.connect(UpgradeAnswer, first)
             origin_t.write(head)
             try:
                 return origin_t, answer, await answer.head
             except OriginClosed as e:
-                ctx.origins.failures.failed(str(addr), "closed", str(e))
+                self.pool.failed(dial.member, "closed", str(e))
                 origin_t.abort()
-                if not tries_left:
+                if dial.choose() is None:
                     raise
-        raise AssertionError("not reached")
+            except BaseException:
+                origin_t.abort()
+                raise
 
 
 # -- an origin's refusal, relayed -------------------------------------------------------

@@ -36,6 +36,7 @@ import msgspec
 
 from relay import __version__, logs, shared_memory
 from relay.config import Settings
+from relay.origins.table import OriginTable
 
 log = logging.getLogger("wsrelay.worker")
 
@@ -61,24 +62,36 @@ class Handoff(msgspec.Struct, frozen=True):
     generation: int
     nslots: int
     shared_fd: int
+    origins_fd: int        # relay/origins/table.py
     ready_fd: int
     sockets: tuple[int, ...]
     layout: str            # the supervisor's relay.shared_memory.fingerprint()
     log_level: int         # the supervisor's root logger level
     settings: msgspec.Raw  # relay.config.Settings, decoded after the layout check
+    # TLS (workers/tls.py): which of ``sockets`` serve TLS, each certificate's
+    # chain + key and the client CA as sealed memfds, the ticket key store.
+    tls: tuple[bool, ...] = ()
+    tls_cert_fds: tuple[int, ...] = ()
+    tls_names: tuple[tuple[str, ...], ...] = ()
+    tls_ca_fd: int = -1
+    tls_keys_fd: int = -1
 
     def fds(self) -> tuple[int, ...]:
-        return (self.shared_fd, self.ready_fd, *self.sockets)
+        tls = (*self.tls_cert_fds, *(fd for fd in (self.tls_ca_fd, self.tls_keys_fd) if fd >= 0))
+        return (self.shared_fd, self.origins_fd, self.ready_fd, *self.sockets, *tls)
 
 
 # -- the supervisor's side ------------------------------------------------------------
 
 def handoff(settings: Settings, index: int, slot: int, generation: int, state: shared_memory.SharedState,
-            ready_fd: int, socks: list[socket.socket]) -> Handoff:
+            ready_fd: int, socks: list[socket.socket], origins_fd: int, tls_flags: list[bool] | None = None,
+            tls: dict | None = None) -> Handoff:
     return Handoff(protocol=PROTOCOL, index=index, slot=slot, generation=generation, nslots=state.nslots,
-                   shared_fd=state.fd, ready_fd=ready_fd, sockets=tuple(s.fileno() for s in socks),
+                   shared_fd=state.fd, origins_fd=origins_fd, ready_fd=ready_fd,
+                   sockets=tuple(s.fileno() for s in socks),
                    layout=shared_memory.fingerprint(), log_level=logging.getLogger().getEffectiveLevel(),
-                   settings=msgspec.Raw(msgspec.json.encode(settings)))
+                   settings=msgspec.Raw(msgspec.json.encode(settings)),
+                   tls=tuple(tls_flags or ()), **(tls or {}))
 
 
 def command(h: Handoff) -> tuple[list[str], dict[str, str]]:
@@ -156,12 +169,13 @@ def main() -> int:
         for fd in h.fds():
             os.set_inheritable(fd, False)
         state = shared_memory.SharedState.attach(h.shared_fd, h.nslots)
+        origins = OriginTable.attach(h.origins_fd, h.nslots)
         socks = [socket.socket(fileno=fd) for fd in h.sockets]
         log.info("worker %d (pid %d) running wsrelay %s, generation %d", h.index, os.getpid(), __version__,
                  h.generation)
         from workers import worker
 
-        return worker.run(settings, socks, h.index, h.slot, state, h.ready_fd)
+        return worker.run(settings, socks, h.index, h.slot, state, h.ready_fd, origins, h)
     except BaseException:  # noqa: BLE001 - report and exit with 1
         log.exception("worker %d failed", h.index)
         return 1

@@ -19,6 +19,11 @@ it, a second wsrelay — or anything else — on an address already served gets
 the sockets of the addresses it still serves (:meth:`Listeners.prepare`),
 so its new generation inherits them too.
 
+``RELAY_TLS_LISTEN`` addresses are bound the same way; :attr:`Listeners.tls`
+says, socket by socket, which ones the workers serve with TLS. Under socket
+activation, a socket whose ``FileDescriptorName=`` starts with ``tls`` is a
+TLS listener (deploy/wsrelay.socket).
+
 :func:`holder` names the process that holds a port, for the error message
 (``/proc/net/tcp*`` and ``/proc/*/fd``: only what this user may see).
 """
@@ -33,6 +38,7 @@ from collections.abc import Iterable
 from relay.config import Address, Settings
 from relay.errors import ConfigError
 from workers import systemd
+from workers.tls import Tls
 
 
 class Listeners:
@@ -44,29 +50,37 @@ class Listeners:
     held is closed once no generation uses it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, environ=None) -> None:
         self.current: list[socket.socket] = []
         self.running: list[socket.socket] = []
         #: every socket held -> its address (None when systemd handed it over)
         self.held: dict[socket.socket, Address | None] = {}
         self.activated = False
-        #: the RELAY_LISTEN the current sockets were bound for
-        self.listen: tuple[Address, ...] = ()
+        #: the addresses the current sockets were bound for, each with its TLS flag
+        self.listen: tuple[tuple[Address, bool], ...] = ()
+        #: per socket of ``current``: served with TLS
+        self.is_tls: list[bool] = []
+        #: the TLS listeners' certificates and ticket keys, which move with them
+        self.tls = Tls(environ)
+        self.running_tls: list[bool] = []
 
     def open(self, settings: Settings) -> None:
-        """Take systemd's sockets, or bind ``RELAY_LISTEN``; raises ConfigError."""
+        """Take systemd's sockets, or bind ``RELAY_LISTEN`` and ``RELAY_TLS_LISTEN``; raises ConfigError."""
         activated = systemd.listen_fds()
         if activated:
             self.activated = True
-            for sock in activated:
+            for sock, _name in activated:
                 sock.setblocking(False)
-            self.held = dict.fromkeys(activated)
-            self.current = activated
+            self.current = [sock for sock, _name in activated]
+            self.held = dict.fromkeys(self.current)
+            self.is_tls = [name.startswith("tls") for _sock, name in activated]
         else:
             self.current = _bind_all(settings, {})
-            self.held = dict(zip(self.current, settings.listen))
-        self.running = self.current
-        self.listen = settings.listen
+            self.held = dict(zip(self.current, (a for a, _tls in addresses(settings))))
+            self.is_tls = [tls for _a, tls in addresses(settings)]
+        self.running, self.running_tls = self.current, self.is_tls
+        self.listen = addresses(settings)
+        self.tls.open(settings)
 
     def prepare(self, settings: Settings, reloading: bool) -> None:
         """A reload to ``settings``: when ``RELAY_LISTEN`` changed, sockets for
@@ -74,28 +88,36 @@ class Listeners:
         (nothing changes then). ``reloading``: an earlier reload is still
         starting (its sockets are not the running ones and are closed if this
         one does not use them)."""
-        if settings.listen == self.listen:
+        self.tls.prepare(settings, reloading)
+        if addresses(settings) == self.listen:
             return
-        socks = _bind_all(settings, self.held)
-        for addr, sock in zip(settings.listen, socks):
+        try:
+            socks = _bind_all(settings, self.held)
+        except ConfigError:
+            self.tls.rollback()
+            raise
+        for (addr, _tls), sock in zip(addresses(settings), socks):
             self.held.setdefault(sock, addr)
         if not reloading:
-            self.running = self.current
+            self.running, self.running_tls = self.current, self.is_tls
         self._close_all_but((*self.running, *socks))
         self.current = socks
-        self.listen = settings.listen
+        self.is_tls = [tls for _a, tls in addresses(settings)]
+        self.listen = addresses(settings)
 
     def commit(self) -> None:
         """The reload's generation accepts: the old sockets go."""
         self._close_all_but(self.current)
-        self.running = self.current
+        self.running, self.running_tls = self.current, self.is_tls
+        self.tls.commit()
 
     def rollback(self, settings: Settings) -> None:
         """The reload was refused: back to the running generation's sockets
         (``settings``: the running generation's)."""
         self._close_all_but(self.running)
-        self.current = self.running
-        self.listen = settings.listen
+        self.current, self.is_tls = self.running, self.running_tls
+        self.listen = addresses(settings)
+        self.tls.rollback()
 
     def close(self) -> None:
         """Drain: once the workers close theirs, new connections are refused, not queued."""
@@ -106,8 +128,13 @@ class Listeners:
         """The port of the first listening socket (the demo's, and tests')."""
         return self.current[0].getsockname()[1]
 
+    @property
+    def tls_port(self) -> int | None:
+        """The port of the first TLS listening socket, if any."""
+        return next((s.getsockname()[1] for s, tls in zip(self.current, self.is_tls) if tls), None)
+
     def names(self) -> str:
-        return ", ".join(_sockname(s) for s in self.current)
+        return ", ".join(_sockname(s) + (" (TLS)" if tls else "") for s, tls in zip(self.current, self.is_tls))
 
     def _close_all_but(self, keep) -> None:
         for sock in list(self.held):
@@ -116,8 +143,13 @@ class Listeners:
                 sock.close()
 
 
+def addresses(settings: Settings) -> tuple[tuple[Address, bool], ...]:
+    """Every address to listen on, with whether it serves TLS: RELAY_LISTEN, then RELAY_TLS_LISTEN."""
+    return tuple((a, False) for a in settings.listen) + tuple((a, True) for a in settings.tls_listen)
+
+
 def _bind_all(settings: Settings, held: dict[socket.socket, Address | None]) -> list[socket.socket]:
-    """One listening socket per ``RELAY_LISTEN`` address: the one in ``held``
+    """One listening socket per address (:func:`addresses`): the one in ``held``
     when this relay serves that address already, else a new one, never shared
     with another process. Raises ConfigError naming the address when one
     cannot be bound; nothing bound here is then kept."""
@@ -125,16 +157,17 @@ def _bind_all(settings: Settings, held: dict[socket.socket, Address | None]) -> 
     socks: list[socket.socket] = []
     fresh: list[socket.socket] = []
     try:
-        for addr in settings.listen:
+        for addr, tls in addresses(settings):
+            variable = "RELAY_TLS_LISTEN" if tls else "RELAY_LISTEN"
             sock = reuse.get(addr)
             if sock is None:
                 try:
                     sock = bind(addr, settings.backlog)
                 except OSError as e:
                     if held and holder(addr.port, pids=[str(os.getpid())]):
-                        raise ConfigError([f"RELAY_LISTEN: {addr} overlaps an address this relay serves now; "
+                        raise ConfigError([f"{variable}: {addr} overlaps an address this relay serves now; "
                                            f"moving between overlapping addresses needs a restart"]) from None
-                    line = why("RELAY_LISTEN", addr, e)
+                    line = why(variable, addr, e)
                     if e.errno == errno.EADDRINUSE:
                         line += ": refusing to share it with another process; stop that one or choose another address"
                     raise ConfigError([line]) from None

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import msgspec
 
-from metrics.source import History, LiveWorker, Source
+from metrics.source import History, LiveWorker, OriginFigures, Source
 from relay import __version__
 from relay.config import Settings
 from relay.errors import ConfigError
@@ -58,7 +58,10 @@ class Status:
                         live=lambda: [LiveWorker(w.index, w.pid, sup.shared.values(w.slot)) for w in sup.workers],
                         indices=lambda: sup.settings.effective_workers(), clients=sup.shared.total_clients,
                         limit=lambda: sup.shared.limit, restarts=lambda: sup.restarts.count,
-                        data_plane=lambda: sup.settings.effective_data_plane())
+                        data_plane=lambda: sup.settings.effective_data_plane(),
+                        certificates=sup.listeners.tls.expiries,
+                        origins=lambda: [OriginFigures(*f) for f in sup.origins.figures()],
+                        cluster=lambda: sup.limits.figures())
         addr = sup.settings.metrics_listen
         try:
             self.endpoint = serve(addr.host, addr.port, source, self.healthy, self.ready, self.config)

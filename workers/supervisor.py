@@ -13,34 +13,33 @@ current generation lacks; :meth:`_reap` collects the dead.
 An upgrade whose shared-memory layout differs cannot join the running
 supervisor: its workers exit with :data:`workers.child.EXIT_LAYOUT` before
 touching shared memory, and the reload is refused as a bad env file would be
-(the running generation keeps serving; nothing restarts in a loop).
-
-Its parts: the listening sockets (workers/listeners.py), the worker table
-and restart backoff (workers/workerset.py), signals (workers/signals.py),
-what the operator sees (workers/status.py).
+(the running generation keeps serving; nothing restarts in a loop). Parts:
+sockets and TLS (workers/listeners.py, tls.py), workers and restarts (workerset.py),
+signals (signals.py), the client limit (cluster.py), origin health (health.py), status (status.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import selectors
 import signal
 import time
-from typing import NamedTuple
 
 import msgspec
 
 from metrics.source import History
 from relay import __version__, native
-from relay.config import Settings, load
+from relay.config import RESTART_ONLY, Settings, load
 from relay.errors import ConfigError
 from relay.shared_memory import SharedState
-from workers import child, pidfile, proctitle, systemd
+from workers import child, cluster, pidfile, proctitle, systemd
+from workers.health import Origins
 from workers.listeners import Listeners
-from workers.status import Status
-from workers.workerset import Restarts, Worker, WorkerSet
 from workers.signals import SignalQueue
+from workers.status import Status
+from workers.workerset import Reload, Restarts, Worker, WorkerSet
 
 log = logging.getLogger("wsrelay")
 
@@ -48,13 +47,6 @@ log = logging.getLogger("wsrelay")
 # its heartbeat, metrics/counters.py) is stuck — a blocking call, a runaway loop — and
 # serves nobody: it is killed and replaced, as gunicorn does with --timeout.
 HUNG_AFTER = 10.0
-
-
-class Reload(NamedTuple):
-    """A reload in progress: the generation it starts and what a refusal goes back to."""
-
-    generation: int
-    before: Settings
 
 
 class Supervisor:
@@ -74,7 +66,7 @@ class Supervisor:
         self.history = History()  # counters of dead workers, per index
         self.sel = selectors.DefaultSelector()
         self.status = Status(self)
-        self.listeners = Listeners()
+        self.listeners = Listeners(environ)
         self.exit_code = 0
 
     # -- public -------------------------------------------------------------------
@@ -96,10 +88,13 @@ class Supervisor:
         self.listeners.open(s)
         n = s.effective_workers()
         self.shared = SharedState(max(64, 4 * n), s.max_clients)
+        self.origins = Origins(self.shared.nslots)
+        self.origins.configure(s, self.generation, ())
         self.signals = SignalQueue(self.sel, (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD,
                                               signal.SIGQUIT))
         if s.metrics_listen is not None:
             self.status.start_endpoint(self.sel)
+        self.limits = cluster.limits(s, self.shared)  # RELAY_MAX_CLIENTS, or a lease of the fleet's limit
         log.info("wsrelay %s listening on %s (%s), %d workers, origin %s, mode %s, %s",
                  __version__, self.listeners.names(),
                  "socket-activated" if self.listeners.activated else "bound", n,
@@ -119,6 +114,8 @@ class Supervisor:
                 break
         log.info("wsrelay stopped")
         self.status.close()
+        self.origins.close()
+        self.limits.close()
         return self.exit_code
 
     # -- signals --------------------------------------------------------------------
@@ -150,24 +147,25 @@ class Supervisor:
             return
         try:
             new = load(self.environ, self.env_file)
+            self.origins.check(new, {w.generation for w in self.workers})
             self.listeners.prepare(new, reloading=self.reload is not None)
         except ConfigError as e:
             for line in e.lines:
                 log.error("reload refused, still serving the running configuration: %s", line)
             self.status.reloaded(e.lines)
             return
-        for name in ("metrics_listen", "pid_file"):
+        for name in RESTART_ONLY:
             if getattr(new, name) != getattr(self.settings, name):
                 log.warning("RELAY_%s changes need a restart; keeping %s", name.upper(),
-                            getattr(self.settings, name) or "none")
-        new = msgspec.structs.replace(new, metrics_listen=self.settings.metrics_listen,
-                                      pid_file=self.settings.pid_file)
+                            self.settings.to_dict()["RELAY_" + name.upper()] or "none")
+        new = msgspec.structs.replace(new, **{name: getattr(self.settings, name) for name in RESTART_ONLY})
         before = self.reload.before if self.reload is not None else self.settings
         self.settings = new
-        self.shared.limit = new.max_clients
+        self.limits.configure(new)
         # The new generation inherits the supervisor's level (workers/child.py).
         logging.getLogger().setLevel(getattr(logging, new.log_level.upper()))
         self.generation += 1
+        self.origins.configure(new, self.generation, {w.generation for w in self.workers})
         self.reload = Reload(self.generation, before)
         self.restarts.reset(blocked_too=True)
         systemd.notify("RELOADING=1")
@@ -194,7 +192,9 @@ class Supervisor:
         self.shared.reset_slot(slot)
         r, w = os.pipe()
         handoff = child.handoff(self.settings, index, slot, self.generation, self.shared, w,
-                                self.listeners.current)
+                                self.listeners.current, self.origins.table.fd,
+                                self.listeners.is_tls, self.listeners.tls.handoff())
+        self.origins.table.slot_started(slot)
         argv, env = child.command(handoff)
         pid = os.fork()
         if pid == 0:  # the child: a fresh interpreter, keeping only what the hand-off names
@@ -258,10 +258,8 @@ class Supervisor:
             if w is None:
                 continue
             if w.ready_fd >= 0:
-                try:
+                with contextlib.suppress(KeyError, ValueError):
                     self.sel.unregister(w.ready_fd)
-                except (KeyError, ValueError):
-                    pass
                 os.close(w.ready_fd)
             self._retire(w)
             code = os.waitstatus_to_exitcode(status)
@@ -289,7 +287,8 @@ class Supervisor:
             self.workers.signal(signal.SIGTERM, only=lambda x: x in failed)
             self.settings = prev = self.reload.before
             self.listeners.rollback(prev)
-            self.shared.limit = prev.max_clients
+            self.limits.configure(prev)
+            self.origins.configure(prev, self.generation, {x.generation for x in self.workers})
             # The running workers are the current generation again.
             for x in self.workers:
                 if not x.draining:
@@ -313,6 +312,7 @@ class Supervisor:
         """Fold a dead worker's counters into its index's history, give back its clients."""
         self.history.fold(w.index, self.shared.values(w.slot))
         self.shared.reset_slot(w.slot)
+        self.origins.table.retire_slot(w.slot)
 
     # -- timers ------------------------------------------------------------------------
     def _timeout(self) -> float:
@@ -328,7 +328,7 @@ class Supervisor:
         return t
 
     def _tick(self) -> None:
-        now = time.monotonic()
+        self.listeners.tls.tick(now := time.monotonic())  # ticket key rotation (workers/tls.py)
         self.status.expire()
         fresh, stuck = self.workers.check_heartbeats(lambda w: self.shared.counters(w.slot).last_heartbeat,
                                                      now, HUNG_AFTER)

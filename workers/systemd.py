@@ -38,17 +38,19 @@ def watchdog_interval() -> float | None:
     return int(usec) / 2e6
 
 
-def listen_fds() -> list[socket.socket]:
+def listen_fds() -> list[tuple[socket.socket, str]]:
+    """The sockets passed to us, each with its ``FileDescriptorName=`` ("" if none)."""
     if os.environ.get("LISTEN_PID") != str(os.getpid()):
         return []
     try:
         count = int(os.environ.get("LISTEN_FDS", "0"))
     except ValueError:
         return []
+    names = os.environ.get("LISTEN_FDNAMES", "").split(":")
     for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(key, None)
     socks = []
-    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count):
+    for i, fd in enumerate(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count)):
         os.set_inheritable(fd, False)
-        socks.append(socket.socket(fileno=fd))
+        socks.append((socket.socket(fileno=fd), names[i] if i < len(names) else ""))
     return socks

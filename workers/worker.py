@@ -28,6 +28,7 @@ from relay.client import ClientConnection
 from relay.config import Settings
 from relay.context import Context
 from relay.frames_tunnel import GOING_AWAY, SERVICE_RESTART
+from relay.origins.table import OriginTable
 from relay.shared_memory import Admission, SharedState
 from workers.accept import Acceptor
 
@@ -35,7 +36,7 @@ log = logging.getLogger("wsrelay.worker")
 
 
 def run(settings: Settings, socks: list[socket.socket], index: int, slot: int,
-        shared: SharedState, ready_fd: int) -> int:
+        shared: SharedState, ready_fd: int, origins: OriginTable, handoff=None) -> int:
     """Serve until drained; returns the exit code. Called by workers/child.py in
     a fresh interpreter the supervisor forked and exec'd."""
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD, signal.SIGUSR1):
@@ -46,20 +47,22 @@ def run(settings: Settings, socks: list[socket.socket], index: int, slot: int,
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
-        return loop.run_until_complete(_serve(settings, socks, index, slot, shared, ready_fd))
+        return loop.run_until_complete(_serve(settings, socks, index, slot, shared, ready_fd, origins, handoff))
     finally:
         loop.close()
 
 
-def head_phase(ctx: Context, sock: socket.socket) -> str:
-    """Who reads the request heads of this listener's connections: ``"native"``
+def head_phase(ctx: Context, is_tls: bool) -> str:
+    """Who reads the request heads of a listener's connections: ``"native"``
     (relay/native/front.py: accept and the head phase in C) for a plain
     listener when the native data plane serves this worker's tunnels (tunnel
     mode), unless ``WSRELAY_NATIVE_HANDSHAKE=0``; ``"python"`` (workers/accept.py
-    and relay/client.py) otherwise. A listener whose connections begin with
-    something before the request head (a PROXY protocol header, a TLS
-    handshake: states before HEAD in relay/client.py) is ``"python"``."""
-    if ctx.native is None:
+    and relay/client.py) otherwise. Connections that begin with something
+    before the request head (a TLS handshake, a PROXY protocol header: states
+    before HEAD in relay/client.py), whose origin connections begin with a
+    PROXY header (RELAY_ORIGIN_PROXY_PROTOCOL), or that may carry the edge's
+    own client-certificate header (RELAY_TLS_CLIENT_CA) are ``"python"``."""
+    if ctx.native is None or is_tls or ctx.proxy_protocol or ctx.origin_proxy_v2 or ctx.own_header is not None:
         return "python"
     from relay.native import front
 
@@ -67,7 +70,7 @@ def head_phase(ctx: Context, sock: socket.socket) -> str:
 
 
 async def _serve(settings: Settings, socks: list[socket.socket], index: int, slot: int,
-                 shared: SharedState, ready_fd: int) -> int:
+                 shared: SharedState, ready_fd: int, origins: OriginTable, handoff=None) -> int:
     fault = os.environ.get("WSRELAY_FAULT")
     if fault == "crash-on-start":
         # Fault injection for tests and chaos drills: a worker that cannot start.
@@ -76,21 +79,32 @@ async def _serve(settings: Settings, socks: list[socket.socket], index: int, slo
         # ... or every worker but the first one slow to start (5 s).
         await asyncio.sleep(5)
     loop = asyncio.get_running_loop()
-    ctx = Context(settings, index, Admission(shared, slot, settings.max_clients_per_ip), shared.counters(slot))
+    ctx = Context(settings, index, Admission(shared, slot, settings.max_clients_per_ip, settings.per_ip_v6_prefix),
+                  shared.counters(slot), origins, slot)
     # Our own accept loop, not loop.create_server: see workers/accept.py (EMFILE).
     for sock in socks:
         sock.listen(settings.backlog)  # a reload may change RELAY_BACKLOG on the same socket
     siblings = tuple(shared.counters(i) for i in range(shared.nslots) if i != slot)
-    native_socks = [sock for sock in socks if head_phase(ctx, sock) == "native"]
+    flags = tuple(handoff.tls) if handoff is not None and handoff.tls else (False,) * len(socks)
+    tls = tls_server(settings, handoff, ctx) if any(flags) else None
+
+    def factory(is_tls: bool):
+        # Which listener a connection came from decides what it needs: the TLS
+        # contexts (and X-Forwarded-Proto: https), or nothing.
+        if is_tls:
+            return lambda: ClientConnection(ctx, tls)
+        return lambda: ClientConnection(ctx)
+
+    native_socks = [sock for sock, is_tls in zip(socks, flags) if head_phase(ctx, is_tls) == "native"]
     servers: list = []
     if native_socks:
         from relay.native.front import NativeFront
 
         servers.append(NativeFront(ctx, native_socks, shared.values(slot),
                                    [shared.values(i) for i in range(shared.nslots) if i != slot]))
-    for sock in socks:
+    for sock, is_tls in zip(socks, flags):
         if sock not in native_socks:
-            acceptor = Acceptor(sock, lambda: ClientConnection(ctx), ctx.counters, siblings,
+            acceptor = Acceptor(sock, factory(is_tls), ctx.counters, siblings,
                                 lambda: len(ctx.connections) + len(ctx.tunnels))
             acceptor.start()
             servers.append(acceptor)
@@ -138,3 +152,19 @@ async def _serve(settings: Settings, socks: list[socket.socket], index: int, slo
             break
         await asyncio.sleep(0.05)
     return 0
+
+
+def tls_server(settings: Settings, handoff, ctx: Context):
+    """The TLS listeners' contexts, from what the supervisor checked and handed
+    over (workers/tls.py), and the shared ticket keys (relay/tls/tickets.py)."""
+    from relay.tls import openssl, tickets
+    from relay.tls.server import TlsServer, context
+
+    ca = f"/proc/self/fd/{handoff.tls_ca_fd}" if handoff.tls_ca_fd >= 0 else ""
+    shared_keys = handoff.tls_keys_fd >= 0 and openssl.HELPER is not None
+    contexts = [context(f"/proc/self/fd/{fd}", settings.tls_min_version, ca, settings.tls_client_verify,
+                        tickets=shared_keys) for fd in handoff.tls_cert_fds]
+    if shared_keys:
+        ctx.ticket_keys = tickets.WorkerKeys(tickets.KeyStore.attach(handoff.tls_keys_fd), openssl.set_keys)
+    header = settings.tls_client_header.encode() if settings.tls_client_ca else b""
+    return TlsServer(contexts, handoff.tls_names, settings.tls_strict_sni, header)

@@ -1,11 +1,22 @@
 """The supervisor's table of worker processes: who runs, in which generation,
-in which shared-memory slot, whether ready or draining."""
+in which shared-memory slot, whether ready or draining; and the record of a
+reload that is starting a generation."""
 
 from __future__ import annotations
 
 import os
 import time
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
+from relay.config import Settings
+
+
+class Reload(NamedTuple):
+    """A reload in progress: the generation it starts and what a refusal goes back to."""
+
+    generation: int
+    before: Settings
 
 
 class Worker:

@@ -28,7 +28,7 @@
  *   .listen(fd), .set_origins([[(host, port), ...], ...]), .balance(...),
  *   .hs_fileno(), .poll_handshakes(), .expire(), .accepting = bool
  *   front.on_head(id, req | None, ip)            -> must connect, refuse or detach
- *       .connect(id, start, req, request_id, token)   forward_head in C, origins from start
+ *       .connect(id, order, req, request_id, trusted, token)   forward_head in C, origins in order
  *       .refuse(id, answer)                           write, half-close, linger
  *       .detach(id) -> (client_fd, origin_fd, client_bytes, origin_bytes)
  *   front.on_response(id, token, resp | (status, reason, outcome), origin, attempts)
@@ -631,19 +631,47 @@ static PyObject *Engine_set_origins(EngineObject *self, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+/* The origins to ask, in order: a sequence of indices into set_origins()'s list. */
+#define MAX_ORDER 1024
+static int read_order(PyObject *seq, uint32_t *out, uint32_t *n) {
+    PyObject *fast = PySequence_Fast(seq, "connect(): order must be a sequence of origin indices");
+    if (!fast)
+        return -1;
+    Py_ssize_t len = PySequence_Fast_GET_SIZE(fast);
+    if (len < 1 || len > MAX_ORDER) {
+        Py_DECREF(fast);
+        PyErr_SetString(PyExc_ValueError, "connect(): order must name 1 to 1024 origins");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < len; i++) {
+        unsigned long v = PyLong_AsUnsignedLong(PySequence_Fast_GET_ITEM(fast, i));
+        if (v == (unsigned long)-1 && PyErr_Occurred()) {
+            Py_DECREF(fast);
+            return -1;
+        }
+        out[i] = (uint32_t)v;
+    }
+    *n = (uint32_t)len;
+    Py_DECREF(fast);
+    return 0;
+}
+
 static PyObject *Engine_connect(EngineObject *self, PyObject *args) {
     long long id;
-    unsigned int start;
-    PyObject *req, *token;
+    PyObject *order_seq, *req, *token;
     const char *rid;
     Py_ssize_t rid_len;
+    int trusted;
+    uint32_t order[MAX_ORDER], norder;
     CHECK_HS(self);
-    if (!PyArg_ParseTuple(args, "LIOy#O", &id, &start, &req, &rid, &rid_len, &token))
+    if (!PyArg_ParseTuple(args, "LOOy#pO", &id, &order_seq, &req, &rid, &rid_len, &trusted, &token))
         return NULL;
     if (!heads_is_request(req)) {
         PyErr_SetString(PyExc_TypeError, "connect(): req must be the Request this head phase delivered");
         return NULL;
     }
+    if (read_order(order_seq, order, &norder) < 0)
+        return NULL;
     hs_conn *c = hs_get(&self->hs, id);
     if (!c || c->state != H_DECIDE)
         Py_RETURN_FALSE;
@@ -654,13 +682,14 @@ static PyObject *Engine_connect(EngineObject *self, PyObject *args) {
     Py_ssize_t ip_len;
     const char *ips = PyUnicode_AsUTF8AndSize(ip, &ip_len);
     PyObject *head = ips ? heads_forward(req, ips, (size_t)ip_len, PyBytes_AS_STRING(self->proto),
-                                         (size_t)PyBytes_GET_SIZE(self->proto), 1, rid, (size_t)rid_len, "localhost", 9)
+                                         (size_t)PyBytes_GET_SIZE(self->proto), 1, rid, (size_t)rid_len, "localhost", 9,
+                                         trusted)
                          : NULL;
     Py_DECREF(ip);
     if (!head)
         return NULL;
     Py_INCREF(token);
-    int r = hs_connect(&self->hs, id, start, PyBytes_AS_STRING(head), (size_t)PyBytes_GET_SIZE(head), token);
+    int r = hs_connect(&self->hs, id, order, norder, PyBytes_AS_STRING(head), (size_t)PyBytes_GET_SIZE(head), token);
     Py_DECREF(head);
     if (!r)
         Py_DECREF(token);
@@ -863,8 +892,9 @@ static PyMethodDef Engine_methods[] = {
     {"refuse", (PyCFunction)Engine_refuse, METH_VARARGS,
      "refuse(id, answer): write it, half-close, linger up to 2 s discarding input, close."},
     {"connect", (PyCFunction)Engine_connect, METH_VARARGS,
-     "connect(id, start, req, request_id, token): forward req (forward_head in C) to the origins from "
-     "index start on, each once; the answer comes to front.on_response with token."},
+     "connect(id, order, req, request_id, trusted, token): forward req (forward_head in C; trusted keeps "
+     "the client's X-Forwarded-For) to the origins of order (indices of set_origins), each once; the answer "
+     "comes to front.on_response with token."},
     {"skip", (PyCFunction)Engine_skip, METH_VARARGS,
      "skip(id, n): the response head delivered was interim (1xx): drop its n bytes and read on."},
     {"detach", (PyCFunction)Engine_detach, METH_O,

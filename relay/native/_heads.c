@@ -333,30 +333,31 @@ static PyObject *parse_request_head(PyObject *m, PyObject *args) { return parse(
 static PyObject *parse_response_head(PyObject *m, PyObject *args) { return parse(args, 1); }
 
 PyObject *heads_forward(PyObject *req, const char *ip, size_t ip_len, const char *proto, size_t proto_len,
-                        int upgrade, const char *rid, size_t rid_len, const char *dhost, size_t dhost_len) {
+                        int upgrade, const char *rid, size_t rid_len, const char *dhost, size_t dhost_len,
+                        int trusted) {
     HeadObject *o = (HeadObject *)req;
     size_t cap = hh_forward_size(&o->h, ip_len, proto_len, rid_len, dhost_len);
     PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)cap);
     if (!out)
         return NULL;
     size_t n = hh_forward(RAW(o), &o->h, ip, ip_len, proto, proto_len, upgrade, rid, rid_len, dhost, dhost_len,
-                          PyBytes_AS_STRING(out));
+                          trusted, PyBytes_AS_STRING(out));
     if (_PyBytes_Resize(&out, (Py_ssize_t)n) < 0)
         return NULL;
     return out;
 }
 
 static PyObject *forward_head(PyObject *m, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"req", "client_ip", "proto", "upgrade", "request_id", "default_host", NULL};
+    static char *kwlist[] = {"req", "client_ip", "proto", "upgrade", "request_id", "default_host", "trusted", NULL};
     PyObject *req;
     const char *ip, *proto, *rid = "", *dhost = "localhost";
     Py_ssize_t ip_len, proto_len, rid_len = 0, dhost_len = 9;
-    int upgrade;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!s#y#p|y#y#", kwlist, &RequestType, &req, &ip, &ip_len, &proto,
-                                     &proto_len, &upgrade, &rid, &rid_len, &dhost, &dhost_len))
+    int upgrade, trusted = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!s#y#p|y#y#p", kwlist, &RequestType, &req, &ip, &ip_len, &proto,
+                                     &proto_len, &upgrade, &rid, &rid_len, &dhost, &dhost_len, &trusted))
         return NULL;
     return heads_forward(req, ip, (size_t)ip_len, proto, (size_t)proto_len, upgrade, rid, (size_t)rid_len, dhost,
-                         (size_t)dhost_len);
+                         (size_t)dhost_len, trusted);
 }
 
 static PyMethodDef heads_functions[] = {
@@ -365,7 +366,7 @@ static PyMethodDef heads_functions[] = {
     {"parse_response_head", (PyCFunction)parse_response_head, METH_VARARGS,
      "parse_response_head(buf, max_bytes) -> Response | None; raises relay.errors.HeadError"},
     {"forward_head", (PyCFunction)(void (*)(void))forward_head, METH_VARARGS | METH_KEYWORDS,
-     "forward_head(req, client_ip, proto, upgrade, request_id=b'', default_host=b'localhost') -> bytes "
+     "forward_head(req, client_ip, proto, upgrade, request_id=b'', default_host=b'localhost', trusted=False) -> bytes "
      "(relay.headers.forward_head)"},
     {NULL, NULL, 0, NULL},
 };

@@ -15,6 +15,7 @@ int heads_is_request(PyObject *o);
 /* The bytes and the parse of a view. */
 const char *heads_raw(PyObject *o, const hh_head **h);
 PyObject *heads_forward(PyObject *req, const char *ip, size_t ip_len, const char *proto, size_t proto_len,
-                        int upgrade, const char *rid, size_t rid_len, const char *dhost, size_t dhost_len);
+                        int upgrade, const char *rid, size_t rid_len, const char *dhost, size_t dhost_len,
+                        int trusted);
 
 #endif

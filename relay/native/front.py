@@ -18,18 +18,22 @@ same sans-I/O pieces as relay/client.py and relay/upgrade.py:
   to the Python plane with every byte read (:meth:`NativeFront._to_python`,
   a relay/client.py ``ClientConnection`` through relay/seam.py's interface),
   which parses and answers it as if it had read it;
-- validation, the path and ``Origin`` rules and admission (relay/gate.py,
-  the one place that decides whether a request is served), the refusals
-  and their answers (relay/responses.py), the request id, the round-robin
-  start (relay/origins/dial.py), the forwarded head's policy (forward_head,
-  in C, the compiled twin of relay/headers.py's), the order of origins;
+- validation, the route, the path and ``Origin`` rules and admission
+  (relay/gate.py, the one place that decides whether a request is served
+  and by which pool), the refusals and their answers (relay/responses.py),
+  the request id, the origin its pool's balancer chooses (relay/origins/,
+  with the connection count it holds) and the order of the others, the
+  forwarded head's policy (forward_head, in C, the compiled twin of
+  relay/headers.py's, a trusted proxy's X-Forwarded-For kept);
 - the answer: interim ``1xx`` skipped, a ``101`` checked against the key
   (relay/handshake.py) before the pump takes both sockets, any other status
   relayed with its whole body by the Python plane (relay/upgrade.py's
   ``HandedOverRefusal`` on the sockets and bytes handed over);
 - counting (metrics/counters.py), the access log (relay/logs.py: records are
-  built only while it is on), the failure log (relay/origins/report.py,
-  from each failed attempt C reports).
+  built only while it is on), each origin's passive health and failure
+  lines (relay/origins/balance.py, from each failed attempt C reports). C
+  does not time its connects: ``wsrelay_origin_connect_seconds`` has the
+  Python plane's only.
 
 Origins given as host names are resolved off the loop when the worker starts
 and every :data:`RESOLVE_EVERY` seconds after (the Python plane resolves at
@@ -55,10 +59,12 @@ from relay.client import ClientConnection, unparsed_record
 from relay.context import Context
 from relay.errors import HeadError, OriginClosed, RelayError
 from relay.handshake import check_upgrade_response, is_upgrade
-from relay.logs import new_request_id
+from relay.headers import request_id_for
 from relay.native.plane import NativeTunnel, _share_strings
+from relay.origins.balance import Member
+from relay.origins.dial import Dial
 from relay.responses import refusal
-from relay.upgrade import HandedOverRefusal
+from relay.upgrade import GATEWAY_ERRORS, HandedOverRefusal
 from workers.accept import LOG_EVERY, PAUSE
 
 log = logging.getLogger("wsrelay.worker")
@@ -88,7 +94,7 @@ class NativeConnection:
     reads, finishes) goes to the Python plane whole, through
     :meth:`NativeFront._to_python` or ``HandedOverRefusal``."""
 
-    __slots__ = ("front", "ctx", "cid", "client_ip", "started", "req", "key", "record")
+    __slots__ = ("front", "ctx", "cid", "client_ip", "started", "req", "key", "record", "dial", "order")
 
     def __init__(self, front: "NativeFront", cid: int, client_ip: str, req, started: float) -> None:
         self.front = front
@@ -99,6 +105,10 @@ class NativeConnection:
         self.req = req
         self.key = b""
         self.record = None
+        #: the origin holding this upgrade's connection count, and those tried (relay/origins/dial.py)
+        self.dial: Dial | None = None
+        #: the origins given to the engine, as indices of NativeFront.members
+        self.order: list[int] = []
 
     def refuse(self, status: int, outcome: str, record, upgrade: bool = False) -> None:
         """Answer with the relay's canned ``status``, count it, log it; C writes
@@ -116,8 +126,11 @@ class NativeConnection:
         self.front.engine.refuse(self.cid, refusal(status, self.req.method == b"HEAD"))
 
     def fail(self, status: int, outcome: str) -> None:
-        """The upgrade ends without a tunnel: the admission slot goes back first."""
+        """The upgrade ends without a tunnel: the admission slot and the
+        origin's connection count go back first."""
         self.ctx.admission.give(self.client_ip)
+        if self.dial is not None:
+            self.dial.release()
         self.refuse(status, outcome, self.record, upgrade=True)
 
 
@@ -134,9 +147,11 @@ class NativeFront:
         self.engine = ctx.native.engine
         self.engine.handshakes(self, max_head=s.max_header_bytes, head_timeout=s.handshake_timeout,
                                connect_timeout=s.connect_timeout, proto=ctx.proto)
-        self.names = [str(a) for a in s.origin]
-        self.timeout_detail = f"no answer to an upgrade within RELAY_CONNECT_TIMEOUT={s.connect_timeout:g}s"
-        self.resolver = _Resolver(self, s.origin)
+        #: every origin of every pool, once per pool: the engine's origin indices
+        self.members: list[Member] = [m for pool in ctx.pools.values() for m in pool.members]
+        self.index = {m: i for i, m in enumerate(self.members)}
+        self.names = [m.name for m in self.members]
+        self.resolver = _Resolver(self, [m.addr for m in self.members])
         self.socks = socks
         if mine is not None and siblings:
             from metrics import layout
@@ -192,38 +207,57 @@ class NativeFront:
             return self._to_python(cid)
         ctx = self.ctx
         conn = NativeConnection(self, cid, ip, req, time.monotonic())
-        request_id = new_request_id()
+        trusted = bool(ctx.trusted) and ip in ctx.trusted
+        request_id = request_id_for(req, trusted)
+        rec = None
         if ctx.access.enabled:
             rec = conn.record = ctx.access.record(ip, req.method, req.path, req.get(b"user-agent"),
                                                   req.get(b"x-forwarded-for"), request_id.decode())
             rec.data_plane = "native"
         try:
-            conn.key = gate.admit_upgrade(ctx, req, ip, True)  # a connection's first request
+            conn.key, pool = gate.admit_upgrade(ctx, req, ip, True)  # a connection's first request
         except RelayError as e:
-            return conn.refuse(e.status, e.outcome, conn.record, upgrade=True)
-        self.engine.connect(cid, ctx.origins.next_index(), req, request_id, conn)
+            return conn.refuse(e.status, e.outcome, rec, upgrade=True)
+        if rec is not None:
+            rec.pool = pool.name
+        conn.dial = dial = Dial(pool, req)
+        try:
+            first = dial.choose()  # the pool's balancer: asked first, holding its count
+        except RelayError as e:  # every origin of the pool at RELAY_MAX_CONNS
+            conn.dial = None
+            return conn.fail(e.status, e.outcome)
+        index = self.index
+        conn.order = [index[first]] + [index[m] for m in pool.members if m is not first]
+        self.engine.connect(cid, conn.order, req, request_id, trusted, conn)
 
     def on_response(self, cid: int, conn: NativeConnection, resp, origin: int, attempts) -> None:
         """The origin's response head (a view, or (status, reason, outcome) when malformed)."""
         ctx = self.ctx
         if attempts:
-            self._failures(attempts, origin)
+            self._failures(conn, attempts, origin)
+        member = self._held(conn, origin)
         rec = conn.record
-        if rec is not None and origin >= 0:
-            rec.origin = self.names[origin]
+        if rec is not None:
+            rec.origin = member.name
+            rec.tries = len(conn.dial.tried)
         if type(resp) is tuple:
-            return self._bad_answer(conn, origin, HeadError(*resp))
+            return self._bad_answer(conn, member, HeadError(*resp))
         status = resp.status
         if status != 101:
             if status < 200:  # interim (100, 103 Early Hints): consumed, the final answer follows
                 self.engine.skip(cid, resp.head_len)
                 return
+            if status in GATEWAY_ERRORS:  # its own 502/503/504 counts against it (passive health)
+                member.pool.failed(member, "status_5xx", f"{status} to an upgrade", status)
+            else:
+                member.pool.answered(member)
             return self._relay_refusal(cid, conn, resp)
         try:
             check_upgrade_response(resp, conn.key)
             ctx.tunnel_class.check_response(resp, ctx.settings)
         except HeadError as e:
-            return self._bad_answer(conn, origin, e)
+            return self._bad_answer(conn, member, e)
+        member.pool.answered(member)
         handshake_s = time.monotonic() - conn.started
         ctx.counters.upgrade("upgraded", 101, handshake_s)
         if rec is not None:
@@ -232,33 +266,42 @@ class NativeFront:
             rec.handshake_ms = round(handshake_s * 1000, 3)
             _share_strings(rec)
         tunnel = NativeTunnel(ctx.native, -1, -1, rec, conn.client_ip)
+        tunnel.upstream = member  # the tunnel holds the origin's count now, given back when it ends
+        conn.dial.member = None
         ctx.tunnels.add(tunnel)
         ctx.counters.tunnels(len(ctx.tunnels))
         tunnel.id = self.engine.splice(cid, tunnel)
 
     def on_failed(self, cid: int, conn: NativeConnection, origin: int, attempts) -> None:
         """No origin could be asked, or the answer broke off."""
-        if attempts:
-            self._failures(attempts)
         last = attempts[-1] if attempts else (origin, _CONNECT, errno.ECONNREFUSED)
-        rec = conn.record
         if last[1] == _TRUNCATED:
-            return self._bad_answer(conn, last[0],
-                                    HeadError(502, "origin closed in the middle of its answer", "origin_error"))
-        if last[1] == _CLOSED:  # the last origin asked closed without a byte of answer
-            return self._bad_answer(conn, origin, OriginClosed())
+            if attempts[:-1]:
+                self._failures(conn, attempts[:-1], last[0])
+            return self._bad_answer(conn, self._held(conn, last[0]),
+                                    HeadError(502, "origin closed in the middle of its answer", "origin_error"),
+                                    "closed")
+        if attempts:
+            self._failures(conn, attempts)
+        if last[0] >= 0:
+            self._held(conn, last[0])  # the last one tried, named in the access log
+        rec = conn.record
         if rec is not None:
-            rec.origin = self.names[last[0]]
+            rec.origin = self.names[last[0]] if last[0] >= 0 else ""
+            rec.tries = len(conn.dial.tried)
         conn.fail(502, "origin_error")
 
     def on_timeout(self, cid: int, conn: NativeConnection, origin: int, attempts) -> None:
         """No answer within RELAY_CONNECT_TIMEOUT."""
         if attempts:
-            self._failures(attempts)
-        name = self.names[origin] if origin >= 0 else ""
-        if conn.record is not None and origin >= 0:
-            conn.record.origin = name
-        self.ctx.origins.failures.failed(name, "timeout", self.timeout_detail, 504)
+            self._failures(conn, attempts, origin)
+        member = self._held(conn, origin) if origin >= 0 else conn.dial.member
+        if member is not None:
+            member.pool.failed(member, "timeout", f"no answer to an upgrade within "
+                               f"RELAY_CONNECT_TIMEOUT={member.pool.connect_timeout:g}s", 504)
+            if conn.record is not None:
+                conn.record.origin = member.name
+                conn.record.tries = len(conn.dial.tried)
         conn.fail(504, "timeout")
 
     def on_head_timeout(self, cid: int, data: bytes, ip: str) -> None:
@@ -276,26 +319,44 @@ class NativeFront:
             ctx.access.write(record)
 
     # -- helpers ------------------------------------------------------------------------
-    def _failures(self, attempts, answered: int = -1) -> None:
-        """Log each failed attempt as relay/upgrade.py does: a connect failure once
-        per origin none of whose addresses took the connection (as
-        create_connection tries them all), a close without a byte each time."""
-        failures = self.ctx.origins.failures
+    def _held(self, conn: NativeConnection, origin: int) -> Member:
+        """The origin the engine is asking (or asked last): it holds the
+        upgrade's connection count from now on, and counts as tried."""
+        m = self.members[origin]
+        dial = conn.dial
+        if dial.member is not m:
+            dial.release()
+            m.pool.opened(m)
+            dial.member = m
+            if m not in dial.tried:
+                dial.tried += (m,)
+        return m
+
+    def _failures(self, conn: NativeConnection, attempts, answered: int = -1) -> None:
+        """Count and log each failed attempt as relay/origins/dial.py and
+        relay/upgrade.py do: a connect failure once per origin none of whose
+        addresses took the connection (as create_connection tries them all),
+        a close without a byte each time."""
         refused: dict[int, int] = {}
+        dial = conn.dial
         for origin, kind, err in attempts:
+            m = self.members[origin]
+            if m not in dial.tried:
+                dial.tried += (m,)
             if kind == _CONNECT:
                 refused[origin] = err
             elif kind == _CLOSED:
-                failures.failed(self.names[origin], "closed", str(OriginClosed()))
+                m.pool.failed(m, "closed", str(OriginClosed()))
         for origin, err in refused.items():
             if origin != answered:
-                failures.failed(self.names[origin], "connect failed", self.resolver.error(origin) or os.strerror(err))
+                m = self.members[origin]
+                m.pool.failed(m, "connect", self.resolver.error(origin) or os.strerror(err))
 
-    def _bad_answer(self, conn: NativeConnection, origin: int, e: HeadError) -> None:
-        name = self.names[origin] if origin >= 0 else ""
+    def _bad_answer(self, conn: NativeConnection, member: Member, e: HeadError, reason: str = "invalid") -> None:
         if conn.record is not None:
-            conn.record.origin = name
-        self.ctx.origins.failures.failed(name, "bad answer", str(e))
+            conn.record.origin = member.name
+            conn.record.tries = len(conn.dial.tried)
+        member.pool.failed(member, reason, str(e))
         conn.fail(e.status, e.outcome)
 
     def _relay_refusal(self, cid: int, conn: NativeConnection, resp) -> None:
@@ -304,6 +365,7 @@ class NativeFront:
         handed over; counted and logged as relay/upgrade.py does."""
         ctx = self.ctx
         ctx.admission.give(conn.client_ip)
+        conn.dial.release()  # no tunnel: the origin's count goes back as its answer is relayed
         ctx.counters.upgrade("origin_rejected", resp.status)
         rec = conn.record
         if rec is not None:

@@ -222,6 +222,7 @@ static void conn_free(handshaker *h, uint32_t slot) {
     free(c->buf);
     free(c->obuf);
     free(c->out);
+    free(c->order);
     void *token = c->token;
     uint32_t gen = c->gen + 1;
     memset(c, 0, sizeof *c);
@@ -437,14 +438,14 @@ static void origin_read(handshaker *h, uint32_t slot);
 static void try_connect(handshaker *h, uint32_t slot) {
     hs_conn *c = &h->c[slot];
     for (;;) {
-        if (c->tried >= h->norigins) {
+        if (c->tried >= c->norder) {
             origin_failed(h, slot, 0);
             return;
         }
-        c->origin = (c->start + c->tried) % h->norigins;
-        hs_origin *o = &h->origins[c->origin];
-        if (c->ai >= o->naddrs) { /* none (left) for this origin: the next */
-            if (!o->naddrs)
+        c->origin = c->order[c->tried];
+        hs_origin *o = c->origin < h->norigins ? &h->origins[c->origin] : NULL;
+        if (!o || c->ai >= o->naddrs) { /* none (left) for this origin: the next */
+            if (!o || !o->naddrs)
                 attempt(c, HF_CONNECT, EHOSTUNREACH);
             c->tried++;
             c->ai = 0;
@@ -564,7 +565,8 @@ static void origin_io(handshaker *h, uint32_t slot, uint32_t events) {
         origin_read(h, slot);
 }
 
-int hs_connect(handshaker *h, int64_t id, uint32_t start, const char *head, size_t n, void *token) {
+int hs_connect(handshaker *h, int64_t id, const uint32_t *order, uint32_t norder, const char *head, size_t n,
+               void *token) {
     hs_conn *c = hs_get(h, id);
     if (!c || c->state != H_DECIDE)
         return 0;
@@ -572,13 +574,17 @@ int hs_connect(handshaker *h, int64_t id, uint32_t start, const char *head, size
     c->acted = 1;
     c->token = token;
     c->out = malloc(n ? n : 1);
-    if (!c->out) {
+    free(c->order);
+    c->order = malloc((norder ? norder : 1) * sizeof *order);
+    if (!c->out || !c->order) {
+        c->norder = 0;
         origin_failed(h, slot, ENOMEM);
         return 1;
     }
     memcpy(c->out, head, n);
     c->out_len = (uint32_t)n;
-    c->start = h->norigins ? start % h->norigins : 0;
+    memcpy(c->order, order, norder * sizeof *order);
+    c->norder = norder;
     c->tried = c->ai = 0;
     c->asked = -1;
     tl_append(h, slot, TL_CONNECT);

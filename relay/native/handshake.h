@@ -58,7 +58,8 @@ typedef struct hs_conn {
     uint32_t olen, ocap;
     char *out;                 /* being written: a refusal, or the head to the origin */
     uint32_t out_off, out_len;
-    uint32_t start, tried;     /* the first origin asked; origins asked so far (each once) */
+    uint32_t *order;           /* the origins to ask (indices into the origins set), each once, in order */
+    uint32_t norder, tried;    /* how many; origins asked so far */
     uint32_t origin, ai;       /* the origin being asked, and its address */
     int asked;                 /* the origin asked last accepted the connection (-1: none yet) */
     uint8_t nattempts, watched; /* watched: the client is in the epoll set */
@@ -130,7 +131,8 @@ hs_conn *hs_get(handshaker *h, int64_t id);
 int64_t hs_id(handshaker *h, uint32_t slot);
 int hs_refuse(handshaker *h, int64_t id, const char *data, size_t n);
 /* Ask the origins from `start` on (each once, its addresses in order) with this head. */
-int hs_connect(handshaker *h, int64_t id, uint32_t start, const char *head, size_t n, void *token);
+int hs_connect(handshaker *h, int64_t id, const uint32_t *order, uint32_t norder, const char *head, size_t n,
+               void *token);
 /* The response head delivered was an interim one (1xx): drop its n bytes, read on. */
 int hs_skip(handshaker *h, int64_t id, uint32_t n);
 /* Give up the connection: its descriptors go to the caller (-1 where none). */

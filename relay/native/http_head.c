@@ -461,7 +461,7 @@ size_t hh_forward_size(const hh_head *h, size_t ip_len, size_t proto_len, size_t
 
 size_t hh_forward(const char *buf, const hh_head *h, const char *ip, size_t ip_len, const char *proto,
                   size_t proto_len, int upgrade, const char *rid, size_t rid_len, const char *dhost,
-                  size_t dhost_len, char *out) {
+                  size_t dhost_len, int trusted, char *out) {
     char *p = out;
     PUT(p, buf + h->method.off, h->method.len);
     PUTS(p, " ");
@@ -480,7 +480,7 @@ size_t hh_forward(const char *buf, const hh_head *h, const char *ip, size_t ip_l
                    (!IN(NEVER_NAMED, name, n) && each_token(buf, h, "connection", 10, names_it, &na));
         if (drop) {
             if (eq_lower(name, n, "x-forwarded-for", 15))
-                nxff++;
+                nxff += trusted != 0; /* only a trusted proxy's list is kept (nginx's set_real_ip_from) */
             else if ((upgrade && eq_lower(name, n, "upgrade", 7)) ||
                      (!upgrade && eq_lower(name, n, "transfer-encoding", 17))) {
                 PUT(p, buf + f->line.off, f->line.len);

@@ -57,10 +57,12 @@ const hh_field *hh_get(const char *buf, const hh_head *h, const char *lname, siz
 int hh_has_token(const char *buf, const hh_head *h, const char *lname, size_t n, const char *tok, size_t tn);
 
 /* relay.headers.forward_head: the request head for the origin, into out
- * (at least hh_forward_size() bytes); returns its length. */
+ * (at least hh_forward_size() bytes); returns its length. trusted: the client
+ * is in RELAY_TRUSTED_PROXIES, so its X-Forwarded-For is kept and appended to
+ * (else replaced). */
 size_t hh_forward_size(const hh_head *h, size_t ip_len, size_t proto_len, size_t rid_len, size_t dhost_len);
 size_t hh_forward(const char *buf, const hh_head *h, const char *ip, size_t ip_len, const char *proto,
                   size_t proto_len, int upgrade, const char *rid, size_t rid_len, const char *dhost,
-                  size_t dhost_len, char *out);
+                  size_t dhost_len, int trusted, char *out);
 
 #endif

@@ -9,7 +9,7 @@ both sockets are duplicated out of their transports, which are then dropped
 without a shutdown (closing one descriptor of a duplicated pair sends
 nothing), and the engine owns the duplicates. Nothing can be lost or
 doubled in between: reading was paused on both transports when their heads
-were complete (relay/client.py, relay/origin.py), so uvloop holds no
+were complete (relay/upgrade.py, relay/origins/answer.py), so uvloop holds no
 unread byte, and what arrived behind a head was already handed to us as
 ``to_client``/``to_origin``. A transport that still holds unsent bytes
 cannot be handed over (uvloop would drop them): such a tunnel, and one
@@ -53,7 +53,7 @@ class NativeTunnel(metaclass=_TunnelModeHooks):
     # An idle tunnel costs its slot in the engine and this object: no bound
     # on_end per tunnel (the plane holds the context's), descriptors dropped
     # once the engine owns them (bench/RESULTS.md, idle memory).
-    __slots__ = ("plane", "cfd", "ofd", "id", "record", "started", "up", "down", "ended", "client_ip")
+    __slots__ = ("plane", "cfd", "ofd", "id", "record", "started", "up", "down", "ended", "upstream", "client_ip")
 
     #: relay.context reads byte counts and idle times of native tunnels from
     #: the engine in one call per sweep, not per tunnel
@@ -81,6 +81,8 @@ class NativeTunnel(metaclass=_TunnelModeHooks):
         self.ofd = ofd
         self.id: int | None = None
         self.record = record
+        #: the origin (relay/origins/balance.Member) whose connection count it holds
+        self.upstream = None
         self.started = time.monotonic()
         #: final byte counts, set when the tunnel ends (open ones: bytes())
         self.up = 0

@@ -1,5 +1,7 @@
-"""Origin connections for plain HTTP, and the per-worker pool that keeps them
-alive between requests (nginx's upstream ``keepalive``).
+"""Origin connections for plain HTTP, and the pool that keeps them alive
+between requests (nginx's upstream ``keepalive``): one per origin of each
+pool in each worker (relay/origins/balance.py), so a request reuses a
+connection only to the origin it was balanced to.
 
 An :class:`OriginConn` serves one exchange at a time (relay/exchange.py)
 and calls it back with what the origin sends; between exchanges it idles in
@@ -12,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol
 
-#: idle origin connections kept per worker: more than a busy worker has
+#: idle connections kept per origin and worker: more than a busy worker has
 #: requests in flight (the benchmark's 50 clients), still bounded.
 POOL_SIZE = 256
 #: an idle pooled connection is closed after this many seconds (nginx's
@@ -175,6 +177,13 @@ class Pool:
                 origin.transport.close()
         if conns:
             self.timer = self.loop.call_later(conns[0].idle_since + self.idle_timeout - now, self._expire)
+
+    def clear(self) -> None:
+        """Close every idle connection (their origin is out), keeping the pool open."""
+        conns, self.conns = self.conns, []
+        for origin in conns:
+            origin.pool = None
+            origin.transport.close()
 
     def close(self) -> None:
         """Close every idle connection and keep no more."""

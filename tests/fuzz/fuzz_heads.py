@@ -9,9 +9,9 @@ Run by an operator, for as long as there is time (not collected by pytest)::
 
 The first input byte picks the target: request head, response head, chunked
 body, the configuration loader (environment), an ``--env-file``'s text
-(``read_env_file`` then ``load``), or the compiled head parsers and
-forward_head (relay/native/http_head.c) against their references; the rest
-is the input. The invariants are
+(``read_env_file`` then ``load``), a PROXY protocol header, or the compiled
+head parsers and forward_head (relay/native/http_head.c) against their
+references; the rest is the input. The invariants are
 the ones the hypothesis properties check (tests/fuzz/invariants.py): only the
 parser's own error, the same answer whole and in pieces, forwarded requests
 that keep their meaning. A crash file is a regression test to add to
@@ -29,10 +29,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import atheris  # noqa: E402
 
 with atheris.instrument_imports():
-    from relay import config, handshake, http_body, http_head  # noqa: F401
+    from relay import config, handshake, http_body, http_head, proxy_protocol  # noqa: F401
     from tests.fuzz import invariants
 
-TARGETS = ("request", "response", "body", "config", "envfile", "native-request", "native-response")
+TARGETS = ("request", "response", "body", "config", "envfile", "proxy", "native-request", "native-response")
 try:
     from relay.native import _engine as native_engine
 except ImportError:  # not built: the native targets check nothing
@@ -65,6 +65,8 @@ def test_one_input(data: bytes) -> None:
         invariants.check_head_parser(http_head.parse_request_head, buf,
                                      cuts=None if byte_by_byte or len(buf) < 64 else range(1, len(buf), 7))
         invariants.check_request_semantics(buf)
+    elif target == "proxy":
+        invariants.check_proxy_header(fdp.ConsumeBytes(fdp.remaining_bytes()))
     elif target == "response":
         buf = fdp.ConsumeBytes(fdp.remaining_bytes())
         invariants.check_head_parser(http_head.parse_response_head, buf)

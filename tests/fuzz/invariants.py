@@ -13,6 +13,9 @@ target (tests/fuzz/fuzz_heads.py), so both check exactly the same things:
   same method, target, end-to-end header lines and body framing, and the
   forwarded bytes hold no line the client did not send besides our own
   ``X-Forwarded-*`` and ``Connection`` (no header injection, no smuggling);
+- a PROXY protocol header (relay.proxy_protocol) is judged the same fed whole
+  or one byte at a time, takes no byte past itself, and means the same
+  without what follows it;
 - a frame stream (relay.frames.FrameTracker, with or without permessage-
   deflate measured) gives the same verdict however it is cut: same error
   code or none, same control frames and message count, the same bytes
@@ -32,13 +35,14 @@ Each check raises AssertionError with the offending input on a violation.
 from __future__ import annotations
 
 from relay.deflate import ExtensionError, PerMessageDeflate, parse_extensions
-from relay.errors import FramingError, HeadError
+from relay.errors import FramingError, HeadError, ProxyProtocolError
 from relay.frames import Control, FrameTracker, ProtocolError
 from relay.http_body import BodyScanner
 from relay.handshake import check_upgrade_response, is_upgrade, origin_allowed, path_allowed, validate_upgrade
 from relay.headers import FORWARDED, HOP_BY_HOP, NEVER_NAMED, NO_UNDERSCORE, forward_head
 from relay.http_head import CRLF, Request, Response, body_framing, parse_request_head, \
     parse_response_head
+from relay.proxy_protocol import parse_proxy_header
 
 #: a small cap so size errors are reachable by a fuzzer
 MAX_HEAD = 1024
@@ -105,11 +109,14 @@ def check_request_semantics(buf: bytes, max_bytes: int = MAX_HEAD) -> None:
     path_allowed(req.path, (b"/", b"/ws"))
     origin_allowed(req.get(b"origin"), ("https://app.example.com", "*.example.org", "example.net"))
     check_forward_roundtrip(req, upgrade)
+    check_forward_roundtrip(req, upgrade, trusted=True)
 
 
-def check_forward_roundtrip(req: Request, upgrade: bool, client_ip: str = "203.0.113.7") -> bytes:
-    """forward_head keeps the request's meaning and injects nothing."""
-    out = forward_head(req, client_ip, b"http", upgrade, b"0123456789abcdef0123456789abcdef")
+def check_forward_roundtrip(req: Request, upgrade: bool, client_ip: str = "203.0.113.7",
+                            trusted: bool = False) -> bytes:
+    """forward_head keeps the request's meaning and injects nothing; the
+    client's X-Forwarded-For survives only from a ``trusted`` proxy."""
+    out = forward_head(req, client_ip, b"http", upgrade, b"0123456789abcdef0123456789abcdef", trusted=trusted)
     again = parse_request_head(out, len(out))
     assert again is not None and again.head_len == len(out), (req.fields, out)
     assert (again.method, again.target, again.path) == (req.method, req.target, req.path), out
@@ -141,6 +148,8 @@ def check_forward_roundtrip(req: Request, upgrade: bool, client_ip: str = "203.0
                                       else req.get_all(b"host") or [b"localhost"]), out
     xff = again.get_all(b"x-forwarded-for")
     assert len(xff) == 1 and xff[0].endswith(client_ip.encode()), xff
+    if not trusted:
+        assert xff == [client_ip.encode()], xff  # whatever the client claimed is gone
     assert again.get_all(b"x-request-id") == [b"0123456789abcdef0123456789abcdef"], out
     return out
 
@@ -351,6 +360,36 @@ def check_same_forward(native_parse, native_forward, buf: bytes, client_ip: str 
     req = native_parse(buf, max_bytes)
     for upgrade in (True, False):
         for rid in (b"", b"0123456789abcdef0123456789abcdef"):
-            want = forward_head(ref, client_ip, b"https", upgrade, rid, b"10.0.0.5:9000")
-            got = native_forward(req, client_ip, b"https", upgrade, rid, b"10.0.0.5:9000")
-            assert got == want, f"native {got!r} != reference {want!r} for {buf!r}"
+            for trusted in (False, True):  # a trusted proxy's X-Forwarded-For is kept (RELAY_TRUSTED_PROXIES)
+                want = forward_head(ref, client_ip, b"https", upgrade, rid, b"10.0.0.5:9000", trusted)
+                got = native_forward(req, client_ip, b"https", upgrade, rid, b"10.0.0.5:9000", trusted=trusted)
+                assert got == want, f"native {got!r} != reference {want!r} for {buf!r} (trusted={trusted})"
+def proxy_outcome(buf: bytes) -> tuple:
+    """A comparable result of one PROXY header parse: ('none',), ('error', reason) or the header."""
+    try:
+        header = parse_proxy_header(buf)
+    except ProxyProtocolError as e:
+        assert e.reason in ("missing", "invalid"), (buf, e.reason)
+        return ("error", e.reason)
+    if header is None:
+        return ("none",)
+    assert 0 < header.length <= len(buf), (buf, header)
+    assert header.version in (1, 2) and (header.source is None) == (header.destination is None), header
+    if header.local:
+        assert header.source is None, header
+    return ("header", header)
+
+
+def check_proxy_header(buf: bytes, cuts=None) -> tuple:
+    """Whole vs incremental (every byte by default); returns the whole result."""
+    whole = proxy_outcome(buf)
+    pieces = ("none",)
+    for end in (range(1, len(buf) + 1) if cuts is None else [*sorted(cuts), len(buf)]):
+        pieces = proxy_outcome(buf[:end])
+        if pieces[0] != "none":
+            break
+    assert pieces == whole, f"incremental {pieces!r} != whole {whole!r} for {buf!r}"
+    if whole[0] == "header":
+        # the header alone means the same: nothing after it was read
+        assert proxy_outcome(buf[: whole[1].length]) == whole, buf
+    return whole

@@ -11,7 +11,7 @@ import socket
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port that was free a moment ago (for programs that cannot take port 0)."""
-    with socket.socket() as s:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
 

@@ -65,6 +65,7 @@ class Relay:
         self.access: list[str] = []
         self.proc: subprocess.Popen | None = None
         self.port = 0
+        self.tls_port = 0
         self.metrics_port = 0
 
     def start(self, wait_ready: bool = True) -> "Relay":
@@ -76,6 +77,8 @@ class Relay:
             self.wait_log("ready:", timeout=20)
             m = re.search(r"listening on [^ ]*?:(\d+)", self.text())
             self.port = int(m.group(1))
+            m = re.search(r"listening on .*?:(\d+) \(TLS\)", self.text())
+            self.tls_port = int(m.group(1)) if m else 0
             m = re.search(r"metrics on http://[^ ]*?:(\d+)/", self.text())
             self.metrics_port = int(m.group(1)) if m else 0
         return self

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from relay.errors import FramingError, HeadError
@@ -159,11 +161,34 @@ def test_forward_head_keeps_end_to_end_headers_and_sets_forwarded():
     assert lines[0] == b"GET /chat?x=1 HTTP/1.1"
     assert b"Cookie: a=b" in lines and b"Sec-WebSocket-Protocol: chat, superchat" in lines
     assert b"Upgrade: websocket" in lines and b"Connection: Upgrade" in lines
-    assert b"X-Forwarded-For: 1.2.3.4, 10.0.0.9" in lines
+    assert b"X-Forwarded-For: 10.0.0.9" in lines  # the client's claim replaced: it is no trusted proxy
     assert b"X-Forwarded-Proto: http" in lines and b"X-Forwarded-Proto: https" not in lines
     assert b"X-Forwarded-Host: server.example.com" in lines
     assert not any(line.lower().startswith(b"keep-alive") for line in lines)
     assert out.endswith(b"\r\n\r\n") and out.count(b"\r\n\r\n") == 1
+
+
+def test_forward_head_appends_to_a_trusted_proxys_x_forwarded_for():
+    """RELAY_TRUSTED_PROXIES, as nginx's set_real_ip_from: a trusted proxy's
+    list is kept and the address it connected from appended; anything else it
+    sets that the edge owns is still replaced."""
+    req = parse(GOOD.replace(b"Origin", b"X-Forwarded-For: 1.2.3.4\r\nx-forwarded-for: 5.6.7.8\r\n"
+                                           b"X-Forwarded-Proto: https\r\nOrigin"))
+    lines = forward_head(req, "10.0.0.9", b"http", upgrade=True, trusted=True).split(b"\r\n")
+    assert b"X-Forwarded-For: 1.2.3.4, 5.6.7.8, 10.0.0.9" in lines
+    assert b"X-Forwarded-Proto: http" in lines and b"X-Forwarded-Proto: https" not in lines
+
+
+def test_request_id_is_kept_only_from_a_trusted_proxy_and_only_when_sane():
+    from relay.headers import request_id_for
+
+    def rid(extra: bytes, trusted: bool) -> bytes:
+        return request_id_for(parse(b"GET / HTTP/1.1\r\nHost: x\r\n" + extra + b"\r\n"), trusted)
+    assert rid(b"X-Request-ID: lb-7f3a\r\n", True) == b"lb-7f3a"
+    assert rid(b"X-Request-ID: lb-7f3a\r\n", False) != b"lb-7f3a"
+    for bad in (b"X-Request-ID: a b\r\n", b"X-Request-ID: " + b"x" * 201 + b"\r\n",
+                b"X-Request-ID: 1\r\nX-Request-ID: 2\r\n", b"X-Request-ID:\r\n", b"X-Request-ID: \xff\r\n"):
+        assert re.fullmatch(rb"[0-9a-f]{32}", rid(bad, True)), bad
 
 
 def test_forward_head_drops_headers_named_by_connection():

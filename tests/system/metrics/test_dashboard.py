@@ -200,3 +200,49 @@ def test_global_limit_alert_ignores_per_ip_refusals(tmp_path):
         """))
     out = subprocess.run([PROMTOOL, "test", "rules", str(test)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_dashboard_has_a_row_for_origins():
+    exprs = " ".join(e for _, e, _ in targets())
+    for metric in ("wsrelay_origin_up", "wsrelay_origin_connections", "wsrelay_origin_errors_total",
+                   "wsrelay_origin_connect_seconds_bucket"):
+        assert metric in exprs, metric
+    assert any(p["type"] == "row" and p["title"].startswith("Origins") for p in dashboard()["panels"])
+
+
+def test_origin_alerts_tell_one_origin_out_from_a_pool_out(tmp_path):
+    """One origin of two out: a warning naming it; both out: the pool is down."""
+    if PROMTOOL is None:
+        pytest.fail("promtool missing: apt-get install prometheus")
+    test = tmp_path / "alerts_test.yml"
+    test.write_text(textwrap.dedent(f"""\
+        rule_files: ["{ALERTS}"]
+        evaluation_interval: 1m
+        tests:
+          - interval: 1m
+            input_series:
+              - series: 'wsrelay_origin_up{{instance="a:9108", pool="chat", origin="10.0.1.1:9000"}}'
+                values: '1x20'
+              - series: 'wsrelay_origin_up{{instance="a:9108", pool="chat", origin="10.0.1.2:9000"}}'
+                values: '0x20'
+              - series: 'wsrelay_origin_up{{instance="a:9108", pool="feed", origin="10.0.2.1:9000"}}'
+                values: '0x20'
+            alert_rule_test:
+              - eval_time: 5m
+                alertname: WsrelayOriginDown
+                exp_alerts:
+                  - exp_labels: {{severity: warning, instance: "a:9108", pool: chat, origin: "10.0.1.2:9000"}}
+                    exp_annotations:
+                      summary: "origin 10.0.1.2:9000 of pool chat is out on a:9108"
+                  - exp_labels: {{severity: warning, instance: "a:9108", pool: feed, origin: "10.0.2.1:9000"}}
+                    exp_annotations:
+                      summary: "origin 10.0.2.1:9000 of pool feed is out on a:9108"
+              - eval_time: 5m
+                alertname: WsrelayPoolDown
+                exp_alerts:
+                  - exp_labels: {{severity: critical, instance: "a:9108", pool: feed}}
+                    exp_annotations:
+                      summary: "every origin of pool feed is out on a:9108"
+        """))
+    out = subprocess.run([PROMTOOL, "test", "rules", str(test)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -11,6 +11,7 @@ CHROMIUM overrides the path.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 import pytest
@@ -26,15 +27,20 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
 
 
 @pytest.fixture(scope="module")
-def browser():
+def playwright():
     if not os.access(CHROMIUM, os.X_OK):
         pytest.fail(f"no Chromium at {CHROMIUM}: apt-get install chromium (README, Development)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
+        yield p
+
+
+@pytest.fixture(scope="module")
+def browser(playwright):
+    b = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+    yield b
+    b.close()
 
 
 def visit(browser, url: str, shot, also: str = "true") -> tuple[str, int, str]:
@@ -74,3 +80,36 @@ def test_page_falls_back_to_polling_when_upgrade_is_refused(browser, tmp_path):
     assert received >= 4 and "poll: hello 1" in log and "poll: server tick" in log
     assert forbidden >= 1  # the page's upgrade on /ws, refused by RELAY_WS_PATHS
     assert ok >= 4  # the page and its polls, relayed as plain HTTP
+
+
+def test_page_over_https_and_wss_with_the_demos_throwaway_ca(playwright, tmp_path):
+    """README: `wsrelay demo --tls`, then open the https:// page, the throwaway CA trusted
+    the way Chromium on Linux trusts a CA: in the user's NSS database (certutil,
+    Debian's libnss3-tools). No certificate error is ignored: an untrusted chain
+    would fail the navigation."""
+    if not shutil.which("certutil"):
+        pytest.fail("no certutil: apt-get install libnss3-tools (README, Development)")
+    import subprocess
+
+    with Demo("--port", "0", "--tls") as demo:
+        demo.wait_ready()
+        m = re.search(r"open (https://\S+) for the page over TLS, trusting the throwaway CA (\S+)", demo.text())
+        assert m, demo.text()
+        page_url, ca = m.group(1), m.group(2)
+        nssdb = tmp_path / "home" / ".pki" / "nssdb"
+        nssdb.mkdir(parents=True)
+        subprocess.run(["certutil", "-N", "-d", f"sql:{nssdb}", "--empty-password"], check=True)
+        subprocess.run(["certutil", "-A", "-d", f"sql:{nssdb}", "-t", "C,,", "-n", "wsrelay-demo", "-i", ca],
+                       check=True)
+        b = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS,
+                                       env={**os.environ, "HOME": str(tmp_path / "home")})
+        try:
+            mode, received, log = visit(b, page_url, tmp_path / "tls.png")
+        finally:
+            b.close()
+        handshakes = metric(demo.url("metrics"), "wsrelay_tls_handshakes_total")
+        failed = sum(metric(demo.url("metrics"), "wsrelay_tls_handshakes_total", outcome=o)
+                     for o in ("failed_protocol", "failed_cipher", "failed_other", "failed_sni"))
+    assert page_url.startswith("https://localhost:")
+    assert mode == "websocket" and received >= 4 and "ws: hello 1" in log
+    assert handshakes >= 2 and failed == 0  # the demo's own wss round trip and the browser's

@@ -577,3 +577,33 @@ def test_out_of_descriptors_pauses_accepting_without_spinning_then_resumes():
     assert 1 <= int(errors) <= 10  # one per 250 ms pause, not one per queued connection
     assert float(cpu) < 0.5, f"{cpu} s of CPU in 1 s while out of descriptors"
     assert 0 < int(taken) < 120
+
+
+def test_the_prototype_front_routes_to_the_pools_origins():
+    """The head phase in C asks relay/gate.py like the Python path: a route's
+    pool, its balancer's choice tried first, the origin's connection count
+    held by the tunnel until it ends, pool and origin in the access log."""
+    import json
+
+    from tests.support.origin_process import OriginProcess, held_hello, hello_over_ws
+    from tests.support.relay import Relay, wait_for
+    from tests.support.scrape import metric
+
+    a, b = OriginProcess("a").start(), OriginProcess("b").start()
+    try:
+        env = {"WSRELAY_NATIVE_HANDSHAKE": "1", "RELAY_POOL_CHAT": b.addr, "RELAY_ROUTES": "/chat = chat"}
+        with Relay(a.addr, workers=1, env=env) as r:
+            assert hello_over_ws(r.port, "/")[1]["origin"] == "a"
+            sock, origin = held_hello(r.port, "/chat/room")
+            assert origin == "b"
+            assert metric(r, "wsrelay_origin_connections", pool="chat", origin=b.addr) == 1
+            sock.close()
+            wait_for(lambda: metric(r, "wsrelay_origin_connections", pool="chat") == 0, 10, what="count back")
+            wait_for(lambda: len(r.access) >= 2, 5, what="two access log lines")
+            recs = {x["path"]: x for x in (json.loads(line) for line in r.access)}
+            assert (recs["/chat/room"]["pool"], recs["/chat/room"]["origin"], recs["/chat/room"]["data_plane"],
+                    recs["/chat/room"]["tries"]) == ("chat", b.addr, "native", 1)
+            assert recs["/"]["pool"] == "default"
+    finally:
+        a.stop()
+        b.stop()

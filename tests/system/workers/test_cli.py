@@ -250,3 +250,54 @@ def test_readme_demo_session_is_real_output():
         assert demo.stop() == 0
         wait_for(lambda: "wsrelay stopped" in demo.text(), 5, what="the last line")
     assert norm(demo.lines) == norm(readme_demo_session())
+
+
+ROUTED = {"RELAY_ORIGIN": "10.0.0.5:9000", "RELAY_POOL_CHAT": "10.0.1.1:9000, 10.0.1.2:9000",
+          "RELAY_POOL_API": "10.0.3.1:8000", "RELAY_POOL_API_WEBSOCKET": "0",
+          "RELAY_ROUTES": "\n  /chat = chat\n  /api  = api\n  admin.example.com/ = api\n"}
+
+
+def test_check_prints_the_route_table():
+    out = wsrelay("check", env=ROUTED)
+    assert out.returncode == 0, out.stderr
+    settings = json.loads(out.stdout)
+    assert [(r["host"], r["path"], r["pool"]) for r in settings["effective_routes"]] == [
+        ("admin.example.com", "/", "api"), ("*", "/chat", "chat"), ("*", "/api", "api"),
+        ("*", "(anything else)", "default")]
+    assert settings["effective_pools"]["chat"]["origins"] == ["10.0.1.1:9000", "10.0.1.2:9000"]
+    assert settings["RELAY_POOL_API_WEBSOCKET"] is False
+
+
+def test_check_on_a_terminal_shows_the_route_table_to_a_person():
+    import pty
+
+    leader, follower = pty.openpty()
+    e = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    e.update(ROUTED)
+    proc = subprocess.run([sys.executable, "-m", "relay", "check"], env=e, stdout=follower,
+                          stderr=subprocess.PIPE, timeout=20, cwd=ROOT)
+    os.close(follower)
+    text = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: the terminal's other end is closed
+            break
+        if not chunk:
+            break
+        text += chunk
+    os.close(leader)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(text.decode())["RELAY_ROUTES"]  # stdout stays JSON
+    lines = proc.stderr.decode().split("routes, in the order a request tries them")[1].splitlines()
+    assert [line.split()[:3] for line in lines[1:6]] == [
+        ["HOST", "PATH", "POOL"], ["admin.example.com", "/", "api"], ["*", "/chat", "chat"],
+        ["*", "/api", "api"], ["*", "(anything", "else)"]]
+
+
+def test_check_refuses_a_route_to_a_pool_that_does_not_exist():
+    out = wsrelay("check", env={**ROUTED, "RELAY_ROUTES": "/chat = caht"})
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip().splitlines() == [
+        "wsrelay: RELAY_ROUTES: '/chat = caht': no pool named caht (did you mean chat? define it with "
+        "RELAY_POOL_CAHT=host:port,...)"]

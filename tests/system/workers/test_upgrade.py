@@ -128,7 +128,7 @@ def test_a_worker_refuses_what_it_cannot_read_before_touching_shared_memory():
     r = _worker_with(msgspec.json.encode({"protocol": 99}).decode())
     assert r.returncode == child.EXIT_HANDOFF, r.stderr
     # Descriptors that are not open: only the layout check stands between them and use.
-    h = child.Handoff(protocol=child.PROTOCOL, index=0, slot=0, generation=0, nslots=4, shared_fd=900,
+    h = child.Handoff(protocol=child.PROTOCOL, index=0, slot=0, generation=0, nslots=4, shared_fd=900, origins_fd=902,
                       ready_fd=901, sockets=(), layout="v0-h8-s1-0000", log_level=20,
                       settings=msgspec.Raw(b"{}"))
     r = _worker_with(msgspec.json.encode(h).decode())
