@@ -157,6 +157,9 @@ class ClientConnection(asyncio.Protocol):
         # No TCP_NODELAY here: uvloop sets it on every TCP transport already.
         ctx = self.ctx
         if ctx.proxy_protocol:
+            if not peer:  # reset before it was served: no address to judge, nothing to count
+                transport.abort()
+                return
             if self.client_ip not in ctx.trusted:
                 # Only the load balancers may say who the client is (spec §5):
                 # anyone else is closed without an answer.

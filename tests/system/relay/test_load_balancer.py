@@ -404,3 +404,35 @@ def test_origins_read_the_clients_address_from_a_v2_header(ws_origin, aio_origin
         for i in range(3):
             assert src[f"/plain/a{i}"] == f"127.0.0.2:{ports['a']}"
             assert src[f"/plain/b{i}"] == f"127.0.0.3:{ports['b']}"
+
+
+def test_a_proxy_header_comes_before_the_tls_handshake(ws_origin, tmp_path):
+    """On a TLS listener the balancer's PROXY header is the connection's first
+    bytes, then the client's TLS handshake (HAProxy's accept-proxy on an ssl
+    bind, send-proxy in mode tcp): the client's address reaches the origin with
+    X-Forwarded-Proto https; a ClientHello where the header belongs is refused."""
+    import ssl
+
+    from tests.support.tls import client_context, issue, make_ca, tls_env
+
+    ca = make_ca(tmp_path)
+    pair = issue(ca, tmp_path, "localhost", "localhost")
+    env = dict(PROXIED, RELAY_LISTEN="", **tls_env(pair))
+    with Relay(ws_origin.addr, workers=2, env=env) as relay:
+        sock = connect_from("127.0.0.1", relay.tls_port)
+        sock.sendall(b"PROXY TCP4 203.0.113.7 127.0.0.1 40000 443\r\n")
+        with ws_connect(f"wss://localhost:{relay.tls_port}/headers/tls", sock=sock, ssl=client_context(tmp_path),
+                        server_hostname="localhost", open_timeout=10) as ws:
+            seen = headers_seen(ws)
+            ws.send("behind the balancer, over TLS")
+            assert ws.recv(timeout=10) == "behind the balancer, over TLS"
+        assert seen["x-forwarded-for"] == ["203.0.113.7"]
+        assert seen["x-forwarded-proto"] == ["https"]
+        wait_for(lambda: access_lines(relay, path="/headers/tls", client="203.0.113.7"), 10, what="access line")
+        assert access_lines(relay, path="/headers/tls")[0]["tls_version"] == "TLSv1.3"
+        # a TLS client straight to the port, no header: its ClientHello is no PROXY header
+        raw = connect_from("127.0.0.1", relay.tls_port)
+        with pytest.raises((ssl.SSLError, OSError)):
+            client_context(tmp_path).wrap_socket(raw, server_hostname="localhost").do_handshake()
+        wait_for(lambda: metric(relay, "wsrelay_proxy_protocol_errors_total", reason="missing") >= 1,
+                 10, what="the refusal counted")

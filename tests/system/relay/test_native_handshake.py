@@ -63,12 +63,17 @@ class Rig:
         self.e = native.Engine(on_end=lambda tok, up, down: self.ended.append((tok, up, down)), backend=backend)
         self.e.handshakes(self.front, **kw)
         self.e.set_origins([list(o) for o in origins])
+        self.norigins = len(origins)
         self.lst = socket.socket()
         self.lst.bind(("127.0.0.1", 0))
         self.lst.listen(64)
         self.lst.setblocking(False)
         self.e.listen(self.lst.fileno())
         self.port = self.lst.getsockname()[1]
+
+    def order(self, first: int) -> list[int]:
+        """Every origin once, from ``first`` on (connect()'s order: what Python's balancer chose first)."""
+        return [(first + i) % self.norigins for i in range(self.norigins)]
 
     def on(self, kind: str, act):
         """Answer events of ``kind`` with act(event) from inside the callback."""
@@ -207,7 +212,7 @@ def test_a_callback_that_decides_nothing_is_an_error_and_the_connection_closes(b
 def test_connect_fails_over_forwards_in_c_holds_early_bytes_until_the_101_then_splices(backend):
     o = origin_listener()
     r = Rig(backend, origins=[[("127.0.0.1", dead_port())], [addr(o)]], proto=b"https")
-    r.on("head", lambda ev: r.e.connect(ev[1], 0, ev[2], RID, "token"))
+    r.on("head", lambda ev: r.e.connect(ev[1], r.order(0), ev[2], RID, False, "token"))
     c = r.client(HEAD + b"EARLY")
     _, cid, req, ip = r.next_event("head")
     r.poll(lambda: True)
@@ -252,7 +257,7 @@ def test_connect_fails_over_forwards_in_c_holds_early_bytes_until_the_101_then_s
 def test_an_origin_closing_without_a_byte_moves_on_each_origin_once(backend):
     quitters = [origin_listener() for _ in range(2)]
     r = Rig(backend, origins=[[addr(q)] for q in quitters])
-    r.on("head", lambda ev: r.e.connect(ev[1], 1, ev[2], RID, "tok"))
+    r.on("head", lambda ev: r.e.connect(ev[1], r.order(1), ev[2], RID, False, "tok"))
     r.on("failed", lambda ev: r.e.refuse(ev[1], b"HTTP/1.1 502 Bad Gateway\r\n\r\n"))
     c = r.client(HEAD)
     order = []
@@ -275,7 +280,7 @@ def test_an_origin_closing_without_a_byte_moves_on_each_origin_once(backend):
 def test_an_origins_addresses_are_tried_in_order_before_the_next_origin(backend):
     o = origin_listener()
     r = Rig(backend, origins=[[("127.0.0.1", dead_port()), addr(o)]])
-    r.on("head", lambda ev: r.e.connect(ev[1], 0, ev[2], RID, "tok"))
+    r.on("head", lambda ev: r.e.connect(ev[1], r.order(0), ev[2], RID, False, "tok"))
     r.on("response", lambda ev: r.e.splice(ev[1], "t"))
     r.client(HEAD)
     r.poll(lambda: True)
@@ -290,7 +295,7 @@ def test_an_origins_addresses_are_tried_in_order_before_the_next_origin(backend)
 def test_an_answer_that_breaks_off_fails_without_a_retry(backend, answer, kind):
     o, other = origin_listener(), origin_listener()
     r = Rig(backend, origins=[[addr(o)], [addr(other)]])
-    r.on("head", lambda ev: r.e.connect(ev[1], 0, ev[2], RID, "tok"))
+    r.on("head", lambda ev: r.e.connect(ev[1], r.order(0), ev[2], RID, False, "tok"))
     r.on("response", lambda ev: r.e.skip(ev[1], ev[3].head_len))  # the interim answer: read on
     r.on("failed", lambda ev: r.e.refuse(ev[1], b"HTTP/1.1 502 Bad Gateway\r\n\r\n"))
     r.client(HEAD)
@@ -317,7 +322,7 @@ def test_interim_answers_are_skipped_on_pythons_word(backend):
             r.e.skip(ev[1], ev[3].head_len)
         else:
             r.e.splice(ev[1], "t")
-    r.on("head", lambda ev: r.e.connect(ev[1], 0, ev[2], RID, "tok"))
+    r.on("head", lambda ev: r.e.connect(ev[1], r.order(0), ev[2], RID, False, "tok"))
     r.on("response", answer)
     c = r.client(HEAD)
     r.poll(lambda: True)
@@ -343,7 +348,7 @@ def recv_all(s: socket.socket, r: Rig, n: int) -> bytes:
 def test_malformed_answers_come_as_the_error(backend):
     o = origin_listener()
     r = Rig(backend, origins=[[addr(o)]])
-    r.on("head", lambda ev: r.e.connect(ev[1], 0, ev[2], RID, "tok"))
+    r.on("head", lambda ev: r.e.connect(ev[1], r.order(0), ev[2], RID, False, "tok"))
     r.on("response", lambda ev: r.e.refuse(ev[1], b"HTTP/1.1 502 Bad Gateway\r\n\r\n"))
     r.client(HEAD)
     r.poll(lambda: True)
@@ -367,7 +372,7 @@ def test_head_timeout_is_reported_with_the_bytes_read_and_the_connection_dropped
 def test_origin_timeout(backend):
     o = origin_listener()  # accepts (the kernel does) and never answers
     r = Rig(backend, origins=[[addr(o)]], connect_timeout=0.3)
-    r.on("head", lambda ev: r.e.connect(ev[1], 0, ev[2], RID, "tok"))
+    r.on("head", lambda ev: r.e.connect(ev[1], r.order(0), ev[2], RID, False, "tok"))
     r.on("timeout", lambda ev: r.e.refuse(ev[1], b"HTTP/1.1 504 Gateway Timeout\r\nContent-Length: 0\r\n\r\n"))
     c = r.client(HEAD)
     _, tid, token, origin, _ = r.next_event("timeout", 3)
@@ -378,7 +383,7 @@ def test_origin_timeout(backend):
 def test_detach_hands_both_sockets_and_every_byte_over(backend):
     o = origin_listener()
     r = Rig(backend, origins=[[addr(o)]])
-    r.on("head", lambda ev: r.e.connect(ev[1], 0, ev[2], RID, "tok"))
+    r.on("head", lambda ev: r.e.connect(ev[1], r.order(0), ev[2], RID, False, "tok"))
     handed = []
     r.on("response", lambda ev: handed.append(r.e.detach(ev[1])))
     c = r.client(HEAD + b"tail")
@@ -407,7 +412,7 @@ def test_tokens_are_released_with_their_connections(backend):
     before = sys.getrefcount(token)
     o = origin_listener()
     r = Rig(backend, origins=[[addr(o)]], connect_timeout=0.2)
-    r.on("head", lambda ev: r.e.connect(ev[1], 0, ev[2], RID, token))
+    r.on("head", lambda ev: r.e.connect(ev[1], r.order(0), ev[2], RID, False, token))
     r.on("timeout", lambda ev: r.e.refuse(ev[1], b"HTTP/1.1 504 Gateway Timeout\r\n\r\n"))
     r.client(HEAD)
     r.next_event("timeout", 3)
