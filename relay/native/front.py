@@ -213,7 +213,6 @@ class NativeFront:
         if ctx.access.enabled:
             rec = conn.record = ctx.access.record(ip, req.method, req.path, req.get(b"user-agent"),
                                                   req.get(b"x-forwarded-for"), request_id.decode())
-            rec.data_plane = "native"
         try:
             conn.key, pool = gate.admit_upgrade(ctx, req, ip, True)  # a connection's first request
         except RelayError as e:
@@ -264,6 +263,7 @@ class NativeFront:
             rec.status = 101
             rec.outcome = "upgraded"
             rec.handshake_ms = round(handshake_s * 1000, 3)
+            rec.data_plane = "native"  # the pump relays it; a refusal is "python" (README "Logs")
             _share_strings(rec)
         tunnel = NativeTunnel(ctx.native, -1, -1, rec, conn.client_ip)
         tunnel.upstream = member  # the tunnel holds the origin's count now, given back when it ends

@@ -127,3 +127,23 @@ def test_a_silent_origin_is_named_with_its_timeout(silent_origin):
         r.wait_log(f"origin {silent_origin.addr} timeout: no answer to an upgrade within "
                    "RELAY_CONNECT_TIMEOUT=0.3s", timeout=5)
         assert line_for(r, status=504)["origin"] == silent_origin.addr
+
+
+def test_data_plane_names_the_plane_that_relayed_the_session(relay, loop_thread, data_plane):
+    """``data_plane`` (README "Logs"): which plane relayed a session's bytes;
+    refusals, the relay's own or an origin's relayed, are ``python`` whichever
+    plane read the head (the head phase in C hands an origin's refusal to the
+    Python plane, and relays nothing of a refused upgrade)."""
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=5) as s:
+        s.sendall(upgrade_request("/plane-101"))
+        assert status_of(s.recv(4096)) == 101
+    assert status_of(raw_exchange(relay.port, upgrade_request("/plane-426", version="8"))) == 426
+    tunnels = "native" if data_plane.startswith("native") else "python"
+    assert line_for(relay, path="/plane-101")["data_plane"] == tunnels
+    assert line_for(relay, path="/plane-426", status=426)["data_plane"] == "python"
+    refusing = answer(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\r\nbusy")
+    with RawOrigin(loop_thread, refusing) as o, Relay(o.addr, workers=1) as r:
+        out = raw_exchange(r.port, upgrade_request("/plane-503"))
+        assert status_of(out) == 503 and out.endswith(b"busy")
+        rec = line_for(r, path="/plane-503")
+        assert (rec["outcome"], rec["data_plane"]) == ("origin_rejected", "python")
