@@ -94,7 +94,7 @@ class NativeConnection:
     reads, finishes) goes to the Python plane whole, through
     :meth:`NativeFront._to_python` or ``HandedOverRefusal``."""
 
-    __slots__ = ("front", "ctx", "cid", "client_ip", "started", "req", "key", "record", "dial", "order")
+    __slots__ = ("front", "ctx", "cid", "client_ip", "started", "req", "key", "record", "dial", "order", "full")
 
     def __init__(self, front: "NativeFront", cid: int, client_ip: str, req, started: float) -> None:
         self.front = front
@@ -109,6 +109,8 @@ class NativeConnection:
         self.dial: Dial | None = None
         #: the origins given to the engine, as indices of NativeFront.members
         self.order: list[int] = []
+        #: origins of the pool were left out of ``order`` at RELAY_MAX_CONNS
+        self.full = False
 
     def refuse(self, status: int, outcome: str, record, upgrade: bool = False) -> None:
         """Answer with the relay's canned ``status``, count it, log it; C writes
@@ -226,7 +228,8 @@ class NativeFront:
             conn.dial = None
             return conn.fail(e.status, e.outcome)
         index = self.index
-        conn.order = [index[first]] + [index[m] for m in pool.members if m is not first]
+        rest, conn.full = pool.failover(req, first)  # what dial.choose() would give after each failure
+        conn.order = [index[first]] + [index[m] for m in rest]
         self.engine.connect(cid, conn.order, req, request_id, trusted, conn)
 
     def on_response(self, cid: int, conn: NativeConnection, resp, origin: int, attempts) -> None:
@@ -289,6 +292,8 @@ class NativeFront:
         if rec is not None:
             rec.origin = self.names[last[0]] if last[0] >= 0 else ""
             rec.tries = len(conn.dial.tried)
+        if conn.full:  # the origins left are at RELAY_MAX_CONNS: dial.choose() would refuse so
+            return conn.fail(503, "limit_origin")
         conn.fail(502, "origin_error")
 
     def on_timeout(self, cid: int, conn: NativeConnection, origin: int, attempts) -> None:

@@ -181,6 +181,56 @@ class OriginPool:
             return self._least_conn(tried, now)
         return self._round_robin(tried, now)
 
+    def failover(self, req: "Request | None", first: Member) -> tuple[list[Member], bool]:
+        """The origins a request moves on to, in order, when ``first`` (what
+        :meth:`choose` gave it) fails, chosen ahead for the head phase in C
+        (relay/native/front.py), which connects down the list without asking
+        again: what :meth:`choose` would give it then, by the counts of now.
+        Origins out (health check, taken out, a trial not yet claimed) come
+        only after every usable one (panic mode), those at ``RELAY_MAX_CONNS``
+        never; the hash's next origins on the ring, least connections' by
+        their counts. Also returns whether one was left out at
+        ``RELAY_MAX_CONNS`` (the request then ends with 503 ``limit_origin``,
+        not 502, when the list runs out). Claims no trial, moves no
+        round-robin weight."""
+        members = self.members
+        if len(members) == 1:
+            return [], False
+        seq: tuple[Member, ...] | list[Member] = members
+        hashed = self._hash_key(req) if self.ring and req is not None else None
+        if hashed is not None:  # the ring's next origins, each once
+            ring, on_ring = self.ring, self.ring_members
+            start = bisect.bisect(ring, zlib.crc32(hashed))
+            seen: dict[Member, None] = {}
+            for i in range(len(ring)):
+                seen[on_ring[(start + i) % len(ring)]] = None
+                if len(seen) == len(members):
+                    break
+            seq = list(seen)
+        now = time.monotonic()
+        limit = self.settings.max_conns
+        usable: list[tuple[float, int, Member]] = []
+        out: list[tuple[float, int, Member]] = []
+        full = False
+        for i, m in enumerate(seq):
+            if m is first:
+                continue
+            conns = self.open_connections(m)
+            if limit and conns >= limit:
+                full = True
+                continue
+            w = self.weight(m, now)
+            if hashed is not None or not self.least_conn:
+                score = float(i)  # the ring's order, or the pool's
+            elif w > 0.0:
+                score = (conns + 1) / w  # least connections, slow start weighed in
+            else:
+                score = float(conns)  # panic mode: connections alone
+            (usable if w > 0.0 else out).append((score, i, m))
+        usable.sort()
+        out.sort()
+        return [m for _s, _i, m in usable] + [m for _s, _i, m in out], full
+
     def _hash_key(self, req: "Request") -> bytes | None:
         if self.hash_header is not None:
             return req.get(self.hash_header)

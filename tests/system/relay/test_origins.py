@@ -384,3 +384,132 @@ def test_a_reload_applies_a_new_route_table_and_refuses_a_bad_one(origins, tmp_p
         r.wait_log("reload refused, still serving the running configuration: RELAY_ROUTES: '/x = z': "
                    "no pool named z")
         assert hello_over_ws(r.port, "/x/1")[1]["origin"] == "c"
+
+
+# -- failover: the balancer's rules hold for the next origin too, on both head phases ---------------
+
+HEAD_PHASES = pytest.mark.parametrize("head_phase", ["1", "0"], ids=["head-in-c", "head-in-python"])
+
+
+def _ws_or_health(closes_upgrades: bool, healthy: bool):
+    """A raw origin: GET /healthz answers 200 or 503; an upgrade gets its 101
+    and an echo, or a close without a byte (a failover, README "Passive health")."""
+    from tests.support.raw_origins import answer, echo_after_101
+
+    async def behave(origin, c):
+        if b"upgrade: websocket" not in c.head.lower():
+            code = b"200 OK" if healthy else b"503 Service Unavailable"
+            return await answer(b"HTTP/1.1 " + code + b"\r\nContent-Length: 0\r\n\r\n")(origin, c)
+        if not closes_upgrades:
+            await echo_after_101(origin, c)
+    return behave
+
+
+def _upgrades(origin) -> int:
+    return sum(1 for h in origin.heads if b"upgrade: websocket" in h.lower())
+
+
+@HEAD_PHASES
+def test_failover_skips_an_origin_its_health_check_took_out(loop_thread, head_phase):
+    """Of a pool's three origins, one closes every upgrade without answering
+    (its health check passes), one fails its health check but would still
+    answer: every upgrade that meets the first moves on to the third. An
+    origin checked out but still accepting connections gets none (README
+    "Routes and origins"), whichever plane read the head."""
+    from tests.support.raw_origins import RawOrigin
+    from tests.support.net import upgrade_request
+
+    quitter = RawOrigin(loop_thread, _ws_or_health(closes_upgrades=True, healthy=True)).start()
+    sick = RawOrigin(loop_thread, _ws_or_health(closes_upgrades=False, healthy=False)).start()
+    good = RawOrigin(loop_thread, _ws_or_health(closes_upgrades=False, healthy=True)).start()
+    env = {"RELAY_POOL_P": f"{quitter.addr},{sick.addr},{good.addr}", "RELAY_ROUTES": "/p = p",
+           "RELAY_MAX_FAILS": "0", "RELAY_HEALTH_CHECK_PATH": "/healthz", "RELAY_HEALTH_CHECK_INTERVAL": "0.5",
+           "RELAY_HEALTH_CHECK_FALL": "1", "WSRELAY_NATIVE_HANDSHAKE": head_phase}
+    try:
+        with Relay(good.addr, workers=1, env=env) as r:
+            wait_for(lambda: metric(r, "wsrelay_origin_up", pool="p", origin=sick.addr) == 0, 10,
+                     what="the sick origin checked out")
+            for _ in range(8):
+                with socket.create_connection(("127.0.0.1", r.port), timeout=10) as s:
+                    s.sendall(upgrade_request("/p"))
+                    assert s.recv(4096).startswith(b"HTTP/1.1 101 ")
+            assert _upgrades(quitter) >= 2  # ties are taken in turn: it was asked first now and then
+            assert _upgrades(sick) == 0
+            assert _upgrades(good) == 8
+    finally:
+        for o in (quitter, sick, good):
+            o.stop()
+
+
+@HEAD_PHASES
+def test_failover_never_takes_an_origin_past_max_conns(loop_thread, head_phase):
+    """RELAY_MAX_CONNS=1: with one origin holding its WebSocket and another
+    closing upgrades without an answer, an upgrade that meets the second goes
+    to the third; with the third held too, the client gets 503 (limit_origin),
+    never a second connection to a full origin."""
+    from tests.support.raw_origins import RawOrigin
+    from tests.support.net import read_head, status_of, upgrade_request
+
+    quitter = RawOrigin(loop_thread, _ws_or_health(closes_upgrades=True, healthy=True)).start()
+    held, spare = (RawOrigin(loop_thread, _ws_or_health(closes_upgrades=False, healthy=True)).start()
+                   for _ in range(2))
+    env = {"RELAY_POOL_P": f"{quitter.addr},{held.addr},{spare.addr}", "RELAY_ROUTES": "/p = p",
+           "RELAY_MAX_CONNS": "1", "RELAY_MAX_FAILS": "0", "WSRELAY_NATIVE_HANDSHAKE": head_phase}
+    kept = []
+    try:
+        with Relay(held.addr, workers=1, env=env) as r:
+            def upgrade() -> int:
+                s = socket.create_connection(("127.0.0.1", r.port), timeout=10)
+                s.sendall(upgrade_request("/p"))
+                status = status_of(read_head(s)[0])
+                kept.append(s)
+                return status
+
+            while _upgrades(held) == 0:  # one WebSocket on `held`, kept open
+                assert upgrade() == 101 and len(kept) < 10
+                if _upgrades(spare):
+                    kept.pop().close()
+                    wait_for(lambda: metric(r, "wsrelay_origin_connections", pool="p", origin=spare.addr) == 0,
+                             10, what="the spare origin's count back to 0")
+            for _ in range(4):
+                assert upgrade() == 101
+                assert _upgrades(held) == 1
+                kept.pop().close()
+                wait_for(lambda: metric(r, "wsrelay_origin_connections", pool="p", origin=spare.addr) == 0,
+                         10, what="the spare origin's count back to 0")
+            # `spare` held as well: the rest are full, and only the quitter is left
+            assert upgrade() == 101 and _upgrades(held) == 1
+            statuses = [upgrade() for _ in range(4)]
+            assert statuses == [503] * 4 and _upgrades(held) == 1
+            wait_for(lambda: metric(r, "wsrelay_websocket_upgrades_total", outcome="limit_origin") == 4, 10,
+                     what="four limit_origin refusals counted")
+    finally:
+        for s in kept:
+            s.close()
+        for o in (quitter, held, spare):
+            o.stop()
+
+
+def test_a_cookie_whose_origin_is_down_keeps_its_polls_and_its_upgrade_together(origins):
+    """socket.io polls (plain HTTP, the Python plane), then upgrades (the head
+    phase in C): while a hashed cookie's origin refuses connections but is not
+    yet taken out, both fail over along the ring to the same next origin
+    (README "Routes and origins": "both must reach the same origin")."""
+    env = {"RELAY_POOL_CHAT": ",".join(o.addr for o in origins), "RELAY_POOL_CHAT_BALANCE": "cookie:io",
+           "RELAY_ROUTES": "/socket.io = chat", "RELAY_MAX_FAILS": "0"}
+    with Relay(None, workers=1, env=env) as r:
+        home = {i: hello_over_http(r.port, "/socket.io/", extra=f"Cookie: io=s{i}\r\n")[1]["origin"]
+                for i in range(40)}
+        counts = collections.Counter(home.values())
+        victim = max(origins, key=lambda o: counts[o.name])  # 14 cookies or more
+        victim.kill()
+        moved = [i for i, o in home.items() if o == victim.name]
+        for i in moved:
+            cookie = f"Cookie: io=s{i}\r\n"
+            status, poll = hello_over_http(r.port, "/socket.io/", extra=cookie)
+            status_ws, upgrade = hello_over_ws(r.port, "/socket.io/", extra=cookie)
+            assert (status, status_ws) == (200, 101)
+            assert upgrade["origin"] == poll["origin"] != victim.name, (i, poll, upgrade)
+        # the others stay where they were
+        for i in (i for i, o in home.items() if o != victim.name):
+            assert hello_over_ws(r.port, "/socket.io/", extra=f"Cookie: io=s{i}\r\n")[1]["origin"] == home[i]
