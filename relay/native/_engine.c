@@ -705,6 +705,17 @@ static PyObject *Engine_skip(EngineObject *self, PyObject *args) {
     return PyBool_FromLong(hs_skip(&self->hs, id, n));
 }
 
+static PyObject *Engine_connect_time(EngineObject *self, PyObject *arg) {
+    CHECK_HS(self);
+    long long id = PyLong_AsLongLong(arg);
+    if (id == -1 && PyErr_Occurred())
+        return NULL;
+    int64_t ns = hs_connect_time(&self->hs, id);
+    if (ns < 0)
+        Py_RETURN_NONE;
+    return PyFloat_FromDouble((double)ns / 1e9);
+}
+
 static PyObject *Engine_detach(EngineObject *self, PyObject *arg) {
     CHECK_HS(self);
     long long id = PyLong_AsLongLong(arg);
@@ -897,6 +908,8 @@ static PyMethodDef Engine_methods[] = {
      "comes to front.on_response with token."},
     {"skip", (PyCFunction)Engine_skip, METH_VARARGS,
      "skip(id, n): the response head delivered was interim (1xx): drop its n bytes and read on."},
+    {"connect_time", (PyCFunction)Engine_connect_time, METH_O,
+     "connect_time(id) -> seconds the last origin connect took, once; None: none since."},
     {"detach", (PyCFunction)Engine_detach, METH_O,
      "detach(id) -> (client_fd, origin_fd or -1, client_bytes, origin_bytes): the caller takes over."},
     {"close_handshake", (PyCFunction)Engine_close_handshake, METH_O, "close_handshake(id): drop it."},

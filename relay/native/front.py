@@ -31,9 +31,10 @@ same sans-I/O pieces as relay/client.py and relay/upgrade.py:
   ``HandedOverRefusal`` on the sockets and bytes handed over);
 - counting (metrics/counters.py), the access log (relay/logs.py: records are
   built only while it is on), each origin's passive health and failure
-  lines (relay/origins/balance.py, from each failed attempt C reports). C
-  does not time its connects: ``wsrelay_origin_connect_seconds`` has the
-  Python plane's only.
+  lines (relay/origins/balance.py, from each failed attempt C reports), the
+  connect time C measured to the origin that answered or timed out
+  (``wsrelay_origin_connect_seconds``; not of an origin that closed without
+  answering, whose connection the next attempt replaced).
 
 Origins given as host names are resolved off the loop when the worker starts
 and every :data:`RESOLVE_EVERY` seconds after (the Python plane resolves at
@@ -238,6 +239,7 @@ class NativeFront:
         if attempts:
             self._failures(conn, attempts, origin)
         member = self._held(conn, origin)
+        self._timed(cid, member)
         rec = conn.record
         if rec is not None:
             rec.origin = member.name
@@ -302,6 +304,7 @@ class NativeFront:
             self._failures(conn, attempts, origin)
         member = self._held(conn, origin) if origin >= 0 else conn.dial.member
         if member is not None:
+            self._timed(cid, member)
             member.pool.failed(member, "timeout", f"no answer to an upgrade within "
                                f"RELAY_CONNECT_TIMEOUT={member.pool.connect_timeout:g}s", 504)
             if conn.record is not None:
@@ -336,6 +339,13 @@ class NativeFront:
             if m not in dial.tried:
                 dial.tried += (m,)
         return m
+
+    def _timed(self, cid: int, member: Member) -> None:
+        """The connect to ``member`` that the engine timed, into its
+        wsrelay_origin_connect_seconds (once: an interim answer comes back here)."""
+        seconds = self.engine.connect_time(cid)
+        if seconds is not None:
+            member.pool.connected(member, seconds)
 
     def _failures(self, conn: NativeConnection, attempts, answered: int = -1) -> None:
         """Count and log each failed attempt as relay/origins/dial.py and

@@ -54,6 +54,27 @@ static void clock_ms(handshaker *h) {
     h->now_ms = (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+static int64_t mono_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* The origin connection is up (the head is written): its connect time, for Python to take. */
+static void connected(hs_conn *c) {
+    int64_t d = mono_ns() - c->connect_ns;
+    c->connect_ns = d > 0 ? d : 1;
+    c->connect_timed = 1;
+}
+
+int64_t hs_connect_time(handshaker *h, int64_t id) {
+    hs_conn *c = hs_get(h, id);
+    if (!c || !c->connect_timed)
+        return -1;
+    c->connect_timed = 0;
+    return c->connect_ns;
+}
+
 int64_t hs_id(handshaker *h, uint32_t slot) { return ((int64_t)h->c[slot].gen << 32) | slot; }
 
 static inline uint64_t key(handshaker *h, uint32_t slot, int origin) {
@@ -465,6 +486,8 @@ static void try_connect(handshaker *h, uint32_t slot) {
         c->out_off = 0;
         c->olen = 0;
         c->origin_bytes = 0;
+        c->connect_timed = 0;
+        c->connect_ns = mono_ns();
         int r = connect(fd, (struct sockaddr *)a, alen);
         if (r < 0 && errno != EINPROGRESS) {
             attempt(c, HF_CONNECT, errno);
@@ -482,8 +505,10 @@ static void try_connect(handshaker *h, uint32_t slot) {
             continue;
         }
         c->state = r ? H_RESPONSE : H_CONNECT;
-        if (r)
+        if (r) {
             c->asked = (int)c->origin;
+            connected(c);
+        }
         uint32_t events = r ? EPOLLIN | EPOLLRDHUP | EPOLLET : EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
         struct epoll_event ev = {.events = events, .data.u64 = key(h, slot, 1)};
         if (epoll_ctl(h->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
@@ -560,6 +585,7 @@ static void origin_io(handshaker *h, uint32_t slot, uint32_t events) {
             return;
         c->state = H_RESPONSE;
         c->asked = (int)c->origin;
+        connected(c);
     }
     if (c->state == H_RESPONSE && (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)))
         origin_read(h, slot);

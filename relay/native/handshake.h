@@ -67,6 +67,9 @@ typedef struct hs_conn {
     uint8_t acted;             /* the owner answered the last event (refuse, connect, skip) */
     hs_attempt attempts[HS_ATTEMPTS];
     int64_t deadline_ms;
+    int64_t connect_ns;        /* the current origin connect: its start (CLOCK_MONOTONIC), then, once
+                                * up, minus its duration (negative: taken by hs_connect_time) */
+    uint8_t connect_timed;     /* connect_ns holds a duration not yet taken */
     uint32_t tl, prev, next;   /* timer list membership */
     uint32_t next_free;
     struct sockaddr_storage peer;
@@ -135,6 +138,8 @@ int hs_connect(handshaker *h, int64_t id, const uint32_t *order, uint32_t norder
                void *token);
 /* The response head delivered was an interim one (1xx): drop its n bytes, read on. */
 int hs_skip(handshaker *h, int64_t id, uint32_t n);
+/* The last origin connect's duration in ns, once (wsrelay_origin_connect_seconds); -1: none new. */
+int64_t hs_connect_time(handshaker *h, int64_t id);
 /* Give up the connection: its descriptors go to the caller (-1 where none). */
 int hs_detach(handshaker *h, int64_t id, int *cfd, int *ofd);
 void hs_close(handshaker *h, uint32_t slot);

@@ -513,3 +513,32 @@ def test_a_cookie_whose_origin_is_down_keeps_its_polls_and_its_upgrade_together(
         # the others stay where they were
         for i in (i for i, o in home.items() if o != victim.name):
             assert hello_over_ws(r.port, "/socket.io/", extra=f"Cookie: io=s{i}\r\n")[1]["origin"] == home[i]
+
+
+@HEAD_PHASES
+def test_upgrades_time_their_origin_connects(loop_thread, head_phase):
+    """wsrelay_origin_connect_seconds (README "Observability"): each upgrade's
+    TCP connect to the origin that answered is in its origin's histogram, on
+    both head phases; an interim answer before the 101 does not count it twice."""
+    from tests.support.net import read_head, status_of, upgrade_request
+    from tests.support.raw_origins import RawOrigin, switching
+
+    async def early_hints_then_101(origin, c):
+        c.writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n" + switching(c.head))
+        while await c.reader.read(65536):
+            pass
+
+    o = RawOrigin(loop_thread, early_hints_then_101).start()
+    try:
+        with Relay(o.addr, workers=1, env={"WSRELAY_NATIVE_HANDSHAKE": head_phase}) as r:
+            for _ in range(5):
+                with socket.create_connection(("127.0.0.1", r.port), timeout=10) as s:
+                    s.sendall(upgrade_request("/"))
+                    assert status_of(read_head(s)[0]) == 101
+            wait_for(lambda: metric(r, "wsrelay_origin_connections", origin=o.addr) == 0, 10,
+                     what="the tunnels' counts given back")
+            assert metric(r, "wsrelay_origin_connect_seconds_count", origin=o.addr) == 5
+            assert 0 < metric(r, "wsrelay_origin_connect_seconds_sum", origin=o.addr) < 5
+            assert metric(r, "wsrelay_origin_connect_seconds_bucket", origin=o.addr, le="+Inf") == 5
+    finally:
+        o.stop()
