@@ -28,7 +28,7 @@
  *   .listen(fd), .set_origins([[(host, port), ...], ...]), .balance(...),
  *   .hs_fileno(), .poll_handshakes(), .expire(), .accepting = bool
  *   front.on_head(id, req | None, ip)            -> must connect, refuse or detach
- *       .connect(id, order, req, request_id, trusted, token)   forward_head in C, origins in order
+ *       .connect(id, order, req, request_id, trusted, token[, timeout])   forward_head in C, origins in order
  *       .refuse(id, answer)                           write, half-close, linger
  *       .detach(id) -> (client_fd, origin_fd, client_bytes, origin_bytes)
  *   front.on_response(id, token, resp | (status, reason, outcome), origin, attempts)
@@ -663,8 +663,9 @@ static PyObject *Engine_connect(EngineObject *self, PyObject *args) {
     Py_ssize_t rid_len;
     int trusted;
     uint32_t order[MAX_ORDER], norder;
+    double timeout = -1.0;
     CHECK_HS(self);
-    if (!PyArg_ParseTuple(args, "LOOy#pO", &id, &order_seq, &req, &rid, &rid_len, &trusted, &token))
+    if (!PyArg_ParseTuple(args, "LOOy#pO|d", &id, &order_seq, &req, &rid, &rid_len, &trusted, &token, &timeout))
         return NULL;
     if (!heads_is_request(req)) {
         PyErr_SetString(PyExc_TypeError, "connect(): req must be the Request this head phase delivered");
@@ -689,7 +690,8 @@ static PyObject *Engine_connect(EngineObject *self, PyObject *args) {
     if (!head)
         return NULL;
     Py_INCREF(token);
-    int r = hs_connect(&self->hs, id, order, norder, PyBytes_AS_STRING(head), (size_t)PyBytes_GET_SIZE(head), token);
+    int r = hs_connect(&self->hs, id, order, norder, PyBytes_AS_STRING(head), (size_t)PyBytes_GET_SIZE(head), token,
+                       timeout >= 0 ? (int64_t)(timeout * 1000) : -1);
     Py_DECREF(head);
     if (!r)
         Py_DECREF(token);
@@ -903,8 +905,9 @@ static PyMethodDef Engine_methods[] = {
     {"refuse", (PyCFunction)Engine_refuse, METH_VARARGS,
      "refuse(id, answer): write it, half-close, linger up to 2 s discarding input, close."},
     {"connect", (PyCFunction)Engine_connect, METH_VARARGS,
-     "connect(id, order, req, request_id, trusted, token): forward req (forward_head in C; trusted keeps "
-     "the client's X-Forwarded-For) to the origins of order (indices of set_origins), each once; the answer "
+     "connect(id, order, req, request_id, trusted, token, timeout=-1): forward req (forward_head in C; trusted "
+     "keeps the client's X-Forwarded-For) to the origins of order (indices of set_origins), each once, all within "
+     "timeout seconds (the pool's RELAY_CONNECT_TIMEOUT; < 0: handshakes()' connect_timeout); the answer "
      "comes to front.on_response with token."},
     {"skip", (PyCFunction)Engine_skip, METH_VARARGS,
      "skip(id, n): the response head delivered was interim (1xx): drop its n bytes and read on."},

@@ -231,7 +231,7 @@ class NativeFront:
         index = self.index
         rest, conn.full = pool.failover(req, first)  # what dial.choose() would give after each failure
         conn.order = [index[first]] + [index[m] for m in rest]
-        self.engine.connect(cid, conn.order, req, request_id, trusted, conn)
+        self.engine.connect(cid, conn.order, req, request_id, trusted, conn, pool.connect_timeout)
 
     def on_response(self, cid: int, conn: NativeConnection, resp, origin: int, attempts) -> None:
         """The origin's response head (a view, or (status, reason, outcome) when malformed)."""

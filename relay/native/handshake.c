@@ -167,19 +167,31 @@ static void tl_remove(handshaker *h, uint32_t slot) {
     c->tl = c->prev = c->next = HS_NONE;
 }
 
-static void tl_append(handshaker *h, uint32_t slot, uint32_t tl) {
+/* Into list tl, due in ms milliseconds, in deadline order: at the tail when
+ * every entry has the same duration (a FIFO, O(1)); TL_CONNECT's durations
+ * are the pools' own RELAY_CONNECT_TIMEOUT, so an entry may walk back past
+ * the pending connects of pools with longer ones. */
+static void tl_append_in(handshaker *h, uint32_t slot, uint32_t tl, int64_t ms) {
     hs_conn *c = &h->c[slot];
     tl_remove(h, slot);
     c->tl = tl;
-    c->deadline_ms = h->now_ms + h->timeout_ms[tl];
-    c->next = HS_NONE;
-    c->prev = h->tl_tail[tl];
-    if (c->prev != HS_NONE)
-        h->c[c->prev].next = slot;
+    c->deadline_ms = h->now_ms + ms;
+    uint32_t after = h->tl_tail[tl];
+    while (after != HS_NONE && h->c[after].deadline_ms > c->deadline_ms)
+        after = h->c[after].prev;
+    c->prev = after;
+    c->next = after != HS_NONE ? h->c[after].next : h->tl_head[tl];
+    if (after != HS_NONE)
+        h->c[after].next = slot;
     else
         h->tl_head[tl] = slot;
-    h->tl_tail[tl] = slot;
+    if (c->next != HS_NONE)
+        h->c[c->next].prev = slot;
+    else
+        h->tl_tail[tl] = slot;
 }
+
+static void tl_append(handshaker *h, uint32_t slot, uint32_t tl) { tl_append_in(h, slot, tl, h->timeout_ms[tl]); }
 
 /* -- slots and events --------------------------------------------------------------- */
 
@@ -592,7 +604,7 @@ static void origin_io(handshaker *h, uint32_t slot, uint32_t events) {
 }
 
 int hs_connect(handshaker *h, int64_t id, const uint32_t *order, uint32_t norder, const char *head, size_t n,
-               void *token) {
+               void *token, int64_t timeout_ms) {
     hs_conn *c = hs_get(h, id);
     if (!c || c->state != H_DECIDE)
         return 0;
@@ -613,7 +625,7 @@ int hs_connect(handshaker *h, int64_t id, const uint32_t *order, uint32_t norder
     c->norder = norder;
     c->tried = c->ai = 0;
     c->asked = -1;
-    tl_append(h, slot, TL_CONNECT);
+    tl_append_in(h, slot, TL_CONNECT, timeout_ms >= 0 ? timeout_ms : h->timeout_ms[TL_CONNECT]);
     try_connect(h, slot);
     return 1;
 }

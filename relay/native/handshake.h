@@ -133,9 +133,10 @@ int hs_pop(handshaker *h, hs_event *out);          /* 1 if an event was popped *
 hs_conn *hs_get(handshaker *h, int64_t id);
 int64_t hs_id(handshaker *h, uint32_t slot);
 int hs_refuse(handshaker *h, int64_t id, const char *data, size_t n);
-/* Ask the origins from `start` on (each once, its addresses in order) with this head. */
+/* Ask the origins of order (each once, its addresses in order) with this head, all within
+ * timeout_ms (the pool's RELAY_CONNECT_TIMEOUT; < 0: hs_init's connect_timeout). */
 int hs_connect(handshaker *h, int64_t id, const uint32_t *order, uint32_t norder, const char *head, size_t n,
-               void *token);
+               void *token, int64_t timeout_ms);
 /* The response head delivered was an interim one (1xx): drop its n bytes, read on. */
 int hs_skip(handshaker *h, int64_t id, uint32_t n);
 /* The last origin connect's duration in ns, once (wsrelay_origin_connect_seconds); -1: none new. */

@@ -542,3 +542,37 @@ def test_upgrades_time_their_origin_connects(loop_thread, head_phase):
             assert metric(r, "wsrelay_origin_connect_seconds_bucket", origin=o.addr, le="+Inf") == 5
     finally:
         o.stop()
+
+
+@HEAD_PHASES
+def test_a_pools_connect_timeout_bounds_its_upgrades(silent_origin, head_phase):
+    """RELAY_POOL_<NAME>_CONNECT_TIMEOUT is the pool's own (README "Settings",
+    *pool*): a silent origin's upgrade gets its 504 after the pool's timeout,
+    shorter or longer than the global RELAY_CONNECT_TIMEOUT, on both head phases."""
+    from tests.support.net import read_head, status_of, upgrade_request
+
+    env = {"RELAY_POOL_FAST": silent_origin.addr, "RELAY_POOL_FAST_CONNECT_TIMEOUT": "0.3",
+           "RELAY_POOL_SLOW": silent_origin.addr, "RELAY_POOL_SLOW_CONNECT_TIMEOUT": "2",
+           "RELAY_ROUTES": "/fast = fast, /slow = slow", "RELAY_CONNECT_TIMEOUT": "8",
+           "WSRELAY_NATIVE_HANDSHAKE": head_phase}
+
+    def waited(relay, path: str) -> float:
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=20) as s:
+            s.sendall(upgrade_request(path))
+            assert status_of(read_head(s)[0]) == 504
+        return time.monotonic() - started
+
+    with Relay(None, workers=1, env=env) as r:
+        assert waited(r, "/fast") < 4  # the pool's 0.3 s, not the global 8 s
+        assert 1.9 <= waited(r, "/slow") < 6
+        # a short timeout is not held up behind a longer one pending
+        with socket.create_connection(("127.0.0.1", r.port), timeout=20) as pending:
+            pending.sendall(upgrade_request("/slow"))
+            started = time.monotonic()
+            assert waited(r, "/fast") < 1.5
+            assert status_of(read_head(pending)[0]) == 504 and time.monotonic() - started < 6
+        r.wait_log(f"origin {silent_origin.addr} timeout: no answer to an upgrade within RELAY_CONNECT_TIMEOUT=0.3s")
+    env.update(RELAY_CONNECT_TIMEOUT="0.3", RELAY_POOL_FAST_CONNECT_TIMEOUT="0.3")
+    with Relay(None, workers=1, env=env) as r:
+        assert 1.9 <= waited(r, "/slow") < 6  # the pool's 2 s, not the global 0.3 s
