@@ -32,6 +32,7 @@ from metrics import layout
 from relay import pools
 from relay.config import Settings
 from relay.origins.table import OriginTable, key
+from relay.proxy_protocol import V2_LOCAL
 
 log = logging.getLogger("wsrelay.origin")
 
@@ -50,21 +51,27 @@ class Target(NamedTuple):
     timeout: float
     rise: int
     fall: int
+    #: RELAY_ORIGIN_PROXY_PROTOCOL=v2: the origin expects a PROXY header on every connection
+    proxy_v2: bool = False
 
     @property
     def who(self) -> str:
         return f"origin {self.host if ':' not in self.host else '[' + self.host + ']'}:{self.port} (pool {self.pool})"
 
 
-async def probe(host: str, port: int, path: str, timeout: float) -> tuple[bool, str]:
+async def probe(host: str, port: int, path: str, timeout: float, proxy_v2: bool = False) -> tuple[bool, str]:
     """``GET path`` to ``host:port``: (passed, what happened). 2xx and 3xx pass
-    (HAProxy's ``option httpchk``)."""
+    (HAProxy's ``option httpchk``). ``proxy_v2``: a PROXY v2 ``LOCAL`` header
+    first (the relay's own connection, no client's), as HAProxy's checks of a
+    ``send-proxy-v2`` server: an origin expecting the header on every
+    connection refuses a check without one."""
     writer = None
     try:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(host, port)
             authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            writer.write(f"GET {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: wsrelay-health-check\r\n"
+            writer.write((V2_LOCAL if proxy_v2 else b"")
+                         + f"GET {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: wsrelay-health-check\r\n"
                          f"Connection: close\r\n\r\n".encode())
             line = await reader.readline()
     except TimeoutError:
@@ -122,7 +129,7 @@ class Checker:
         await asyncio.sleep(random.uniform(0, t.interval))
         while True:
             started = time.monotonic()
-            ok, detail = await probe(t.host, t.port, t.path, t.timeout)
+            ok, detail = await probe(t.host, t.port, t.path, t.timeout, t.proxy_v2)
             self._record(t, ok, detail)
             await asyncio.sleep(max(0.0, t.interval - (time.monotonic() - started)))
 
@@ -192,7 +199,7 @@ class Origins:
         self.entries[generation] = set(self.names.values())
         targets = [Target(self.names[key(p.name, str(a))], p.name, a.host, a.port, p.health_check_path,
                           p.health_check_interval, p.health_check_timeout, p.health_check_rise,
-                          p.health_check_fall)
+                          p.health_check_fall, settings.origin_proxy_protocol == "v2")
                    for p in pools.effective(settings) if p.health_check_path for a in dict.fromkeys(p.origins)]
         self.checker.configure(targets)
 

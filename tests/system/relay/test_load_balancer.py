@@ -406,6 +406,28 @@ def test_origins_read_the_clients_address_from_a_v2_header(ws_origin, aio_origin
             assert src[f"/plain/b{i}"] == f"127.0.0.3:{ports['b']}"
 
 
+
+def test_health_checks_begin_with_a_v2_header_too(ws_origin, aio_origin, tmp_path):
+    """An origin that expects a PROXY header on every connection (README,
+    "Towards the origins") expects it on the health checks' too: with
+    RELAY_ORIGIN_PROXY_PROTOCOL=v2 they begin with a v2 LOCAL header (the
+    relay's own connection, as HAProxy's checks of a send-proxy-v2 server),
+    pass, and the origin stays up."""
+    port = free_port()
+    cfg = ORIGIN_SIDE.format(port=port, ws=ws_origin.addr, aio=aio_origin.addr)
+    env = {"RELAY_ORIGIN_PROXY_PROTOCOL": "v2", "RELAY_HEALTH_CHECK_PATH": "/plain/healthz",
+           "RELAY_HEALTH_CHECK_INTERVAL": "0.2", "RELAY_HEALTH_CHECK_FALL": "1"}
+    with HAProxy(cfg, tmp_path, port), Relay(f"127.0.0.1:{port}", workers=1, env=env) as r:
+        def checks() -> list[dict]:
+            return [{k.lower(): v for k, v in h.items()} for _m, path, h, _b in list(aio_origin.seen)
+                    if path == "/plain/healthz"]
+        wait_for(lambda: len(checks()) >= 3, 10, what="three health checks through accept-proxy")
+        assert {c["user-agent"] for c in checks()} == {"wsrelay-health-check"}
+        assert {c["x-pp-src"].rpartition(":")[0] for c in checks()} == {"127.0.0.1"}  # LOCAL: its own address
+        assert metric(r, "wsrelay_origin_up", origin=f"127.0.0.1:{port}") == 1
+        assert " down: " not in r.text()
+
+
 def test_a_proxy_header_comes_before_the_tls_handshake(ws_origin, tmp_path):
     """On a TLS listener the balancer's PROXY header is the connection's first
     bytes, then the client's TLS handshake (HAProxy's accept-proxy on an ssl
