@@ -49,7 +49,7 @@ from relay.errors import HeadError, ProxyProtocolError, RelayError
 from relay.exchange import Exchange
 from relay.handshake import is_upgrade
 from relay.http_head import BARE_LF_END, HEAD_END, parse_request_head
-from relay.headers import request_id_for
+from relay.headers import request_id_for, x_forwarded_for
 from relay.logs import AccessLog, AccessRecord
 from relay.proxy_protocol import V2_LOCAL, parse_proxy_header, v2_header
 from relay.seam import Server
@@ -327,7 +327,7 @@ class ClientConnection(asyncio.Protocol):
         upgrade = is_upgrade(req)
         request_id = request_id_for(req, self.trusted)
         record = ctx.access.record(self.client_ip, req.method, req.path, req.get(b"user-agent"),
-                                   req.get(b"x-forwarded-for"), request_id.decode()) \
+                                   x_forwarded_for(req), request_id.decode()) \
             if upgrade or ctx.access.enabled else None
         if record is not None and self.tls_version:
             record.tls_version = self.tls_version

@@ -82,6 +82,16 @@ def request_id_for(req: Request, trusted: bool) -> bytes:
     return new_request_id()
 
 
+def x_forwarded_for(req: Request) -> bytes | None:
+    """The request's X-Forwarded-For as received, for the access log: its field
+    lines combined in order (RFC 9110 §5.3), so a proxy's own line below a
+    client's is logged too; None without one."""
+    values = req.get_all(b"x-forwarded-for")
+    if len(values) < 2:
+        return values[0] if values else None
+    return b", ".join(values)
+
+
 # Names whose underscore spelling never reaches the origin (see forward_head).
 NO_UNDERSCORE = FORWARDED | HOP_BY_HOP | {b"content-length"}
 

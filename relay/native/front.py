@@ -60,7 +60,7 @@ from relay.client import ClientConnection, unparsed_record
 from relay.context import Context
 from relay.errors import HeadError, OriginClosed, RelayError
 from relay.handshake import check_upgrade_response, is_upgrade
-from relay.headers import request_id_for
+from relay.headers import request_id_for, x_forwarded_for
 from relay.native.plane import NativeTunnel, _share_strings
 from relay.origins.balance import Member
 from relay.origins.dial import Dial
@@ -215,7 +215,7 @@ class NativeFront:
         rec = None
         if ctx.access.enabled:
             rec = conn.record = ctx.access.record(ip, req.method, req.path, req.get(b"user-agent"),
-                                                  req.get(b"x-forwarded-for"), request_id.decode())
+                                                  x_forwarded_for(req), request_id.decode())
         try:
             conn.key, pool = gate.admit_upgrade(ctx, req, ip, True)  # a connection's first request
         except RelayError as e:

@@ -147,3 +147,21 @@ def test_data_plane_names_the_plane_that_relayed_the_session(relay, loop_thread,
         assert status_of(out) == 503 and out.endswith(b"busy")
         rec = line_for(r, path="/plane-503")
         assert (rec["outcome"], rec["data_plane"]) == ("origin_rejected", "python")
+
+
+@pytest.mark.parametrize("upgrade", [False, True], ids=["http", "upgrade"])
+def test_x_forwarded_for_is_logged_whole(relay, upgrade):
+    """An L7 proxy in front (HAProxy's ``option forwardfor``) adds its own
+    X-Forwarded-For line below the client's: the access log's
+    ``x_forwarded_for`` is the field as received, its lines combined in order
+    (RFC 9110 §5.3), not the first line alone (the one a client can forge)."""
+    path = f"/xff-{'ws' if upgrade else 'http'}"
+    extra = "X-Forwarded-For: 198.51.100.4\r\nX-Forwarded-For: 203.0.113.9, 192.0.2.1\r\n"
+    if upgrade:
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=5) as s:
+            s.sendall(upgrade_request(path, extra=extra))
+            assert status_of(s.recv(4096)) == 101
+    else:
+        req = f"GET {path} HTTP/1.1\r\nHost: x\r\n{extra}Connection: close\r\n\r\n".encode()
+        assert status_of(raw_exchange(relay.port, req)) == 200
+    assert line_for(relay, path=path)["x_forwarded_for"] == "198.51.100.4, 203.0.113.9, 192.0.2.1"
