@@ -132,8 +132,10 @@ async def _serve(settings: Settings, socks: list[socket.socket], index: int, slo
     code = close_code[0]
     spreading = None if now.is_set() else ctx.tunnel_class.drain(ctx.tunnels, code, settings.drain_timeout, loop)
     if not now.is_set() and settings.drain_timeout > 0 and not ctx.idle.is_set():
+        # the head phase in C stands for all of its connections at once (relay/native/front.py)
+        connections = sum(getattr(c, "connections", 1) for c in ctx.connections)
         log.info("worker %d draining: %d tunnels, %d connections, up to %gs",
-                 index, len(ctx.tunnels), len(ctx.connections), settings.drain_timeout)
+                 index, len(ctx.tunnels), connections, settings.drain_timeout)
         waits = [asyncio.ensure_future(ctx.idle.wait()), asyncio.ensure_future(now.wait())]
         await asyncio.wait(waits, timeout=settings.drain_timeout, return_when=asyncio.FIRST_COMPLETED)
         for w in waits:

@@ -421,6 +421,11 @@ class _Draining:
         self.front = front
         self.on = False
 
+    @property
+    def connections(self) -> int:
+        """How many connections it stands for (the drain's log line counts them)."""
+        return self.front.engine.handshakes_live
+
     def start(self) -> None:
         self.on = True
         self.front.ctx.connections.add(self)

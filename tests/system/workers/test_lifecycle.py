@@ -405,3 +405,27 @@ def test_a_worker_exiting_resets_no_queued_connection(ws_origin):
                     pass
             for s in socks:
                 s.close()
+
+
+def test_the_drain_line_counts_connections_waiting_for_their_origin(silent_origin):
+    """"worker N draining: T tunnels, C connections" counts each connection
+    still in its head phase (here: three upgrades waiting for a silent
+    origin), whichever plane read their heads."""
+    r = Relay(silent_origin.addr, workers=1, env={"RELAY_DRAIN_TIMEOUT": "1", "RELAY_CONNECT_TIMEOUT": "30"}).start()
+    waiting = []
+    try:
+        for _ in range(3):
+            s = socket.create_connection(("127.0.0.1", r.port), timeout=10)
+            s.sendall(upgrade_request("/"))
+            waiting.append(s)
+        wait_for(lambda: gauge(metrics_text(r), "wsrelay_origin_connections",
+                               f'{{origin="{silent_origin.addr}",pool="default"}}') == 3, 10,
+                 what="three upgrades waiting for the origin")
+        r.signal(signal.SIGTERM)
+        r.wait_log("worker 0 draining: ")
+        assert "worker 0 draining: 0 tunnels, 3 connections, up to 1s" in r.text(), r.text()
+        assert r.proc.wait(10) == 0
+    finally:
+        for s in waiting:
+            s.close()
+        r.stop()
