@@ -341,6 +341,8 @@ class ClientConnection(asyncio.Protocol):
                 length, pool = gate.admit_request(ctx, req, self.requests == 1)
                 self.server = Exchange(self, req, length, record, rest, request_id, pool)
         except RelayError as e:
+            if record is not None:
+                record.pool = e.pool
             self.refuse(e.status, e.outcome, record, upgrade=upgrade)
 
     # -- TLS ---------------------------------------------------------------------

@@ -41,6 +41,8 @@ class RelayError(Exception):
 
     status = 500
     outcome = "error"
+    #: the pool the request was routed to before it was refused ("" if none; the access log's ``pool``)
+    pool = ""
 
     def __init__(self, reason: str, status: int | None = None, outcome: str | None = None):
         super().__init__(reason)

@@ -51,13 +51,19 @@ def admit_upgrade(ctx: "Context", req: Request, client_ip: str, first: bool) -> 
     pool = route(ctx, req)
     if (not pool.websocket or not path_allowed(req.path, ctx.ws_paths)
             or not origin_allowed(req.get(b"origin"), pool.allowed_origins)):
-        raise Refused(403, "path or Origin not allowed", "forbidden")
+        raise _routed(Refused(403, "path or Origin not allowed", "forbidden"), pool)
     if ctx.draining and not first:
-        raise Refused(503, "draining", "draining")
+        raise _routed(Refused(503, "draining", "draining"), pool)
     refused = ctx.admission.take(client_ip)  # "limit" or "limit_ip": counted apart (deploy/alerts.yml)
     if refused:
-        raise Refused(503, "client limit reached", refused)
+        raise _routed(Refused(503, "client limit reached", refused), pool)
     return key, pool
+
+
+def _routed(e: Refused, pool: "OriginPool") -> Refused:
+    """``e``, naming the pool the request was routed to (the access log's ``pool``)."""
+    e.pool = pool.name
+    return e
 
 
 def admit_request(ctx: "Context", req: Request, first: bool) -> tuple[int, "OriginPool"]:
@@ -69,5 +75,5 @@ def admit_request(ctx: "Context", req: Request, first: bool) -> tuple[int, "Orig
     length = body_framing(req, is_request=True)
     pool = route(ctx, req)
     if ctx.draining and not first:
-        raise Refused(503, "draining", "draining")
+        raise _routed(Refused(503, "draining", "draining"), pool)
     return length or 0, pool

@@ -219,6 +219,8 @@ class NativeFront:
         try:
             conn.key, pool = gate.admit_upgrade(ctx, req, ip, True)  # a connection's first request
         except RelayError as e:
+            if rec is not None:
+                rec.pool = e.pool
             return conn.refuse(e.status, e.outcome, rec, upgrade=True)
         if rec is not None:
             rec.pool = pool.name

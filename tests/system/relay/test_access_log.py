@@ -165,3 +165,27 @@ def test_x_forwarded_for_is_logged_whole(relay, upgrade):
         req = f"GET {path} HTTP/1.1\r\nHost: x\r\n{extra}Connection: close\r\n\r\n".encode()
         assert status_of(raw_exchange(relay.port, req)) == 200
     assert line_for(relay, path=path)["x_forwarded_for"] == "198.51.100.4, 203.0.113.9, 192.0.2.1"
+
+
+def test_a_refused_upgrade_names_the_pool_it_was_routed_to(origin):
+    """``pool`` is the pool a request was routed to (README "Logs"), refused
+    or not: an upgrade its pool's rules refuse (403 for its Origin, 403 for a
+    pool without WebSockets, 503 at the per-IP limit) names it; one that no
+    route takes (404) names none."""
+    env = {"RELAY_POOL_FEED": origin.addr, "RELAY_POOL_FEED_ALLOWED_ORIGINS": "https://app.example.com",
+           "RELAY_POOL_API": origin.addr, "RELAY_POOL_API_WEBSOCKET": "0", "RELAY_MAX_CLIENTS_PER_IP": "1",
+           "RELAY_ROUTES": "/feed = feed, /api = api"}
+    with Relay(None, workers=1, env=env) as r:
+        evil = upgrade_request("/feed/evil", extra="Origin: https://evil.example\r\n")
+        assert status_of(raw_exchange(r.port, evil)) == 403
+        assert status_of(raw_exchange(r.port, upgrade_request("/api/ws"))) == 403
+        assert status_of(raw_exchange(r.port, upgrade_request("/elsewhere"))) == 404
+        with socket.create_connection(("127.0.0.1", r.port), timeout=5) as held:
+            held.sendall(upgrade_request("/feed/held"))
+            assert status_of(held.recv(4096)) == 101
+            assert status_of(raw_exchange(r.port, upgrade_request("/feed/second"))) == 503
+        assert line_for(r, path="/feed/evil")["pool"] == "feed"
+        assert line_for(r, path="/api/ws")["pool"] == "api"
+        assert line_for(r, path="/feed/second")["outcome"] == "limit_ip"
+        assert line_for(r, path="/feed/second")["pool"] == "feed"
+        assert line_for(r, path="/elsewhere")["pool"] == ""
