@@ -8,6 +8,7 @@ never a traceback), 3 (status, reload, stop) no relay running, 1 anything else.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from relay import __version__
@@ -46,6 +47,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (wsrelay status | head): nothing more to say.
+        # Python's docs (signal, "Note on SIGPIPE"): point stdout at devnull so
+        # the flush at exit does not raise again, and exit 1.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.command is None:
         _parser().print_help()

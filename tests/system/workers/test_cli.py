@@ -301,3 +301,20 @@ def test_check_refuses_a_route_to_a_pool_that_does_not_exist():
     assert out.stderr.strip().splitlines() == [
         "wsrelay: RELAY_ROUTES: '/chat = caht': no pool named caht (did you mean chat? define it with "
         "RELAY_POOL_CAHT=host:port,...)"]
+
+
+def test_a_reader_that_goes_away_gets_no_traceback():
+    """``wsrelay check | head -c 100``: the reader leaves before the output is
+    written; the command ends quietly (exit 1, as Python's docs advise for
+    SIGPIPE), with nothing on stderr but what it had to say anyway."""
+    r, w = os.pipe()
+    os.close(r)  # the reader has gone: every write is EPIPE
+    e = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    e.update(RELAY_ORIGIN="127.0.0.1:9000", RELAY_LISTEN="127.0.0.1:0")
+    try:
+        out = subprocess.run([sys.executable, "-m", "relay", "check"], env=e, stdout=w, stderr=subprocess.PIPE,
+                             text=True, timeout=20, cwd=ROOT)
+    finally:
+        os.close(w)
+    assert "Traceback" not in out.stderr and "BrokenPipeError" not in out.stderr, out.stderr
+    assert out.returncode == 1
