@@ -685,10 +685,21 @@ def resolve(path: str, environ: Mapping[str, str] | None = None) -> str:
     if path and not os.path.isabs(path) and base:
         return os.path.join(base, path)
     return path
+#: cluster mode's settings besides RELAY_CLUSTER_REDIS (README, "A fleet")
+CLUSTER_SETTINGS = ("cluster_limit", "cluster_name", "cluster_block", "cluster_lease_ttl", "cluster_fallback",
+                    "cluster_local_limit")
+
+
 def _cluster_problems(values: dict[str, Any], problems: list[str]) -> list[str]:
     """What cluster mode needs once ``RELAY_CLUSTER_REDIS`` is set: a fleet
-    limit, and the optional redis client (``pip install 'wsrelay[cluster]'``)."""
+    limit, and the optional redis client (``pip install 'wsrelay[cluster]'``).
+    Without it, a cluster setting is refused: the operator meant a fleet limit
+    that would silently not apply (as RELAY_TLS_* without RELAY_TLS_LISTEN)."""
     if not values.get("cluster_redis"):
+        given = [PREFIX + n.upper() for n in CLUSTER_SETTINGS if n in values]
+        if given and not any(p.startswith(PREFIX + "CLUSTER_REDIS") for p in problems):
+            return [f"{', '.join(given)} need{'s' if len(given) == 1 else ''} {PREFIX}CLUSTER_REDIS: without it "
+                    f"there is no fleet and the host applies RELAY_MAX_CLIENTS alone"]
         return []
     out = []
     if not values.get("cluster_limit") and not any(p.startswith(PREFIX + "CLUSTER_LIMIT") for p in problems):

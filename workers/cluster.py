@@ -503,7 +503,10 @@ def probe(settings: Settings) -> str:
                 held += int(v[1])
         client.close()
     except Exception as e:  # noqa: BLE001 - any failure is the answer
-        return (f"RELAY_CLUSTER_REDIS {url} does not answer ({error_reason(e)}: {e}); the relay would start "
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if len(why) > 200:  # redis-py's Sentinel errors embed every connection's repr
+            why = why[:200] + "…"
+        return (f"RELAY_CLUSTER_REDIS {url} does not answer ({error_reason(e)}: {why}); the relay would start "
                 f"and apply RELAY_CLUSTER_FALLBACK={settings.cluster_fallback}")
     return (f"RELAY_CLUSTER_REDIS {url} answers (PING {ms:.1f} ms); fleet {settings.cluster_name!r}: "
             f"{hosts} hosts lease {leased} of {settings.cluster_limit} slots, {held} clients held")

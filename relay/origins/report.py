@@ -38,5 +38,6 @@ class FailureLog:
             return
         count, entry[0], entry[1] = entry[1], now, 0
         what = f"{kind}: {detail}" if detail else kind
-        log.warning("origin %s %s (%d in the last %gs; clients get %d)", origin or "(none)", what, count,
-                    self.every, answer)
+        # a failover may still have served the client: the answer is what it gets when none does
+        log.warning("origin %s %s (%d in the last %gs; %d unless another origin answers)", origin or "(none)",
+                    what, count, self.every, answer)

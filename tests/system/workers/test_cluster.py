@@ -228,6 +228,10 @@ def test_check_says_whether_redis_answers(redis_server):
     ({"RELAY_CLUSTER_REDIS": "redis+sentinel://h:26379", "RELAY_CLUSTER_LIMIT": "5"}, "the service name"),
     ({"RELAY_CLUSTER_FALLBACK": "open"}, "hold, local, closed"),
     ({"RELAY_CLUSTER_NAME": "a b"}, "RELAY_CLUSTER_NAME"),
+    # a fleet limit without Redis would silently not apply
+    ({"RELAY_CLUSTER_LIMIT": "100"}, "RELAY_CLUSTER_LIMIT needs RELAY_CLUSTER_REDIS"),
+    ({"RELAY_CLUSTER_LIMIT": "100", "RELAY_CLUSTER_FALLBACK": "closed"},
+     "RELAY_CLUSTER_LIMIT, RELAY_CLUSTER_FALLBACK need RELAY_CLUSTER_REDIS"),
 ])
 def test_bad_cluster_settings_are_one_clear_line(env, expect):
     e = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
@@ -237,6 +241,18 @@ def test_bad_cluster_settings_are_one_clear_line(env, expect):
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1 and expect in lines[0], out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_an_unreachable_sentinel_is_one_short_line():
+    """redis-py's Sentinel error embeds every connection's repr (kilobytes): the note keeps one line of it."""
+    e = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    e.update(RELAY_ORIGIN="127.0.0.1:9", RELAY_CLUSTER_LIMIT="10", RELAY_LISTEN="127.0.0.1:0", RELAY_METRICS_LISTEN="",
+             RELAY_CLUSTER_REDIS="redis+sentinel://:pw@127.0.0.1:1,127.0.0.1:2/svc")
+    out = subprocess.run([sys.executable, "-m", "relay", "check"], env=e, capture_output=True, text=True,
+                         timeout=30, cwd=ROOT)
+    note = [line for line in out.stderr.splitlines() if "does not answer" in line]
+    assert out.returncode == 0 and len(note) == 1 and len(note[0]) < 500, out.stderr
+    assert ":pw@" not in out.stderr  # the password never shown
 
 
 def test_redis_password_is_redacted():
