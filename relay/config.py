@@ -625,10 +625,10 @@ def load(environ: Mapping[str, str] | None = None, env_file: str | None = None,
     defaults = Settings()
     base = {n: values.get(n, getattr(defaults, n)) for n in pools.POOL_SETTINGS if n != "websocket"}
     values["pools"] = tuple(PoolSettings(name=name, **{**base, **v}) for name, v in own.items())
-    if not any(p.startswith((PREFIX + "ORIGIN", PREFIX + "ROUTES", pools.POOL_PREFIX)) for p in problems):
+    if not _named(problems, "ORIGIN", "ROUTES") and not any(p.startswith(pools.POOL_PREFIX) for p in problems):
         pools.check_routes(values.get("routes", ()), values["pools"], "origin" in values, problems)
     if (require_origin and not unreadable and "origin" not in values and not values.get("routes")
-            and not any(p.startswith((PREFIX + "ORIGIN", PREFIX + "ROUTES")) for p in problems)):
+            and not _named(problems, "ORIGIN", "ROUTES")):
         problems.append(f"{PREFIX}ORIGIN is not set: expected the origin server(s), e.g. {_ORIGIN_EXAMPLE}")
     if "data_plane" in values:
         from relay import native
@@ -647,6 +647,14 @@ def load(environ: Mapping[str, str] | None = None, env_file: str | None = None,
     if problems:
         raise ConfigError(problems)
     return Settings(**values)
+
+
+def _named(problems: list[str], *names: str) -> bool:
+    """Whether a problem is about one of these variables (``ORIGIN`` is
+    RELAY_ORIGIN, not RELAY_ORIGIN_PROXY_PROTOCOL): the checks that build on
+    them stand aside rather than repeat it."""
+    wanted = {PREFIX + n for n in names}
+    return any(p.split(":", 1)[0].split(" ", 1)[0] in wanted for p in problems)
 
 
 def _listeners(values: dict[str, Any], problems: list[str]) -> list[str]:

@@ -100,6 +100,18 @@ def test_every_bad_route_is_named_at_once():
     assert len(lines) == 3 and all(line.startswith("RELAY_ROUTES: ") for line in lines)
 
 
+def test_a_bad_setting_whose_name_starts_like_origins_hides_nothing():
+    """RELAY_ORIGIN_PROXY_PROTOCOL is not RELAY_ORIGIN: its bad value must not
+    stop the route checks (a prefix match once did, and a second check named the rest)."""
+    lines = problems({"RELAY_ORIGIN": "10.0.0.5:9000", "RELAY_ORIGIN_PROXY_PROTOCOL": "v3",
+                      "RELAY_ROUTES": "/chat = chat"})
+    assert len(lines) == 2 and lines[0].startswith("RELAY_ORIGIN_PROXY_PROTOCOL: "), lines
+    assert "no pool named chat" in lines[1], lines
+    # and without RELAY_ORIGIN, its absence is still named beside it
+    lines = problems({"RELAY_ORIGIN_PROXY_PROTOCOL": "v3"})
+    assert any(line.startswith("RELAY_ORIGIN is not set") for line in lines), lines
+
+
 def test_no_origin_and_no_routes_is_still_an_error():
     assert problems({}) == ["RELAY_ORIGIN is not set: expected the origin server(s), e.g. 10.0.0.5:9000"]
 
