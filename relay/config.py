@@ -704,7 +704,8 @@ def _cluster_problems(values: dict[str, Any], problems: list[str]) -> list[str]:
     Without it, a cluster setting is refused: the operator meant a fleet limit
     that would silently not apply (as RELAY_TLS_* without RELAY_TLS_LISTEN)."""
     if not values.get("cluster_redis"):
-        given = [PREFIX + n.upper() for n in CLUSTER_SETTINGS if n in values]
+        defaults = Settings()  # the env file's defaults, uncommented, are no fleet either
+        given = [PREFIX + n.upper() for n in CLUSTER_SETTINGS if n in values and values[n] != getattr(defaults, n)]
         if given and not any(p.startswith(PREFIX + "CLUSTER_REDIS") for p in problems):
             return [f"{', '.join(given)} need{'s' if len(given) == 1 else ''} {PREFIX}CLUSTER_REDIS: without it "
                     f"there is no fleet and the host applies RELAY_MAX_CLIENTS alone"]
