@@ -239,6 +239,10 @@ async def _scripted(origin, c) -> None:
     """Answers as the current example's plan says (origin.plan)."""
     kind, *args = origin.plan
     origin.received += c.rest  # nothing may come with the head: early bytes wait for the 101
+    # This origin answers one request per connection: a plain request's answer
+    # says Connection: close, or the relay would pool the connection and ask
+    # it again (the next example's request would wait for an answer forever).
+    close = b"Connection: close\r\n" if b"upgrade:" not in bytes(c.head).lower() else b""
     if kind in ("101", "wrong-accept", "interim"):
         if kind == "interim":
             c.writer.write(args[0])
@@ -256,10 +260,11 @@ async def _scripted(origin, c) -> None:
         c.writer.write(b"SSH-2.0-OpenSSH_9.2\r\n")
     elif kind == "length":
         status, n = args
-        c.writer.write(b"HTTP/1.1 %d Refused\r\nContent-Length: %d\r\nX-Origin: 1\r\n\r\n" % (status, n)
-                       + bytes(i % 251 for i in range(n)))
+        c.writer.write(b"HTTP/1.1 %d Refused\r\nContent-Length: %d\r\nX-Origin: 1\r\n%s\r\n"
+                       % (status, n, close) + bytes(i % 251 for i in range(n)))
     elif kind == "chunked":
-        c.writer.write(b"HTTP/1.1 401 Unauthorized\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n")
+        c.writer.write(b"HTTP/1.1 401 Unauthorized\r\nTransfer-Encoding: chunked\r\n%s\r\n"
+                       % (close or b"Connection: keep-alive\r\n"))
         for i, n in enumerate(args[0]):
             c.writer.write(b"%x\r\n%s\r\n" % (n, bytes([65 + i]) * n))
             await c.writer.drain()
