@@ -11,6 +11,8 @@ shared-memory fingerprint covers it.
 
 from __future__ import annotations
 
+from bisect import bisect_left as _bisect_left
+
 OUTCOMES = ("upgraded", "origin_rejected", "bad_request", "forbidden", "limit",
             "origin_error", "timeout", "draining", "limit_ip", "no_route", "limit_origin")
 DIRECTIONS = ("upstream", "downstream")
@@ -81,11 +83,10 @@ O_CONNECT_SIZE = len(CONNECT_BUCKETS) + 2     # buckets..., +Inf, sum
 
 
 def bucket_index(buckets: tuple[float, ...], value: float) -> int:
-    """Index of the first bucket whose bound holds ``value`` (len(buckets) = +Inf)."""
-    for i, bound in enumerate(buckets):
-        if value <= bound:
-            return i
-    return len(buckets)
+    """Index of the first bucket whose bound holds ``value`` (len(buckets) = +Inf).
+    bisect_left is that index (bounds ascend), found in C: this runs twice per
+    handshake cycle."""
+    return _bisect_left(buckets, value)
 
 
 def close_index(side: int, code: int) -> int:

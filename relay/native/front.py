@@ -153,6 +153,9 @@ class NativeFront:
         #: every origin of every pool, once per pool: the engine's origin indices
         self.members: list[Member] = [m for pool in ctx.pools.values() for m in pool.members]
         self.index = {m: i for i, m in enumerate(self.members)}
+        #: the tunnel mode's check of a 101, looked up once (NativeTunnel
+        #: forwards class hooks through a metaclass __getattr__, a slow path)
+        self.check_response = ctx.tunnel_class.check_response
         self.names = [m.name for m in self.members]
         self.resolver = _Resolver(self, [m.addr for m in self.members])
         self.socks = socks
@@ -260,7 +263,7 @@ class NativeFront:
             return self._relay_refusal(cid, conn, resp)
         try:
             check_upgrade_response(resp, conn.key)
-            ctx.tunnel_class.check_response(resp, ctx.settings)
+            self.check_response(resp, ctx.settings)
         except HeadError as e:
             return self._bad_answer(conn, member, e)
         member.pool.answered(member)
