@@ -12,7 +12,10 @@ The global client count is the sum of ``clients``. Taking a client is a
 check-then-increment across processes, so it holds an ``fcntl`` record lock
 for those few instructions: the kernel drops that lock when its holder dies,
 so even a worker killed by SIGKILL inside the critical section cannot wedge
-the others. Giving a client back is a single aligned store by the slot's own
+the others. While the sum is far from the limit (at most the limit minus
+the slot count), a take skips the lock: an atomic add to its own slot, then
+the sum read again (relay/native/_engine.c's admit_fast; exact, since each
+worker has at most one take in flight). Giving a client back is a single aligned store by the slot's own
 writer and needs no lock. When the supervisor reaps a worker it zeroes that
 worker's ``clients`` slot under the lock, which is how a crash gives its
 share back; it also drops that worker's entries from the per-IP table
@@ -37,6 +40,11 @@ from metrics import layout
 from metrics.counters import Counters
 from relay import ip_table
 from relay.addresses import per_ip_key
+
+try:  # the lock-free admission fast path; without the extension every take locks
+    from relay.native._engine import admit_fast as _admit_fast
+except ImportError:
+    _admit_fast = None
 
 log = logging.getLogger("wsrelay")
 #: at most one log line per this many seconds about a full per-IP table
@@ -206,6 +214,11 @@ class Admission:
         (the global limit), counted apart so that an alert on the global limit
         does not fire on one busy address."""
         where = self._locate(ip) if self._per_ip and ip is not None else None
+        # Far from the global limit, a take needs no lock (two fcntl calls per
+        # upgrade): the native extension's admit_fast, exact by construction
+        # (relay/native/_engine.c); near it, or without the extension, the lock.
+        if where is None and _admit_fast is not None and _admit_fast(self._clients, self._slot, self._header[LIMIT]):
+            return None
         fcntl.lockf(self._fd, fcntl.LOCK_EX)
         try:
             if where is None:

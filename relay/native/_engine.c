@@ -960,6 +960,56 @@ static PyTypeObject EngineType = {
     .tp_getset = Engine_getset,
 };
 
+/* The admission limit's fast path (relay/shared_memory.py, Admission.take):
+ * one more client in this worker's slot of the shared client counts, taken
+ * without the lock while the sum is far from the limit. The add is a locked
+ * instruction (a full barrier on x86, sequentially consistent anywhere), so
+ * the sum read after it holds every other fast take that came before; each
+ * of the nslots workers can have at most one take in flight (the locked
+ * path's plain store may not be visible yet, a fast one is), so a sum at
+ * most limit - nslots + 1, own add included, can never become more than the
+ * limit. Nearer than that: False, nothing left taken, and the caller takes
+ * the lock and decides exactly, as before. No lock is held, so a worker
+ * killed here leaves nothing behind but its own slot (reset by the
+ * supervisor). */
+static PyObject *admit_fast(PyObject *Py_UNUSED(m), PyObject *args) {
+    Py_buffer b;
+    Py_ssize_t slot;
+    long long limit;
+    if (!PyArg_ParseTuple(args, "w*nL", &b, &slot, &limit))
+        return NULL;
+    int64_t *c = (int64_t *)b.buf;
+    Py_ssize_t n = b.len / (Py_ssize_t)sizeof *c;
+    if (slot < 0 || slot >= n || ((uintptr_t)c & 7)) {
+        PyBuffer_Release(&b);
+        PyErr_SetString(PyExc_ValueError, "admit_fast(): slot out of range or buffer misaligned");
+        return NULL;
+    }
+    long long room = limit - (long long)n + 1; /* the most the sum may be, own add included */
+    int64_t sum = 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        sum += __atomic_load_n(&c[i], __ATOMIC_RELAXED);
+    int ok = 0;
+    if (sum + 1 <= room) { /* worth trying: no add (and no undo) near the limit */
+        __atomic_fetch_add(&c[slot], 1, __ATOMIC_SEQ_CST);
+        sum = 0;
+        for (Py_ssize_t i = 0; i < n; i++)
+            sum += __atomic_load_n(&c[i], __ATOMIC_SEQ_CST);
+        ok = sum <= room;
+        if (!ok)
+            __atomic_fetch_sub(&c[slot], 1, __ATOMIC_SEQ_CST);
+    }
+    PyBuffer_Release(&b);
+    return PyBool_FromLong(ok);
+}
+
+static PyMethodDef engine_functions[] = {
+    {"admit_fast", (PyCFunction)admit_fast, METH_VARARGS,
+     "admit_fast(clients, slot, limit) -> bool: one more client in clients[slot] (int64 counts in shared memory), "
+     "taken lock-free while the sum stays at most limit - len(clients) + 1; False: nothing taken, decide under the lock"},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef moduledef = {
     PyModuleDef_HEAD_INIT, "relay.native._engine", "The native data plane (relay/native/engine.c).", -1, NULL,
 };
@@ -971,7 +1021,8 @@ PyMODINIT_FUNC PyInit__engine(void) {
     if (m == NULL)
         return NULL;
     Py_INCREF(&EngineType);
-    if (heads_init(m) < 0 || PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0) {
+    if (heads_init(m) < 0 || PyModule_AddFunctions(m, engine_functions) < 0 ||
+        PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0) {
         Py_DECREF(&EngineType);
         Py_DECREF(m);
         return NULL;
