@@ -456,6 +456,24 @@ static PyObject *response_of(EngineObject *self, hs_conn *c) {
     return resp;
 }
 
+/* cb(*args) for the front's bound methods, without a format string parsed
+ * nor an argument tuple built per call (two calls per handshake): argv[0]
+ * is room for the method's self (PY_VECTORCALL_ARGUMENTS_OFFSET). Takes
+ * the references in argv[1..n]; a NULL among them (a failed conversion)
+ * makes it return NULL with that error set. */
+static PyObject *call_front(PyObject *cb, PyObject **argv, size_t n) {
+    PyObject *r = NULL;
+    size_t k;
+    for (k = 1; k <= n; k++)
+        if (argv[k] == NULL)
+            break;
+    if (k > n)
+        r = PyObject_Vectorcall(cb, argv + 1, n | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    for (k = 1; k <= n; k++)
+        Py_XDECREF(argv[k]);
+    return r;
+}
+
 /* Deliver queued head-phase events to Python; 0 or -1 with the first error set.
  * Each callback must leave the connection decided (connected, refused,
  * detached, spliced or closed): one it left waiting is closed, and that is
@@ -481,15 +499,16 @@ static int deliver(EngineObject *self) {
                 c->head_end = hh->head_len; /* what follows is held until the 101 */
             }
             PyObject *ip = req ? peer_ip(self, c) : NULL;
-            r = ip ? PyObject_CallFunction(cb, "LNN", id, req, ip) : NULL;
-            if (!ip)
-                Py_XDECREF(req);
+            PyObject *argv[4] = {NULL, req ? PyLong_FromLongLong(id) : NULL, req, ip};
+            r = call_front(cb, argv, 3);
             break;
         }
         case HE_RESPONSE: {
             cb = self->cb[1];
             PyObject *resp = response_of(self, c);
-            r = resp ? PyObject_CallFunction(cb, "LONiN", id, token, resp, c->asked, attempts_of(c)) : NULL;
+            PyObject *argv[6] = {NULL, resp ? PyLong_FromLongLong(id) : NULL, Py_NewRef(token), resp,
+                                 resp ? PyLong_FromLong(c->asked) : NULL, resp ? attempts_of(c) : NULL};
+            r = call_front(cb, argv, 5);
             break;
         }
         case HE_FAILED:

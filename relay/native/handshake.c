@@ -656,6 +656,12 @@ int hs_listen(handshaker *h, int lfd) {
     struct epoll_event ev = {.events = EPOLLIN, .data.u64 = (uint64_t)(K_LISTEN + (uint32_t)h->nlisten) << 1};
     if (!h->accept_paused && epoll_ctl(h->epfd, EPOLL_CTL_ADD, lfd, &ev) < 0)
         return -errno;
+    /* Linux copies TCP_NODELAY from a listening socket to the ones it
+     * accepts: set once here, it saves a setsockopt per connection (checked
+     * on the first accepted socket: where it is not inherited, or cannot be
+     * set, every accepted socket gets its own as before) */
+    int one = 1;
+    h->nodelay[h->nlisten] = setsockopt(lfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) == 0 ? 0 : -1;
     h->lfds[h->nlisten++] = lfd;
     return 0;
 }
@@ -674,7 +680,8 @@ int hs_pause(handshaker *h, int paused) {
     return 0;
 }
 
-static int accept_some(handshaker *h, int lfd, int max, int balanced) {
+static int accept_some(handshaker *h, int l, int max, int balanced) {
+    int lfd = h->lfds[l];
     int taken = 0;
     for (int k = 0; k < max; k++) {
         if (balanced && taken && ahead(h))
@@ -696,8 +703,16 @@ static int accept_some(handshaker *h, int lfd, int max, int balanced) {
             }
             return taken;
         }
-        int one = 1;
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        if (h->nodelay[l] <= 0) {
+            int one = 1;
+            socklen_t len = sizeof one;
+            if (h->nodelay[l] == 0) /* the first one: did it inherit the listener's? */
+                h->nodelay[l] = getsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, &len) == 0 && one ? 1 : -1;
+            if (h->nodelay[l] < 0) {
+                one = 1;
+                setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+            }
+        }
         h->free_head = c->next_free;
         h->live++;
         h->accepted++;
@@ -764,7 +779,7 @@ int hs_poll(handshaker *h, int maxaccept) {
             hs_pause(h, 0);
             int got = 0;
             for (int l = 0; l < h->nlisten; l++)
-                got += accept_some(h, h->lfds[l], (int)h->bal.overdue_batch, 0);
+                got += accept_some(h, l, (int)h->bal.overdue_batch, 0);
             h->bal.overdue_batch = got ? (h->bal.overdue_batch * 2 > BATCH ? BATCH : h->bal.overdue_batch * 2) : 1;
             continue;
         }
@@ -776,7 +791,7 @@ int hs_poll(handshaker *h, int maxaccept) {
                 continue;
             }
             h->bal.overdue_batch = 1;
-            accept_some(h, h->lfds[slot - K_LISTEN], maxaccept, h->bal.mine && h->bal.nsiblings);
+            accept_some(h, (int)(slot - K_LISTEN), maxaccept, h->bal.mine && h->bal.nsiblings);
             continue;
         }
         if (slot >= h->cap)

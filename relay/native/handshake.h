@@ -101,6 +101,9 @@ typedef struct hs_balance {
 typedef struct handshaker {
     int epfd;
     int lfds[HS_LISTEN_MAX];
+    /* per listener: 1 once an accepted socket was seen to inherit TCP_NODELAY
+     * from it (set on it in hs_listen), -1 if one did not, 0 not known yet */
+    signed char nodelay[HS_LISTEN_MAX];
     int nlisten;
     hs_conn *c;
     uint32_t cap, free_head, live;

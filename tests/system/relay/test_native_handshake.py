@@ -178,6 +178,23 @@ def test_a_head_that_cannot_parse_or_is_over_the_cap_comes_as_none(backend):
     c2.close()
 
 
+def test_accepted_sockets_have_tcp_nodelay_the_first_and_the_rest():
+    """TCP_NODELAY is set once on the listening socket and inherited (the
+    first accepted socket is checked, the rest carry it with no setsockopt)."""
+    r = Rig()
+    assert r.lst.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    handed = []
+    r.on("head", lambda ev: handed.append(r.e.detach(ev[1])))
+    clients = [r.client(HEAD) for _ in range(3)]
+    r.poll(lambda: len(handed) == 3)
+    for cfd, _ofd, data, _ in handed:
+        with socket.socket(fileno=cfd) as s:
+            assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        assert data == HEAD
+    for c in clients:
+        c.close()
+
+
 def test_refuse_writes_half_closes_and_lingers(backend):
     r = Rig(backend)
     answer = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
