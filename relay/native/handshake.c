@@ -319,7 +319,17 @@ static int may_end(const char *buf, uint32_t before, uint32_t len, uint32_t max)
     if (len > max)
         return 1;
     uint32_t from = before > 3 ? before - 3 : 0;
-    return memmem(buf + from, len - from, "\r\n\r\n", 4) || memmem(buf + from, len - from, "\n\n", 2);
+    /* Either ending lies wholly in [from, len) and ends with a LF: look back
+     * from each LF (memchr), rather than two memmem scans (glibc's two-way
+     * set-up per call cost more than the search, twice per head). */
+    const char *p = buf + from, *end = buf + len;
+    while ((p = memchr(p, '\n', (size_t)(end - p))) != NULL) {
+        size_t j = (size_t)(p - buf);
+        if ((j >= from + 1 && buf[j - 1] == '\n') || (j >= from + 3 && memcmp(buf + j - 3, "\r\n\r", 3) == 0))
+            return 1;
+        p++;
+    }
+    return 0;
 }
 
 /* -- the client side ------------------------------------------------------------------- */
