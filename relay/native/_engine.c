@@ -788,15 +788,15 @@ static PyObject *Engine_splice(EngineObject *self, PyObject *args) {
      * sent behind its head to the origin, now, after the 101 */
     uint32_t head_len = c->head_end <= c->len ? c->head_end : c->len;
     char *cbuf = c->buf, *obuf = c->obuf;
-    uint32_t clen = c->len, olen = c->olen;
+    uint32_t clen = c->len, olen = c->olen, ccap = c->cap, ocap = c->ocap;
     c->buf = c->obuf = NULL; /* ours until the pump has copied what it needs */
     int cfd, ofd;
     hs_detach(&self->hs, id, &cfd, &ofd);
     Py_INCREF(token);
     eng_clock(&self->e);
     int64_t tid = eng_open(&self->e, cfd, ofd, obuf, olen, cbuf + head_len, clen - head_len, token);
-    free(cbuf);
-    free(obuf);
+    hs_put_buffer(&self->hs, cbuf, ccap);
+    hs_put_buffer(&self->hs, obuf, ocap);
     if (tid < 0) {
         Py_DECREF(token);
         close(cfd);

@@ -46,7 +46,6 @@
 #define K_LISTEN 0x7fffff00u /* slots from here on are listening sockets */
 #define K_TIMER 0x7ffffff0u  /* the balancing timer */
 #define BATCH 64
-#define FIRST_BUF 2048       /* most heads fit; buffers grow to the cap when not */
 
 static void clock_ms(handshaker *h) {
     struct timespec ts;
@@ -249,11 +248,18 @@ hs_conn *hs_get(handshaker *h, int64_t id) {
     return c;
 }
 
+void hs_put_buffer(handshaker *h, char *buf, uint32_t cap) {
+    if (buf && cap == HS_FIRST_BUF && h->npool < HS_POOL_MAX)
+        h->pool[h->npool++] = buf;
+    else
+        free(buf);
+}
+
 static void conn_free(handshaker *h, uint32_t slot) {
     hs_conn *c = &h->c[slot];
     tl_remove(h, slot);
-    free(c->buf);
-    free(c->obuf);
+    hs_put_buffer(h, c->buf, c->cap);
+    hs_put_buffer(h, c->obuf, c->ocap);
     free(c->out);
     free(c->order);
     void *token = c->token;
@@ -296,14 +302,19 @@ int hs_close_all(handshaker *h) {
 }
 
 /* Room for n more bytes, up to limit + 1 (one byte past a cap tells "too large"). */
-static int room(char **buf, uint32_t *cap, uint32_t len, uint32_t limit) {
+static int room(handshaker *h, char **buf, uint32_t *cap, uint32_t len, uint32_t limit) {
     if (len < *cap)
         return 1;
     if (*cap > limit)
         return 0;
-    uint32_t ncap = *cap ? 2 * *cap : FIRST_BUF;
+    uint32_t ncap = *cap ? 2 * *cap : HS_FIRST_BUF;
     if (ncap > limit + 1)
         ncap = limit + 1;
+    if (!*cap && ncap == HS_FIRST_BUF && h->npool) {
+        *buf = h->pool[--h->npool];
+        *cap = ncap;
+        return 1;
+    }
     char *n = realloc(*buf, ncap);
     if (!n)
         return -1;
@@ -346,7 +357,7 @@ static int watch_client(handshaker *h, uint32_t slot, uint32_t events) {
 static void read_head(handshaker *h, uint32_t slot) {
     hs_conn *c = &h->c[slot];
     for (;;) {
-        int r = room(&c->buf, &c->cap, c->len, h->max_head);
+        int r = room(h, &c->buf, &c->cap, c->len, h->max_head);
         if (r < 0) {
             conn_close(h, slot);
             return;
@@ -559,7 +570,7 @@ static void next_origin(handshaker *h, uint32_t slot, uint16_t kind, int err) {
 static void origin_read(handshaker *h, uint32_t slot) {
     hs_conn *c = &h->c[slot];
     for (;;) {
-        int r = room(&c->obuf, &c->ocap, c->olen, h->max_response);
+        int r = room(h, &c->obuf, &c->ocap, c->olen, h->max_response);
         if (r < 0) {
             origin_failed(h, slot, ENOMEM);
             return;
@@ -859,6 +870,8 @@ void hs_free(handshaker *h) {
     free(h->ev);
     free(h->bal.siblings);
     free_origins(h->origins, h->norigins);
+    while (h->npool)
+        free(h->pool[--h->npool]);
     if (h->timerfd >= 0)
         close(h->timerfd);
     if (h->epfd >= 0)

@@ -97,6 +97,8 @@ typedef struct hs_balance {
 } hs_balance;
 
 #define HS_LISTEN_MAX 64
+#define HS_FIRST_BUF 2048 /* a head buffer's first size: most heads fit; it grows to the cap when not */
+#define HS_POOL_MAX 64
 
 typedef struct handshaker {
     int epfd;
@@ -122,6 +124,11 @@ typedef struct handshaker {
     hs_origin *origins;
     uint32_t norigins;
     void (*release)(void *token);
+    /* head buffers of HS_FIRST_BUF bytes kept for the next connections (two
+     * per handshake otherwise go through malloc's slow bins and back), at
+     * most HS_POOL_MAX of them whatever the number of slots */
+    char *pool[HS_POOL_MAX];
+    int npool;
 } handshaker;
 
 #define HS_NONE 0xffffffffu
@@ -144,6 +151,8 @@ int hs_connect(handshaker *h, int64_t id, const uint32_t *order, uint32_t norder
 int hs_skip(handshaker *h, int64_t id, uint32_t n);
 /* The last origin connect's duration in ns, once (wsrelay_origin_connect_seconds); -1: none new. */
 int64_t hs_connect_time(handshaker *h, int64_t id);
+/* A head buffer (taken from a connection, cap bytes) back to the pool, or freed. */
+void hs_put_buffer(handshaker *h, char *buf, uint32_t cap);
 /* Give up the connection: its descriptors go to the caller (-1 where none). */
 int hs_detach(handshaker *h, int64_t id, int *cfd, int *ofd);
 void hs_close(handshaker *h, uint32_t slot);
