@@ -268,8 +268,11 @@ def test_sticky_hashing_keeps_a_cookie_on_its_origin_across_a_reload(origins, tm
         seen = origins_of("session-1", 100)
         assert len(seen) == 1, seen  # polling and upgrades alike, through both workers
         first = next(iter(seen))
-        spread = {next(iter(origins_of(f"session-{i}", 2))) for i in range(2, 30)}
-        assert len(spread) == 3  # other sessions go elsewhere too
+        # other sessions go elsewhere too: the ring follows the origins' random
+        # ports, and 28 sessions missed one origin for 1.9% of port triples
+        # (simulated: 3,000 triples); 98 missed none of 20,000
+        spread = {next(iter(origins_of(f"session-{i}", 2))) for i in range(2, 100)}
+        assert len(spread) == 3
         env_file.write_text(f"RELAY_ORIGIN={addrs}\nRELAY_BALANCE=cookie:io\nRELAY_READ_TIMEOUT=60\n")
         r.signal(signal.SIGHUP)
         r.wait_log("reload: generation 1 accepting")
