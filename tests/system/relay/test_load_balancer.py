@@ -341,7 +341,7 @@ def test_a_full_per_ip_table_refuses_new_addresses_and_says_so(ws_origin, tmp_pa
             assert metric(r, "wsrelay_websocket_upgrades_total", outcome="limit_ip") == 1
             statuses, s = burst("127.0.1.1", r.port, 2)  # a known address: one more fits, then its limit
             socks += s
-            assert statuses == [101, 503]
+            assert sorted(statuses) == [101, 503]  # concurrent: either one may take the last place
         finally:
             for s in socks:
                 s.close()
