@@ -75,7 +75,7 @@ class Relay:
         threading.Thread(target=self._pump, args=(self.proc.stdout, self.access), daemon=True).start()
         if wait_ready:
             self.wait_log("ready:", timeout=20)
-            m = re.search(r"listening on [^ ]*?:(\d+)", self.text())
+            m = re.search(r"listening on (?:\[[^\]]*\]|[^ :,]*):(\d+)", self.text())  # [::1]:N too
             self.port = int(m.group(1))
             m = re.search(r"listening on .*?:(\d+) \(TLS\)", self.text())
             self.tls_port = int(m.group(1)) if m else 0

@@ -175,7 +175,6 @@ def test_haproxy_over_ipv6_to_the_relay(ws_origin, tmp_path):
     client travels on an IPv6 connection; and an IPv6 client's header is TCP6."""
     env = dict(PROXIED, RELAY_LISTEN="[::1]:0", RELAY_TRUSTED_PROXIES="::1")
     with Relay(ws_origin.addr, workers=2, env=env) as r:
-        r.port = int(re.search(r"listening on \[::1\]:(\d+)", r.text()).group(1))
         port, port6 = free_port(), free_port("::1")
         with HAProxy(readme_config(r, port, relay_host="::1"), tmp_path, port), \
                 HAProxy(readme_config(r, port6, relay_host="::1", bind="::1"), tmp_path, port6, host="::1"):
