@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench import report, runner
+from bench import proxies, report, runner
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -16,9 +16,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         description="Benchmark wsrelay against nginx, HAProxy, a naive asyncio relay and a direct "
                     "connection (all on 127.0.0.1), interleaved in one run; prints a table and writes "
                     "results.md, results.json and chart.png.",
-        epilog="workloads: echo-64, echo-4k, echo-1m, handshake, cluster-hs, idle, scale-64, metrics-64, "
-               "deflate-64, deflate-4k, http-rate. systems: direct, nginx, haproxy, naive, wsrelay, wsrelay-2w, "
-               "wsrelay-metrics, wsrelay-cluster, wsrelay-frames, wsrelay-frames-limit.")
+        # from the tables themselves, so a workload or system added there is listed here
+        epilog=f"workloads: {', '.join(w.key for w in runner.workloads(False, 1000))}. "
+               f"systems: {', '.join(proxies.SYSTEMS)}.")
     ap.add_argument("--quick", action="store_true",
                     help="about a minute: 1 round, 1 s windows, 64 B / 1 MiB / handshakes / 1,000 idle / HTTP")
     ap.add_argument("--rounds", type=int, help="repetitions of every trial (default 3, quick 1)")
