@@ -245,10 +245,8 @@ class NativeFront:
             self._failures(conn, attempts, origin)
         member = self._held(conn, origin)
         self._timed(cid, member)
+        self._name(conn, member.name)
         rec = conn.record
-        if rec is not None:
-            rec.origin = member.name
-            rec.tries = len(conn.dial.tried)
         if type(resp) is tuple:
             return self._bad_answer(conn, member, HeadError(*resp))
         status = resp.status
@@ -295,10 +293,7 @@ class NativeFront:
             self._failures(conn, attempts)
         if last[0] >= 0:
             self._held(conn, last[0])  # the last one tried, named in the access log
-        rec = conn.record
-        if rec is not None:
-            rec.origin = self.names[last[0]] if last[0] >= 0 else ""
-            rec.tries = len(conn.dial.tried)
+        self._name(conn, self.names[last[0]] if last[0] >= 0 else "")
         if conn.full:  # the origins left are at RELAY_MAX_CONNS: dial.choose() would refuse so
             return conn.fail(503, "limit_origin")
         conn.fail(502, "origin_error")
@@ -312,9 +307,7 @@ class NativeFront:
             self._timed(cid, member)
             member.pool.failed(member, "timeout", f"no answer to an upgrade within "
                                f"RELAY_CONNECT_TIMEOUT={member.pool.connect_timeout:g}s", 504)
-            if conn.record is not None:
-                conn.record.origin = member.name
-                conn.record.tries = len(conn.dial.tried)
+            self._name(conn, member.name)
         conn.fail(504, "timeout")
 
     def on_head_timeout(self, cid: int, data: bytes, ip: str) -> None:
@@ -336,14 +329,15 @@ class NativeFront:
         """The origin the engine is asking (or asked last): it holds the
         upgrade's connection count from now on, and counts as tried."""
         m = self.members[origin]
-        dial = conn.dial
-        if dial.member is not m:
-            dial.release()
-            m.pool.opened(m)
-            dial.member = m
-            if m not in dial.tried:
-                dial.tried += (m,)
+        conn.dial.hold(m)
         return m
+
+    @staticmethod
+    def _name(conn: NativeConnection, origin: str) -> None:
+        """The access record names the origin asked last and how many were tried."""
+        if conn.record is not None:
+            conn.record.origin = origin
+            conn.record.tries = len(conn.dial.tried)
 
     def _timed(self, cid: int, member: Member) -> None:
         """The connect to ``member`` that the engine timed, into its
@@ -361,8 +355,7 @@ class NativeFront:
         dial = conn.dial
         for origin, kind, err in attempts:
             m = self.members[origin]
-            if m not in dial.tried:
-                dial.tried += (m,)
+            dial.tried_too(m)
             if kind == _CONNECT:
                 refused[origin] = err
             elif kind == _CLOSED:
@@ -373,9 +366,7 @@ class NativeFront:
                 m.pool.failed(m, "connect", self.resolver.error(origin) or os.strerror(err))
 
     def _bad_answer(self, conn: NativeConnection, member: Member, e: HeadError, reason: str = "invalid") -> None:
-        if conn.record is not None:
-            conn.record.origin = member.name
-            conn.record.tries = len(conn.dial.tried)
+        self._name(conn, member.name)
         member.pool.failed(member, reason, str(e))
         conn.fail(e.status, e.outcome)
 

@@ -55,10 +55,24 @@ class Dial:
             raise Refused(503, f"every origin of pool {self.pool.name} is at RELAY_MAX_CONNS",
                           "limit_origin") from None
         if m is not None:
-            self.pool.opened(m)
-            self.member = m
-            self.tried += (m,)
+            self.hold(m)
         return m
+
+    def hold(self, m: Member) -> None:
+        """Hold ``m``'s connection count (giving back the one held before) and
+        count it as tried: the origin asked now, whoever chose it (the native
+        head phase's engine fails over by itself, relay/native/front.py)."""
+        if self.member is m:
+            return
+        self.release()
+        self.pool.opened(m)
+        self.member = m
+        self.tried_too(m)
+
+    def tried_too(self, m: Member) -> None:
+        """Count ``m`` as tried (once) without holding it."""
+        if m not in self.tried:
+            self.tried += (m,)
 
     def release(self) -> None:
         """Give back the count on the origin held, if any."""
