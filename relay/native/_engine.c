@@ -28,7 +28,10 @@
  *   .listen(fd), .set_origins([[(host, port), ...], ...]), .balance(...),
  *   .hs_fileno(), .poll_handshakes(), .expire(), .accepting = bool
  *   front.on_head(id, req | None, ip)            -> must connect, refuse or detach
- *       .connect(id, order, req, request_id, trusted, token[, timeout])   forward_head in C, origins in order
+ *       .connect(id, order, req, request_id, trusted, token[, timeout[, accept]])
+ *                                                     forward_head in C, origins in order
+ *   front.on_upgrade(id, token, origin, attempts)  (optional) a 101 that carries accept, checked in C
+ *       -> .splice(id, tunnel_token), refuse or detach
  *       .refuse(id, answer)                           write, half-close, linger
  *       .detach(id) -> (client_fd, origin_fd, client_bytes, origin_bytes)
  *   front.on_response(id, token, resp | (status, reason, outcome), origin, attempts)
@@ -54,6 +57,7 @@
 #include "handshake.h"
 
 #define NCALLBACKS 5
+#define CB_UPGRADE NCALLBACKS /* optional: front.on_upgrade */
 
 typedef struct {
     PyObject_HEAD
@@ -63,7 +67,7 @@ typedef struct {
     const char *why; /* why io_uring was not used, when it was asked for */
     handshaker hs;   /* the head phase (handshake.c), once handshakes() was called */
     int hs_ready;
-    PyObject *cb[NCALLBACKS]; /* the front's bound methods (CALLBACKS) */
+    PyObject *cb[NCALLBACKS + 1]; /* the front's bound methods (CALLBACKS), then on_upgrade or NULL */
     PyObject *proto;          /* X-Forwarded-Proto */
     PyObject *last_ip;        /* the last client address, as a str */
     struct sockaddr_storage last_peer;
@@ -145,7 +149,7 @@ static void Engine_dealloc(EngineObject *self) {
         hs_free(&self->hs);
     for (int k = 0; k < self->nbal; k++)
         PyBuffer_Release(&self->bal_bufs[k]);
-    for (int k = 0; k < NCALLBACKS; k++)
+    for (int k = 0; k <= NCALLBACKS; k++)
         Py_XDECREF(self->cb[k]);
     Py_XDECREF(self->proto);
     Py_XDECREF(self->last_ip);
@@ -380,6 +384,10 @@ static PyObject *Engine_handshakes(EngineObject *self, PyObject *args, PyObject 
     }
     self->hs.release = release_token;
     memcpy(self->cb, cb, sizeof cb);
+    /* optional: without it, connect() takes no accept and every answer comes as a view */
+    self->cb[CB_UPGRADE] = PyObject_GetAttrString(front, "on_upgrade");
+    if (!self->cb[CB_UPGRADE])
+        PyErr_Clear();
     self->hs_ready = 1;
     Py_RETURN_NONE;
 }
@@ -474,6 +482,25 @@ static PyObject *call_front(PyObject *cb, PyObject **argv, size_t n) {
     return r;
 }
 
+/* Whether the origin's answer is a 101 relay/handshake.py's
+ * check_upgrade_response passes: Upgrade has the websocket token, Connection
+ * the upgrade token, and the first Sec-WebSocket-Accept is the one connect()
+ * was given. Anything else (another status, a bad 101, a head that does not
+ * parse) goes to Python as a view, which checks it again and says why. */
+static int checked_101(EngineObject *self, hs_conn *c) {
+    hh_head h;
+    if (hh_response(c->obuf, c->olen, self->hs.max_response, &h) != HH_OK)
+        return 0;
+    int ok = h.code == 101 && hh_has_token(c->obuf, &h, "upgrade", 7, "websocket", 9) &&
+             hh_has_token(c->obuf, &h, "connection", 10, "upgrade", 7);
+    if (ok) {
+        const hh_field *f = hh_get(c->obuf, &h, "sec-websocket-accept", 20, 0);
+        ok = f && f->value.len == c->accept_len && memcmp(c->obuf + f->value.off, c->accept, c->accept_len) == 0;
+    }
+    hh_free(&h);
+    return ok;
+}
+
 /* Deliver queued head-phase events to Python; 0 or -1 with the first error set.
  * Each callback must leave the connection decided (connected, refused,
  * detached, spliced or closed): one it left waiting is closed, and that is
@@ -504,6 +531,15 @@ static int deliver(EngineObject *self) {
             break;
         }
         case HE_RESPONSE: {
+            if (c->accept_len && self->cb[CB_UPGRADE] && checked_101(self, c)) {
+                /* the common answer, checked here: Python is told the origin and
+                 * what failed before it, and splices (no view built, no check in Python) */
+                cb = self->cb[CB_UPGRADE];
+                PyObject *argv[5] = {NULL, PyLong_FromLongLong(id), Py_NewRef(token), PyLong_FromLong(c->asked),
+                                     attempts_of(c)};
+                r = call_front(cb, argv, 4);
+                break;
+            }
             cb = self->cb[1];
             PyObject *resp = response_of(self, c);
             PyObject *argv[6] = {NULL, resp ? PyLong_FromLongLong(id) : NULL, Py_NewRef(token), resp,
@@ -683,9 +719,16 @@ static PyObject *Engine_connect(EngineObject *self, PyObject *args) {
     int trusted;
     uint32_t order[MAX_ORDER], norder;
     double timeout = -1.0;
+    const char *accept = NULL;
+    Py_ssize_t accept_len = 0;
     CHECK_HS(self);
-    if (!PyArg_ParseTuple(args, "LOOy#pO|d", &id, &order_seq, &req, &rid, &rid_len, &trusted, &token, &timeout))
+    if (!PyArg_ParseTuple(args, "LOOy#pO|dz#", &id, &order_seq, &req, &rid, &rid_len, &trusted, &token, &timeout,
+                          &accept, &accept_len))
         return NULL;
+    if (accept_len > (Py_ssize_t)sizeof(((hs_conn *)0)->accept)) {
+        PyErr_SetString(PyExc_ValueError, "connect(): accept is a Sec-WebSocket-Accept value (28 bytes)");
+        return NULL;
+    }
     if (!heads_is_request(req)) {
         PyErr_SetString(PyExc_TypeError, "connect(): req must be the Request this head phase delivered");
         return NULL;
@@ -708,6 +751,8 @@ static PyObject *Engine_connect(EngineObject *self, PyObject *args) {
     Py_DECREF(ip);
     if (!head)
         return NULL;
+    memcpy(c->accept, accept ? accept : "", (size_t)accept_len);
+    c->accept_len = (uint8_t)accept_len;
     Py_INCREF(token);
     int r = hs_connect(&self->hs, id, order, norder, PyBytes_AS_STRING(head), (size_t)PyBytes_GET_SIZE(head), token,
                        timeout >= 0 ? (int64_t)(timeout * 1000) : -1);

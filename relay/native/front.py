@@ -1,8 +1,13 @@
 """The worker's head phase in C, for plain listeners on the native data plane
 (tunnel mode; README "Architecture"): relay/native/handshake.c accepts, reads
 each request head, connects to the origin and reads its response head;
-Python is called once with a complete request head and once with a complete
-response head, and decides.
+Python is called once with a complete request head and once with the
+origin's answer, and decides. The common answer, a 101 that carries the
+Sec-WebSocket-Accept Python computed, is checked in C (the same check as
+relay/handshake.py's ``check_upgrade_response``, held to it by a
+differential test) and comes to :meth:`NativeFront.on_upgrade` without a
+view of its head; any other answer comes to :meth:`NativeFront.on_response`
+as a view, checked again in Python, which says why it fails.
 
 The boundary. C moves bytes and keeps time: accept (balanced across
 workers, paused when out of descriptors), read a head up to
@@ -26,7 +31,8 @@ same sans-I/O pieces as relay/client.py and relay/upgrade.py:
   forwarded head's policy (forward_head, in C, the compiled twin of
   relay/headers.py's, a trusted proxy's X-Forwarded-For kept);
 - the answer: interim ``1xx`` skipped, a ``101`` checked against the key
-  (relay/handshake.py) before the pump takes both sockets, any other status
+  (in C for the common answer, else relay/handshake.py) before the pump
+  takes both sockets, any other status
   relayed with its whole body by the Python plane (relay/upgrade.py's
   ``HandedOverRefusal`` on the sockets and bytes handed over);
 - counting (metrics/counters.py), the access log (relay/logs.py: records are
@@ -59,7 +65,7 @@ from relay import gate
 from relay.client import ClientConnection, unparsed_record
 from relay.context import Context
 from relay.errors import HeadError, OriginClosed, RelayError
-from relay.handshake import check_upgrade_response, is_upgrade
+from relay.handshake import accept_key, check_upgrade_response, is_upgrade
 from relay.headers import request_id_for, x_forwarded_for
 from relay.native.plane import NativeTunnel, _share_strings
 from relay.origins.balance import Member
@@ -236,7 +242,19 @@ class NativeFront:
         index = self.index
         rest, conn.full = pool.failover(req, first)  # what dial.choose() would give after each failure
         conn.order = [index[first]] + [index[m] for m in rest]
-        self.engine.connect(cid, conn.order, req, request_id, trusted, conn, pool.connect_timeout)
+        # the 101's Sec-WebSocket-Accept: C checks the common answer itself (on_upgrade)
+        self.engine.connect(cid, conn.order, req, request_id, trusted, conn, pool.connect_timeout,
+                            accept_key(conn.key))
+
+    def on_upgrade(self, cid: int, conn: NativeConnection, origin: int, attempts) -> None:
+        """The origin answered a 101 that C checked as check_upgrade_response
+        does (tunnel mode agrees to anything it agreed): the tunnel opens."""
+        if attempts:
+            self._failures(conn, attempts, origin)
+        member = self._held(conn, origin)
+        self._timed(cid, member)
+        self._name(conn, member.name)
+        self._upgraded(cid, conn, member)
 
     def on_response(self, cid: int, conn: NativeConnection, resp, origin: int, attempts) -> None:
         """The origin's response head (a view, or (status, reason, outcome) when malformed)."""
@@ -264,6 +282,12 @@ class NativeFront:
             self.check_response(resp, ctx.settings)
         except HeadError as e:
             return self._bad_answer(conn, member, e)
+        self._upgraded(cid, conn, member)
+
+    def _upgraded(self, cid: int, conn: NativeConnection, member: Member) -> None:
+        """The 101 passed: counted, logged, and both sockets to the pump."""
+        ctx = self.ctx
+        rec = conn.record
         member.pool.answered(member)
         handshake_s = time.monotonic() - conn.started
         ctx.counters.upgrade("upgraded", 101, handshake_s)

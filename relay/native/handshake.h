@@ -75,6 +75,10 @@ typedef struct hs_conn {
     struct sockaddr_storage peer;
     socklen_t peerlen;
     void *token;               /* the owner's, from connect(); released with the connection */
+    /* the Sec-WebSocket-Accept a 101 must carry (RFC 6455 §4.1), from connect();
+     * accept_len 0: none given, every answer goes to the owner as a view */
+    char accept[32];
+    uint8_t accept_len;
 } hs_conn;
 
 typedef struct hs_event {

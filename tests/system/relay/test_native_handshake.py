@@ -630,3 +630,156 @@ def test_the_prototype_front_routes_to_the_pools_origins():
     finally:
         a.stop()
         b.stop()
+
+
+# -- the 101 checked in C (on_upgrade) ---------------------------------------------------
+KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
+
+
+def _answer(status: bytes = b"101 Switching Protocols", fields=None) -> bytes:
+    from relay.handshake import accept_key
+
+    if fields is None:
+        fields = [b"Upgrade: websocket", b"Connection: Upgrade", b"Sec-WebSocket-Accept: " + accept_key(KEY)]
+    return b"HTTP/1.1 " + status + b"\r\n" + b"".join(f + b"\r\n" for f in fields) + b"\r\n"
+
+
+def _random_answers(n: int, seed: int = 6455) -> list[bytes]:
+    """Answers around a good 101: each field dropped, doubled, recased, padded,
+    given another token or value; other statuses; a head that does not parse."""
+    import random
+
+    from relay.handshake import accept_key
+
+    rnd = random.Random(seed)
+    good = accept_key(KEY)
+    choices = {
+        b"upgrade": [b"websocket"] * 8 + [b"WebSocket", b"h2c", b"websocket, h2c", b"h2c, websocket", b"", b"websockets"],
+        b"connection": [b"Upgrade"] * 8 + [b"upgrade", b"keep-alive, Upgrade", b"close", b"Upgrade , close", b"upgradex"],
+        b"sec-websocket-accept": [good] * 10 + [good.lower(), good[:-1], b" " + good + b" ", good + b"x", b"", b"\t" + good],
+    }
+    names = {b"upgrade": [b"Upgrade", b"UPGRADE", b"upgrade"], b"connection": [b"Connection", b"CONNECTION"],
+             b"sec-websocket-accept": [b"Sec-WebSocket-Accept", b"sec-websocket-accept"]}
+    out = []
+    for _ in range(n):
+        fields = []
+        for key in choices:
+            for _copy in range(rnd.choice([0] + [1] * 12 + [2])):
+                fields.append(rnd.choice(names[key]) + b":" + rnd.choice([b" ", b"", b"  "]) + rnd.choice(choices[key]))
+        if rnd.random() < 0.2:
+            fields.append(b"Sec-WebSocket-Extensions: permessage-deflate")
+        rnd.shuffle(fields)
+        status = rnd.choice([b"101 Switching Protocols"] * 6 + [b"200 OK", b"101", b"1010 X", b"426 Upgrade Required"])
+        head = _answer(status, fields)
+        if rnd.random() < 0.05:
+            head = head.replace(b"\r\n", b"\n", 1)  # bare LF: does not parse
+        out.append(head)
+    return out
+
+
+class UpgradeFront(Front):
+    def on_upgrade(self, cid, token, origin, attempts):
+        self.events.append(("upgrade", cid, token, origin, attempts))
+        self.decide(cid)
+
+
+def _python_passes(answer: bytes) -> bool:
+    """What relay/native/front.py's on_response decides from a view: a 101
+    check_upgrade_response passes (the reference parse, relay/http_head.py)."""
+    from relay.errors import HeadError
+    from relay.handshake import check_upgrade_response
+    from relay.http_head import parse_response_head
+
+    try:
+        resp = parse_response_head(answer, 16384)
+        if resp is None or resp.status != 101:
+            return False
+        check_upgrade_response(resp, KEY)
+    except HeadError:
+        return False
+    return True
+
+
+def _upgrade_rig(backend: str, o: socket.socket) -> Rig:
+    from relay.handshake import accept_key
+
+    r = Rig(backend, origins=[[addr(o)]])
+    r.front = UpgradeFront()
+    r.events = r.front.events
+    r.e = native.Engine(on_end=lambda tok, up, down: r.ended.append((tok, up, down)), backend=backend)
+    r.e.handshakes(r.front)
+    r.e.set_origins([[addr(o)]])
+    r.e.listen(r.lst.fileno())
+    r.on("head", lambda ev: r.e.connect(ev[1], [0], ev[2], RID, False, "tok", -1.0, accept_key(KEY)))
+    r.on("upgrade", lambda ev: r.e.splice(ev[1], "tunnel"))
+    r.on("response", lambda ev: r.e.refuse(ev[1], b"HTTP/1.1 502 Bad Gateway\r\n\r\n"))
+    return r
+
+
+def test_a_good_101_is_checked_in_c_and_python_gets_no_view(backend):
+    """connect() given the expected Sec-WebSocket-Accept: a 101 that carries it
+    comes to on_upgrade (origin, attempts; no response view), after an interim
+    100 was skipped; the tunnel is spliced from there, bytes intact."""
+    o = origin_listener()
+    r = _upgrade_rig(backend, o)
+    r.on("response", lambda ev: r.e.skip(ev[1], ev[3].head_len))  # the interim 100
+    c = r.client(HEAD)
+    r.next_event("head")
+    r.poll(lambda: True)
+    conn, _ = o.accept()
+    recv_head(conn, r)
+    conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+    _, _, _, resp, _, _ = r.next_event("response")
+    assert resp.status == 100
+    conn.sendall(_answer() + b"frame")
+    _, _, token, origin, attempts = r.next_event("upgrade")
+    assert (token, origin, attempts) == ("tok", 0, None)
+    assert not [e for e in r.events if e[0] == "response"]
+    c.settimeout(5)
+    got = b""
+    while not got.endswith(b"frame"):
+        r.e.poll()
+        got += c.recv(65536)
+    assert got == b"HTTP/1.1 100 Continue\r\n\r\n" + _answer() + b"frame" or got == _answer() + b"frame"
+
+
+def test_c_and_python_agree_on_which_101s_pass(backend):
+    """Differential: for every answer, on_upgrade (C's check) is called exactly
+    when relay/handshake.py's check_upgrade_response passes on the reference
+    parse; everything else reaches on_response as a view, as before."""
+    o = origin_listener()
+    r = _upgrade_rig(backend, o)
+    answers = _random_answers(120)
+    passed = [_python_passes(a) for a in answers]
+    assert 10 < sum(passed) < len(answers) - 10  # both kinds are exercised
+    for answer, expect in zip(answers, passed):
+        c = r.client(HEAD)
+        r.next_event("head")
+        r.poll(lambda: True)
+        conn, _ = o.accept()
+        recv_head(conn, r)
+        conn.sendall(answer)
+        kind = r.poll(lambda: next((e[0] for e in r.events if e[0] in ("upgrade", "response")), None))
+        r.events.clear()
+        assert (kind == "upgrade") == expect, answer
+        c.close()
+        conn.close()
+    r.poll(lambda: r.e.handshake_stats["live"] == 0)
+
+
+def test_without_an_accept_every_answer_comes_as_a_view(backend):
+    """connect() without the accept (a caller that checks itself): a good 101
+    reaches on_response as a view even when the front has on_upgrade."""
+    o = origin_listener()
+    r = _upgrade_rig(backend, o)
+    r.front.decide = lambda cid: None
+    r.on("head", lambda ev: r.e.connect(ev[1], [0], ev[2], RID, False, "tok"))
+    r.on("response", lambda ev: r.e.splice(ev[1], "tunnel"))
+    r.client(HEAD)
+    r.next_event("head")
+    r.poll(lambda: True)
+    conn, _ = o.accept()
+    recv_head(conn, r)
+    conn.sendall(_answer())
+    _, _, _, resp, _, _ = r.next_event("response")
+    assert resp.status == 101
