@@ -29,6 +29,7 @@
  *   .hs_fileno(), .poll_handshakes(), .expire(), .accepting = bool
  *   front.on_head(id, req | None, ip)            -> must connect, refuse or detach
  *       .connect(id, order, req, request_id, trusted, token[, timeout[, accept]])
+ *                   accept: True (from req's Sec-WebSocket-Key, ws_accept.c) or the value a 101 must carry
  *                                                     forward_head in C, origins in order
  *   front.on_upgrade(id, token, origin, attempts)  (optional) a 101 that carries accept, checked in C
  *       -> .splice(id, tunnel_token), refuse or detach
@@ -55,6 +56,7 @@
 #include "_heads.h"
 #include "engine.h"
 #include "handshake.h"
+#include "ws_accept.h"
 
 #define NCALLBACKS 5
 #define CB_UPGRADE NCALLBACKS /* optional: front.on_upgrade */
@@ -719,14 +721,14 @@ static PyObject *Engine_connect(EngineObject *self, PyObject *args) {
     int trusted;
     uint32_t order[MAX_ORDER], norder;
     double timeout = -1.0;
-    const char *accept = NULL;
-    Py_ssize_t accept_len = 0;
+    PyObject *accept = Py_None;
     CHECK_HS(self);
-    if (!PyArg_ParseTuple(args, "LOOy#pO|dz#", &id, &order_seq, &req, &rid, &rid_len, &trusted, &token, &timeout,
-                          &accept, &accept_len))
+    if (!PyArg_ParseTuple(args, "LOOy#pO|dO", &id, &order_seq, &req, &rid, &rid_len, &trusted, &token, &timeout,
+                          &accept))
         return NULL;
-    if (accept_len > (Py_ssize_t)sizeof(((hs_conn *)0)->accept)) {
-        PyErr_SetString(PyExc_ValueError, "connect(): accept is a Sec-WebSocket-Accept value (28 bytes)");
+    if (accept != Py_None && accept != Py_True && accept != Py_False &&
+        (!PyBytes_Check(accept) || PyBytes_GET_SIZE(accept) > (Py_ssize_t)sizeof(((hs_conn *)0)->accept))) {
+        PyErr_SetString(PyExc_TypeError, "connect(): accept is True, None or a Sec-WebSocket-Accept value");
         return NULL;
     }
     if (!heads_is_request(req)) {
@@ -751,8 +753,19 @@ static PyObject *Engine_connect(EngineObject *self, PyObject *args) {
     Py_DECREF(ip);
     if (!head)
         return NULL;
-    memcpy(c->accept, accept ? accept : "", (size_t)accept_len);
-    c->accept_len = (uint8_t)accept_len;
+    c->accept_len = 0;
+    if (PyBytes_Check(accept)) {
+        memcpy(c->accept, PyBytes_AS_STRING(accept), (size_t)PyBytes_GET_SIZE(accept));
+        c->accept_len = (uint8_t)PyBytes_GET_SIZE(accept);
+    } else if (accept == Py_True) { /* from the request's key (the gate checked there is one) */
+        const hh_head *hh;
+        const char *raw = heads_raw(req, &hh);
+        const hh_field *f = hh_get(raw, hh, "sec-websocket-key", 17, 0);
+        if (f) {
+            ws_accept(raw + f->value.off, f->value.len, c->accept);
+            c->accept_len = WS_ACCEPT_LEN;
+        }
+    }
     Py_INCREF(token);
     int r = hs_connect(&self->hs, id, order, norder, PyBytes_AS_STRING(head), (size_t)PyBytes_GET_SIZE(head), token,
                        timeout >= 0 ? (int64_t)(timeout * 1000) : -1);
@@ -1036,6 +1049,16 @@ static PyTypeObject EngineType = {
  * the lock and decides exactly, as before. No lock is held, so a worker
  * killed here leaves nothing behind but its own slot (reset by the
  * supervisor). */
+static PyObject *websocket_accept(PyObject *Py_UNUSED(m), PyObject *arg) {
+    char out[WS_ACCEPT_LEN];
+    if (!PyBytes_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "websocket_accept(key: bytes)");
+        return NULL;
+    }
+    ws_accept(PyBytes_AS_STRING(arg), (size_t)PyBytes_GET_SIZE(arg), out);
+    return PyBytes_FromStringAndSize(out, WS_ACCEPT_LEN);
+}
+
 static PyObject *admit_fast(PyObject *Py_UNUSED(m), PyObject *args) {
     Py_buffer b;
     Py_ssize_t slot;
@@ -1071,6 +1094,8 @@ static PyMethodDef engine_functions[] = {
     {"admit_fast", (PyCFunction)admit_fast, METH_VARARGS,
      "admit_fast(clients, slot, limit) -> bool: one more client in clients[slot] (int64 counts in shared memory), "
      "taken lock-free while the sum stays at most limit - len(clients) + 1; False: nothing taken, decide under the lock"},
+    {"websocket_accept", (PyCFunction)websocket_accept, METH_O,
+     "websocket_accept(key) -> the 28-byte Sec-WebSocket-Accept for key (RFC 6455 §4.2.2; ws_accept.c)"},
     {NULL, NULL, 0, NULL},
 };
 

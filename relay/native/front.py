@@ -3,7 +3,7 @@
 each request head, connects to the origin and reads its response head;
 Python is called once with a complete request head and once with the
 origin's answer, and decides. The common answer, a 101 that carries the
-Sec-WebSocket-Accept Python computed, is checked in C (the same check as
+Sec-WebSocket-Accept for the request's key, is checked in C (the same check as
 relay/handshake.py's ``check_upgrade_response``, held to it by a
 differential test) and comes to :meth:`NativeFront.on_upgrade` without a
 view of its head; any other answer comes to :meth:`NativeFront.on_response`
@@ -65,7 +65,7 @@ from relay import gate
 from relay.client import ClientConnection, unparsed_record
 from relay.context import Context
 from relay.errors import HeadError, OriginClosed, RelayError
-from relay.handshake import accept_key, check_upgrade_response, is_upgrade
+from relay.handshake import check_upgrade_response, is_upgrade
 from relay.headers import request_id_for, x_forwarded_for
 from relay.native.plane import NativeTunnel, _share_strings
 from relay.origins.balance import Member
@@ -242,9 +242,9 @@ class NativeFront:
         index = self.index
         rest, conn.full = pool.failover(req, first)  # what dial.choose() would give after each failure
         conn.order = [index[first]] + [index[m] for m in rest]
-        # the 101's Sec-WebSocket-Accept: C checks the common answer itself (on_upgrade)
-        self.engine.connect(cid, conn.order, req, request_id, trusted, conn, pool.connect_timeout,
-                            accept_key(conn.key))
+        # True: C computes the Sec-WebSocket-Accept from the key the gate checked,
+        # and checks the common answer itself (on_upgrade)
+        self.engine.connect(cid, conn.order, req, request_id, trusted, conn, pool.connect_timeout, True)
 
     def on_upgrade(self, cid: int, conn: NativeConnection, origin: int, attempts) -> None:
         """The origin answered a 101 that C checked as check_upgrade_response

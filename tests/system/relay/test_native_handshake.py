@@ -634,6 +634,7 @@ def test_the_prototype_front_routes_to_the_pools_origins():
 
 # -- the 101 checked in C (on_upgrade) ---------------------------------------------------
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
+KEYED = HEAD[:-2] + b"Sec-WebSocket-Key: " + KEY + b"\r\n\r\n"
 
 
 def _answer(status: bytes = b"101 Switching Protocols", fields=None) -> bytes:
@@ -701,8 +702,6 @@ def _python_passes(answer: bytes) -> bool:
 
 
 def _upgrade_rig(backend: str, o: socket.socket) -> Rig:
-    from relay.handshake import accept_key
-
     r = Rig(backend, origins=[[addr(o)]])
     r.front = UpgradeFront()
     r.events = r.front.events
@@ -710,7 +709,8 @@ def _upgrade_rig(backend: str, o: socket.socket) -> Rig:
     r.e.handshakes(r.front)
     r.e.set_origins([[addr(o)]])
     r.e.listen(r.lst.fileno())
-    r.on("head", lambda ev: r.e.connect(ev[1], [0], ev[2], RID, False, "tok", -1.0, accept_key(KEY)))
+    # True: the accept from the request's key, in C (ws_accept.c)
+    r.on("head", lambda ev: r.e.connect(ev[1], [0], ev[2], RID, False, "tok", -1.0, True))
     r.on("upgrade", lambda ev: r.e.splice(ev[1], "tunnel"))
     r.on("response", lambda ev: r.e.refuse(ev[1], b"HTTP/1.1 502 Bad Gateway\r\n\r\n"))
     return r
@@ -723,7 +723,7 @@ def test_a_good_101_is_checked_in_c_and_python_gets_no_view(backend):
     o = origin_listener()
     r = _upgrade_rig(backend, o)
     r.on("response", lambda ev: r.e.skip(ev[1], ev[3].head_len))  # the interim 100
-    c = r.client(HEAD)
+    c = r.client(KEYED)
     r.next_event("head")
     r.poll(lambda: True)
     conn, _ = o.accept()
@@ -753,7 +753,7 @@ def test_c_and_python_agree_on_which_101s_pass(backend):
     passed = [_python_passes(a) for a in answers]
     assert 10 < sum(passed) < len(answers) - 10  # both kinds are exercised
     for answer, expect in zip(answers, passed):
-        c = r.client(HEAD)
+        c = r.client(KEYED)
         r.next_event("head")
         r.poll(lambda: True)
         conn, _ = o.accept()
@@ -775,7 +775,7 @@ def test_without_an_accept_every_answer_comes_as_a_view(backend):
     r.front.decide = lambda cid: None
     r.on("head", lambda ev: r.e.connect(ev[1], [0], ev[2], RID, False, "tok"))
     r.on("response", lambda ev: r.e.splice(ev[1], "tunnel"))
-    r.client(HEAD)
+    r.client(KEYED)
     r.next_event("head")
     r.poll(lambda: True)
     conn, _ = o.accept()
@@ -783,3 +783,24 @@ def test_without_an_accept_every_answer_comes_as_a_view(backend):
     conn.sendall(_answer())
     _, _, _, resp, _, _ = r.next_event("response")
     assert resp.status == 101
+
+
+def test_an_accept_given_as_bytes_is_the_one_checked(backend):
+    """connect(accept=value): a 101 must carry that value, whatever the key."""
+    from relay.handshake import accept_key
+
+    o = origin_listener()
+    r = _upgrade_rig(backend, o)
+    r.front.decide = lambda cid: None
+    other = accept_key(b"another key")
+    r.on("head", lambda ev: r.e.connect(ev[1], [0], ev[2], RID, False, "tok", -1.0, other))
+    r.on("upgrade", lambda ev: r.e.splice(ev[1], "tunnel"))
+    r.on("response", lambda ev: r.e.refuse(ev[1], b""))
+    for accept, kind in ((accept_key(KEY), "response"), (other, "upgrade")):
+        r.client(KEYED)
+        r.next_event("head")
+        r.poll(lambda: True)
+        conn, _ = o.accept()
+        recv_head(conn, r)
+        conn.sendall(_answer(fields=[b"Upgrade: websocket", b"Connection: Upgrade", b"Sec-WebSocket-Accept: " + accept]))
+        assert r.next_event(kind)[0] == kind
