@@ -67,12 +67,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--native", action="store_true", help="include native frames (py-spy --native)")
     ap.add_argument("--rate", type=int, default=250, help="samples per second")
     ap.add_argument("--perf", action="store_true", help="sample with perf record (kernel included) instead of py-spy")
-    ap.add_argument("--system", default="wsrelay", choices=[k for k in proxies.SYSTEMS if k.startswith("wsrelay")],
-                    help="which wsrelay row of the benchmark to profile (e.g. wsrelay-pyheads, wsrelay-python)")
+    ap.add_argument("--system", default="wsrelay", choices=list(proxies.SYSTEMS),
+                    help="which row of the benchmark to profile (e.g. wsrelay-pyheads, wsrelay-python; "
+                         "nginx or haproxy with --perf, to compare where their time goes)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
     a = ap.parse_args(argv)
     if a.perf and shutil.which("perf") is None:
         print("perf is missing: apt-get install linux-perf", file=sys.stderr)
+        return 2
+    if not a.perf and not a.system.startswith("wsrelay"):
+        print("py-spy profiles Python: use --perf for nginx and HAProxy", file=sys.stderr)
         return 2
     if not a.perf and shutil.which("py-spy") is None:
         print("py-spy is missing: pip install py-spy", file=sys.stderr)
@@ -86,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         (tmp / "run").mkdir()
         relay.start(origin.http_port if w.mode == "http" else oport, tmp / "run", None)
-        worker = [p for p in relay.pids() if p != relay.proc.pid][0]
+        # the worker (wsrelay's, nginx's), or the one process (HAProxy -db)
+        worker = next((p for p in relay.pids() if p != relay.proc.pid), relay.proc.pid)
         for n in runner._split(w.conns, w.procs):
             children.append(runner.Child(
                 [sys.executable, "-m", "bench.loadgen", "--mode", w.mode, "--url", relay.url, "--conns", str(n),

@@ -37,7 +37,8 @@ def route(ctx: "Context", req: Request) -> "OriginPool":
     return pool
 
 
-def admit_upgrade(ctx: "Context", req: Request, client_ip: str, first: bool) -> tuple[bytes, "OriginPool"]:
+def admit_upgrade(ctx: "Context", req: Request, client_ip: str, first: bool,
+                  key: bytes | None = None) -> tuple[bytes, "OriginPool"]:
     """Check an upgrade request, route it and take an admission slot for it.
 
     ``first``: the connection's first request (served even while draining:
@@ -45,9 +46,12 @@ def admit_upgrade(ctx: "Context", req: Request, client_ip: str, first: bool) -> 
     nothing). Returns the client's ``Sec-WebSocket-Key`` and the pool.
     Raises :class:`~relay.errors.HeadError` (400, 426: RFC 6455 §4.2.1) or
     :class:`~relay.errors.Refused` (404 no route, 403 path, ``Origin`` or a
-    pool without WebSockets, 503 draining or at the limit).
+    pool without WebSockets, 503 draining or at the limit). ``key``: the
+    Sec-WebSocket-Key when the request was validated already (the head phase
+    in C: its view's ``websocket()`` is ``validate_upgrade`` in C).
     """
-    key = validate_upgrade(req)
+    if key is None:
+        key = validate_upgrade(req)
     pool = route(ctx, req)
     if (not pool.websocket or not path_allowed(req.path, ctx.ws_paths)
             or not origin_allowed(req.get(b"origin"), pool.allowed_origins)):

@@ -31,7 +31,8 @@
  *       .connect(id, order, req, request_id, trusted, token[, timeout[, accept]])
  *                   accept: True (from req's Sec-WebSocket-Key, ws_accept.c) or the value a 101 must carry
  *                                                     forward_head in C, origins in order
- *   front.on_upgrade(id, token, origin, attempts)  (optional) a 101 that carries accept, checked in C
+ *   front.on_upgrade(id, token, origin, attempts, connect_s)  (optional) a 101 that carries accept,
+ *       checked in C; connect_s: connect_time(id), taken
  *       -> .splice(id, tunnel_token), refuse or detach
  *       .refuse(id, answer)                           write, half-close, linger
  *       .detach(id) -> (client_fd, origin_fd, client_bytes, origin_bytes)
@@ -537,9 +538,10 @@ static int deliver(EngineObject *self) {
                 /* the common answer, checked here: Python is told the origin and
                  * what failed before it, and splices (no view built, no check in Python) */
                 cb = self->cb[CB_UPGRADE];
-                PyObject *argv[5] = {NULL, PyLong_FromLongLong(id), Py_NewRef(token), PyLong_FromLong(c->asked),
-                                     attempts_of(c)};
-                r = call_front(cb, argv, 4);
+                int64_t ns = hs_connect_time(&self->hs, id);
+                PyObject *argv[6] = {NULL, PyLong_FromLongLong(id), Py_NewRef(token), PyLong_FromLong(c->asked),
+                                     attempts_of(c), ns < 0 ? Py_NewRef(Py_None) : PyFloat_FromDouble((double)ns / 1e9)};
+                r = call_front(cb, argv, 5);
                 break;
             }
             cb = self->cb[1];

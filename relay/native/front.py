@@ -23,9 +23,11 @@ same sans-I/O pieces as relay/client.py and relay/upgrade.py:
   to the Python plane with every byte read (:meth:`NativeFront._to_python`,
   a relay/client.py ``ClientConnection`` through relay/seam.py's interface),
   which parses and answers it as if it had read it;
-- validation, the route, the path and ``Origin`` rules and admission
-  (relay/gate.py, the one place that decides whether a request is served
-  and by which pool), the refusals and their answers (relay/responses.py),
+- validation (RFC 6455 §4.2.1's checks through the view's ``websocket()``,
+  relay/handshake.py's ``is_upgrade`` and ``validate_upgrade`` compiled and
+  fuzzed against them), the route, the path and ``Origin`` rules and
+  admission (relay/gate.py, the one place that decides whether a request is
+  served and by which pool), the refusals and their answers (relay/responses.py),
   the request id, the origin its pool's balancer chooses (relay/origins/,
   with the connection count it holds) and the order of the others, the
   forwarded head's policy (forward_head, in C, the compiled twin of
@@ -65,7 +67,7 @@ from relay import gate
 from relay.client import ClientConnection, unparsed_record
 from relay.context import Context
 from relay.errors import HeadError, OriginClosed, RelayError
-from relay.handshake import check_upgrade_response, is_upgrade
+from relay.handshake import check_upgrade_response
 from relay.headers import request_id_for, x_forwarded_for
 from relay.native.plane import NativeTunnel, _share_strings
 from relay.origins.balance import Member
@@ -215,7 +217,9 @@ class NativeFront:
     def on_head(self, cid: int, req, ip: str) -> None:
         """A request head is in (``req``: relay/native/http_head.c's view, None
         when it does not parse or is over the cap)."""
-        if req is None or not is_upgrade(req) or not self.resolver.ready:
+        # is_upgrade and validate_upgrade in one C call: None, the key, or (status, reason)
+        ws = req.websocket() if req is not None else None
+        if ws is None or not self.resolver.ready:
             return self._to_python(cid)
         ctx = self.ctx
         conn = NativeConnection(self, cid, ip, req, time.monotonic())
@@ -226,7 +230,9 @@ class NativeFront:
             rec = conn.record = ctx.access.record(ip, req.method, req.path, req.get(b"user-agent"),
                                                   x_forwarded_for(req), request_id.decode())
         try:
-            conn.key, pool = gate.admit_upgrade(ctx, req, ip, True)  # a connection's first request
+            if type(ws) is tuple:
+                raise HeadError(*ws)
+            conn.key, pool = gate.admit_upgrade(ctx, req, ip, True, ws)  # a connection's first request
         except RelayError as e:
             if rec is not None:
                 rec.pool = e.pool
@@ -246,13 +252,15 @@ class NativeFront:
         # and checks the common answer itself (on_upgrade)
         self.engine.connect(cid, conn.order, req, request_id, trusted, conn, pool.connect_timeout, True)
 
-    def on_upgrade(self, cid: int, conn: NativeConnection, origin: int, attempts) -> None:
+    def on_upgrade(self, cid: int, conn: NativeConnection, origin: int, attempts, connect_s: float | None) -> None:
         """The origin answered a 101 that C checked as check_upgrade_response
-        does (tunnel mode agrees to anything it agreed): the tunnel opens."""
+        does (tunnel mode agrees to anything it agreed): the tunnel opens.
+        ``connect_s``: the connect to it, as :meth:`_timed` would take it."""
         if attempts:
             self._failures(conn, attempts, origin)
         member = self._held(conn, origin)
-        self._timed(cid, member)
+        if connect_s is not None:
+            member.pool.connected(member, connect_s)
         self._name(conn, member.name)
         self._upgraded(cid, conn, member)
 

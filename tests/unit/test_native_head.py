@@ -123,3 +123,97 @@ def test_views_are_what_the_relay_asks_of_a_head():
     assert (req.method, req.target, req.path, req.version, req.authority) == (b"GET", b"/ws?x=1", b"/ws", b"1.1", None)
     with pytest.raises(TypeError):
         req.get("host")  # names are bytes, as for the reference
+
+
+# -- Request.websocket(): is_upgrade + validate_upgrade in one C call -----------------
+_B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+#: around 16 bytes: 21-24 characters of the alphabet with 0-3 "=" (only 22 + "==" is 16 bytes)
+_KEY_EDGES = [b"A" * n + b"=" * p for n in (21, 22, 23, 24) for p in range(4)]
+_KEYS = st.one_of(
+    st.sampled_from([b"AAAAAAAAAAAAAAAAAAAAAB==", b"dGhlIHNhbXBsZSBub25jZQ=", b"dGhlIHNhbXBsZSBub25jZQ",
+                     b"dGhlIHNhbXBsZSBub25jZQ===", b"dGhl IHNhbXBsZSBub25jZQ==", b"////////////////////////",
+                     b"dGhlIHNhbXBsZSBub25jZQA=", b"", b"x-y_AAAAAAAAAAAAAAAAAA==", b"dGhlIHNhbXBsZSBub25jZQ===",
+                     *_KEY_EDGES]),
+    # 20-26 characters of the alphabet, then 0-3 "=": every length and padding around 16 bytes
+    st.tuples(st.text(alphabet=_B64, min_size=20, max_size=26), st.integers(0, 3)).map(
+        lambda t: (t[0] + "=" * t[1]).encode()),
+    st.text(alphabet=_B64 + "=-_ !", min_size=20, max_size=26).map(str.encode),
+)
+#: a valid upgrade's fields, and what each may become instead
+_WS_FIELDS = {
+    b"Upgrade": (b"websocket", st.sampled_from([b"WebSocket", b"h2c", b"h2c, websocket", b"websockets", b""])),
+    b"Connection": (b"Upgrade", st.sampled_from([b"keep-alive, upgrade", b"close", b"upgrade,", b"upgradex", b""])),
+    b"Sec-WebSocket-Version": (b"13", st.sampled_from([b"8", b"13, 8", b"013", b""])),
+    b"Sec-WebSocket-Key": (b"dGhlIHNhbXBsZSBub25jZQ==", _KEYS),
+    b"Content-Length": (None, st.sampled_from([b"0", b"5", b"00", b""])),
+    b"Transfer-Encoding": (None, st.sampled_from([b"chunked", b"identity", b""])),
+}
+
+
+@st.composite
+def upgrade_requests(draw) -> bytes:
+    """A valid upgrade with a few defects: the method or version changed, a
+    field dropped, doubled, recased or given another value (or an optional
+    one added), in any order."""
+    method = b"GET" if draw(st.integers(0, 11)) else draw(st.sampled_from([b"POST", b"get", b"HEAD"]))
+    version = b"1.1" if draw(st.integers(0, 11)) else b"1.0"
+    fields = [b"Host: x"]
+    for name, (good, others) in _WS_FIELDS.items():
+        # 0: another value (the key: often, its rule has most edges), 1: absent/present, 2: twice, else as valid
+        kind = draw(st.integers(-3 if name == b"Sec-WebSocket-Key" else 0, 11))
+        kind = max(kind, 0)
+        value = draw(others) if kind == 0 or (good is None and kind == 1) else good
+        copies = (0 if good is not None else 1) if kind == 1 else 2 if kind == 2 else 0 if value is None else 1
+        for _ in range(copies):
+            v = value if value is not None else draw(others)
+            spelled = draw(st.sampled_from([name, name.lower(), name.upper()]))
+            fields.append(spelled + b":" + draw(st.sampled_from([b" ", b"", b"\t"])) + v)
+    fields = draw(st.permutations(fields))
+    return b"%s /ws HTTP/%s\r\n" % (method, version) + b"".join(f + b"\r\n" for f in fields) + b"\r\n"
+
+
+def _reference_websocket(req):
+    from relay.errors import HeadError
+    from relay.handshake import is_upgrade, validate_upgrade
+
+    if not is_upgrade(req):
+        return None
+    try:
+        return validate_upgrade(req)
+    except HeadError as e:
+        return (e.status, str(e))
+
+
+@FUZZ
+@given(st.one_of(upgrade_requests(), heads()))
+def test_websocket_is_is_upgrade_then_validate_upgrade(data):
+    """The head phase in C asks req.websocket() where the Python plane asks
+    is_upgrade and validate_upgrade: the same answer, key or refusal, for
+    every head both parse."""
+    from relay.errors import HeadError
+
+    try:  # that both parsers agree on every head is test_request_heads_as_the_reference_parses_them's
+        ref = parse_request_head(data, MAX_HEAD)
+        view = c_request(data, MAX_HEAD)
+    except HeadError:
+        return
+    if ref is None or view is None:
+        return
+    assert view.websocket() == _reference_websocket(ref), data
+
+
+def test_websocket_answers_of_each_kind():
+    good = (b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+    assert c_request(good, MAX_HEAD).websocket() == b"dGhlIHNhbXBsZSBub25jZQ=="
+    assert c_request(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", MAX_HEAD).websocket() is None
+    assert c_request(good.replace(b"13", b"8"), MAX_HEAD).websocket() == (426, "unsupported WebSocket version")
+    assert c_request(good.replace(b"GET", b"POST"), MAX_HEAD).websocket() == (
+        400, "a WebSocket upgrade must be GET over HTTP/1.1")
+
+
+@pytest.mark.parametrize("key", _KEY_EDGES + [b"dGhlIHNhbXBsZSBub25jZQ==", b"AAAAAAAAAAAAAAAAAAAAA/==", b"-" * 22 + b"=="])
+def test_websocket_keys_around_16_bytes(key):
+    head = (b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " + key + b"\r\n\r\n")
+    assert c_request(head, MAX_HEAD).websocket() == _reference_websocket(parse_request_head(head, MAX_HEAD))

@@ -679,8 +679,8 @@ def _random_answers(n: int, seed: int = 6455) -> list[bytes]:
 
 
 class UpgradeFront(Front):
-    def on_upgrade(self, cid, token, origin, attempts):
-        self.events.append(("upgrade", cid, token, origin, attempts))
+    def on_upgrade(self, cid, token, origin, attempts, connect_s):
+        self.events.append(("upgrade", cid, token, origin, attempts, connect_s))
         self.decide(cid)
 
 
@@ -732,8 +732,9 @@ def test_a_good_101_is_checked_in_c_and_python_gets_no_view(backend):
     _, _, _, resp, _, _ = r.next_event("response")
     assert resp.status == 100
     conn.sendall(_answer() + b"frame")
-    _, _, token, origin, attempts = r.next_event("upgrade")
+    _, cid, token, origin, attempts, connect_s = r.next_event("upgrade")
     assert (token, origin, attempts) == ("tok", 0, None)
+    assert 0 <= connect_s < 5 and r.e.connect_time(cid) is None  # taken once, given with the 101
     assert not [e for e in r.events if e[0] == "response"]
     c.settimeout(5)
     got = b""
