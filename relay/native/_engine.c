@@ -28,7 +28,8 @@
  *   .listen(fd), .set_origins([[(host, port), ...], ...]), .balance(...),
  *   .hs_fileno(), .poll_handshakes(), .expire(), .accepting = bool
  *   front.on_head(id, req | None, ip)            -> must connect, refuse or detach
- *       .connect(id, order, req, request_id, trusted, token[, timeout[, accept]])
+ *       .connect(id, order, req, request_id | None, trusted, token[, timeout[, accept]])
+ *                   request_id None: a new one, made in C
  *                   accept: True (from req's Sec-WebSocket-Key, ws_accept.c) or the value a 101 must carry
  *                                                     forward_head in C, origins in order
  *   front.on_upgrade(id, token, origin, attempts, connect_s)  (optional) a 101 that carries accept,
@@ -52,6 +53,7 @@
 #include <string.h>
 
 #include <arpa/inet.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 
 #include "_heads.h"
@@ -77,7 +79,24 @@ typedef struct {
     socklen_t last_peerlen;
     Py_buffer bal_bufs[65];  /* this worker's slot, then its siblings' (accept balancing) */
     int nbal;
+    uint64_t rng[2];         /* xorshift128+ state for request ids (seeded from getrandom) */
 } EngineObject;
+
+/* A new X-Request-ID: 32 hex digits, 128 bits from a seeded PRNG, as
+ * relay/logs.py's new_request_id and nginx's $request_id (ids need to be
+ * unique, not secret: no syscall per request). */
+static void new_request_id(EngineObject *self, char out[32]) {
+    static const char HEX[] = "0123456789abcdef";
+    for (int half = 0; half < 2; half++) {
+        uint64_t x = self->rng[0], y = self->rng[1];
+        self->rng[0] = y;
+        x ^= x << 23;
+        self->rng[1] = x ^ y ^ (x >> 17) ^ (y >> 26);
+        uint64_t v = self->rng[1] + y;
+        for (int i = 15; i >= 0; i--, v >>= 4)
+            out[half * 16 + i] = HEX[v & 15];
+    }
+}
 
 /* Report every ended tunnel; returns 0, or -1 with the first callback error set. */
 static int report_ended(EngineObject *self) {
@@ -391,6 +410,13 @@ static PyObject *Engine_handshakes(EngineObject *self, PyObject *args, PyObject 
     self->cb[CB_UPGRADE] = PyObject_GetAttrString(front, "on_upgrade");
     if (!self->cb[CB_UPGRADE])
         PyErr_Clear();
+    /* request ids: seeded per process (a worker's engine is made after the fork) */
+    if (getrandom(self->rng, sizeof self->rng, 0) != (ssize_t)sizeof self->rng || !(self->rng[0] | self->rng[1])) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        self->rng[0] = (uint64_t)ts.tv_nsec * 0x9E3779B97F4A7C15ull ^ (uint64_t)getpid();
+        self->rng[1] = (uint64_t)ts.tv_sec ^ 0xD1B54A32D192ED03ull;
+    }
     self->hs_ready = 1;
     Py_RETURN_NONE;
 }
@@ -718,16 +744,28 @@ static int read_order(PyObject *seq, uint32_t *out, uint32_t *n) {
 static PyObject *Engine_connect(EngineObject *self, PyObject *args) {
     long long id;
     PyObject *order_seq, *req, *token;
+    PyObject *rid_obj;
     const char *rid;
     Py_ssize_t rid_len;
+    char fresh[32];
     int trusted;
     uint32_t order[MAX_ORDER], norder;
     double timeout = -1.0;
     PyObject *accept = Py_None;
     CHECK_HS(self);
-    if (!PyArg_ParseTuple(args, "LOOy#pO|dO", &id, &order_seq, &req, &rid, &rid_len, &trusted, &token, &timeout,
-                          &accept))
+    if (!PyArg_ParseTuple(args, "LOOOpO|dO", &id, &order_seq, &req, &rid_obj, &trusted, &token, &timeout, &accept))
         return NULL;
+    if (rid_obj == Py_None) { /* Python needs no id of its own (no access log, no trusted one): a new one */
+        new_request_id(self, fresh);
+        rid = fresh;
+        rid_len = 32;
+    } else if (PyBytes_Check(rid_obj)) {
+        rid = PyBytes_AS_STRING(rid_obj);
+        rid_len = PyBytes_GET_SIZE(rid_obj);
+    } else {
+        PyErr_SetString(PyExc_TypeError, "connect(): request_id is bytes or None");
+        return NULL;
+    }
     if (accept != Py_None && accept != Py_True && accept != Py_False &&
         (!PyBytes_Check(accept) || PyBytes_GET_SIZE(accept) > (Py_ssize_t)sizeof(((hs_conn *)0)->accept))) {
         PyErr_SetString(PyExc_TypeError, "connect(): accept is True, None or a Sec-WebSocket-Accept value");

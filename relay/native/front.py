@@ -224,7 +224,8 @@ class NativeFront:
         ctx = self.ctx
         conn = NativeConnection(self, cid, ip, req, time.monotonic())
         trusted = bool(ctx.trusted) and ip in ctx.trusted
-        request_id = request_id_for(req, trusted)
+        # None: C makes a new id for the forwarded head (Python has no use for it)
+        request_id = request_id_for(req, trusted) if trusted or ctx.access.enabled else None
         rec = None
         if ctx.access.enabled:
             rec = conn.record = ctx.access.record(ip, req.method, req.path, req.get(b"user-agent"),

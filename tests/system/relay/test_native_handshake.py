@@ -805,3 +805,26 @@ def test_an_accept_given_as_bytes_is_the_one_checked(backend):
         recv_head(conn, r)
         conn.sendall(_answer(fields=[b"Upgrade: websocket", b"Connection: Upgrade", b"Sec-WebSocket-Accept: " + accept]))
         assert r.next_event(kind)[0] == kind
+
+
+def test_without_a_request_id_c_makes_a_new_one_per_request(backend):
+    """connect(request_id=None) (no access log wants it, no trusted proxy sent
+    one): the forwarded head carries a new X-Request-ID of 32 hex digits, as
+    relay/logs.py's new_request_id makes, a different one each time."""
+    import re
+
+    o = origin_listener()
+    r = Rig(backend, origins=[[addr(o)]])
+    r.on("head", lambda ev: r.e.connect(ev[1], [0], ev[2], None, False, "tok"))
+    r.on("failed", lambda ev: r.e.refuse(ev[1], b""))  # each origin closes without answering
+    ids = []
+    for _ in range(3):
+        r.client(HEAD)
+        r.next_event("head")
+        r.poll(lambda: True)
+        conn, _ = o.accept()
+        got = recv_head(conn, r)
+        ids += re.findall(rb"\r\nX-Request-ID: ([^\r]*)\r\n", got)
+        conn.close()
+    assert len(ids) == 3 and len(set(ids)) == 3, ids
+    assert all(re.fullmatch(rb"[0-9a-f]{32}", i) for i in ids), ids
