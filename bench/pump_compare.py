@@ -85,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--only", nargs="+", choices=list(SIZES), default=list(SIZES))
-    ap.add_argument("--pumps", nargs="+", choices=("epoll", "uring", "multishot"), default=["epoll", "uring"],
-                    help="epoll / uring: relay/native/engine.c's two backends; multishot: the first prototype")
+    ap.add_argument("--pumps", nargs="+", choices=("epoll", "uring", "multishot", "splice"), default=["epoll", "uring"],
+                    help="epoll / uring: relay/native/engine.c's two backends; multishot: the first prototype; "
+                         "splice: socket -> pipe -> socket, no user-space copy")
     a = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="pump-compare-"))
     exe = build(tmp)

@@ -8,6 +8,9 @@
  *                                             queued per socket (one in flight, so
  *                                             bytes stay in order), no per-tunnel
  *                                             bound (a benchmark-only design)
+ *   pump splice     LISTEN_PORT ORIGIN_PORT   socket -> pipe -> socket with splice(2) on
+ *                                             epoll, 1 MiB pipes (benchmark-only: is
+ *                                             the copy through user space the bulk cost?)
  *
  * Both accept clients and connect to the origin the same way, and both sit
  * under an outer epoll as the worker's engine sits under uvloop's: the
@@ -292,9 +295,112 @@ static void run_uring(int lst) {
     }
 }
 
+/* -- splice: socket -> pipe -> socket, no copy through user space ------------- */
+
+#define SPLICE_MAX (1 << 20)
+
+typedef struct sdir {
+    int src, dst, pr, pw; /* pipe read/write ends */
+    size_t inpipe;
+    int dst_blocked;
+} sdir;
+
+typedef struct spair {
+    sdir d[2]; /* 0: client -> origin, 1: origin -> client */
+    int cfd, ofd, dead;
+} spair;
+
+static int s_outer;
+
+static void s_watch(spair *p) {
+    /* each socket: readable unless its direction's pipe is waiting; writable while blocked */
+    int fds[2] = {p->cfd, p->ofd};
+    for (int k = 0; k < 2; k++) {
+        sdir *rd = &p->d[k];       /* fds[k] reads in direction k */
+        sdir *wr = &p->d[1 - k];   /* fds[k] writes in direction 1-k */
+        struct epoll_event ev = {.events = (rd->inpipe ? 0 : EPOLLIN) | (wr->dst_blocked ? EPOLLOUT : 0),
+                                 .data.ptr = p};
+        epoll_ctl(s_outer, EPOLL_CTL_MOD, fds[k], &ev);
+    }
+}
+
+static void s_close(spair *p) {
+    if (p->dead)
+        return;
+    p->dead = 1;
+    close(p->cfd);
+    close(p->ofd);
+    for (int k = 0; k < 2; k++) {
+        close(p->d[k].pr);
+        close(p->d[k].pw);
+    }
+}
+
+/* move what the pipe holds to dst, then what src has (until EAGAIN either way) */
+static int s_pump(sdir *d) {
+    for (;;) {
+        while (d->inpipe) {
+            ssize_t n = splice(d->pr, NULL, d->dst, NULL, d->inpipe, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+            if (n < 0) {
+                if (errno == EAGAIN) {
+                    d->dst_blocked = 1;
+                    return 0;
+                }
+                return -1;
+            }
+            d->inpipe -= (size_t)n;
+        }
+        d->dst_blocked = 0;
+        ssize_t n = splice(d->src, NULL, d->pw, NULL, SPLICE_MAX, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+        if (n == 0)
+            return -1; /* EOF: benchmark code ends the pair */
+        if (n < 0)
+            return errno == EAGAIN ? 0 : -1;
+        d->inpipe = (size_t)n;
+    }
+}
+
+static void run_splice(int lst) {
+    s_outer = epoll_create1(EPOLL_CLOEXEC);
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = NULL};
+    epoll_ctl(s_outer, EPOLL_CTL_ADD, lst, &ev);
+    for (;;) {
+        struct epoll_event evs[64];
+        int n = epoll_wait(s_outer, evs, 64, -1);
+        for (int i = 0; i < n; i++) {
+            spair *p = evs[i].data.ptr;
+            if (!p) {
+                int c, o;
+                while (accept_pair(lst, &c, &o) == 0) {
+                    p = calloc(1, sizeof *p);
+                    p->cfd = c;
+                    p->ofd = o;
+                    for (int k = 0; k < 2; k++) {
+                        int pp[2];
+                        pipe2(pp, O_NONBLOCK | O_CLOEXEC);
+                        fcntl(pp[1], F_SETPIPE_SZ, SPLICE_MAX);
+                        p->d[k] = (sdir){.src = k ? o : c, .dst = k ? c : o, .pr = pp[0], .pw = pp[1]};
+                    }
+                    struct epoll_event e2 = {.events = EPOLLIN, .data.ptr = p};
+                    epoll_ctl(s_outer, EPOLL_CTL_ADD, c, &e2);
+                    epoll_ctl(s_outer, EPOLL_CTL_ADD, o, &e2);
+                }
+                continue;
+            }
+            if (p->dead)
+                continue;
+            if (s_pump(&p->d[0]) < 0 || s_pump(&p->d[1]) < 0) {
+                s_close(p); /* leaked on purpose: a benchmark pump */
+                continue;
+            }
+            s_watch(p);
+        }
+    }
+}
+
 int main(int argc, char **argv) {
     if (argc != 4) {
-        fprintf(stderr, "usage: pump epoll|uring|multishot LISTEN_PORT ORIGIN_PORT\n");
+        fprintf(stderr, "usage: pump epoll|uring|multishot|splice LISTEN_PORT ORIGIN_PORT\n");
         return 2;
     }
     origin_port = atoi(argv[3]);
@@ -305,6 +411,8 @@ int main(int argc, char **argv) {
         run_engine(lst, ENG_EPOLL);
     else if (!strcmp(argv[1], "uring"))
         run_engine(lst, ENG_URING);
+    else if (!strcmp(argv[1], "splice"))
+        run_splice(lst);
     else
         run_uring(lst);
     return 0;
