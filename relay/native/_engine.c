@@ -327,6 +327,10 @@ static PyObject *Engine_get_totals(EngineObject *self, void *Py_UNUSED(c)) {
     return Py_BuildValue("KK", (unsigned long long)self->e.total[0], (unsigned long long)self->e.total[1]);
 }
 
+static PyObject *Engine_get_spliced(EngineObject *self, void *Py_UNUSED(c)) {
+    return PyLong_FromUnsignedLongLong(self->e.spliced);
+}
+
 static PyObject *Engine_get_open_bytes(EngineObject *self, void *Py_UNUSED(c)) {
     CHECK_READY(self);
     engine *e = &self->e;
@@ -1057,6 +1061,8 @@ static PyGetSetDef Engine_getset[] = {
     {"open_bytes", (getter)Engine_get_open_bytes, NULL, "(up, down) of the tunnels still open", NULL},
     {"open", (getter)Engine_get_open, NULL, "tunnels open", NULL},
     {"backend", (getter)Engine_get_backend, NULL, "'io_uring' or 'epoll': what drives the sockets", NULL},
+    {"spliced", (getter)Engine_get_spliced, NULL,
+     "bytes of totals moved by splice() (bulk directions on io_uring: engine.c 'Bulk by splice')", NULL},
     {"fallback_reason", (getter)Engine_get_why, NULL, "why io_uring was asked for and not used, or None", NULL},
     {"accepting", (getter)Engine_get_accepting, (setter)Engine_set_accepting, "accept new connections", NULL},
     {"handshake_stats", (getter)Engine_get_hs_stats, NULL, "{live, accepted, accept_errors}", NULL},

@@ -21,6 +21,10 @@ typedef struct eng_side {
     uint32_t inflight;       /* requests the kernel still holds for this side */
     uint32_t send_len;       /* length of the ring-buffer send in flight */
     uint64_t send_ud;        /* its user_data, to cancel it */
+    /* io_uring backend, bulk: a pipe holding bytes spliced for this fd (see
+     * engine.c "Bulk by splice"); pr/pw -1 until the first bulk read */
+    int pr, pw;
+    uint32_t inpipe;         /* bytes in the pipe, not yet spliced to fd */
 } eng_side;
 
 typedef struct eng_tunnel {
@@ -46,6 +50,7 @@ typedef struct engine {
     uint32_t cap, free_head, open;
     uint64_t total[2];       /* bytes ever read from clients (up) and origins (down) */
     uint64_t ended_bytes[2]; /* of which by tunnels that have ended */
+    uint64_t spliced;        /* of all bytes read, those moved by splice (io_uring backend, bulk) */
     int64_t now_ms;
     uint32_t *ended;         /* slots whose tunnel ended, not yet reported */
     uint32_t nended, ended_cap;
