@@ -24,9 +24,10 @@ setup(ext_modules=[
     Extension(
         "relay.native._engine",
         sources=["relay/native/_engine.c", "relay/native/_heads.c", "relay/native/engine.c",
-                 "relay/native/handshake.c", "relay/native/http_head.c"],
+                 "relay/native/handshake.c", "relay/native/http_head.c", "relay/native/tls.c"],
         depends=["relay/native/engine.h", "relay/native/handshake.h", "relay/native/http_head.h",
-                 "relay/native/_heads.h"],
+                 "relay/native/_heads.h", "relay/native/tls.h"],
+        libraries=["dl"],
         extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",
                             "-Wno-missing-field-initializers", "-Wno-cast-function-type"],
         optional=not REQUIRED,

@@ -24,6 +24,23 @@ else:
     AVAILABLE = True
     WHY_NOT = ""
 
+#: TLS tunnels in the pump too (engine.c "TLS tunnels"): the engine found
+#: OpenSSL in the libssl Python's ssl module loaded (relay/native/tls.c says
+#: why there); else TLS tunnels stay on the Python data plane, for TLS_WHY_NOT.
+TLS_AVAILABLE = False
+TLS_WHY_NOT = WHY_NOT
+if AVAILABLE:
+    try:
+        import _ssl
+
+        from relay.native import _engine
+
+        _engine.tls_load(getattr(_ssl, "__file__", None))
+    except (ImportError, OSError) as e:
+        TLS_WHY_NOT = f"the engine cannot use Python's OpenSSL ({e})"
+    else:
+        TLS_AVAILABLE = True
+
 NATIVE = "native"
 PYTHON = "python"
 
