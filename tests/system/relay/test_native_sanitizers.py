@@ -2,7 +2,9 @@
 
 ASan: the extension is rebuilt with -fsanitize=address into a temp dir, and
 a child pytest runs the native engine and head-phase tests, the
-tunnel-endings suite and a few sequences of the data-plane fuzz with libasan
+tunnel-endings suite, the TLS tunnel suites (the engine's record layer with
+the SSL of Python's own OpenSSL, which is not instrumented: our reads and
+writes around it are) and a few sequences of the data-plane fuzz with libasan
 preloaded; relays started
 by those tests inherit the preload and load the same build (a
 sitecustomize.py puts it in place of relay.native._engine), so the workers'
@@ -31,7 +33,8 @@ from tests.support.relay import ROOT
 
 NATIVE = os.path.join(ROOT, "relay", "native")
 #: every C file of the extension (setup.py's list)
-SOURCES = [os.path.join(NATIVE, f) for f in ("_engine.c", "_heads.c", "engine.c", "handshake.c", "http_head.c")]
+SOURCES = [os.path.join(NATIVE, f)
+           for f in ("_engine.c", "_heads.c", "engine.c", "handshake.c", "http_head.c", "tls.c")]
 REQUIRED = os.environ.get("WSRELAY_REQUIRE_NATIVE", "") not in ("", "0")
 
 
@@ -71,7 +74,7 @@ def test_the_pump_under_addresssanitizer(tmp_path):
     so = tmp_path / ("_engine" + sysconfig.get_config_var("EXT_SUFFIX"))
     build = subprocess.run(
         [cc, "-shared", "-fPIC", "-g", "-O1", "-fno-omit-frame-pointer", "-fsanitize=address",
-         "-I", sysconfig.get_paths()["include"], *SOURCES, "-o", str(so)], capture_output=True, text=True, timeout=120)
+         "-I", sysconfig.get_paths()["include"], *SOURCES, "-ldl", "-o", str(so)], capture_output=True, text=True, timeout=120)
     assert build.returncode == 0, build.stderr
     (tmp_path / "sitecustomize.py").write_text(SITECUSTOMIZE)
     logs = tmp_path / "asan"
@@ -89,6 +92,7 @@ def test_the_pump_under_addresssanitizer(tmp_path):
         [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
          "tests/unit/test_native_head.py", "tests/system/relay/test_native.py", "tests/system/relay/test_native_handshake.py",
          "tests/system/relay/test_tunnel_endings.py", "tests/system/relay/test_data_plane_fuzz.py",
+         "tests/system/relay/test_native_tls.py", "tests/system/relay/test_tls_tunnel.py",
          "-k", "not python"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     reports = [open(p).read() for p in glob.glob(f"{logs}*")]

@@ -245,7 +245,7 @@ def test_origin_reset_reaches_the_client_as_a_reset(relay, origin, pki):
 
 def test_a_client_that_reads_nothing_holds_the_origin_back_memory_bounded(relay, origin, pki):
     """The origin sends 128 MiB at a client that reads nothing for 3 s: the
-    relay's RSS grows < 48 MiB, then every byte arrives, sha256 equal."""
+    relay's RSS grows < 64 MiB (as for cleartext; ASan's quarantine included), then every byte arrives, sha256 equal."""
     n = 128
     c = wss(relay, pki, f"/flood/slow/{n}")
     try:
@@ -255,7 +255,7 @@ def test_a_client_that_reads_nothing_holds_the_origin_back_memory_bounded(relay,
         while time.monotonic() < deadline:
             peak = max(peak, relay.rss())
             time.sleep(0.1)
-        assert peak - before < 48 << 20, f"relay RSS grew by {(peak - before) >> 20} MiB"
+        assert peak - before < 64 << 20, f"relay RSS grew by {(peak - before) >> 20} MiB"
         c.sock.settimeout(60)
         data, how = c.read_to_end()
         c.close_notify()
@@ -293,7 +293,7 @@ def test_a_fast_client_and_an_origin_that_reads_nothing_memory_bounded(relay, or
             peak = max(peak, relay.rss())
             time.sleep(0.1)
         assert not sent, "the client pushed 100 MiB while the origin read nothing"
-        assert peak - before < 48 << 20, f"relay RSS grew by {(peak - before) >> 20} MiB"
+        assert peak - before < 64 << 20, f"relay RSS grew by {(peak - before) >> 20} MiB"
         origin.lt.loop.call_soon_threadsafe(origin.taps["fast"].set)
         pusher.join(60)
         assert sent == [n], sent
