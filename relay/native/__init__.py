@@ -95,11 +95,16 @@ def problem(data_plane: str, mode: str) -> str | None:
     return None
 
 
-def describe(data_plane: str, mode: str) -> str:
-    """One phrase for the startup log: which plane serves tunnels, and why."""
+def describe(data_plane: str, mode: str, tls: bool = False) -> str:
+    """One phrase for the startup log: which plane serves tunnels, and why
+    (``tls``: there are TLS listeners, whose tunnels the pump relays on epoll)."""
     chosen = resolve(data_plane, mode)
     if chosen == NATIVE:
-        return f"data plane native ({backend()})"
+        if not tls:
+            return f"data plane native ({backend()})"
+        if not TLS_AVAILABLE:
+            return f"data plane native ({backend()}; TLS tunnels python: {TLS_WHY_NOT})"
+        return f"data plane native ({backend()}; TLS tunnels on epoll)"
     if data_plane == PYTHON:
         return "data plane python (RELAY_DATA_PLANE=python)"
     if mode != "tunnel":
