@@ -692,6 +692,14 @@ static void tls_up(engine *e, eng_tunnel *t, uint32_t slot) {
                 break;
             }
             plen += (size_t)r;
+            /* SSL_read returns one record at most, and reads no further than
+             * the record it needs: with no ciphertext left to give it and no
+             * plaintext left in it, the next call could only ask for more (a
+             * call and an error-queue lookup per chunk saved) */
+            if (!e->tls_in_len && !x->carry && !tls.SSL_pending(ssl)) {
+                err = TLS_ERROR_WANT_READ;
+                break;
+            }
         }
         /* records SSL answered with while reading (a KeyUpdate's), before the data */
         if (e->tls_out_len && !tls_send_out(e, t, slot))

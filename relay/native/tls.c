@@ -120,6 +120,7 @@ int tls_load(const char *path, const char **why) {
     LOOKUP(SSL_get_error);
     LOOKUP(SSL_shutdown);
     LOOKUP(SSL_has_pending);
+    LOOKUP(SSL_pending);
     LOOKUP(SSL_set_options);
     LOOKUP(SSL_get_rbio);
     LOOKUP(SSL_get_wbio);

@@ -28,6 +28,7 @@ typedef struct tls_api {
     int (*SSL_get_error)(const SSL *, int);
     int (*SSL_shutdown)(SSL *);
     int (*SSL_has_pending)(const SSL *);
+    int (*SSL_pending)(const SSL *);
     uint64_t (*SSL_set_options)(SSL *, uint64_t);
     BIO *(*SSL_get_rbio)(const SSL *);
     BIO *(*SSL_get_wbio)(const SSL *);
