@@ -550,14 +550,20 @@ void eng_free(engine *e) {
  * sends close_notify before closing. Byte counts are plaintext, as the
  * Python plane counts them.
  *
- * Only on the epoll backend. An io_uring worker gives its TLS tunnels to a
- * second engine on epoll (relay/native/plane.py): io_uring's sends leave
- * from ring buffers that must stay put until the kernel completes them,
- * which a record layer writing into one shared output buffer cannot
- * promise without a second buffer ring, and what io_uring saves (the
- * syscall entries, ~4 us of a cleartext 64 B round trip's 13 us on this
- * VM) is a smaller share of a TLS round trip, whose sealing and opening
- * cost as much again (bench/RESULTS.md, "TLS tunnels in the pump").
+ * Only on the epoll backend: an io_uring worker gives its TLS tunnels to a
+ * second engine on epoll (relay/native/plane.py). Measured, not assumed:
+ * `python -m bench.profile --workload tls-echo-64 --system wsrelay-tls
+ * --perf` (the worker, 64 B wss echo, 50 connections) puts 83% of its
+ * cycles in the kernel — sendto 58% (31 of it the loopback delivery to the
+ * receiver, in our context), recvfrom 9%, sleeping 10% — OpenSSL 10%, this
+ * engine 1.6%, and epoll_wait with every syscall entry ~7%: the share
+ * io_uring could take back (it took a third of a cleartext 64 B round trip,
+ * where nothing else is left). On epoll the TLS rows already beat both
+ * anchors per core (bench/RESULTS.md, "TLS tunnels in the C pump": 64 B
+ * 1.07x, 4 KiB 1.20x, 1 MiB 1.25x). TLS on the ring would need what this
+ * design avoids: a stable buffer per send in flight (records are sealed
+ * into one shared output buffer and sent at once) and every close_notify
+ * and alert ordered behind the ring's sends; left for a later step.
  * ------------------------------------------------------------------------- */
 
 /* Send n bytes to side j behind what is pending for it; 0 if the tunnel failed. */
