@@ -314,3 +314,25 @@ def test_an_idle_tunnel_is_closed_with_close_notify(relay, origin, pki):
     assert (data, how) == (b"", "close_notify")
     assert 2.0 <= time.monotonic() - started < 10  # RELAY_IDLE_TIMEOUT=3, swept once a second
     assert origin_event(origin, "idle") == ("eof", b"")
+
+
+def test_bytes_of_an_open_tls_tunnel_reach_the_metrics(relay, origin, pki):
+    """wsrelay_bytes_total counts an open TLS tunnel's plaintext by the next
+    sweep (on an io_uring worker, read from its second, epoll engine)."""
+    from tests.support.scrape import metric
+
+    up0, down0 = (metric(relay, "wsrelay_bytes_total", direction=d) for d in ("upstream", "downstream"))
+    c = wss(relay, pki, "/echo/metered")
+    try:
+        blob = random.Random(9).randbytes(200_000)
+        threading.Thread(target=c.send, args=(blob,), daemon=True).start()
+        assert c.recv_exactly(len(blob)) == blob
+
+        def counted() -> bool:
+            c.send(b".")  # activity: the idle timeout (3 s) must not end the tunnel, which would count it too
+            assert c.recv_exactly(1) == b"."
+            return (metric(relay, "wsrelay_bytes_total", direction="upstream") - up0 >= len(blob)
+                    and metric(relay, "wsrelay_bytes_total", direction="downstream") - down0 >= len(blob))
+        wait_for(counted, 10, interval=0.2, what="the open tunnel's bytes in /metrics")
+    finally:
+        c.close()
