@@ -94,15 +94,15 @@ class NativeTunnel(metaclass=_TunnelModeHooks):
         """Tunnel mode: nothing before the sockets close."""
 
     def __init__(self, plane: "NativePlane", cfd: int, ofd: int, record, client_ip: str | None = None,
-                 tls=None) -> None:
+                 tls=None, engine: Engine | None = None) -> None:
         """``client_ip``: given back to the admission slot at the end (the
         record's, when there is one: the native head phase builds none while
         the access log is off). ``tls``: the client's ``_ssl._SSLSocket``
-        (a wss:// tunnel), kept until the tunnel ends."""
+        (a wss:// tunnel), kept until the tunnel ends; ``engine``: the one
+        that relays it (the plane's unless said)."""
         self.plane = plane
         self.tls = tls
-        #: the engine relaying it: the plane's, or its TLS engine on io_uring workers
-        self.engine = plane.engine if tls is None else plane.tls_engine()
+        self.engine = plane.engine if engine is None else engine
         self.client_ip = client_ip
         self.cfd = cfd
         self.ofd = ofd
@@ -198,9 +198,14 @@ class NativePlane:
         on_end = self.on_end
         sslobj = client_t.get_extra_info("ssl_object")
         tls = None
+        engine = self.engine
         if sslobj is not None:
             tls = _tls_to_take(client_t, sslobj)
             if tls is None:
+                return Tunnel(client_t, origin_t, on_end, record)
+            try:
+                engine = self.tls_engine()
+            except OSError:  # no descriptor for its epoll set (EMFILE): this one stays in Python
                 return Tunnel(client_t, origin_t, on_end, record)
         elif client_t.get_write_buffer_size():
             return Tunnel(client_t, origin_t, on_end, record)
@@ -221,7 +226,7 @@ class NativePlane:
         if record is not None:
             record.data_plane = "native"
             _share_strings(record)
-        return NativeTunnel(self, cfd, ofd, record, tls=tls)
+        return NativeTunnel(self, cfd, ofd, record, tls=tls, engine=engine)
 
     def open_bytes(self) -> tuple[int, int]:
         """(up, down) read so far by the tunnels still open."""
