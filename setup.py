@@ -1,10 +1,12 @@
 """The compiled parts; everything else is declared in pyproject.toml.
 
 - relay/native (the native data plane, README "Settings", RELAY_DATA_PLANE).
+  Its TLS tunnels (relay/native/tls.c) call OpenSSL without its headers too.
 - relay/tls/_openssl.c: what Python's ssl module cannot do for the TLS
   listeners (shared session ticket keys, key-exchange groups; README "TLS").
-  It needs no OpenSSL headers: it finds libssl's functions where Python's
-  _ssl module loaded them.
+  Both need no OpenSSL headers (no libssl-dev): they find libssl's functions
+  where Python's _ssl module loaded them, the one OpenSSL whose objects they
+  are handed.
 
 Both are optional: without a C compiler and Python's headers (Debian:
 build-essential python3-dev) `pip install .` still installs the pure-Python
@@ -24,9 +26,11 @@ setup(ext_modules=[
     Extension(
         "relay.native._engine",
         sources=["relay/native/_engine.c", "relay/native/_heads.c", "relay/native/engine.c",
-                 "relay/native/handshake.c", "relay/native/http_head.c", "relay/native/ws_accept.c"],
+                 "relay/native/handshake.c", "relay/native/http_head.c", "relay/native/ws_accept.c",
+                 "relay/native/tls.c"],
         depends=["relay/native/engine.h", "relay/native/handshake.h", "relay/native/http_head.h",
-                 "relay/native/_heads.h", "relay/native/ws_accept.h"],
+                 "relay/native/_heads.h", "relay/native/ws_accept.h", "relay/native/tls.h"],
+        libraries=["dl"],
         extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",
                             "-Wno-missing-field-initializers", "-Wno-cast-function-type"],
         optional=not REQUIRED,

@@ -118,6 +118,9 @@ class ClientConnection(asyncio.Protocol):
         self.tls_version = ""
         self.tls_resumed = False
         self.tls_counted = False
+        #: on a TLS listener, the TCP transport under the TLS one: the native
+        #: plane checks it holds nothing unsent before taking the socket
+        self.tcp_transport: asyncio.Transport | None = None
         #: the client's address and port (the peer's, until a PROXY header says otherwise)
         self.client_ip = "-"
         self.client_port = 0
@@ -359,6 +362,7 @@ class ClientConnection(asyncio.Protocol):
             return
         left = self.started + ctx.settings.handshake_timeout - time.monotonic()
         # The SSL protocol's own timer is a backstop: ours (the head timer) fires first.
+        self.tcp_transport = self.transport
         waiter = tls_handshake.start(self.transport, self, self.tls.default, first, max(left, 0.01) + 1.0,
                                      LINGER_SECONDS)
         waiter.add_done_callback(self._tls_ended)

@@ -77,8 +77,6 @@ class Context:
         #: origins get a PROXY v2 header first on every connection
         self.origin_proxy_v2 = settings.origin_proxy_protocol == "v2"
         self.tunnel_class = TUNNELS[settings.mode]
-        #: the tunnel class of TLS clients, whatever the data plane (README, "TLS")
-        self.python_tunnel_class = self.tunnel_class
         #: the native data plane (relay/native), when it serves this worker's tunnels
         self.native = None
         if settings.effective_data_plane() == "native":
@@ -105,9 +103,8 @@ class Context:
         ``head`` is that 101 as received, ``to_client`` what the origin sent
         after it, ``to_origin`` what the client sent after its request;
         ``upstream``: the origin, whose connection count the tunnel holds until it ends."""
-        # TLS clients stay on the Python plane (the native pump relays plaintext only)
-        cls = self.tunnel_class if client.get_extra_info("ssl_object") is None else self.python_tunnel_class
-        tunnel = cls.open(self, client, origin, record, response)
+        # TLS clients too: the native plane takes their SSL, or leaves them in Python (relay/native/plane.py)
+        tunnel = self.tunnel_class.open(self, client, origin, record, response)
         tunnel.upstream = upstream
         self.tunnels.add(tunnel)
         self.counters.tunnels(len(self.tunnels))

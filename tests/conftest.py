@@ -13,9 +13,9 @@ from tests.support.origins import AiohttpOrigin, SilentOrigin, WebsocketsOrigin
 #: Python plane in relay/client.py: the refusal, access-log, hostile-client and
 #: proxy-safety suites hold both to the same answers.
 BOTH_PLANES = {"test_tunnel_endings", "test_faults", "test_exhaustion", "test_lifecycle", "test_metrics",
-               "test_refusals", "test_access_log", "test_hostile", "test_proxy_safety"}
+               "test_refusals", "test_access_log", "test_hostile", "test_proxy_safety", "test_tls_tunnel"}
 #: ...and these once more with the native engine on epoll instead of io_uring
-EPOLL_TOO = {"test_tunnel_endings", "test_faults"}
+EPOLL_TOO = {"test_tunnel_endings", "test_faults", "test_tls_tunnel"}
 
 
 def pytest_generate_tests(metafunc):

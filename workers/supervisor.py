@@ -98,7 +98,7 @@ class Supervisor:
         log.info("wsrelay %s listening on %s (%s), %d workers, origin %s, mode %s, %s",
                  __version__, self.listeners.names(),
                  "socket-activated" if self.listeners.activated else "bound", n,
-                 ", ".join(str(o) for o in s.origin), s.mode, native.describe(s.data_plane, s.mode))
+                 ", ".join(str(o) for o in s.origin), s.mode, native.describe(s.data_plane, s.mode, bool(s.tls_listen)))
         self.watchdog = systemd.watchdog_interval()
         self.next_watchdog = time.monotonic()
         self._manage()

@@ -24,6 +24,23 @@ else:
     AVAILABLE = True
     WHY_NOT = ""
 
+#: TLS tunnels in the pump too (engine.c "TLS tunnels"): the engine found
+#: OpenSSL in the libssl Python's ssl module loaded (relay/native/tls.c says
+#: why there); else TLS tunnels stay on the Python data plane, for TLS_WHY_NOT.
+TLS_AVAILABLE = False
+TLS_WHY_NOT = WHY_NOT
+if AVAILABLE:
+    try:
+        import _ssl
+
+        from relay.native import _engine
+
+        _engine.tls_load(getattr(_ssl, "__file__", None))
+    except (ImportError, OSError) as e:
+        TLS_WHY_NOT = f"the engine cannot use Python's OpenSSL ({e})"
+    else:
+        TLS_AVAILABLE = True
+
 NATIVE = "native"
 PYTHON = "python"
 
@@ -78,11 +95,16 @@ def problem(data_plane: str, mode: str) -> str | None:
     return None
 
 
-def describe(data_plane: str, mode: str) -> str:
-    """One phrase for the startup log: which plane serves tunnels, and why."""
+def describe(data_plane: str, mode: str, tls: bool = False) -> str:
+    """One phrase for the startup log: which plane serves tunnels, and why
+    (``tls``: there are TLS listeners, whose tunnels the pump relays on epoll)."""
     chosen = resolve(data_plane, mode)
     if chosen == NATIVE:
-        return f"data plane native ({backend()})"
+        if not tls:
+            return f"data plane native ({backend()})"
+        if not TLS_AVAILABLE:
+            return f"data plane native ({backend()}; TLS tunnels python: {TLS_WHY_NOT})"
+        return f"data plane native ({backend()}; TLS tunnels on epoll)"
     if data_plane == PYTHON:
         return "data plane python (RELAY_DATA_PLANE=python)"
     if mode != "tunnel":

@@ -17,6 +17,14 @@
  *   .close_all() / .abort_all() / .close_idle(seconds) -> tunnels closed
  *   .bytes(id) -> (up, down) | None;  .idle(id) -> seconds | None
  *   .totals -> (up, down) ever;  .open_bytes -> (up, down) of open tunnels;  .open
+ *   .tls_tunnel(client_fd, origin_fd, to_client, to_origin, token, sslsock) -> id
+ *                              a TLS tunnel (epoll engines only): the client side
+ *                              speaks TLS through sslsock (an _ssl._SSLSocket,
+ *                              handshake done), which the caller keeps alive until
+ *                              on_end; to_client is plaintext. Module functions:
+ *                              tls_load(path of _ssl) finds OpenSSL (tls.c), and
+ *                              tls_held(sslsock) -> (ciphertext read, not yet
+ *                              decrypted; records written, not yet sent) in its BIOs
  *
  * on_end(token, bytes_up, bytes_down) is called exactly once per tunnel,
  * from whichever of these methods saw it end (so possibly from close()
@@ -59,6 +67,7 @@
 #include "_heads.h"
 #include "engine.h"
 #include "handshake.h"
+#include "tls.h"
 #include "ws_accept.h"
 
 #define NCALLBACKS 5
@@ -176,6 +185,7 @@ static void Engine_dealloc(EngineObject *self) {
     Py_XDECREF(self->proto);
     Py_XDECREF(self->last_ip);
     if (self->ready) {
+        eng_tls_detach_all(&self->e); /* before the tokens, which hold the SSLs, go */
         for (uint32_t slot = 0; slot < self->e.cap; slot++)
             if (self->e.t[slot].flags & 0x01 /* T_USED */)
                 Py_XDECREF((PyObject *)self->e.t[slot].token);
@@ -236,6 +246,93 @@ static PyObject *Engine_tunnel(EngineObject *self, PyObject *args) {
     int64_t id = eng_open(&self->e, cfd, ofd, tc.buf, (size_t)tc.len, to.buf, (size_t)to.len, token);
     if (id >= 0)
         eng_flush(&self->e);
+    PyBuffer_Release(&tc);
+    PyBuffer_Release(&to);
+    if (id < 0) {
+        Py_DECREF(token);
+        errno = (int)-id;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (report_ended(self) < 0)
+        return NULL;
+    return PyLong_FromLongLong(id);
+}
+
+/* -- TLS tunnels (engine.c "TLS tunnels", tls.c) ---------------------------------- */
+
+/* _ssl's PySSLSocket and PySSLContext as CPython 3.7 to 3.13 lay them out:
+ * the SSL is the second field, the context object the third. ssl_of()
+ * checks that against what the object says of itself before trusting it. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *socket;
+    SSL *ssl;
+    PyObject *ctx;
+} py_ssl_socket;
+
+typedef struct {
+    PyObject_HEAD
+    void *ctx;
+} py_ssl_context;
+
+static SSL *ssl_of(PyObject *obj) {
+    if (tls_bio_method == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "relay.native._engine.tls_load() has not succeeded");
+        return NULL;
+    }
+    if (strcmp(Py_TYPE(obj)->tp_name, "_ssl._SSLSocket") != 0) {
+        PyErr_Format(PyExc_TypeError, "expected an _ssl._SSLSocket, not %s", Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    py_ssl_socket *s = (py_ssl_socket *)obj;
+    PyObject *ctx = PyObject_GetAttrString(obj, "context");
+    if (ctx == NULL)
+        return NULL;
+    int same = ctx == s->ctx && s->ssl != NULL && tls.SSL_get_SSL_CTX(s->ssl) == ((py_ssl_context *)ctx)->ctx;
+    Py_DECREF(ctx);
+    if (!same) {
+        PyErr_SetString(PyExc_TypeError, "this Python's _ssl._SSLSocket is laid out differently from what it knows");
+        return NULL;
+    }
+    return s->ssl;
+}
+
+static PyObject *tls_load_py(PyObject *Py_UNUSED(m), PyObject *arg) {
+    const char *path = NULL, *why = NULL;
+    if (arg != Py_None && (path = PyUnicode_AsUTF8(arg)) == NULL)
+        return NULL;
+    if (tls_load(path, &why) < 0) {
+        PyErr_SetString(PyExc_OSError, why);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *tls_held(PyObject *Py_UNUSED(m), PyObject *arg) {
+    SSL *ssl = ssl_of(arg);
+    if (ssl == NULL)
+        return NULL;
+    BIO *r = tls.SSL_get_rbio(ssl), *w = tls.SSL_get_wbio(ssl);
+    return Py_BuildValue("ll", r ? tls.BIO_ctrl(r, 10 /* BIO_CTRL_PENDING */, 0, NULL) : 0L,
+                         w ? tls.BIO_ctrl(w, 10, 0, NULL) : 0L);
+}
+
+static PyObject *Engine_tls_tunnel(EngineObject *self, PyObject *args) {
+    int cfd, ofd;
+    Py_buffer tc, to;
+    PyObject *token, *sslsock;
+    CHECK_READY(self);
+    if (!PyArg_ParseTuple(args, "iiy*y*OO", &cfd, &ofd, &tc, &to, &token, &sslsock))
+        return NULL;
+    SSL *ssl = ssl_of(sslsock);
+    if (ssl == NULL) {
+        PyBuffer_Release(&tc);
+        PyBuffer_Release(&to);
+        return NULL;
+    }
+    Py_INCREF(token);
+    eng_clock(&self->e);
+    int64_t id = eng_open_tls(&self->e, cfd, ofd, ssl, tc.buf, (size_t)tc.len, to.buf, (size_t)to.len, token);
     PyBuffer_Release(&tc);
     PyBuffer_Release(&to);
     if (id < 0) {
@@ -1043,6 +1140,8 @@ static PyMethodDef Engine_methods[] = {
      "the client's early bytes to the origin."},
     {"fileno", (PyCFunction)Engine_fileno, METH_NOARGS, "The epoll descriptor (for loop.add_reader)."},
     {"poll", (PyCFunction)Engine_poll, METH_VARARGS, "poll(maxevents=256) -> events handled; never waits."},
+    {"tls_tunnel", (PyCFunction)Engine_tls_tunnel, METH_VARARGS,
+     "tls_tunnel(client_fd, origin_fd, to_client, to_origin, token, sslsock) -> id (epoll engines)"},
     {"tunnel", (PyCFunction)Engine_tunnel, METH_VARARGS,
      "tunnel(client_fd, origin_fd, to_client, to_origin, token) -> id; takes both descriptors."},
     {"close", (PyCFunction)Engine_close, METH_O, "close(id): flush, then close both sockets."},
@@ -1137,6 +1236,10 @@ static PyObject *admit_fast(PyObject *Py_UNUSED(m), PyObject *args) {
 }
 
 static PyMethodDef engine_functions[] = {
+    {"tls_load", (PyCFunction)tls_load_py, METH_O,
+     "tls_load(path of _ssl or None): find OpenSSL where Python's ssl module found it (OSError: not usable)"},
+    {"tls_held", (PyCFunction)tls_held, METH_O,
+     "tls_held(sslsock) -> (ciphertext its read BIO holds, records its write BIO holds), in bytes"},
     {"admit_fast", (PyCFunction)admit_fast, METH_VARARGS,
      "admit_fast(clients, slot, limit) -> bool: one more client in clients[slot] (int64 counts in shared memory), "
      "taken lock-free while the sum stays at most limit - len(clients) + 1; False: nothing taken, decide under the lock"},

@@ -52,6 +52,7 @@
  */
 #define _GNU_SOURCE
 #include "engine.h"
+#include "tls.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -92,6 +93,10 @@ static void ur_open(engine *e, eng_tunnel *t, uint32_t slot, const char *to_clie
                     const char *to_origin, size_t no);
 static int ur_poll(engine *e);
 static void free_slot(engine *e, uint32_t slot);
+static void tls_pump(engine *e, eng_tunnel *t, uint32_t slot, int i);
+static int tls_close_notify(engine *e, eng_tunnel *t, uint32_t slot);
+static void tls_side_closed(engine *e, eng_tunnel *t);
+static void tls_detach(engine *e, eng_tunnel *t);
 
 /* A side that cannot take more yet: what is pending for it waits. */
 static inline int busy(const engine *e, const eng_side *s) {
@@ -158,6 +163,8 @@ static void side_close_in(engine *e, eng_tunnel *t, uint32_t slot, int i, int re
         s->pr = s->pw = -1;
         s->inpipe = 0;
     }
+    if (i == 0 && t->tls)
+        tls_side_closed(e, t);
     if (!(s->flags & S_SENDING)) { /* else the kernel may still read it: freed with the send's completion */
         free(s->pend);
         s->pend = NULL;
@@ -197,6 +204,9 @@ static void lost(engine *e, eng_tunnel *t, uint32_t slot, int i) {
 
 static void close_tunnel(engine *e, eng_tunnel *t, uint32_t slot) {
     t->flags |= T_CLOSING;
+    /* TLS: close_notify goes out behind what is pending, before the close */
+    if (t->tls && !(t->s[0].flags & S_CLOSED) && (tls_close_notify(e, t, slot) < 0 || (t->flags & T_ENDED)))
+        return;
     for (int i = 0; i < 2; i++)
         if (!busy(e, &t->s[i]))
             side_close(&t->s[i], 0);
@@ -209,6 +219,15 @@ static int shut(engine *e, eng_tunnel *t, uint32_t slot, int j) {
     d->flags &= ~S_WANT_SHUT;
     if (d->flags & (S_SHUT | S_CLOSED))
         return 1;
+    if (j == 0 && t->tls) { /* a TLS client: close_notify, then the FIN once it is sent */
+        int r = tls_close_notify(e, t, slot);
+        if (r < 0)
+            return 0;
+        if (r == 0) {
+            d->flags |= S_WANT_SHUT;
+            return 1;
+        }
+    }
     d->flags |= S_SHUT;
     if (shutdown(d->fd, SHUT_WR) < 0) {
         lost(e, t, slot, j);
@@ -262,6 +281,10 @@ static void on_eof(engine *e, eng_tunnel *t, uint32_t slot, int i) {
 
 /* Move bytes from side i to its peer until i is drained or the peer is full. */
 static void pump(engine *e, eng_tunnel *t, uint32_t slot, int i) {
+    if (t->tls) {
+        tls_pump(e, t, slot, i);
+        return;
+    }
     eng_side *src = &t->s[i], *dst = &t->s[i ^ 1];
     for (;;) {
         if ((src->flags & (S_RD | S_EOF | S_CLOSED)) != S_RD || dst->pend ||
@@ -435,6 +458,8 @@ static int ep_poll(engine *e, int maxevents) {
     if (n < 0)
         return errno == EINTR ? 0 : -errno;
     eng_clock(e);
+    if (e->ntls)
+        tls.ERR_clear_error(); /* SSL_get_error reads the thread's queue: Python's ssl may have left errors there */
     for (int k = 0; k < n; k++) {
         uint64_t key = evs[k].data.u64;
         uint32_t slot = (uint32_t)(key & 0xffffffff) >> 1;
@@ -483,6 +508,8 @@ static void free_slot(engine *e, uint32_t slot) {
 
 void eng_release(engine *e, uint32_t slot) {
     eng_tunnel *t = &e->t[slot];
+    if (t->tls)
+        tls_detach(e, t); /* before the owner drops the SSL */
     t->flags |= T_REPORTED;
     t->token = NULL;
     /* io_uring: the kernel may still hold requests (being cancelled) for it */
@@ -508,13 +535,375 @@ void eng_free(engine *e) {
                 close(e->t[slot].s[i].pw);
             }
         }
+    eng_tls_detach_all(e);
     free(e->t);
     free(e->ended);
     free(e->buf);
+    free(e->tls_plain);
+    free(e->tls_out);
     if (e->epfd >= 0 && e->backend == ENG_EPOLL)
         close(e->epfd);
     memset(e, 0, sizeof *e);
     e->epfd = -1;
+}
+
+/* ---------------------------------------------------------------------------
+ * TLS tunnels (README "TLS"; tls.c is OpenSSL's side).
+ *
+ * The TLS handshake and the head phase ran in Python; at the 101 the client
+ * side is handed over with its SSL, and from then on the pump is the
+ * cleartext one with a record layer on the client side:
+ *   client: recv ciphertext -> SSL_read (our BIO reads it in place) ->
+ *           plaintext to the origin, one send per read as for cleartext
+ *   origin: recv plaintext -> SSL_write (records into e->tls_out) -> one
+ *           send to the client
+ * with the same rules: what a peer cannot take is kept aside (at most one
+ * read's worth, plus the carry: the ciphertext of that read not yet
+ * decrypted) and its source is not read until it is sent; half-close as
+ * half-close (the client's close_notify, or its FIN, is a FIN to the
+ * origin; the origin's FIN is close_notify and then a FIN to the client;
+ * the other direction goes on, as TLS 1.3 and OpenSSL allow); a failed
+ * record or a reset closes the client and resets the origin; close()
+ * sends close_notify before closing. Byte counts are plaintext, as the
+ * Python plane counts them.
+ *
+ * Only on the epoll backend: an io_uring worker gives its TLS tunnels to a
+ * second engine on epoll (relay/native/plane.py). Measured, not assumed:
+ * `python -m bench.profile --workload tls-echo-64 --system wsrelay-tls
+ * --perf` (the worker, 64 B wss echo, 50 connections) puts 83% of its
+ * cycles in the kernel — sendto 58% (31 of it the loopback delivery to the
+ * receiver, in our context), recvfrom 9%, sleeping 10% — OpenSSL 10%, this
+ * engine 1.6%, and epoll_wait with every syscall entry ~7%: the share
+ * io_uring could take back (it took a third of a cleartext 64 B round trip,
+ * where nothing else is left). On epoll the TLS rows already beat both
+ * anchors per core (bench/RESULTS.md, "TLS tunnels in the C pump": 64 B
+ * 1.07x, 4 KiB 1.20x, 1 MiB 1.25x). TLS on the ring would need what this
+ * design avoids: a stable buffer per send in flight (records are sealed
+ * into one shared output buffer and sent at once) and every close_notify
+ * and alert ordered behind the ring's sends; left for a later step.
+ * ------------------------------------------------------------------------- */
+
+/* Send n bytes to side j behind what is pending for it; 0 if the tunnel failed. */
+static int send_after(engine *e, eng_tunnel *t, uint32_t slot, int j, const char *data, size_t n) {
+    eng_side *d = &t->s[j];
+    if (!d->pend)
+        return send_or_keep(e, t, slot, j, data, n);
+    size_t left = d->pend_len - d->pend_off;
+    char *p = malloc(left + n);
+    if (!p) {
+        lost(e, t, slot, j);
+        return 0;
+    }
+    memcpy(p, d->pend + d->pend_off, left);
+    memcpy(p + left, data, n);
+    free(d->pend);
+    d->pend = p;
+    d->pend_off = 0;
+    d->pend_len = (uint32_t)(left + n);
+    return 1;
+}
+
+/* The records SSL just wrote go to the client; 0 if the tunnel failed. */
+static int tls_send_out(engine *e, eng_tunnel *t, uint32_t slot) {
+    size_t n = e->tls_out_len;
+    e->tls_out_len = 0;
+    if (!n || (t->s[0].flags & S_CLOSED))
+        return 1;
+    return send_after(e, t, slot, 0, e->tls_out, n);
+}
+
+/* A record failed (bad MAC, unexpected message) or SSL could not write:
+ * OpenSSL's alert, if it wrote one, goes out; the client is closed and the
+ * origin reset, as after a reset. */
+static void tls_failed(engine *e, eng_tunnel *t, uint32_t slot) {
+    tls.ERR_clear_error();
+    if (tls_send_out(e, t, slot))
+        lost(e, t, slot, 0);
+}
+
+/* Seal n bytes of plaintext for the client; 0 if the tunnel failed. */
+static int tls_seal(engine *e, eng_tunnel *t, uint32_t slot, const char *data, size_t n) {
+    SSL *ssl = t->tls->ssl;
+    size_t done = 0;
+    while (done < n) { /* SSL_write writes all or fails: partial writes are not enabled */
+        int r = tls.SSL_write(ssl, data + done, (int)(n - done));
+        if (r <= 0) {
+            tls_failed(e, t, slot);
+            return 0;
+        }
+        done += (size_t)r;
+    }
+    return tls_send_out(e, t, slot);
+}
+
+/* close_notify to the client, once: 1 sent (or before), 0 waiting behind
+ * what is pending for the client, -1 the tunnel failed. */
+static int tls_close_notify(engine *e, eng_tunnel *t, uint32_t slot) {
+    eng_tls *x = t->tls;
+    if (!(x->flags & TLS_SENT_CLOSE_NOTIFY)) {
+        x->flags |= TLS_SENT_CLOSE_NOTIFY;
+        if (tls.SSL_shutdown(x->ssl) < 0)
+            tls.ERR_clear_error(); /* nothing to send: the FIN says the rest */
+        if (!tls_send_out(e, t, slot))
+            return -1;
+    }
+    return t->s[0].pend ? 0 : 1;
+}
+
+/* What the last recv left undecrypted is this tunnel's to keep (backpressure
+ * stopped SSL_read mid-read): copied aside, read first next time. */
+static void tls_keep_rest(engine *e, eng_tunnel *t, uint32_t slot) {
+    eng_tls *x = t->tls;
+    if (e->tls_cur != x)
+        return;
+    e->tls_cur = NULL;
+    size_t n = e->tls_in_len;
+    e->tls_in_len = 0;
+    if (!n || (t->flags & T_ENDED) || (t->s[0].flags & S_CLOSED))
+        return;
+    x->carry = malloc(n);
+    if (!x->carry) {
+        lost(e, t, slot, 0);
+        return;
+    }
+    memcpy(x->carry, e->tls_in, n);
+    x->carry_off = 0;
+    x->carry_len = (uint32_t)n;
+}
+
+/* Client -> origin: decrypt what SSL and the carry hold, then read the
+ * socket, until it is drained or the origin is full. */
+static void tls_up(engine *e, eng_tunnel *t, uint32_t slot) {
+    eng_side *src = &t->s[0], *dst = &t->s[1];
+    eng_tls *x = t->tls;
+    SSL *ssl = x->ssl;
+    int need = !x->carry && !tls.SSL_has_pending(ssl); /* nothing buffered: read the socket first */
+    for (;;) {
+        if ((src->flags & (S_EOF | S_CLOSED)) || dst->pend || (dst->flags & S_CLOSED) ||
+            (t->flags & (T_CLOSING | T_ENDED)))
+            break;
+        if (need) {
+            if (!(src->flags & S_RD))
+                break;
+            ssize_t n = recv(src->fd, e->buf, e->bufsize, 0);
+            if (n > 0) {
+                e->tls_cur = x;
+                e->tls_in = e->buf;
+                e->tls_in_len = (size_t)n;
+                if ((size_t)n < e->bufsize && !(src->flags & S_HUP))
+                    src->flags &= ~S_RD; /* drained: the next byte raises an edge */
+                need = 0;
+            } else if (n == 0) {
+                on_eof(e, t, slot, 0); /* a FIN without close_notify ends the stream all the same */
+                break;
+            } else if (errno == EINTR) {
+                continue;
+            } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                src->flags &= ~S_RD;
+                break;
+            } else {
+                lost(e, t, slot, 0);
+                break;
+            }
+        }
+        size_t plen = 0;
+        int err = TLS_ERROR_NONE;
+        while (plen < e->bufsize) {
+            int r = tls.SSL_read(ssl, e->tls_plain + plen, (int)(e->bufsize - plen));
+            if (r <= 0) {
+                err = tls.SSL_get_error(ssl, r);
+                break;
+            }
+            plen += (size_t)r;
+            /* SSL_read returns one record at most, and reads no further than
+             * the record it needs: with no ciphertext left to give it and no
+             * plaintext left in it, the next call could only ask for more (a
+             * call and an error-queue lookup per chunk saved) */
+            if (!e->tls_in_len && !x->carry && !tls.SSL_pending(ssl)) {
+                err = TLS_ERROR_WANT_READ;
+                break;
+            }
+        }
+        /* records SSL answered with while reading (a KeyUpdate's), before the data */
+        if (e->tls_out_len && !tls_send_out(e, t, slot))
+            break;
+        if (plen) {
+            src->nbytes += plen;
+            e->total[0] += plen;
+            t->last_active_ms = e->now_ms;
+            if (!send_or_keep(e, t, slot, 1, e->tls_plain, plen))
+                break;
+        }
+        if (err == TLS_ERROR_WANT_READ) {
+            need = 1;
+        } else if (err == TLS_ERROR_ZERO_RETURN) {
+            on_eof(e, t, slot, 0); /* close_notify: the client's half-close */
+            break;
+        } else if (err != TLS_ERROR_NONE) {
+            tls_failed(e, t, slot);
+            break;
+        }
+    }
+    tls_keep_rest(e, t, slot);
+}
+
+/* Origin -> client: read plaintext, seal it, send the records. */
+static void tls_down(engine *e, eng_tunnel *t, uint32_t slot) {
+    eng_side *src = &t->s[1], *dst = &t->s[0];
+    for (;;) {
+        if ((src->flags & (S_RD | S_EOF | S_CLOSED)) != S_RD || dst->pend || (dst->flags & (S_CLOSED | S_SHUT)) ||
+            (t->flags & (T_CLOSING | T_ENDED)))
+            return;
+        ssize_t n = recv(src->fd, e->buf, e->bufsize, 0);
+        if (n > 0) {
+            src->nbytes += (uint64_t)n;
+            e->total[1] += (uint64_t)n;
+            t->last_active_ms = e->now_ms;
+            if (!tls_seal(e, t, slot, e->buf, (size_t)n))
+                return;
+            if ((size_t)n < e->bufsize && !(src->flags & S_HUP)) {
+                src->flags &= ~S_RD;
+                return;
+            }
+            continue;
+        }
+        if (n == 0) {
+            on_eof(e, t, slot, 1);
+            return;
+        }
+        if (errno == EINTR)
+            continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            src->flags &= ~S_RD;
+            return;
+        }
+        lost(e, t, slot, 1);
+        return;
+    }
+}
+
+static void tls_pump(engine *e, eng_tunnel *t, uint32_t slot, int i) {
+    if (i == 0)
+        tls_up(e, t, slot);
+    else
+        tls_down(e, t, slot);
+}
+
+static void tls_side_closed(engine *e, eng_tunnel *t) {
+    eng_tls *x = t->tls;
+    free(x->carry);
+    x->carry = NULL;
+    x->carry_off = x->carry_len = 0;
+    if (e->tls_cur == x) {
+        e->tls_cur = NULL;
+        e->tls_in_len = 0;
+    }
+}
+
+/* The tunnel is over: our BIO forgets it (the SSL, still Python's, may
+ * outlive it and reads EOF from then on) and its state is freed. */
+static void tls_detach(engine *e, eng_tunnel *t) {
+    eng_tls *x = t->tls;
+    tls_side_closed(e, t);
+    tls.BIO_set_data(x->bio, NULL);
+    free(x);
+    t->tls = NULL;
+    e->ntls--;
+}
+
+void eng_tls_detach_all(engine *e) {
+    for (uint32_t slot = 0; slot < e->cap; slot++)
+        if (e->t[slot].tls)
+            tls_detach(e, &e->t[slot]);
+}
+
+#define BIO_CTRL_PENDING 10
+
+/* What an old (memory) BIO of the SSL holds: n bytes into *out (malloc'd), 0 if none, -1 on ENOMEM. */
+static long take_bio(BIO *b, char **out) {
+    *out = NULL;
+    long n = b ? tls.BIO_ctrl(b, BIO_CTRL_PENDING, 0, NULL) : 0;
+    if (n <= 0)
+        return 0;
+    *out = malloc((size_t)n);
+    if (!*out)
+        return -1;
+    long got = 0;
+    while (got < n) {
+        int r = tls.BIO_read(b, *out + got, (int)(n - got));
+        if (r <= 0)
+            break;
+        got += r;
+    }
+    return got;
+}
+
+int64_t eng_open_tls(engine *e, int cfd, int ofd, SSL *ssl, const char *to_client, size_t nc,
+                     const char *to_origin, size_t no, void *token) {
+    if (e->backend != ENG_EPOLL)
+        return -EOPNOTSUPP;
+    if (!tls_bio_method)
+        return -ENOPROTOOPT;
+    if (!e->tls_plain) {
+        e->tls_plain = malloc(e->bufsize);
+        e->tls_out_cap = tls_sealed_max(e->bufsize);
+        e->tls_out = malloc(e->tls_out_cap);
+        if (!e->tls_plain || !e->tls_out) {
+            free(e->tls_plain);
+            free(e->tls_out);
+            e->tls_plain = e->tls_out = NULL;
+            return -ENOMEM;
+        }
+    }
+    eng_tls *x = calloc(1, sizeof *x);
+    BIO *bio = tls.BIO_new(tls_bio_method);
+    if (!x || !bio) {
+        free(x);
+        if (bio)
+            tls.BIO_free(bio);
+        return -ENOMEM;
+    }
+    int64_t id = eng_open(e, cfd, ofd, NULL, 0, to_origin, no, token);
+    if (id < 0) {
+        free(x);
+        tls.BIO_free(bio);
+        return id; /* nothing taken: the caller keeps the descriptors and the SSL */
+    }
+    uint32_t slot = (uint32_t)(id & 0xffffffff);
+    eng_tunnel *t = &e->t[slot];
+    tls.ERR_clear_error();
+    /* What uvloop's SSL protocol holds: ciphertext it read that SSL has not
+     * (its read BIO), and records SSL wrote that it has not sent (its write
+     * BIO). Then our BIO takes their place. */
+    char *early_out = NULL;
+    long nin = take_bio(tls.SSL_get_rbio(ssl), &x->carry);
+    long nout = take_bio(tls.SSL_get_wbio(ssl), &early_out);
+    x->carry_len = nin > 0 ? (uint32_t)nin : 0;
+    x->e = e;
+    x->ssl = ssl;
+    x->bio = bio;
+    tls.BIO_set_data(bio, x);
+    tls.BIO_set_init(bio, 1);
+    tls.SSL_set_bio(ssl, bio, bio); /* takes our one reference; lets go of uvloop's BIOs */
+    tls.SSL_set_options(ssl, TLS_OP_NO_RENEGOTIATION);
+    t->tls = x;
+    e->ntls++;
+    if (nin < 0 || nout < 0) { /* out of memory: what was read is lost, so the tunnel is too */
+        free(early_out);
+        eng_abort(e, id);
+        return id;
+    }
+    if (t->flags & T_ENDED) { /* sending to_origin failed */
+        free(early_out);
+        return id;
+    }
+    int ok = nout <= 0 || send_after(e, t, slot, 0, early_out, (size_t)nout);
+    free(early_out);
+    if (!ok || (nc && !tls_seal(e, t, slot, to_client, nc)))
+        return id;
+    /* plaintext SSL decrypted before the 101, and the carry, go now: no edge will say so */
+    tls_up(e, t, slot);
+    return id;
 }
 
 /* ---------------------------------------------------------------------------

@@ -33,6 +33,7 @@ typedef struct eng_tunnel {
     uint32_t flags;          /* T_* in engine.c */
     int64_t last_active_ms;  /* CLOCK_MONOTONIC ms of the last byte read either way */
     void *token;             /* the owner's, untouched */
+    struct eng_tls *tls;     /* a TLS tunnel's client side (tls.h); NULL: cleartext */
     uint32_t next_free;
 } eng_tunnel;
 
@@ -54,6 +55,14 @@ typedef struct engine {
     int64_t now_ms;
     uint32_t *ended;         /* slots whose tunnel ended, not yet reported */
     uint32_t nended, ended_cap;
+    /* TLS tunnels (epoll only; engine.c "TLS tunnels"): */
+    struct eng_tls *tls_cur; /* the tunnel whose ciphertext tls_in holds */
+    const char *tls_in;      /* what the last recv from its client left to decrypt */
+    size_t tls_in_len;
+    char *tls_plain;         /* bufsize: plaintext out of SSL_read */
+    char *tls_out;           /* records out of SSL_write/SSL_shutdown, sent after each call */
+    size_t tls_out_len, tls_out_cap;
+    uint32_t ntls;           /* TLS tunnels open */
 } engine;
 
 #define ENG_NONE 0xffffffffu
@@ -77,5 +86,16 @@ void eng_release(engine *e, uint32_t slot);
 void eng_clock(engine *e);
 int64_t eng_id(engine *e, uint32_t slot);
 int eng_flush(engine *e);  /* io_uring: submit what API calls queued */
+
+/* A TLS tunnel (epoll backend only, else -EOPNOTSUPP): as eng_open, the
+ * client side speaking TLS through `ssl`, whose handshake is complete.
+ * `to_client` is plaintext (sealed here, behind any records the SSL's
+ * current write BIO holds); ciphertext its read BIO holds is decrypted
+ * first. The caller keeps the SSL alive until the tunnel is released, and
+ * calls eng_tls_detach_all() before freeing any SSL of an engine it frees. */
+struct ssl_st;
+int64_t eng_open_tls(engine *e, int cfd, int ofd, struct ssl_st *ssl, const char *to_client, size_t nc,
+                     const char *to_origin, size_t no, void *token);
+void eng_tls_detach_all(engine *e);
 
 #endif

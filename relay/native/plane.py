@@ -15,6 +15,26 @@ unread byte, and what arrived behind a head was already handed to us as
 cannot be handed over (uvloop would drop them): such a tunnel, and one
 whose descriptors cannot be duplicated (EMFILE), stays on the Python data
 plane, and the access log says so.
+
+A TLS client (wss://) is handed over with its OpenSSL ``SSL``, whose
+handshake uvloop's SSL protocol ran (engine.c "TLS tunnels"). Where uvloop
+keeps what is in flight at the 101, and what becomes of it:
+
+- ciphertext read but not decrypted: the SSL's read BIO (uvloop writes every
+  read into it at once): the engine takes it and decrypts it first;
+- plaintext decrypted but not delivered: inside the SSL (uvloop stopped
+  reading it when our reading paused; what it had delivered already is
+  ``to_origin``): the engine's first ``SSL_read`` returns it;
+- records written but not sent: the SSL's write BIO (while uvloop's TCP
+  transport had paused it), taken and sent first; records the TCP transport
+  holds, or plaintext queued in uvloop's write backlog, cannot be taken:
+  such a tunnel stays in Python;
+- the 101 itself and what followed it: plaintext, sealed by the engine.
+
+The engine keeps a reference to the ``_ssl._SSLSocket`` that owns the SSL
+(``NativeTunnel.tls``) for the tunnel's life: _ssl points the SSL's app
+data at it, and frees the SSL with it. On an io_uring worker TLS tunnels go
+to a second engine, on epoll (engine.c says why).
 """
 
 from __future__ import annotations
@@ -24,6 +44,7 @@ import os
 import sys
 import time
 
+from relay import native
 from relay.native import Engine, wanted_backend
 from relay.tunnel import READ_SIZE, Tunnel
 
@@ -53,7 +74,8 @@ class NativeTunnel(metaclass=_TunnelModeHooks):
     # An idle tunnel costs its slot in the engine and this object: no bound
     # on_end per tunnel (the plane holds the context's), descriptors dropped
     # once the engine owns them (bench/RESULTS.md, idle memory).
-    __slots__ = ("plane", "cfd", "ofd", "id", "record", "started", "up", "down", "ended", "upstream", "client_ip")
+    __slots__ = ("plane", "engine", "tls", "cfd", "ofd", "id", "record", "started", "up", "down", "ended", "upstream",
+                 "client_ip")
 
     #: relay.context reads byte counts and idle times of native tunnels from
     #: the engine in one call per sweep, not per tunnel
@@ -71,11 +93,16 @@ class NativeTunnel(metaclass=_TunnelModeHooks):
     def shutdown(self, code: int) -> None:
         """Tunnel mode: nothing before the sockets close."""
 
-    def __init__(self, plane: "NativePlane", cfd: int, ofd: int, record, client_ip: str | None = None) -> None:
+    def __init__(self, plane: "NativePlane", cfd: int, ofd: int, record, client_ip: str | None = None,
+                 tls=None, engine: Engine | None = None) -> None:
         """``client_ip``: given back to the admission slot at the end (the
         record's, when there is one: the native head phase builds none while
-        the access log is off)."""
+        the access log is off). ``tls``: the client's ``_ssl._SSLSocket``
+        (a wss:// tunnel), kept until the tunnel ends; ``engine``: the one
+        that relays it (the plane's unless said)."""
         self.plane = plane
+        self.tls = tls
+        self.engine = plane.engine if engine is None else engine
         self.client_ip = client_ip
         self.cfd = cfd
         self.ofd = ofd
@@ -95,7 +122,10 @@ class NativeTunnel(metaclass=_TunnelModeHooks):
         tunnel may end at once)."""
         cfd, ofd, self.cfd, self.ofd = self.cfd, self.ofd, -1, -1
         try:
-            self.id = self.plane.engine.tunnel(cfd, ofd, head + to_client, to_origin, self)
+            if self.tls is None:
+                self.id = self.engine.tunnel(cfd, ofd, head + to_client, to_origin, self)
+            else:
+                self.id = self.engine.tls_tunnel(cfd, ofd, head + to_client, to_origin, self, self.tls)
         except OSError:
             os.close(cfd)
             os.close(ofd)
@@ -105,16 +135,16 @@ class NativeTunnel(metaclass=_TunnelModeHooks):
         """(up, down) so far."""
         if self.ended or self.id is None:
             return self.up, self.down
-        return self.plane.engine.bytes(self.id) or (self.up, self.down)
+        return self.engine.bytes(self.id) or (self.up, self.down)
 
     def close(self) -> None:
         """Close both sockets cleanly, flushing what is pending."""
         if self.id is not None:
-            self.plane.engine.close(self.id)
+            self.engine.close(self.id)
 
     def abort(self) -> None:
         if self.id is not None:
-            self.plane.engine.abort(self.id)
+            self.engine.abort(self.id)
 
 
 def _share_strings(record) -> None:
@@ -137,9 +167,25 @@ class NativePlane:
         self.loop = loop
         #: the context's tunnel_ended, called with each tunnel once it ended
         self.on_end = on_end
+        self.read_size = read_size
         self.engine = Engine(read_size, self.ended, backend=wanted_backend())
         self.fd = self.engine.fileno()
         loop.add_reader(self.fd, self.engine.poll)
+        #: TLS tunnels' engine on an io_uring worker (made at the first one)
+        self._tls_engine: Engine | None = None
+
+    def tls_engine(self) -> Engine:
+        """The engine for TLS tunnels: this plane's on epoll; on io_uring a
+        second one on epoll, polled from the loop likewise (engine.c, "TLS tunnels")."""
+        if self.engine.backend == "epoll":
+            return self.engine
+        if self._tls_engine is None:
+            self._tls_engine = Engine(self.read_size, self.ended, backend="epoll")
+            self.loop.add_reader(self._tls_engine.fileno(), self._tls_engine.poll)
+        return self._tls_engine
+
+    def _engines(self) -> tuple[Engine, ...]:
+        return (self.engine,) if self._tls_engine is None else (self.engine, self._tls_engine)
 
     def ended(self, tunnel: NativeTunnel, up: int, down: int) -> None:
         tunnel.up = up
@@ -150,7 +196,20 @@ class NativePlane:
     def tunnel(self, client_t: asyncio.Transport, origin_t: asyncio.Transport, record):
         """Take both sockets; a :class:`relay.tunnel.Tunnel` where they cannot be taken."""
         on_end = self.on_end
-        if client_t.get_write_buffer_size() or origin_t.get_write_buffer_size():
+        sslobj = client_t.get_extra_info("ssl_object")
+        tls = None
+        engine = self.engine
+        if sslobj is not None:
+            tls = _tls_to_take(client_t, sslobj)
+            if tls is None:
+                return Tunnel(client_t, origin_t, on_end, record)
+            try:
+                engine = self.tls_engine()
+            except OSError:  # no descriptor for its epoll set (EMFILE): this one stays in Python
+                return Tunnel(client_t, origin_t, on_end, record)
+        elif client_t.get_write_buffer_size():
+            return Tunnel(client_t, origin_t, on_end, record)
+        if origin_t.get_write_buffer_size():
             return Tunnel(client_t, origin_t, on_end, record)
         try:
             cfd = _detach(client_t)
@@ -167,14 +226,42 @@ class NativePlane:
         if record is not None:
             record.data_plane = "native"
             _share_strings(record)
-        return NativeTunnel(self, cfd, ofd, record)
+        return NativeTunnel(self, cfd, ofd, record, tls=tls, engine=engine)
 
     def open_bytes(self) -> tuple[int, int]:
         """(up, down) read so far by the tunnels still open."""
-        return self.engine.open_bytes
+        up = down = 0
+        for e in self._engines():
+            u, d = e.open_bytes
+            up += u
+            down += d
+        return up, down
 
     def close_idle(self, seconds: float) -> int:
-        return self.engine.close_idle(seconds)
+        return sum(e.close_idle(seconds) for e in self._engines())
 
     def stop(self) -> None:
-        self.loop.remove_reader(self.fd)
+        for e in self._engines():
+            self.loop.remove_reader(e.fileno())
+
+
+def _tls_to_take(client_t: asyncio.Transport, sslobj):
+    """The ``_ssl._SSLSocket`` of a TLS client whose tunnel the engine can
+    take, or None: the engine cannot use this Python's OpenSSL, or uvloop
+    holds bytes to send that are not in the SSL's write BIO (records in its
+    TCP transport's buffer, plaintext in its write backlog), which would be
+    lost (the module docstring has where uvloop keeps what)."""
+    if not native.TLS_AVAILABLE:
+        return None
+    tcp = getattr(client_t.get_protocol(), "tcp_transport", None)
+    if tcp is None or tcp.get_write_buffer_size():
+        return None
+    sslsock = getattr(sslobj, "_sslobj", None)
+    try:
+        _read, written = native._engine.tls_held(sslsock)
+    except (TypeError, RuntimeError):
+        return None
+    # uvloop's write buffer size is its write BIO plus its plaintext backlog
+    if client_t.get_write_buffer_size() != written:
+        return None
+    return sslsock

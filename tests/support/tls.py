@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import socket
 import ssl
+import struct
 import subprocess
 from pathlib import Path
 
@@ -147,3 +148,115 @@ def names_for(relay, server_name: str) -> str:
     cert = x509.load_der_x509_certificate(der)
     return ",".join(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
                     .get_values_for_type(x509.DNSName))
+
+
+class TlsConn:
+    """A TLS client whose records are ours to place: an ``ssl.SSLObject``
+    over memory BIOs on a blocking socket, so a test can put a request and
+    data in one TCP write, send close_notify without closing, half-close
+    the TCP stream under TLS, or reset it."""
+
+    def __init__(self, port: int, ctx: ssl.SSLContext, server_name: str = "localhost", timeout: float = 10.0):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_hostname=server_name)
+        #: plaintext received and not yet taken by recv_exactly / read_to_end
+        self.plain = bytearray()
+        self.close_notify_seen = False
+        self.eof = False
+        while True:
+            try:
+                self.obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self.flush()
+                if not self._fill_ciphertext():
+                    raise ConnectionError("closed during the handshake")
+        self.flush()
+
+    def flush(self) -> None:
+        data = self.outgoing.read()
+        if data:
+            self.sock.sendall(data)
+
+    def seal(self, data: bytes) -> bytes:
+        """``data`` as records, not sent."""
+        self.obj.write(data)
+        return self.outgoing.read()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(self.seal(data))
+
+    def _fill_ciphertext(self) -> bool:
+        chunk = self.sock.recv(1 << 20)
+        if not chunk:
+            self.eof = True
+            return False
+        self.incoming.write(chunk)
+        return True
+
+    def _fill(self) -> bool:
+        """Read and decrypt once more; False at the end (close_notify or EOF)."""
+        if self.close_notify_seen or self.eof:
+            return False
+        if not self._fill_ciphertext():
+            return False
+        while True:
+            try:
+                data = self.obj.read(1 << 20)
+            except ssl.SSLWantReadError:
+                return True
+            except ssl.SSLZeroReturnError:
+                self.close_notify_seen = True
+                return True
+            if not data:
+                self.close_notify_seen = True
+                return True
+            self.plain += data
+
+    def recv_exactly(self, n: int) -> bytes:
+        while len(self.plain) < n:
+            if not self._fill():
+                raise ConnectionError(f"the stream ended after {len(self.plain)} of {n} bytes")
+        out = bytes(self.plain[:n])
+        del self.plain[:n]
+        return out
+
+    def read_head(self) -> bytes:
+        while b"\r\n\r\n" not in self.plain:
+            if not self._fill():
+                raise ConnectionError(f"closed before a complete head: {bytes(self.plain)!r}")
+        head, _, rest = bytes(self.plain).partition(b"\r\n\r\n")
+        self.plain = bytearray(rest)
+        return head
+
+    def read_to_end(self) -> tuple[bytes, str]:
+        """Everything until the stream ends, and how: ``close_notify`` (then
+        the TCP EOF), ``eof`` (a FIN without close_notify) or ``reset``."""
+        try:
+            while self._fill():
+                pass
+            if self.close_notify_seen:
+                while self.sock.recv(65536):  # what follows close_notify: the FIN
+                    pass
+            how = "close_notify" if self.close_notify_seen else "eof"
+        except ConnectionResetError:
+            how = "reset"
+        out = bytes(self.plain)
+        self.plain.clear()
+        return out, how
+
+    def close_notify(self) -> None:
+        """Send close_notify; the connection stays open both ways for TCP."""
+        try:
+            self.obj.unwrap()
+        except ssl.SSLWantReadError:
+            pass
+        self.flush()
+
+    def reset(self) -> None:
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
+
+    def close(self) -> None:
+        self.sock.close()

@@ -2,7 +2,9 @@
 
 ASan: the extension is rebuilt with -fsanitize=address into a temp dir, and
 a child pytest runs the native engine and head-phase tests, the
-tunnel-endings suite and a few sequences of the data-plane fuzz with libasan
+tunnel-endings suite, the TLS tunnel suites (the engine's record layer with
+the SSL of Python's own OpenSSL, which is not instrumented: our reads and
+writes around it are) and a few sequences of the data-plane fuzz with libasan
 preloaded; relays started
 by those tests inherit the preload and load the same build (a
 sitecustomize.py puts it in place of relay.native._engine), so the workers'
@@ -11,7 +13,8 @@ pumps are checked too. Any report lands in a log file and fails the test.
 valgrind (memcheck) reaches what ASan does not: uninitialised bytes passed
 to syscalls (epoll events, socket options) or branched on. It runs a short
 script driving the regular build through data, backpressure, FIN, reset,
-close and abort.
+close and abort, and a TLS tunnel (hand-over, records both ways,
+close_notify each way).
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from tests.support.relay import ROOT
 
 NATIVE = os.path.join(ROOT, "relay", "native")
 #: every C file of the extension (setup.py's list)
-SOURCES = [os.path.join(NATIVE, f) for f in ("_engine.c", "_heads.c", "engine.c", "handshake.c", "http_head.c")]
+SOURCES = [os.path.join(NATIVE, f)
+           for f in ("_engine.c", "_heads.c", "engine.c", "handshake.c", "http_head.c", "tls.c")]
 REQUIRED = os.environ.get("WSRELAY_REQUIRE_NATIVE", "") not in ("", "0")
 
 
@@ -71,7 +75,7 @@ def test_the_pump_under_addresssanitizer(tmp_path):
     so = tmp_path / ("_engine" + sysconfig.get_config_var("EXT_SUFFIX"))
     build = subprocess.run(
         [cc, "-shared", "-fPIC", "-g", "-O1", "-fno-omit-frame-pointer", "-fsanitize=address",
-         "-I", sysconfig.get_paths()["include"], *SOURCES, "-o", str(so)], capture_output=True, text=True, timeout=120)
+         "-I", sysconfig.get_paths()["include"], *SOURCES, "-ldl", "-o", str(so)], capture_output=True, text=True, timeout=120)
     assert build.returncode == 0, build.stderr
     (tmp_path / "sitecustomize.py").write_text(SITECUSTOMIZE)
     logs = tmp_path / "asan"
@@ -89,6 +93,7 @@ def test_the_pump_under_addresssanitizer(tmp_path):
         [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
          "tests/unit/test_native_head.py", "tests/system/relay/test_native.py", "tests/system/relay/test_native_handshake.py",
          "tests/system/relay/test_tunnel_endings.py", "tests/system/relay/test_data_plane_fuzz.py",
+         "tests/system/relay/test_native_tls.py", "tests/system/relay/test_tls_tunnel.py",
          "-k", "not python"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     reports = [open(p).read() for p in glob.glob(f"{logs}*")]
@@ -147,6 +152,53 @@ VALGRIND_SCRIPT = textwrap.dedent("""\
     c, cfd = pair(); o, ofd = pair()
     e.tunnel(cfd, ofd, b"", b"", "aborted"); e.abort_all(); e.close_idle(0.0)
     assert len(ended) == 4, ended
+
+    # a TLS tunnel (epoll engine): the hand-over of what the SSL's BIOs hold, records both ways,
+    # the origin's FIN as close_notify, the client's close_notify as a FIN
+    import ssl
+    from relay import native
+    assert native.TLS_AVAILABLE, native.TLS_WHY_NOT
+    sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); sctx.load_cert_chain(os.environ["TLS_PEM"])
+    cctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT); cctx.check_hostname = False; cctx.verify_mode = ssl.CERT_NONE
+    si, so, ci, co = (ssl.MemoryBIO() for _ in range(4))
+    s = sctx.wrap_bio(si, so, server_side=True); cl = cctx.wrap_bio(ci, co)
+    for _ in range(10):
+        for x in (cl, s):
+            try:
+                x.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+        ci.write(so.read()); si.write(co.read())
+    s.write(b"held-out|"); cl.write(b"held-in|"); si.write(co.read())
+    te = Engine(64 * 1024, lambda tok, up, down: ended.append((tok, up, down)), backend="epoll")
+    e = te  # pump() polls e
+    c, cfd = pair(); o, ofd = pair()
+    te.tls_tunnel(cfd, ofd, b"101|", b"early|", "tls", s._sslobj)
+    assert recv_all(o, 14) == b"early|held-in|"
+    cl.write(os.urandom(100000)); c.setblocking(True); c.sendall(co.read())
+    assert len(recv_all(o, 100000)) == 100000
+    o.setblocking(True); o.sendall(b"down"); o.shutdown(socket.SHUT_WR)
+    got = bytearray()
+    def plain():
+        try:
+            data = c.recv(1 << 20)
+        except BlockingIOError:
+            return False
+        ci.write(data)
+        try:
+            got.extend(cl.read(1 << 20))
+        except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+            pass
+        return got.endswith(b"down") or not data
+    c.setblocking(False); pump(plain)
+    assert bytes(got) == b"held-out|101|down", bytes(got)
+    try:
+        cl.unwrap()
+    except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+        pass
+    c.setblocking(True); c.sendall(co.read())
+    pump(lambda: len(ended) == 5)
+    assert ended[-1] == ("tls", 100008, 4), ended  # held-in| was decrypted by the engine: counted
     print("valgrind-script-ok")
 """)
 
@@ -158,7 +210,13 @@ def test_the_pump_under_valgrind(tmp_path):
     script = tmp_path / "drive.py"
     script.write_text(VALGRIND_SCRIPT)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
-    env.update({"PYTHONMALLOC": "malloc", "PYTHONPATH": ROOT})
+    # a throwaway certificate for the TLS round
+    import trustme
+
+    ca = trustme.CA()
+    pem = tmp_path / "server.pem"
+    ca.issue_cert("localhost").private_key_and_cert_chain_pem.write_to_path(str(pem))
+    env.update({"PYTHONMALLOC": "malloc", "PYTHONPATH": ROOT, "TLS_PEM": str(pem)})
     run = subprocess.run(
         [valgrind, "--leak-check=no", "--track-origins=yes", "--num-callers=40", sys.executable, str(script)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

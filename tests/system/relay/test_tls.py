@@ -247,3 +247,93 @@ def test_an_origin_closing_closes_the_tls_client_at_once(relay, pki):
             return ws.close_code
 
     assert asyncio.run(main()) == 1000
+
+
+# -- which data plane relays TLS tunnels (README "TLS", relay/native/plane.py) ----------------
+
+def _exchange(relay, directory, path: str) -> dict:
+    """The same wss:// exchange on any relay: 100 KB, 4 KiB and 64 B
+    echoed (random: permessage-deflate shrinks nothing), then the client
+    closes; its access log line."""
+    import random
+
+    rng = random.Random(16)
+    messages = (rng.randbytes(100_000), rng.randbytes(4096), rng.randbytes(64))
+    assert wss_echo(f"wss://localhost:{relay.tls_port}{path}", client_context(directory), *messages) == list(messages)
+    wait_for(lambda: any(f'"path":"{path}"' in line for line in relay.access), 10, what="access log line")
+    return next(json.loads(x) for x in relay.access if f'"path":"{path}"' in x)
+
+
+def test_tls_tunnels_run_on_the_native_plane_with_the_python_planes_byte_counts(ws_origin, pki):
+    from relay import native
+
+    if not native.TLS_AVAILABLE:
+        pytest.skip("TLS in the native plane unavailable: " + native.TLS_WHY_NOT)
+    d, _ca, pair = pki
+    lines = {}
+    for plane in ("auto", "python"):
+        with tls_relay(ws_origin.addr, pair, workers=1, RELAY_DATA_PLANE=plane) as r:
+            lines[plane] = _exchange(r, d, "/same")
+    assert lines["auto"]["data_plane"] == "native" and lines["python"]["data_plane"] == "python"
+    counts = {plane: (line["bytes_up"], line["bytes_down"]) for plane, line in lines.items()}
+    assert counts["auto"] == counts["python"] and counts["auto"][0] > 100_000, counts
+
+
+def test_client_certificate_tunnels_native_frames_mode_tls_python(ws_origin, tmp_path):
+    """A client certificate matters at the handshake only: the pump takes
+    those tunnels too. Frames mode stays on the Python plane, TLS or not."""
+    from relay import native
+
+    ca = make_ca(tmp_path)
+    server = issue(ca, tmp_path, "localhost", "localhost")
+    client_cert = ca.issue_cert("client-8", common_name="client-8", key_type=ECDSA)
+    client_cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "client.pem"))
+    ctx = client_context(tmp_path)
+    ctx.load_cert_chain(str(tmp_path / "client.pem"))
+    with tls_relay(ws_origin.addr, server, workers=1, RELAY_TLS_CLIENT_CA=str(tmp_path / "ca.pem")) as r:
+        assert wss_echo(f"wss://localhost:{r.tls_port}/mtls", ctx, "with a certificate") == ["with a certificate"]
+        wait_for(lambda: any('"path":"/mtls"' in x for x in r.access), 10, what="access log line")
+        line = next(json.loads(x) for x in r.access if '"path":"/mtls"' in x)
+        assert line["data_plane"] == ("native" if native.TLS_AVAILABLE else "python")
+    with tls_relay(ws_origin.addr, server, workers=1, RELAY_MODE="frames") as r:
+        line = _exchange(r, tmp_path, "/frames")
+        assert line["data_plane"] == "python"
+
+
+def test_open_wss_tunnels_live_through_a_reload_and_drain_with_close_notify(loop_thread, pki):
+    """SIGHUP: the tunnel opened on generation 0 goes on while generation 1
+    serves; SIGTERM: it is closed at the drain timeout, with close_notify."""
+    from tests.support.net import upgrade_request
+    from tests.support.raw_origins import RawOrigin
+    from tests.support.tls import TlsConn
+
+    d, _ca, pair = pki
+
+    def upgraded(port: int, path: str) -> TlsConn:
+        c = TlsConn(port, client_context(d))
+        c.send(upgrade_request(path))
+        assert c.read_head().startswith(b"HTTP/1.1 101")
+        return c
+
+    with RawOrigin(loop_thread) as origin, tls_relay(origin.addr, pair, workers=1, RELAY_DRAIN_TIMEOUT="2") as r:
+        c = upgraded(r.tls_port, "/held")
+        c.send(b"before")
+        assert c.recv_exactly(6) == b"before"
+        r.signal(signal.SIGHUP)
+        r.wait_log("reload: generation 1 accepting", timeout=30)
+        c.send(b"after the reload")
+        assert c.recv_exactly(16) == b"after the reload"
+        new = upgraded(r.tls_port, "/new")
+        new.send(b"new")
+        assert new.recv_exactly(3) == b"new"
+        new.close_notify()
+        assert new.read_to_end() == (b"", "close_notify")
+        r.signal(signal.SIGTERM)
+        started = time.monotonic()
+        c.sock.settimeout(20)
+        assert c.read_to_end() == (b"", "close_notify")
+        assert time.monotonic() - started < 15
+        assert r.proc.wait(20) == 0
+        wait_for(lambda: any('"path":"/held"' in x for x in r.access), 10, what="the held tunnel's access log line")
+        held = [json.loads(x) for x in r.access if '"path":"/held"' in x]
+        assert len(held) == 1 and (held[0]["bytes_up"], held[0]["bytes_down"]) == (22, 22), held
