@@ -49,6 +49,11 @@ def validate_upgrade(req: Request) -> bytes:
         raw = b""
     if len(raw) != 16:
         raise HeadError(400, "Sec-WebSocket-Key is not 16 bytes in base64")
+    if len(req.get_all(b"origin")) > 1:
+        # RFC 6454 §7: one Origin. The relay checks the first against
+        # RELAY_ALLOWED_ORIGINS; an origin reading another would see an
+        # Origin nobody checked.
+        raise HeadError(400, "more than one Origin header")
     return keys[0]
 
 

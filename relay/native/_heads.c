@@ -289,6 +289,11 @@ static PyObject *Request_websocket(HeadObject *o, PyObject *Py_UNUSED(ignored)) 
         why = "Sec-WebSocket-Key is not 16 bytes in base64";
         goto refuse;
     }
+    const hh_field *origin;
+    if (count_fields(b, h, "origin", 6, &origin) > 1) {
+        why = "more than one Origin header";
+        goto refuse;
+    }
     return PyBytes_FromStringAndSize(b + f->value.off, f->value.len);
 refuse:
     return Py_BuildValue("(is)", status, why);

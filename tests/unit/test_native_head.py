@@ -147,6 +147,7 @@ _WS_FIELDS = {
     b"Sec-WebSocket-Key": (b"dGhlIHNhbXBsZSBub25jZQ==", _KEYS),
     b"Content-Length": (None, st.sampled_from([b"0", b"5", b"00", b""])),
     b"Transfer-Encoding": (None, st.sampled_from([b"chunked", b"identity", b""])),
+    b"Origin": (None, st.sampled_from([b"https://a.example", b"null", b""])),
 }
 
 

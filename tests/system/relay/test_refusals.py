@@ -41,8 +41,10 @@ def refusal(relay, data: bytes) -> tuple[int, bytes]:
     b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: keep-alive\r\n"
     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
     b"CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\n\r\n",
+    # the first Origin is allowed, the second is what an origin reading the last one would trust
+    upgrade_request("/ws", extra="Origin: https://app.example.com\r\nOrigin: https://evil.example.com\r\n"),
 ], ids=["garbage", "no-colon", "obs-fold", "space-before-colon", "no-host", "no-key", "short-key",
-        "post", "no-upgrade-token", "connect"])
+        "post", "no-upgrade-token", "connect", "two-origins"])
 def test_400(strict_relay, data):
     assert refusal(strict_relay, data)[0] == 400
 
