@@ -41,6 +41,17 @@ def data_plane(request):
     Relay.native_backend = ""
 
 
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A throwaway CA in a temp dir and a certificate from it for localhost and
+    127.0.0.1: (dir, ca, pair), tests/support/tls.py's shapes."""
+    from tests.support.tls import issue, make_ca
+
+    d = tmp_path_factory.mktemp("pki")
+    ca = make_ca(d)
+    return d, ca, issue(ca, d, "localhost", "localhost", "127.0.0.1")
+
+
 @pytest.fixture(scope="session")
 def loop_thread():
     lt = LoopThread()

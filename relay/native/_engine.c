@@ -135,6 +135,19 @@ static int report_ended(EngineObject *self) {
     return 0;
 }
 
+/* The end of every call that opens a tunnel: its id, or the error eng_open*
+ * gave (the token given back); tunnels that ended meanwhile are reported. */
+static PyObject *opened(EngineObject *self, int64_t id, PyObject *token) {
+    if (id < 0) {
+        Py_DECREF(token);
+        errno = (int)-id;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (report_ended(self) < 0)
+        return NULL;
+    return PyLong_FromLongLong(id);
+}
+
 static int Engine_init(EngineObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"read_size", "on_end", "backend", NULL};
     Py_ssize_t read_size = 256 * 1024;
@@ -248,14 +261,7 @@ static PyObject *Engine_tunnel(EngineObject *self, PyObject *args) {
         eng_flush(&self->e);
     PyBuffer_Release(&tc);
     PyBuffer_Release(&to);
-    if (id < 0) {
-        Py_DECREF(token);
-        errno = (int)-id;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    if (report_ended(self) < 0)
-        return NULL;
-    return PyLong_FromLongLong(id);
+    return opened(self, id, token);
 }
 
 /* -- TLS tunnels (engine.c "TLS tunnels", tls.c) ---------------------------------- */
@@ -335,14 +341,7 @@ static PyObject *Engine_tls_tunnel(EngineObject *self, PyObject *args) {
     int64_t id = eng_open_tls(&self->e, cfd, ofd, ssl, tc.buf, (size_t)tc.len, to.buf, (size_t)to.len, token);
     PyBuffer_Release(&tc);
     PyBuffer_Release(&to);
-    if (id < 0) {
-        Py_DECREF(token);
-        errno = (int)-id;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    if (report_ended(self) < 0)
-        return NULL;
-    return PyLong_FromLongLong(id);
+    return opened(self, id, token);
 }
 
 typedef int (*id_op)(engine *, int64_t);
@@ -996,20 +995,15 @@ static PyObject *Engine_splice(EngineObject *self, PyObject *args) {
     int64_t tid = eng_open(&self->e, cfd, ofd, obuf, olen, cbuf + head_len, clen - head_len, token);
     hs_put_buffer(&self->hs, cbuf, ccap);
     hs_put_buffer(&self->hs, obuf, ocap);
-    if (tid < 0) {
-        Py_DECREF(token);
+    if (tid < 0) { /* the sockets were ours, not the caller's */
         close(cfd);
         close(ofd);
-        errno = (int)-tid;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    /* io_uring: submit, and reap what completed in the submission (a 101 sent at
-     * once), rather than wake up again for it */
-    if (self->e.backend == ENG_URING && eng_poll(&self->e, 0) < 0)
+    } else if (self->e.backend == ENG_URING && eng_poll(&self->e, 0) < 0) {
+        /* io_uring: submit, and reap what completed in the submission (a 101 sent
+         * at once), rather than wake up again for it */
         eng_flush(&self->e);
-    if (report_ended(self) < 0)
-        return NULL;
-    return PyLong_FromLongLong(tid);
+    }
+    return opened(self, tid, token);
 }
 
 static PyObject *Engine_get_accepting(EngineObject *self, void *Py_UNUSED(c)) {

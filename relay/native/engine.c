@@ -103,6 +103,13 @@ static inline int busy(const engine *e, const eng_side *s) {
     return s->pend != NULL || (s->flags & S_SENDING) || s->inpipe;
 }
 
+/* n bytes read from side i: its count, the engine's, and the tunnel's last activity. */
+static inline void counted(engine *e, eng_tunnel *t, int i, uint64_t n) {
+    t->s[i].nbytes += n;
+    e->total[i] += n;
+    t->last_active_ms = e->now_ms;
+}
+
 static inline uint64_t ev_key(const eng_tunnel *t, uint32_t slot, int side) {
     return ((uint64_t)t->gen << 32) | ((uint64_t)slot << 1) | (uint64_t)side;
 }
@@ -292,9 +299,7 @@ static void pump(engine *e, eng_tunnel *t, uint32_t slot, int i) {
             return;
         ssize_t n = recv(src->fd, e->buf, e->bufsize, 0);
         if (n > 0) {
-            src->nbytes += (uint64_t)n;
-            e->total[i] += (uint64_t)n;
-            t->last_active_ms = e->now_ms;
+            counted(e, t, i, (uint64_t)n);
             if (!send_or_keep(e, t, slot, i ^ 1, e->buf, (size_t)n))
                 return;
             if ((size_t)n < e->bufsize && !(src->flags & S_HUP)) {
@@ -728,9 +733,7 @@ static void tls_up(engine *e, eng_tunnel *t, uint32_t slot) {
         if (e->tls_out_len && !tls_send_out(e, t, slot))
             break;
         if (plen) {
-            src->nbytes += plen;
-            e->total[0] += plen;
-            t->last_active_ms = e->now_ms;
+            counted(e, t, 0, plen);
             if (!send_or_keep(e, t, slot, 1, e->tls_plain, plen))
                 break;
         }
@@ -756,9 +759,7 @@ static void tls_down(engine *e, eng_tunnel *t, uint32_t slot) {
             return;
         ssize_t n = recv(src->fd, e->buf, e->bufsize, 0);
         if (n > 0) {
-            src->nbytes += (uint64_t)n;
-            e->total[1] += (uint64_t)n;
-            t->last_active_ms = e->now_ms;
+            counted(e, t, 1, (uint64_t)n);
             if (!tls_seal(e, t, slot, e->buf, (size_t)n))
                 return;
             if ((size_t)n < e->bufsize && !(src->flags & S_HUP)) {
@@ -1098,10 +1099,8 @@ static void ur_splice(engine *e, eng_tunnel *t, uint32_t slot, int i) {
     for (int round = 0; round < SPLICE_ROUNDS; round++) {
         ssize_t n = splice(s->fd, NULL, d->pw, NULL, e->bufsize, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
         if (n > 0) {
-            s->nbytes += (uint64_t)n;
-            e->total[i] += (uint64_t)n;
+            counted(e, t, i, (uint64_t)n);
             e->spliced += (uint64_t)n;
-            t->last_active_ms = e->now_ms;
             d->inpipe = (uint32_t)n;
             if (ur_flush_pipe(e, t, slot, i ^ 1) <= 0)
                 return; /* the peer's poll, or the tunnel's end, takes it from here */
@@ -1258,9 +1257,7 @@ static void ur_complete(engine *e, uint64_t ud, int res, uint32_t cflags) {
         if (res > 0) {
             if (res >= SPLICE_MIN)
                 s->flags |= S_SPLICED; /* bulk: read on by splice once this chunk is sent */
-            s->nbytes += (uint64_t)res;
-            e->total[i] += (uint64_t)res;
-            t->last_active_ms = e->now_ms;
+            counted(e, t, i, (uint64_t)res);
             eng_side *d = &t->s[j];
             /* the peer is free (recvs are armed only then): send straight from the ring
              * buffer; the source is read again once the peer took it all (ur_sent) */

@@ -256,24 +256,13 @@ class NativeFront:
     def on_upgrade(self, cid: int, conn: NativeConnection, origin: int, attempts, connect_s: float | None) -> None:
         """The origin answered a 101 that C checked as check_upgrade_response
         does (tunnel mode agrees to anything it agreed): the tunnel opens.
-        ``connect_s``: the connect to it, as :meth:`_timed` would take it."""
-        if attempts:
-            self._failures(conn, attempts, origin)
-        member = self._held(conn, origin)
-        if connect_s is not None:
-            member.pool.connected(member, connect_s)
-        self._name(conn, member.name)
-        self._upgraded(cid, conn, member)
+        ``connect_s``: the connect to it, timed by C (None: taken already)."""
+        self._upgraded(cid, conn, self._answered_by(conn, origin, attempts, connect_s))
 
     def on_response(self, cid: int, conn: NativeConnection, resp, origin: int, attempts) -> None:
         """The origin's response head (a view, or (status, reason, outcome) when malformed)."""
         ctx = self.ctx
-        if attempts:
-            self._failures(conn, attempts, origin)
-        member = self._held(conn, origin)
-        self._timed(cid, member)
-        self._name(conn, member.name)
-        rec = conn.record
+        member = self._answered_by(conn, origin, attempts, self.engine.connect_time(cid))
         if type(resp) is tuple:
             return self._bad_answer(conn, member, HeadError(*resp))
         status = resp.status
@@ -337,7 +326,7 @@ class NativeFront:
             self._failures(conn, attempts, origin)
         member = self._held(conn, origin) if origin >= 0 else conn.dial.member
         if member is not None:
-            self._timed(cid, member)
+            self._timed(member, self.engine.connect_time(cid))
             member.pool.failed(member, "timeout", f"no answer to an upgrade within "
                                f"RELAY_CONNECT_TIMEOUT={member.pool.connect_timeout:g}s", 504)
             self._name(conn, member.name)
@@ -372,12 +361,24 @@ class NativeFront:
             conn.record.origin = origin
             conn.record.tries = len(conn.dial.tried)
 
-    def _timed(self, cid: int, member: Member) -> None:
-        """The connect to ``member`` that the engine timed, into its
-        wsrelay_origin_connect_seconds (once: an interim answer comes back here)."""
-        seconds = self.engine.connect_time(cid)
+    @staticmethod
+    def _timed(member: Member, seconds: float | None) -> None:
+        """The connect to ``member`` the engine timed (its connect_time(), taken
+        once: None after an interim answer took it), into its
+        wsrelay_origin_connect_seconds."""
         if seconds is not None:
             member.pool.connected(member, seconds)
+
+    def _answered_by(self, conn: NativeConnection, origin: int, attempts, connect_s: float | None) -> Member:
+        """The origin that answered (engine index ``origin``): the attempts that
+        failed before it counted, it holds the upgrade's count, its connect
+        timed, the access record names it."""
+        if attempts:
+            self._failures(conn, attempts, origin)
+        member = self._held(conn, origin)
+        self._timed(member, connect_s)
+        self._name(conn, member.name)
+        return member
 
     def _failures(self, conn: NativeConnection, attempts, answered: int = -1) -> None:
         """Count and log each failed attempt as relay/origins/dial.py and

@@ -126,6 +126,18 @@ class Relay:
                 pass
         return total
 
+    def rss_growth(self, seconds: float, before: int | None = None) -> int:
+        """How far the workers' RSS rose above ``before`` (now, if not given),
+        in bytes, sampled every 0.1 s for ``seconds`` (a bound on memory under
+        backpressure, which has no event to wait for)."""
+        before = self.rss() if before is None else before
+        peak = before
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            peak = max(peak, self.rss())
+            time.sleep(0.1)
+        return peak - before
+
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
 

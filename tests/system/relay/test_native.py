@@ -75,22 +75,15 @@ def pair() -> tuple[socket.socket, socket.socket]:
     return out, inside
 
 
-class Rig:
-    """A client and an origin joined by an engine."""
+class Pumped:
+    """Waits that poll ``self.engine`` by hand until a condition holds; for
+    this module's Rig and test_native_tls.py's."""
 
-    def __init__(self, read_size: int = 256 * 1024, to_client: bytes = b"", to_origin: bytes = b""):
-        self.ended: list[tuple[object, int, int]] = []
-        self.engine = native.Engine(read_size, lambda token, up, down: self.ended.append((token, up, down)),
-                                    backend=BACKEND)
-        assert self.engine.backend == BACKEND
-        self.client, c_in = pair()
-        self.origin, o_in = pair()
-        #: the relay's ends, now the engine's (read here only through ioctls)
-        self.c_fd, self.o_fd = c_in.detach(), o_in.detach()
-        self.id = self.engine.tunnel(self.c_fd, self.o_fd, to_client, to_origin, "tok")
+    #: seconds a wait may take before the test fails
+    TIMEOUT = 5.0
 
-    def pump(self, until, timeout: float = 5.0):
-        deadline = time.monotonic() + timeout
+    def pump(self, until, timeout: float | None = None):
+        deadline = time.monotonic() + (timeout or self.TIMEOUT)
         while not until():
             assert time.monotonic() < deadline, "timed out"
             self.engine.poll()
@@ -114,7 +107,7 @@ class Rig:
         return bytes(got)
 
     def ending(self, s: socket.socket) -> str:
-        """'eof' or 'reset', pumping until one arrives."""
+        """'eof' or 'reset', pumping until one arrives (bytes before it are dropped)."""
         s.setblocking(False)
         seen = []
 
@@ -133,6 +126,40 @@ class Rig:
         self.pump(done)
         s.settimeout(5)
         return seen[0]
+
+
+class Rig(Pumped):
+    """A client and an origin joined by an engine."""
+
+    def __init__(self, read_size: int = 256 * 1024, to_client: bytes = b"", to_origin: bytes = b""):
+        self.ended: list[tuple[object, int, int]] = []
+        self.engine = native.Engine(read_size, lambda token, up, down: self.ended.append((token, up, down)),
+                                    backend=BACKEND)
+        assert self.engine.backend == BACKEND
+        self.client, c_in = pair()
+        self.origin, o_in = pair()
+        #: the relay's ends, now the engine's (read here only through ioctls)
+        self.c_fd, self.o_fd = c_in.detach(), o_in.detach()
+        self.id = self.engine.tunnel(self.c_fd, self.o_fd, to_client, to_origin, "tok")
+
+
+def push_until_stalled(r: Rig, size: int) -> int:
+    """Send ``size``-byte chunks from the client, pumping the engine, until 50
+    tries in a row found its socket full (~50 ms of no progress), or 128 MiB
+    went through (a client never stopped: the caller's bound fails); returns
+    the bytes sent."""
+    r.client.setblocking(False)
+    chunk = os.urandom(size)
+    pushed = stalled = 0
+    while stalled < 50 and pushed < 128 << 20:
+        try:
+            pushed += r.client.send(chunk)
+            stalled = 0
+        except BlockingIOError:
+            stalled += 1
+        r.engine.poll()
+        time.sleep(0.001)
+    return pushed
 
 
 def test_bytes_both_ways_in_order_with_the_early_bytes_first():
@@ -186,18 +213,7 @@ def test_backpressure_stops_reading_the_source_and_holds_one_buffer_at_most():
     read_size = 64 * 1024
     r = Rig(read_size=read_size)
     r.origin.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-    r.client.setblocking(False)
-    chunk = os.urandom(64 * 1024)
-    pushed = 0
-    stalled_rounds = 0
-    while stalled_rounds < 50:
-        try:
-            pushed += r.client.send(chunk)
-            stalled_rounds = 0
-        except BlockingIOError:
-            stalled_rounds += 1
-        r.engine.poll()
-        time.sleep(0.001)
+    pushed = push_until_stalled(r, 64 * 1024)
     up, _ = r.engine.bytes(r.id)
     assert pushed < 64 << 20, "the client was never stopped"
     # What the engine read from the client and holds: neither in the origin's
@@ -389,17 +405,7 @@ def test_a_stalled_bulk_direction_holds_one_read_at_most(backend):
     r.origin.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
     burst = os.urandom(2 << 20)
     assert _push(r, r.client, r.origin, burst) == burst  # bulk mode on
-    r.client.setblocking(False)
-    chunk = os.urandom(256 * 1024)
-    pushed, stalled = 0, 0
-    while stalled < 50:
-        try:
-            pushed += r.client.send(chunk)
-            stalled = 0
-        except BlockingIOError:
-            stalled += 1
-        r.engine.poll()
-        time.sleep(0.001)
+    pushed = push_until_stalled(r, 256 * 1024)
     up, _ = r.engine.bytes(r.id)
     held = up - len(burst) - queued(r.origin.fileno(), SIOCINQ) - queued(r.o_fd, SIOCOUTQ)
     assert 0 <= held <= read_size, (up, held)

@@ -22,7 +22,7 @@ import time
 import pytest
 
 from relay import native
-from tests.system.relay.test_native import pair
+from tests.system.relay.test_native import Pumped, pair
 from tests.support.tls import client_context, issue, make_ca
 
 pytestmark = pytest.mark.skipif(not native.TLS_AVAILABLE and not os.environ.get("WSRELAY_REQUIRE_NATIVE"),
@@ -84,8 +84,10 @@ class Client:
             self.plain += data
 
 
-class Rig:
+class Rig(Pumped):
     """An SSL whose handshake is done, placed in-flight bytes, then a TLS tunnel."""
+
+    TIMEOUT = 10.0
 
     def __init__(self, contexts, read_size: int = 256 * 1024):
         server_ctx, client_ctx = contexts
@@ -113,13 +115,6 @@ class Rig:
     def open(self, to_client: bytes = b"", to_origin: bytes = b"") -> None:
         self.id = self.engine.tls_tunnel(self.c_fd, self.o_fd, to_client, to_origin, "tok", self.server._sslobj)
 
-    def pump(self, until, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not until():
-            assert time.monotonic() < deadline, "timed out"
-            self.engine.poll()
-            time.sleep(0.001)
-
     def client_gets(self, n: int) -> bytes:
         def enough():
             self.client.take()
@@ -128,41 +123,6 @@ class Rig:
         out = bytes(self.client.plain[:n])
         del self.client.plain[:n]
         return out
-
-    def origin_gets(self, n: int) -> bytes:
-        got = bytearray()
-        self.origin.setblocking(False)
-
-        def enough():
-            try:
-                chunk = self.origin.recv(1 << 20)
-            except BlockingIOError:
-                return False
-            assert chunk, f"EOF after {len(got)} of {n} bytes"
-            got.extend(chunk)
-            return len(got) >= n
-        self.pump(enough)
-        return bytes(got)
-
-    def origin_ending(self) -> str:
-        self.origin.setblocking(False)
-        seen = []
-
-        def ended():
-            try:
-                chunk = self.origin.recv(65536)
-            except BlockingIOError:
-                return False
-            except ConnectionResetError:
-                seen.append("reset")
-                return True
-            if chunk:
-                seen.append(chunk)
-                return False
-            seen.append("eof")
-            return True
-        self.pump(ended)
-        return seen[-1]
 
 
 def test_what_uvloop_held_at_the_101_arrives_first_and_in_order(contexts):
@@ -179,11 +139,11 @@ def test_what_uvloop_held_at_the_101_arrives_first_and_in_order(contexts):
     expected_down = b"written-before-the-handover|HTTP/1.1 101 head|after-101|"
     assert r.client_gets(len(expected_down)) == expected_down
     expected_up = b"behind-the-request|" + b"-record-rest|" + b"second-record|"
-    assert r.origin_gets(len(expected_up)) == expected_up
+    assert r.recv_exactly(r.origin, len(expected_up)) == expected_up
     # the SSL is the engine's now: its old BIOs are left empty
     assert native._engine.tls_held(r.server._sslobj) == (0, 0)
     r.client.send(b"up again")
-    assert r.origin_gets(8) == b"up again"
+    assert r.recv_exactly(r.origin, 8) == b"up again"
     r.origin.sendall(b"down again")
     assert r.client_gets(10) == b"down again"
     # byte counts are plaintext read by the engine (what the 101 carried is not counted, as in Python)
@@ -198,14 +158,14 @@ def test_half_close_both_ways_then_on_end_once_with_plaintext_counts(contexts):
     assert r.client_gets(3) == b"bye"
     r.pump(lambda: (r.client.take(), r.client.close_notify and r.client.eof)[1])  # close_notify, then the FIN
     r.client.send(b"after your close_notify")  # TLS half-close: the client's way is still open
-    assert r.origin_gets(23) == b"after your close_notify"
+    assert r.recv_exactly(r.origin, 23) == b"after your close_notify"
     assert not r.ended
     try:
         r.client.obj.unwrap()
     except ssl.SSLWantReadError:
         pass
     r.client.sock.sendall(r.client.outgoing.read())
-    assert r.origin_ending() == "eof"
+    assert r.ending(r.origin) == "eof"
     r.pump(lambda: r.ended)
     assert r.ended == [("tok", 23, 3)]
 
@@ -216,7 +176,7 @@ def test_a_forged_record_closes_the_client_and_resets_the_origin(contexts):
     record = bytearray(r.client.seal(b"x" * 100))
     record[-1] ^= 1  # the tag no longer matches: bad record MAC
     r.client.sock.sendall(bytes(record))
-    assert r.origin_ending() == "reset"
+    assert r.ending(r.origin) == "reset"
     r.pump(lambda: r.ended)
     assert r.ended == [("tok", 0, 0)]
 
@@ -228,7 +188,7 @@ def test_close_sends_close_notify_after_what_is_pending(contexts):
     r.pump(lambda: r.ended)
     r.pump(lambda: (r.client.take(), r.client.eof)[1])
     assert bytes(r.client.plain) == b"pending then close" and r.client.close_notify
-    assert r.origin_ending() == "eof"
+    assert r.ending(r.origin) == "eof"
 
 
 def test_a_stalled_client_holds_at_most_a_read_then_everything_arrives(contexts):

@@ -16,16 +16,9 @@ import time
 import pytest
 from websockets.sync.client import connect  # plain ws:// only (see tests/tls_support.wss_echo)
 
-from tests.support.relay import Relay, wait_for
+from tests.support.relay import wait_for
 from tests.support.scrape import metric
 from tests.support.tls import ECDSA, client_context, issue, make_ca, names_for, s_client, tls_relay, wss_echo
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pki")
-    ca = make_ca(d)
-    return d, ca, issue(ca, d, "localhost", "localhost", "127.0.0.1")
 
 
 @pytest.fixture(scope="module")

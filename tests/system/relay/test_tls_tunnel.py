@@ -24,7 +24,7 @@ import pytest
 from tests.support.net import upgrade_request
 from tests.support.raw_origins import RawOrigin, rst, switching
 from tests.support.relay import wait_for
-from tests.support.tls import TlsConn, client_context, issue, make_ca, tls_relay
+from tests.support.tls import TlsConn, client_context, tls_relay
 
 
 async def behave(origin: RawOrigin, c) -> None:
@@ -80,13 +80,6 @@ async def behave(origin: RawOrigin, c) -> None:
         c.writer.write(b"answer after your close_notify")
         await c.writer.drain()
         c.writer.close()
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pki")
-    ca = make_ca(d)
-    return d, ca, issue(ca, d, "localhost", "localhost", "127.0.0.1")
 
 
 @pytest.fixture(scope="module")
@@ -249,13 +242,8 @@ def test_a_client_that_reads_nothing_holds_the_origin_back_memory_bounded(relay,
     n = 128
     c = wss(relay, pki, f"/flood/slow/{n}")
     try:
-        before = relay.rss()
-        peak = before
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline:
-            peak = max(peak, relay.rss())
-            time.sleep(0.1)
-        assert peak - before < 64 << 20, f"relay RSS grew by {(peak - before) >> 20} MiB"
+        grew = relay.rss_growth(3)
+        assert grew < 64 << 20, f"relay RSS grew by {grew >> 20} MiB"
         c.sock.settimeout(60)
         data, how = c.read_to_end()
         c.close_notify()
@@ -287,13 +275,9 @@ def test_a_fast_client_and_an_origin_that_reads_nothing_memory_bounded(relay, or
     pusher.start()
     try:
         wait_for(lambda: "fast" in origin.taps, 5, what="the origin to hold its tap")
-        peak = before
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline:
-            peak = max(peak, relay.rss())
-            time.sleep(0.1)
+        grew = relay.rss_growth(3, before)
         assert not sent, "the client pushed 100 MiB while the origin read nothing"
-        assert peak - before < 64 << 20, f"relay RSS grew by {(peak - before) >> 20} MiB"
+        assert grew < 64 << 20, f"relay RSS grew by {grew >> 20} MiB"
         origin.lt.loop.call_soon_threadsafe(origin.taps["fast"].set)
         pusher.join(60)
         assert sent == [n], sent
