@@ -57,6 +57,11 @@ class Counters:
     def tls_handshake(self, outcome: str) -> None:
         """A TLS handshake ended with ``outcome`` (one of layout.TLS_OUTCOMES)."""
         self._m[_TLS[outcome]] += 1
+
+    def tls_handshakes_view(self) -> memoryview:
+        """The TLS handshake counts, one float64 per layout.TLS_OUTCOMES, for a
+        writer in C (relay/native/handshake.c: this worker's slot, this worker alone)."""
+        return self._m[layout.TLS_HANDSHAKES:layout.TLS_HANDSHAKES + len(layout.TLS_OUTCOMES)]
     def proxy_error(self, reason: str) -> None:
         """A connection closed in its PROXY protocol phase, for ``reason`` (one of layout.PROXY_ERRORS)."""
         self._m[_PROXY_ERROR[reason]] += 1

@@ -96,12 +96,15 @@ TRANSITIONS: dict[State, frozenset[State]] = {
 
 class ClientConnection(asyncio.Protocol):
     def __init__(self, ctx: Context, tls=None, serve: Callable[["ClientConnection"], Server] | None = None,
-                 started: float = 0.0):
+                 started: float = 0.0, behind_tls: tuple[str, str, bool] | None = None):
         """``tls``: the listener's relay.tls.server.TlsServer, None on a plain
         listener. ``serve``: the request's head was read and is being answered
         elsewhere (the native head phase hands it over): the connection starts
         in ``SERVING`` with ``serve(self)`` as its server; ``started`` is when
-        that request's first byte came."""
+        that request's first byte came. ``behind_tls``: (client address, TLS
+        version, resumed) of a TLS connection whose handshake the native head
+        phase ran; its plaintext comes from the pump over a socket pair
+        (relay/native/front.py, ``_offload``), so the peer is not the client."""
         #: the worker's context (settings, counters, access log, origins)
         self.ctx = ctx
         self._serve = serve
@@ -142,6 +145,11 @@ class ClientConnection(asyncio.Protocol):
         self.requests = 0
         #: the current request is a HEAD: answers to it carry no body
         self.head_request = False
+        self._behind_tls = behind_tls
+        if behind_tls is not None:
+            self.proto = b"https"
+            _ip, self.tls_version, self.tls_resumed = behind_tls
+            self.tls_counted = True
 
     def _to(self, state: State) -> None:
         assert state in TRANSITIONS[self.state], f"{self.state.name} -> {state.name}"
@@ -155,7 +163,9 @@ class ClientConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         self.ctx.connections.add(self)
         peer = transport.get_extra_info("peername")
-        if peer:
+        if self._behind_tls is not None:  # a socket pair's end: the client is who the head phase accepted
+            self.client_ip, peer = self._behind_tls[0], None
+        elif peer:
             self.client_ip, self.client_port = peer[0], peer[1]
         # No TCP_NODELAY here: uvloop sets it on every TCP transport already.
         ctx = self.ctx

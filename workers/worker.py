@@ -54,19 +54,15 @@ def run(settings: Settings, socks: list[socket.socket], index: int, slot: int,
 
 def head_phase(ctx: Context, is_tls: bool) -> str:
     """Who reads the request heads of a listener's connections: ``"native"``
-    (relay/native/front.py: accept and the head phase in C) for a plain
-    listener when the native data plane serves this worker's tunnels (tunnel
-    mode), unless ``WSRELAY_NATIVE_HANDSHAKE=0``; ``"python"`` (workers/accept.py
-    and relay/client.py) otherwise. Connections that begin with something
-    before the request head (a TLS handshake, a PROXY protocol header: states
-    before HEAD in relay/client.py), whose origin connections begin with a
-    PROXY header (RELAY_ORIGIN_PROXY_PROTOCOL), or that may carry the edge's
-    own client-certificate header (RELAY_TLS_CLIENT_CA) are ``"python"``."""
-    if ctx.native is None or is_tls or ctx.proxy_protocol or ctx.origin_proxy_v2 or ctx.own_header is not None:
+    (relay/native/front.py: accept and the head phase in C) when the native
+    data plane serves this worker's tunnels (tunnel mode) and
+    :func:`relay.native.front.serves` says so for the listener's kind;
+    ``"python"`` (workers/accept.py and relay/client.py) otherwise."""
+    if ctx.native is None:
         return "python"
     from relay.native import front
 
-    return "native" if front.wanted() else "python"
+    return "native" if front.serves(ctx.settings, is_tls) else "python"
 
 
 async def _serve(settings: Settings, socks: list[socket.socket], index: int, slot: int,
@@ -101,7 +97,8 @@ async def _serve(settings: Settings, socks: list[socket.socket], index: int, slo
         from relay.native.front import NativeFront
 
         servers.append(NativeFront(ctx, native_socks, shared.values(slot),
-                                   [shared.values(i) for i in range(shared.nslots) if i != slot]))
+                                   [shared.values(i) for i in range(shared.nslots) if i != slot],
+                                   [is_tls for sock, is_tls in zip(socks, flags) if sock in native_socks], tls))
     for sock, is_tls in zip(socks, flags):
         if sock not in native_socks:
             acceptor = Acceptor(sock, factory(is_tls), ctx.counters, siblings,

@@ -95,15 +95,18 @@ def problem(data_plane: str, mode: str) -> str | None:
     return None
 
 
-def describe(data_plane: str, mode: str, tls: bool = False) -> str:
+def describe(data_plane: str, mode: str, tls: bool = False, tls_head: bool = False) -> str:
     """One phrase for the startup log: which plane serves tunnels, and why
-    (``tls``: there are TLS listeners, whose tunnels the pump relays on epoll)."""
+    (``tls``: there are TLS listeners, whose tunnels the pump relays on epoll;
+    ``tls_head``: their TLS handshakes and heads are read in C too)."""
     chosen = resolve(data_plane, mode)
     if chosen == NATIVE:
         if not tls:
             return f"data plane native ({backend()})"
         if not TLS_AVAILABLE:
             return f"data plane native ({backend()}; TLS tunnels python: {TLS_WHY_NOT})"
+        if tls_head:
+            return f"data plane native ({backend()}; TLS handshakes in C, TLS tunnels on epoll)"
         return f"data plane native ({backend()}; TLS tunnels on epoll)"
     if data_plane == PYTHON:
         return "data plane python (RELAY_DATA_PLANE=python)"

@@ -83,6 +83,9 @@ typedef struct {
     int hs_ready;
     PyObject *cb[NCALLBACKS + 1]; /* the front's bound methods (CALLBACKS), then on_upgrade or NULL */
     PyObject *proto;          /* X-Forwarded-Proto */
+    PyObject *wrap_bio;       /* TLS listeners: the default ssl.SSLContext's _wrap_bio, and the two */
+    PyObject *tls_bios[2];    /* MemoryBIOs it is given (replaced by the socket at once: shared by all) */
+    Py_buffer tls_metrics;    /* wsrelay_tls_handshakes_total's counts in the worker's slot (tls_server()) */
     PyObject *last_ip;        /* the last client address, as a str */
     struct sockaddr_storage last_peer;
     socklen_t last_peerlen;
@@ -196,6 +199,11 @@ static void Engine_dealloc(EngineObject *self) {
     for (int k = 0; k <= NCALLBACKS; k++)
         Py_XDECREF(self->cb[k]);
     Py_XDECREF(self->proto);
+    Py_XDECREF(self->wrap_bio);
+    if (self->tls_metrics.obj)
+        PyBuffer_Release(&self->tls_metrics);
+    Py_XDECREF(self->tls_bios[0]);
+    Py_XDECREF(self->tls_bios[1]);
     Py_XDECREF(self->last_ip);
     if (self->ready) {
         eng_tls_detach_all(&self->e); /* before the tokens, which hold the SSLs, go */
@@ -521,17 +529,195 @@ static PyObject *Engine_handshakes(EngineObject *self, PyObject *args, PyObject 
     Py_RETURN_NONE;
 }
 
+/* -- TLS listeners (handshake.c "TLS") ------------------------------------------------- */
+
+static SSL *ssl_of(PyObject *obj);
+
+/* A TLS connection's SSL: Python's ssl module makes it (_wrap_bio: the
+ * listener's certificates, SNI callback, ticket keys and profile, the same
+ * as the Python plane's), kept alive by the connection (tls_token); its
+ * handshake then runs here on the socket. */
+static int new_tls(handshaker *h, hs_conn *c) {
+    EngineObject *self = (EngineObject *)((char *)h - offsetof(EngineObject, hs));
+    PyObject *sock = PyObject_CallFunctionObjArgs(self->wrap_bio, self->tls_bios[0], self->tls_bios[1], Py_True, NULL);
+    SSL *ssl = sock ? ssl_of(sock) : NULL;
+    if (ssl == NULL || tls.SSL_set_fd(ssl, c->cfd) != 1) {
+        if (PyErr_Occurred())
+            PyErr_WriteUnraisable(self->wrap_bio);
+        Py_XDECREF(sock);
+        return -1;
+    }
+    c->ssl = ssl;
+    c->tls_token = sock;
+    return 0;
+}
+
+static PyObject *Engine_tls_server(EngineObject *self, PyObject *args) {
+    PyObject *context, *reasons, *metrics = Py_None;
+    unsigned int shift;
+    unsigned long mask;
+    CHECK_HS(self);
+    if (!PyArg_ParseTuple(args, "OOIk|O", &context, &reasons, &shift, &mask, &metrics))
+        return NULL;
+    if (self->wrap_bio) {
+        PyErr_SetString(PyExc_RuntimeError, "tls_server() already called");
+        return NULL;
+    }
+    if (tls_bio_method == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "relay.native._engine.tls_load() has not succeeded");
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(reasons, "tls_server(): reasons must be a sequence");
+    if (!seq)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n > HS_TLS_REASONS) {
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "tls_server(): too many reasons");
+        return NULL;
+    }
+    for (Py_ssize_t k = 0; k < n; k++) {
+        unsigned int lib, reason, outcome;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, k), "III", &lib, &reason, &outcome)) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+        if (outcome >= HT_N) {
+            Py_DECREF(seq);
+            PyErr_SetString(PyExc_ValueError, "tls_server(): outcome index out of range");
+            return NULL;
+        }
+        self->hs.tls_reasons[k] = (hs_tls_reason){lib, reason, outcome};
+    }
+    Py_DECREF(seq);
+    PyObject *wrap = PyObject_GetAttrString(context, "_wrap_bio");
+    PyObject *bio = PyImport_ImportModule("ssl");
+    PyObject *cls = bio ? PyObject_GetAttrString(bio, "MemoryBIO") : NULL;
+    Py_XDECREF(bio);
+    PyObject *in = cls ? PyObject_CallNoArgs(cls) : NULL, *out = cls ? PyObject_CallNoArgs(cls) : NULL;
+    Py_XDECREF(cls);
+    if (!wrap || !in || !out) {
+        Py_XDECREF(wrap);
+        Py_XDECREF(in);
+        Py_XDECREF(out);
+        return NULL;
+    }
+    if (metrics != Py_None) {
+        if (PyObject_GetBuffer(metrics, &self->tls_metrics, PyBUF_WRITABLE) < 0) {
+            Py_DECREF(wrap);
+            Py_DECREF(in);
+            Py_DECREF(out);
+            return NULL;
+        }
+        if ((size_t)self->tls_metrics.len < HT_N * sizeof(double)) {
+            PyBuffer_Release(&self->tls_metrics);
+            Py_DECREF(wrap);
+            Py_DECREF(in);
+            Py_DECREF(out);
+            PyErr_SetString(PyExc_ValueError, "tls_server(): metrics must hold one float64 per outcome");
+            return NULL;
+        }
+        self->hs.tls_metrics = (double *)self->tls_metrics.buf;
+    }
+    Py_XSETREF(self->wrap_bio, wrap);
+    Py_XSETREF(self->tls_bios[0], in);
+    Py_XSETREF(self->tls_bios[1], out);
+    self->hs.ntls_reasons = (uint32_t)n;
+    self->hs.tls_lib_shift = shift;
+    self->hs.tls_reason_mask = mask;
+    self->hs.new_tls = new_tls;
+    self->hs.release_tls = release_token;
+    Py_RETURN_NONE;
+}
+
+static PyTypeObject EngineType;
+
+/* The Engine TLS tunnels of this head phase go to: `other` (an Engine on
+ * epoll, engine.c "TLS tunnels"), or this one when None. */
+static EngineObject *tls_engine_of(EngineObject *self, PyObject *other) {
+    if (other == Py_None)
+        return self;
+    if (!PyObject_TypeCheck(other, &EngineType) || !((EngineObject *)other)->ready) {
+        PyErr_SetString(PyExc_TypeError, "expected a ready Engine for the TLS tunnel");
+        return NULL;
+    }
+    return (EngineObject *)other;
+}
+
+/* The pump takes a TLS connection's SSL from the head phase: `token` (what
+ * the pump keeps for the tunnel) must keep the SSL's owner alive, as its
+ * `tls` (relay/native/plane.py's NativeTunnel.tls). */
+static int holds_ssl(PyObject *token, hs_conn *c) {
+    PyObject *held = PyObject_GetAttrString(token, "tls");
+    if (!held)
+        return -1;
+    Py_DECREF(held);
+    if (held != (PyObject *)c->tls_token) {
+        PyErr_SetString(PyExc_ValueError, "the tunnel's token must hold the connection's SSL as its .tls");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *Engine_tls_offload(EngineObject *self, PyObject *args) {
+    long long id;
+    int fd;
+    PyObject *other, *token;
+    CHECK_HS(self);
+    if (!PyArg_ParseTuple(args, "LiOO", &id, &fd, &other, &token))
+        return NULL;
+    EngineObject *eo = tls_engine_of(self, other);
+    if (!eo)
+        return NULL;
+    engine *e = &eo->e;
+    hs_conn *c = hs_get(&self->hs, id);
+    if (c == NULL || !c->ssl || (c->state != H_DECIDE && c->state != H_DECIDE2)) {
+        PyErr_SetString(PyExc_ValueError, "tls_offload(): no TLS connection waits for a decision with this id");
+        return NULL;
+    }
+    if (holds_ssl(token, c) < 0)
+        return NULL;
+    PyObject *cb = PyBytes_FromStringAndSize(c->buf ? c->buf : "", c->buf ? c->len : 0);
+    PyObject *ob = PyBytes_FromStringAndSize(c->obuf ? c->obuf : "", c->obuf ? c->olen : 0);
+    if (!cb || !ob) {
+        Py_XDECREF(cb);
+        Py_XDECREF(ob);
+        return NULL;
+    }
+    SSL *ssl = c->ssl;
+    int cfd, ofd;
+    hs_detach(&self->hs, id, &cfd, &ofd); /* our reference to the SSL's owner goes: token holds one */
+    Py_INCREF(token);
+    eng_clock(e);
+    int64_t tid = eng_open_tls(e, cfd, fd, ssl, "", 0, "", 0, token);
+    if (tid < 0)
+        close(cfd); /* fd stays the caller's */
+    PyObject *t = opened(eo, tid, token);
+    if (!t) {
+        if (ofd >= 0)
+            close(ofd);
+        Py_DECREF(cb);
+        Py_DECREF(ob);
+        return NULL;
+    }
+    return Py_BuildValue("(iNNN)", ofd, cb, ob, t);
+}
+
 static PyObject *Engine_hs_fileno(EngineObject *self, PyObject *Py_UNUSED(i)) {
     CHECK_HS(self);
     return PyLong_FromLong(self->hs.epfd);
 }
 
-static PyObject *Engine_listen(EngineObject *self, PyObject *arg) {
+static PyObject *Engine_listen(EngineObject *self, PyObject *args) {
+    int fd, is_tls = 0;
     CHECK_HS(self);
-    int fd = PyLong_AsLong(arg);
-    if (fd == -1 && PyErr_Occurred())
+    if (!PyArg_ParseTuple(args, "i|p", &fd, &is_tls))
         return NULL;
-    int r = hs_listen(&self->hs, fd);
+    if (is_tls && !self->wrap_bio) {
+        PyErr_SetString(PyExc_RuntimeError, "listen(fd, tls=True): tls_server() was not called");
+        return NULL;
+    }
+    int r = hs_listen(&self->hs, fd, is_tls);
     if (r < 0) {
         errno = -r;
         return PyErr_SetFromErrno(PyExc_OSError);
@@ -648,15 +834,18 @@ static int deliver(EngineObject *self) {
         switch (e.kind) {
         case HE_HEAD: {
             cb = self->cb[0];
-            PyObject *req = heads_view(0, c->buf, c->len, self->hs.max_head, NULL);
+            /* tls: None on a plain listener; on a TLS one the SSL's owner, or
+             * False when the client sent no TLS (plain HTTP, nothing read) */
+            PyObject *tls_arg = !c->tls ? Py_None : c->ssl ? (PyObject *)c->tls_token : Py_False;
+            PyObject *req = c->tls && !c->ssl ? Py_NewRef(Py_None) : heads_view(0, c->buf, c->len, self->hs.max_head, NULL);
             if (req && req != Py_None) {
                 const hh_head *hh;
                 heads_raw(req, &hh);
                 c->head_end = hh->head_len; /* what follows is held until the 101 */
             }
             PyObject *ip = req ? peer_ip(self, c) : NULL;
-            PyObject *argv[4] = {NULL, req ? PyLong_FromLongLong(id) : NULL, req, ip};
-            r = call_front(cb, argv, 3);
+            PyObject *argv[5] = {NULL, req ? PyLong_FromLongLong(id) : NULL, req, ip, Py_NewRef(tls_arg)};
+            r = call_front(cb, argv, 4);
             break;
         }
         case HE_RESPONSE: {
@@ -886,9 +1075,11 @@ static PyObject *Engine_connect(EngineObject *self, PyObject *args) {
         return NULL;
     Py_ssize_t ip_len;
     const char *ips = PyUnicode_AsUTF8AndSize(ip, &ip_len);
-    PyObject *head = ips ? heads_forward(req, ips, (size_t)ip_len, PyBytes_AS_STRING(self->proto),
-                                         (size_t)PyBytes_GET_SIZE(self->proto), 1, rid, (size_t)rid_len, "localhost", 9,
-                                         trusted)
+    /* a TLS connection's requests are X-Forwarded-Proto: https (README "TLS") */
+    const char *proto = c->ssl ? "https" : PyBytes_AS_STRING(self->proto);
+    size_t proto_len = c->ssl ? 5 : (size_t)PyBytes_GET_SIZE(self->proto);
+    PyObject *head = ips ? heads_forward(req, ips, (size_t)ip_len, proto, proto_len, 1, rid, (size_t)rid_len,
+                                         "localhost", 9, trusted)
                          : NULL;
     Py_DECREF(ip);
     if (!head)
@@ -943,6 +1134,10 @@ static PyObject *Engine_detach(EngineObject *self, PyObject *arg) {
     hs_conn *c = hs_get(&self->hs, id);
     if (c == NULL)
         Py_RETURN_NONE;
+    if (c->ssl) {
+        PyErr_SetString(PyExc_ValueError, "detach(): a TLS connection's SSL cannot leave the engine (tls_offload())");
+        return NULL;
+    }
     PyObject *cb = PyBytes_FromStringAndSize(c->buf ? c->buf : "", c->buf ? c->len : 0);
     PyObject *ob = PyBytes_FromStringAndSize(c->obuf ? c->obuf : "", c->obuf ? c->olen : 0);
     if (!cb || !ob) {
@@ -973,15 +1168,19 @@ static PyObject *Engine_close_handshakes(EngineObject *self, PyObject *Py_UNUSED
 
 static PyObject *Engine_splice(EngineObject *self, PyObject *args) {
     long long id;
-    PyObject *token;
+    PyObject *token, *other = Py_None;
     CHECK_HS(self);
-    if (!PyArg_ParseTuple(args, "LO", &id, &token))
+    if (!PyArg_ParseTuple(args, "LO|O", &id, &token, &other))
         return NULL;
     hs_conn *c = hs_get(&self->hs, id);
     if (c == NULL || c->state != H_DECIDE2 || c->ofd < 0) {
         PyErr_SetString(PyExc_ValueError, "splice(): no origin answer waits on this connection");
         return NULL;
     }
+    EngineObject *eo = self;
+    SSL *ssl = c->ssl;
+    if (ssl && (!(eo = tls_engine_of(self, other)) || holds_ssl(token, c) < 0))
+        return NULL;
     /* the origin's answer (its 101 and what followed) to the client; what the client
      * sent behind its head to the origin, now, after the 101 */
     uint32_t head_len = c->head_end <= c->len ? c->head_end : c->len;
@@ -991,19 +1190,20 @@ static PyObject *Engine_splice(EngineObject *self, PyObject *args) {
     int cfd, ofd;
     hs_detach(&self->hs, id, &cfd, &ofd);
     Py_INCREF(token);
-    eng_clock(&self->e);
-    int64_t tid = eng_open(&self->e, cfd, ofd, obuf, olen, cbuf + head_len, clen - head_len, token);
+    eng_clock(&eo->e);
+    int64_t tid = ssl ? eng_open_tls(&eo->e, cfd, ofd, ssl, obuf, olen, cbuf + head_len, clen - head_len, token)
+                      : eng_open(&eo->e, cfd, ofd, obuf, olen, cbuf + head_len, clen - head_len, token);
     hs_put_buffer(&self->hs, cbuf, ccap);
     hs_put_buffer(&self->hs, obuf, ocap);
     if (tid < 0) { /* the sockets were ours, not the caller's */
         close(cfd);
         close(ofd);
-    } else if (self->e.backend == ENG_URING && eng_poll(&self->e, 0) < 0) {
+    } else if (eo->e.backend == ENG_URING && eng_poll(&eo->e, 0) < 0) {
         /* io_uring: submit, and reap what completed in the submission (a 101 sent
          * at once), rather than wake up again for it */
-        eng_flush(&self->e);
+        eng_flush(&eo->e);
     }
-    return opened(self, tid, token);
+    return opened(eo, tid, token);
 }
 
 static PyObject *Engine_get_accepting(EngineObject *self, void *Py_UNUSED(c)) {
@@ -1096,8 +1296,19 @@ static PyObject *Engine_get_hs_live(EngineObject *self, void *Py_UNUSED(c)) {
 
 static PyObject *Engine_get_hs_stats(EngineObject *self, void *Py_UNUSED(c)) {
     CHECK_HS(self);
-    return Py_BuildValue("{sIsKsK}", "live", self->hs.live, "accepted", (unsigned long long)self->hs.accepted,
-                         "accept_errors", (unsigned long long)self->hs.accept_errors);
+    PyObject *tls_counts = PyTuple_New(HT_N);
+    if (!tls_counts)
+        return NULL;
+    for (int k = 0; k < HT_N; k++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(self->hs.tls_outcomes[k]);
+        if (!v) {
+            Py_DECREF(tls_counts);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(tls_counts, k, v);
+    }
+    return Py_BuildValue("{sIsKsKsN}", "live", self->hs.live, "accepted", (unsigned long long)self->hs.accepted,
+                         "accept_errors", (unsigned long long)self->hs.accept_errors, "tls", tls_counts);
 }
 
 static PyMethodDef Engine_methods[] = {
@@ -1108,7 +1319,15 @@ static PyMethodDef Engine_methods[] = {
     {"balance", (PyCFunction)(void (*)(void))Engine_balance, METH_VARARGS | METH_KEYWORDS,
      "balance(mine, siblings, load_index, accepting_index, slack=4, defer=0.005): balance accepts "
      "against the siblings' loads in shared memory (workers/accept.py's rule)"},
-    {"listen", (PyCFunction)Engine_listen, METH_O, "listen(fd): accept from this listening socket."},
+    {"listen", (PyCFunction)Engine_listen, METH_VARARGS,
+     "listen(fd, tls=False): accept from this listening socket (tls: its connections speak TLS, tls_server())."},
+    {"tls_server", (PyCFunction)Engine_tls_server, METH_VARARGS,
+     "tls_server(context, reasons, lib_shift, reason_mask, metrics=None): TLS listeners' SSLs come from this "
+     "ssl.SSLContext; reasons: ((lib, reason, outcome index), ...) name failed handshakes; metrics: a writable "
+     "float64 buffer, one count per outcome, added to as handshakes end"},
+    {"tls_offload", (PyCFunction)Engine_tls_offload, METH_VARARGS,
+     "tls_offload(id, fd, engine, token) -> (origin fd, client bytes, origin bytes, tunnel id): a TLS "
+     "connection's SSL and socket to a TLS tunnel of `engine` with `fd` (plaintext) as its other side"},
     {"set_origins", (PyCFunction)Engine_set_origins, METH_O,
      "set_origins([[(host, port[, flow, scope]), ...], ...]): each origin's numeric addresses, in order."},
     {"poll_handshakes", (PyCFunction)Engine_poll_handshakes, METH_VARARGS,

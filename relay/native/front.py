@@ -58,6 +58,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+import itertools
 import logging
 import os
 import socket
@@ -69,10 +70,12 @@ from relay.context import Context
 from relay.errors import HeadError, OriginClosed, RelayError
 from relay.handshake import check_upgrade_response
 from relay.headers import request_id_for, x_forwarded_for
-from relay.native.plane import NativeTunnel, _share_strings
+from metrics import layout
+from relay.native.plane import NativeTunnel, Offload, _share_strings
 from relay.origins.balance import Member
 from relay.origins.dial import Dial
 from relay.responses import refusal
+from relay.tls import handshake as tls_handshake
 from relay.upgrade import GATEWAY_ERRORS, HandedOverRefusal
 from workers.accept import LOG_EVERY, PAUSE
 
@@ -81,6 +84,8 @@ log = logging.getLogger("wsrelay.worker")
 #: WSRELAY_NATIVE_HANDSHAKE=0 keeps the head phase in Python (relay/client.py) on
 #: the native plane: the milestone-1 path, for comparison (bench/README.md)
 ENV = "WSRELAY_NATIVE_HANDSHAKE"
+#: WSRELAY_NATIVE_TLS_HANDSHAKE=0 keeps TLS listeners' head phase (and TLS handshake) in Python
+TLS_ENV = "WSRELAY_NATIVE_TLS_HANDSHAKE"
 #: seconds between two resolutions of an origin given as a host name
 RESOLVE_EVERY = 10.0
 #: seconds between two looks at the head phase's timeouts and accept errors
@@ -95,6 +100,31 @@ def wanted() -> bool:
     return os.environ.get(ENV, "1").strip() != "0"
 
 
+def tls_wanted() -> bool:
+    """Whether TLS listeners' head phase (their TLS handshake included) runs in C
+    too (WSRELAY_NATIVE_TLS_HANDSHAKE, default on; 0 keeps them on relay/client.py)."""
+    return os.environ.get(TLS_ENV, "1").strip() != "0"
+
+
+def serves(settings, is_tls: bool) -> bool:
+    """Whether this head phase serves a listener (TLS or plain) of a worker
+    whose tunnels the native plane relays, with ``settings`` (relay.config.Settings):
+    unless WSRELAY_NATIVE_HANDSHAKE=0, and for TLS unless the engine cannot
+    use Python's OpenSSL or WSRELAY_NATIVE_TLS_HANDSHAKE=0. Connections that
+    begin with a PROXY protocol header (RELAY_PROXY_PROTOCOL), whose origin
+    connections begin with one (RELAY_ORIGIN_PROXY_PROTOCOL), or that may carry
+    the edge's own client-certificate header (RELAY_TLS_CLIENT_CA) stay on
+    relay/client.py."""
+    if not wanted() or settings.proxy_protocol == "on" or settings.origin_proxy_protocol == "v2" \
+            or settings.tls_client_ca:
+        return False
+    if is_tls:
+        from relay import native
+
+        return native.TLS_AVAILABLE and tls_wanted()
+    return True
+
+
 class NativeConnection:
     """A client connection in the C head phase, from its request head to its
     origin's answer: the part of relay/seam.py's ``Connection`` a request
@@ -103,10 +133,12 @@ class NativeConnection:
     reads, finishes) goes to the Python plane whole, through
     :meth:`NativeFront._to_python` or ``HandedOverRefusal``."""
 
-    __slots__ = ("front", "ctx", "cid", "client_ip", "started", "req", "key", "record", "dial", "order", "full")
+    __slots__ = ("front", "ctx", "cid", "client_ip", "started", "req", "key", "record", "dial", "order", "full", "tls")
 
-    def __init__(self, front: "NativeFront", cid: int, client_ip: str, req, started: float) -> None:
+    def __init__(self, front: "NativeFront", cid: int, client_ip: str, req, started: float, tls=None) -> None:
         self.front = front
+        #: a TLS connection's ``_ssl._SSLSocket`` (the SSL's owner), None on a plain one
+        self.tls = tls
         self.ctx = front.ctx
         self.cid = cid
         self.client_ip = client_ip
@@ -149,9 +181,12 @@ class NativeFront:
     """Accepts on ``socks`` through the engine and answers its callbacks (the
     ``on_*`` methods, called by relay/native/_engine.c)."""
 
-    def __init__(self, ctx: Context, socks: list[socket.socket], mine=None, siblings=()) -> None:
+    def __init__(self, ctx: Context, socks: list[socket.socket], mine=None, siblings=(), tls_flags=(),
+                 tls_server=None) -> None:
         """``mine``/``siblings``: this worker's and the other workers' raw slots
-        of shared memory (relay.shared_memory.SharedState.values), to balance accepts."""
+        of shared memory (relay.shared_memory.SharedState.values), to balance accepts.
+        ``tls_flags``: which of ``socks`` are TLS listeners (all plain when
+        empty), served with ``tls_server`` (relay.tls.server.TlsServer)."""
         self.ctx = ctx
         self.loop = asyncio.get_running_loop()
         s = ctx.settings
@@ -168,11 +203,14 @@ class NativeFront:
         self.resolver = _Resolver(self, [m.addr for m in self.members])
         self.socks = socks
         if mine is not None and siblings:
-            from metrics import layout
-
             self.engine.balance(mine, list(siblings), layout.LOAD, layout.ACCEPTING)
-        for sock in socks:
-            self.engine.listen(sock.fileno())
+        #: TLS listeners' contexts (the Python plane answers plain HTTP on them with them)
+        self.tls_server = tls_server
+        if any(tls_flags):  # C counts how TLS handshakes end, into this worker's metrics
+            table, shift, mask = tls_handshake.reason_table(layout.TLS_OUTCOMES)
+            self.engine.tls_server(tls_server.default, table, shift, mask, ctx.counters.tls_handshakes_view())
+        for sock, is_tls in itertools.zip_longest(socks, tls_flags, fillvalue=False):
+            self.engine.listen(sock.fileno(), is_tls)
         ctx.counters.accepting = True
         self.fd = self.engine.hs_fileno()
         self.loop.add_reader(self.fd, self.engine.poll_handshakes)
@@ -214,15 +252,17 @@ class NativeFront:
         self._draining.start()
 
     # -- the engine's callbacks ------------------------------------------------------
-    def on_head(self, cid: int, req, ip: str) -> None:
+    def on_head(self, cid: int, req, ip: str, tls=None) -> None:
         """A request head is in (``req``: relay/native/http_head.c's view, None
-        when it does not parse or is over the cap)."""
+        when it does not parse or is over the cap). ``tls``: None on a plain
+        listener; on a TLS one the connection's ``_ssl._SSLSocket``, or False
+        when it sent no TLS record (no head was read: plain HTTP on a TLS port)."""
         # is_upgrade and validate_upgrade in one C call: None, the key, or (status, reason)
         ws = req.websocket() if req is not None else None
         if ws is None or not self.resolver.ready:
-            return self._to_python(cid)
+            return self._to_python(cid, tls, ip)
         ctx = self.ctx
-        conn = NativeConnection(self, cid, ip, req, time.monotonic())
+        conn = NativeConnection(self, cid, ip, req, time.monotonic(), tls)
         trusted = bool(ctx.trusted) and ip in ctx.trusted
         # None: C makes a new id for the forwarded head (Python has no use for it)
         request_id = request_id_for(req, trusted) if trusted or ctx.access.enabled else None
@@ -230,6 +270,9 @@ class NativeFront:
         if ctx.access.enabled:
             rec = conn.record = ctx.access.record(ip, req.method, req.path, req.get(b"user-agent"),
                                                   x_forwarded_for(req), request_id.decode())
+            if tls:
+                rec.tls_version = tls.version() or ""
+                rec.tls_resumed = tls.session_reused
         try:
             if type(ws) is tuple:
                 raise HeadError(*ws)
@@ -295,12 +338,16 @@ class NativeFront:
             rec.handshake_ms = round(handshake_s * 1000, 3)
             rec.data_plane = "native"  # the pump relays it; a refusal is "python" (README "Logs")
             _share_strings(rec)
-        tunnel = NativeTunnel(ctx.native, -1, -1, rec, conn.client_ip)
+        if conn.tls is None:
+            tunnel = NativeTunnel(ctx.native, -1, -1, rec, conn.client_ip)
+        else:  # wss://: the pump takes the SSL too, on its engine for TLS (engine.c "TLS tunnels")
+            tunnel = NativeTunnel(ctx.native, -1, -1, rec, conn.client_ip, tls=conn.tls,
+                                  engine=ctx.native.tls_engine())
         tunnel.upstream = member  # the tunnel holds the origin's count now, given back when it ends
         conn.dial.member = None
         ctx.tunnels.add(tunnel)
         ctx.counters.tunnels(len(ctx.tunnels))
-        tunnel.id = self.engine.splice(cid, tunnel)
+        tunnel.id = self.engine.splice(cid, tunnel, tunnel.engine)
 
     def on_failed(self, cid: int, conn: NativeConnection, origin: int, attempts) -> None:
         """No origin could be asked, or the answer broke off."""
@@ -416,22 +463,59 @@ class NativeFront:
         if rec is not None:
             rec.status = resp.status
             rec.outcome = "origin_rejected"
+        if conn.tls is not None:
+            return self._offload(cid, conn.client_ip, conn.tls, lambda c, ofd, obytes: HandedOverRefusal(
+                c, socket.socket(fileno=ofd), obytes, resp, rec), conn.started)
         cfd, ofd, _cbytes, obytes = self.engine.detach(cid)
         origin = socket.socket(fileno=ofd)
         client = ClientConnection(ctx, serve=lambda c: HandedOverRefusal(c, origin, obytes, resp, rec),
                                   started=conn.started)
         self._adopt(client, cfd)
 
-    def _to_python(self, cid: int) -> None:
+    def _to_python(self, cid: int, tls=None, ip: str = "-") -> None:
         """Plain HTTP, a head that does not parse, an upgrade before the origins
-        are resolved: the Python plane serves it from the bytes read so far."""
+        are resolved: the Python plane serves it from the bytes read so far
+        (``tls``: as on_head's)."""
+        if tls:
+            return self._offload(cid, ip, tls)
         cfd, _ofd, data, _ = self.engine.detach(cid)
-        conn = ClientConnection(self.ctx)
+        # False: no TLS record came on a TLS listener; the Python plane's TLS
+        # connection reads what came and answers it (nginx's 400)
+        conn = ClientConnection(self.ctx, self.tls_server) if tls is False else ClientConnection(self.ctx)
         conn.unread(data)
         self._adopt(conn, cfd)
 
+    def _offload(self, cid: int, ip: str, tls, serve=None, started: float = 0.0) -> None:
+        """A TLS connection the Python plane serves (``serve``: with the
+        origin's answer, ``serve(conn, origin fd, its bytes)``): its SSL cannot
+        leave the engine, so the pump relays it, decrypted, to one end of a
+        socket pair whose other end is a relay/client.py connection told who
+        the client is and how TLS went."""
+        ctx = self.ctx
+        ours, theirs = socket.socketpair()
+        try:
+            ofd, data, obytes, _tid = self.engine.tls_offload(cid, ours.fileno(), ctx.native.tls_engine(),
+                                                              Offload(tls))
+        except (OSError, ValueError):
+            ours.close()
+            theirs.close()
+            self.engine.close_handshake(cid)
+            return
+        ours.detach()  # the engine's now
+        facts = (ip, tls.version() or "", tls.session_reused)
+        if serve is None:
+            conn = ClientConnection(ctx, behind_tls=facts)
+            conn.unread(data)
+        else:
+            conn = ClientConnection(ctx, serve=lambda c: serve(c, ofd, obytes), started=started, behind_tls=facts)
+        if serve is None and ofd >= 0:
+            os.close(ofd)
+        self._adopt_socket(conn, theirs)
+
     def _adopt(self, conn: ClientConnection, fd: int) -> None:
-        sock = socket.socket(fileno=fd)
+        self._adopt_socket(conn, socket.socket(fileno=fd))
+
+    def _adopt_socket(self, conn: ClientConnection, sock: socket.socket) -> None:
         task = self.loop.create_task(self.loop.connect_accepted_socket(lambda: conn, sock))
         task.add_done_callback(_consume)
 

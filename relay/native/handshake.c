@@ -23,6 +23,20 @@
  * (RELAY_CONNECT_TIMEOUT), as relay/upgrade.py does. Each failed attempt is
  * recorded for Python's failure log.
  *
+ * TLS (README "TLS"): a TLS listener's connection is peeked at first: a
+ * first byte that starts no TLS record is plain HTTP on a TLS port, which
+ * the owner answers from the socket as it is (relay/client.py's 400). Else
+ * the owner gives it an SSL (made by Python's ssl module, with its
+ * certificates, SNI choice and ticket keys: one configuration for both
+ * head phases), which runs its handshake here on a socket BIO; the head is
+ * then read through SSL_read and a refusal written through SSL_write and
+ * ended with close_notify. The TLS handshake and the head share one
+ * deadline, RELAY_HANDSHAKE_TIMEOUT, as on the Python plane. How each
+ * handshake ended is counted here (tls_outcomes: failures from OpenSSL's
+ * reason, by the owner's table) for the owner to fold into its metrics;
+ * Python is called for none of them. At the 101 the pump takes the SSL
+ * (engine.c "TLS tunnels").
+ *
  * Time: each timeout kind (head, connect + response, linger) has one
  * duration, so its connections sit in a FIFO list in deadline order and
  * expiry looks at the list heads only: O(1) per expiry, nothing per tick.
@@ -41,6 +55,7 @@
 #include <unistd.h>
 
 #include "http_head.h"
+#include "tls.h"
 
 #define LINGER_MS 2000
 #define K_LISTEN 0x7fffff00u /* slots from here on are listening sockets */
@@ -262,7 +277,7 @@ static void conn_free(handshaker *h, uint32_t slot) {
     hs_put_buffer(h, c->obuf, c->ocap);
     free(c->out);
     free(c->order);
-    void *token = c->token;
+    void *token = c->token, *tls_token = c->tls_token;
     uint32_t gen = c->gen + 1;
     memset(c, 0, sizeof *c);
     c->gen = gen ? gen : 1;
@@ -273,6 +288,8 @@ static void conn_free(handshaker *h, uint32_t slot) {
     h->live--;
     if (token && h->release)
         h->release(token);
+    if (tls_token && h->release_tls)
+        h->release_tls(tls_token); /* frees the SSL (after its descriptor was closed or handed on) */
 }
 
 /* Close what is left of the connection and forget it (closing a descriptor
@@ -354,6 +371,40 @@ static int watch_client(handshaker *h, uint32_t slot, uint32_t events) {
     return 0;
 }
 
+/* Watch the client for reading, and for writing while SSL waits to write. */
+static int watch_for(handshaker *h, uint32_t slot) {
+    hs_conn *c = &h->c[slot];
+    if (c->watched && c->watched_out == c->want_out)
+        return 0;
+    c->watched_out = c->want_out;
+    return watch_client(h, slot, EPOLLIN | (c->want_out ? EPOLLOUT : 0));
+}
+
+/* An SSL call returned r <= 0: -1 with errno EAGAIN when it waits for the
+ * socket (want_out: to write), 0 at a close_notify, -1 ECONNRESET otherwise. */
+static ssize_t tls_wait(hs_conn *c, int r) {
+    int e = tls.SSL_get_error(c->ssl, r);
+    if (e == TLS_ERROR_WANT_READ || e == TLS_ERROR_WANT_WRITE) {
+        c->want_out = e == TLS_ERROR_WANT_WRITE;
+        errno = EAGAIN;
+        return -1;
+    }
+    tls.ERR_clear_error();
+    if (e == TLS_ERROR_ZERO_RETURN)
+        return 0;
+    errno = ECONNRESET;
+    return -1;
+}
+
+/* recv() from the client: plaintext through its SSL on a TLS connection. */
+static ssize_t client_recv(hs_conn *c, char *buf, size_t n) {
+    if (!c->ssl)
+        return recv(c->cfd, buf, n, 0);
+    tls.ERR_clear_error();
+    int r = tls.SSL_read(c->ssl, buf, n > 0x40000000 ? 0x40000000 : (int)n);
+    return r > 0 ? r : tls_wait(c, r);
+}
+
 static void read_head(handshaker *h, uint32_t slot) {
     hs_conn *c = &h->c[slot];
     for (;;) {
@@ -362,7 +413,7 @@ static void read_head(handshaker *h, uint32_t slot) {
             conn_close(h, slot);
             return;
         }
-        ssize_t n = r ? recv(c->cfd, c->buf + c->len, c->cap - c->len, 0) : 0;
+        ssize_t n = r ? client_recv(c, c->buf + c->len, c->cap - c->len) : 0;
         if (n > 0) {
             uint32_t before = c->len;
             c->len += (uint32_t)n;
@@ -377,7 +428,7 @@ static void read_head(handshaker *h, uint32_t slot) {
         if (n < 0 && errno == EINTR)
             continue;
         if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-            if (!c->watched && watch_client(h, slot, EPOLLIN) < 0)
+            if (watch_for(h, slot) < 0)
                 conn_close(h, slot);
             return;
         }
@@ -416,9 +467,23 @@ static int write_out(hs_conn *c, int fd) {
     return 1;
 }
 
+/* As write_out, through the client's SSL (records of what is left, each write whole). */
+static int write_tls(hs_conn *c) {
+    while (c->out_off < c->out_len) {
+        tls.ERR_clear_error();
+        int w = tls.SSL_write(c->ssl, c->out + c->out_off, (int)(c->out_len - c->out_off));
+        if (w > 0) {
+            c->out_off += (uint32_t)w;
+            continue;
+        }
+        return tls_wait(c, w) < 0 && errno == EAGAIN ? 0 : -1;
+    }
+    return 1;
+}
+
 static void refusal_progress(handshaker *h, uint32_t slot) {
     hs_conn *c = &h->c[slot];
-    int r = c->out ? write_out(c, c->cfd) : 1;
+    int r = c->out ? (c->ssl ? write_tls(c) : write_out(c, c->cfd)) : 1;
     if (r < 0) {
         conn_close(h, slot);
         return;
@@ -430,6 +495,12 @@ static void refusal_progress(handshaker *h, uint32_t slot) {
     }
     free(c->out);
     c->out = NULL;
+    if (c->ssl && !c->tls_shut) { /* TLS: close_notify first (best effort: a full socket drops it) */
+        c->tls_shut = 1;
+        tls.ERR_clear_error();
+        tls.SSL_shutdown(c->ssl);
+        tls.ERR_clear_error();
+    }
     /* all written: half-close and discard what still comes, for a while (nginx's lingering_close) */
     shutdown(c->cfd, SHUT_WR);
     if (c->tl != TL_LINGER)
@@ -443,7 +514,7 @@ static void refusal_progress(handshaker *h, uint32_t slot) {
 
 int hs_refuse(handshaker *h, int64_t id, const char *data, size_t n) {
     hs_conn *c = hs_get(h, id);
-    if (!c || c->state == H_LINGER || c->state == H_HEAD)
+    if (!c || c->state == H_LINGER || c->state == H_HEAD || c->state == H_TLS)
         return 0;
     uint32_t slot = (uint32_t)(id & 0xffffffff);
     if (c->ofd >= 0) {
@@ -669,11 +740,89 @@ int hs_skip(handshaker *h, int64_t id, uint32_t n) {
     return 1;
 }
 
+/* -- TLS ---------------------------------------------------------------------------------- */
+
+/* A failed handshake's outcome: OpenSSL's first error by the owner's table
+ * (relay/tls/handshake.py's outcome()); none, or a system error, is the
+ * client going away. */
+static uint32_t tls_outcome(handshaker *h) {
+    unsigned long err = tls.ERR_peek_error();
+    if (err == 0 || (err & 0x80000000UL)) /* ERR_SYSTEM_FLAG */
+        return HT_CLIENT_ABORT;
+    for (uint32_t k = 0; k < h->ntls_reasons; k++) {
+        hs_tls_reason *t = &h->tls_reasons[k];
+        if (((err >> h->tls_lib_shift) & 0xFF) == t->lib && (err & h->tls_reason_mask) == t->reason)
+            return t->outcome;
+    }
+    return HT_FAILED_OTHER;
+}
+
+static void tls_count(handshaker *h, uint32_t outcome) {
+    h->tls_outcomes[outcome]++;
+    if (h->tls_metrics) /* wsrelay_tls_handshakes_total: the worker's slot, written by this worker alone */
+        h->tls_metrics[outcome] += 1;
+}
+
+static void tls_progress(handshaker *h, uint32_t slot) {
+    hs_conn *c = &h->c[slot];
+    if (!c->ssl) {
+        unsigned char first;
+        ssize_t n;
+        do
+            n = recv(c->cfd, &first, 1, MSG_PEEK);
+        while (n < 0 && errno == EINTR);
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            if (watch_for(h, slot) < 0)
+                conn_close(h, slot);
+            return;
+        }
+        if (n <= 0) { /* gone before its first byte: no handshake began, none is counted */
+            conn_close(h, slot);
+            return;
+        }
+        if (first != 0x16 && !(first & 0x80)) {
+            /* no TLS record (nor an SSLv2-framed hello): plain HTTP on a TLS port,
+             * answered by the owner from the socket as it is (nothing was read) */
+            c->state = H_DECIDE;
+            tl_remove(h, slot);
+            emit(h, slot, HE_HEAD, 0);
+            return;
+        }
+        if (h->new_tls(h, c) < 0 || !c->ssl) {
+            conn_close(h, slot);
+            return;
+        }
+    }
+    tls.ERR_clear_error();
+    int r = tls.SSL_do_handshake(c->ssl);
+    if (r == 1) {
+        c->tls_done = 1;
+        c->want_out = 0;
+        tls_count(h, tls.SSL_session_reused(c->ssl) ? HT_RESUMED : HT_FULL);
+        c->state = H_HEAD;
+        read_head(h, slot); /* the head often comes with the client's Finished */
+        return;
+    }
+    int e = tls.SSL_get_error(c->ssl, r);
+    if (e == TLS_ERROR_WANT_READ || e == TLS_ERROR_WANT_WRITE) {
+        c->want_out = e == TLS_ERROR_WANT_WRITE;
+        if (watch_for(h, slot) < 0)
+            conn_close(h, slot);
+        return;
+    }
+    tls_count(h, tls_outcome(h));
+    tls.ERR_clear_error();
+    conn_close(h, slot); /* its alert, if any, was written by SSL already */
+}
+
 /* -- accept ------------------------------------------------------------------------------- */
 
-int hs_listen(handshaker *h, int lfd) {
+int hs_listen(handshaker *h, int lfd, int tls) {
     if (h->nlisten == HS_LISTEN_MAX)
         return -ENOSPC;
+    if (tls && !h->new_tls)
+        return -ENOPROTOOPT;
+    h->tls_listener[h->nlisten] = tls ? 1 : 0;
     struct epoll_event ev = {.events = EPOLLIN, .data.u64 = (uint64_t)(K_LISTEN + (uint32_t)h->nlisten) << 1};
     if (!h->accept_paused && epoll_ctl(h->epfd, EPOLL_CTL_ADD, lfd, &ev) < 0)
         return -errno;
@@ -739,10 +888,16 @@ static int accept_some(handshaker *h, int l, int max, int balanced) {
         h->accepted++;
         c->cfd = fd;
         c->ofd = -1;
-        c->state = H_HEAD;
         c->tl = c->prev = c->next = HS_NONE;
         tl_append(h, slot, TL_HEAD);
         taken++;
+        if (h->tls_listener[l]) {
+            c->tls = 1;
+            c->state = H_TLS;
+            tls_progress(h, slot); /* the ClientHello often came with the connection */
+            continue;
+        }
+        c->state = H_HEAD;
         read_head(h, slot); /* the head often came with the connection */
     }
     return taken;
@@ -760,6 +915,9 @@ void hs_expire(handshaker *h) {
                 break; /* an answer waits for Python's word (it comes before the next expiry) */
             tl_remove(h, slot);
             if (k == TL_LINGER) {
+                conn_close(h, slot);
+            } else if (k == TL_HEAD && c->state == H_TLS) {
+                tls_count(h, HT_TIMEOUT); /* the TLS handshake took too long: closed, nothing written */
                 conn_close(h, slot);
             } else if (k == TL_HEAD) {
                 /* Python counts a started head that never finished (408); nothing is written */
@@ -830,8 +988,11 @@ int hs_poll(handshaker *h, int maxaccept) {
          * reset, all wait for the tunnel, as on the Python plane (reading paused). */
         switch (c->state) {
         case H_HEAD:
-            if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+            if ((ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) || (c->want_out && (ev & EPOLLOUT)))
                 read_head(h, slot);
+            break;
+        case H_TLS:
+            tls_progress(h, slot);
             break;
         case H_LINGER:
             if (c->out)

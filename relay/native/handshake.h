@@ -19,7 +19,16 @@ enum {
     H_CONNECT,    /* connecting to an origin address, the head not all written */
     H_RESPONSE,   /* head written, reading the response head */
     H_DECIDE2,    /* response (or failure) delivered: waiting for splice / refuse / detach / skip */
+    H_TLS,        /* a TLS listener's connection: its first byte, then the TLS handshake (handshake.c "TLS") */
 };
+
+/* how TLS handshakes in the head phase ended (metrics/layout.py TLS_OUTCOMES, same order) */
+enum { HT_FULL = 0, HT_RESUMED, HT_FAILED_PROTOCOL, HT_FAILED_CIPHER, HT_FAILED_SNI, HT_FAILED_CLIENT_CERT,
+       HT_FAILED_OTHER, HT_PLAIN_HTTP, HT_CLIENT_ABORT, HT_TIMEOUT, HT_N };
+
+/* an OpenSSL error (library, reason) and the outcome it stands for (relay/tls/handshake.py's outcome()) */
+typedef struct { uint32_t lib, reason, outcome; } hs_tls_reason;
+#define HS_TLS_REASONS 64
 
 /* timer lists: one FIFO per kind, so expiry is O(1) (equal durations per kind) */
 enum { TL_HEAD = 0, TL_LINGER, TL_CONNECT, TL_N };
@@ -79,6 +88,12 @@ typedef struct hs_conn {
      * accept_len 0: none given, every answer goes to the owner as a view */
     char accept[32];
     uint8_t accept_len;
+    /* TLS (a TLS listener's connection): the SSL, owned by the owner's token
+     * (tls_token, released with the connection); tls_done once its
+     * handshake completed; want_out: SSL waits to write (EPOLLOUT watched) */
+    struct ssl_st *ssl;
+    void *tls_token;
+    uint8_t tls, tls_done, want_out, watched_out, tls_shut;
 } hs_conn;
 
 typedef struct hs_event {
@@ -133,13 +148,25 @@ typedef struct handshaker {
      * most HS_POOL_MAX of them whatever the number of slots */
     char *pool[HS_POOL_MAX];
     int npool;
+    /* TLS listeners (handshake.c "TLS"): which listeners speak TLS; the
+     * owner's SSL for a new connection (0, or -1: none, the connection is
+     * closed), released with the connection; how handshakes ended */
+    signed char tls_listener[HS_LISTEN_MAX];
+    int (*new_tls)(struct handshaker *h, hs_conn *c);
+    void (*release_tls)(void *token);
+    uint64_t tls_outcomes[HT_N];
+    double *tls_metrics;       /* the same counts in the worker's metrics (float64 in shared memory), or NULL */
+    hs_tls_reason tls_reasons[HS_TLS_REASONS];
+    uint32_t ntls_reasons;
+    uint32_t tls_lib_shift;    /* ERR_GET_LIB and ERR_GET_REASON of this OpenSSL (23 and 0x7fffff from 3.0) */
+    unsigned long tls_reason_mask;
 } handshaker;
 
 #define HS_NONE 0xffffffffu
 
 int hs_init(handshaker *h, uint32_t max_head, double head_timeout, double connect_timeout);
 void hs_free(handshaker *h);
-int hs_listen(handshaker *h, int lfd);
+int hs_listen(handshaker *h, int lfd, int tls); /* tls: its connections begin with a TLS handshake */
 /* Replace the origin table (takes ownership of origins and their addresses). */
 void hs_set_origins(handshaker *h, hs_origin *origins, uint32_t n);
 int hs_poll(handshaker *h, int maxaccept);          /* accept, read, write, expire; events queued */

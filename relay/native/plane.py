@@ -147,6 +147,19 @@ class NativeTunnel(metaclass=_TunnelModeHooks):
             self.engine.abort(self.id)
 
 
+class Offload:
+    """The token of a TLS connection the Python plane serves behind the pump:
+    the head phase's TLS tunnel between the client and one end of a socket
+    pair whose other end is a relay/client.py connection (relay/native/front.py,
+    ``_offload``). It holds the SSL's owner; its end counts nothing (the
+    connection behind it counts its own requests)."""
+
+    __slots__ = ("tls",)
+
+    def __init__(self, tls) -> None:
+        self.tls = tls
+
+
 def _share_strings(record) -> None:
     """Tunnels live long and mostly share a client address, an origin and a
     method: one string each for all of them, not one per tunnel."""
@@ -188,6 +201,8 @@ class NativePlane:
         return (self.engine,) if self._tls_engine is None else (self.engine, self._tls_engine)
 
     def ended(self, tunnel: NativeTunnel, up: int, down: int) -> None:
+        if tunnel.__class__ is Offload:
+            return
         tunnel.up = up
         tunnel.down = down
         tunnel.ended = True

@@ -141,6 +141,10 @@ int tls_load(const char *path, const char **why) {
     LOOKUP(BIO_read);
     LOOKUP(BIO_ctrl);
     LOOKUP(ERR_clear_error);
+    LOOKUP(SSL_set_fd);
+    LOOKUP(SSL_do_handshake);
+    LOOKUP(SSL_session_reused);
+    LOOKUP(ERR_peek_error);
     int type = tls.BIO_get_new_index();
     BIO_METHOD *m = type > 0 ? tls.BIO_meth_new(type | BIO_TYPE_SOURCE_SINK, "wsrelay engine") : NULL;
     if (m == NULL || !tls.BIO_meth_set_read(m, bio_read) || !tls.BIO_meth_set_write(m, bio_write) ||

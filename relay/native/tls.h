@@ -49,6 +49,11 @@ typedef struct tls_api {
     int (*BIO_read)(BIO *, void *, int);
     long (*BIO_ctrl)(BIO *, int, long, void *);
     void (*ERR_clear_error)(void);
+    /* the head phase's handshake (handshake.c "TLS") */
+    int (*SSL_set_fd)(SSL *, int);
+    int (*SSL_do_handshake)(SSL *);
+    int (*SSL_session_reused)(const SSL *);
+    unsigned long (*ERR_peek_error)(void);
 } tls_api;
 
 extern tls_api tls;

@@ -80,20 +80,46 @@ _CLIENT_CERT = ("PEER_DID_NOT_RETURN_A_CERTIFICATE", "CERTIFICATE_VERIFY_FAILED"
                 "CERTIFICATE_REQUIRED", "TLSV13_ALERT_CERTIFICATE_REQUIRED")
 
 
+def _by_reason(reason: str) -> str:
+    """The outcome of a handshake OpenSSL failed with ``reason`` (its name, e.g. NO_SHARED_CIPHER)."""
+    if reason in _PROTOCOL:
+        return "failed_protocol"
+    if reason in _CIPHER:
+        return "failed_cipher"
+    if reason in _CLIENT_CERT:
+        return "failed_client_certificate"
+    if reason == "CALLBACK_FAILED" or "SERVERNAME" in reason or "UNRECOGNIZED_NAME" in reason:
+        # our one callback that can fail is the SNI choice (RELAY_TLS_STRICT_SNI)
+        return "failed_sni"
+    if reason == "UNEXPECTED_EOF_WHILE_READING":  # the client closed during the handshake
+        return "client_abort"
+    return "failed_other"
+
+
 def outcome(exc: BaseException | None) -> str:
     """The outcome label of a handshake that ended with ``exc``."""
     if isinstance(exc, ssl.SSLError):
-        reason = (exc.reason or "").upper()
-        if reason in _PROTOCOL:
-            return "failed_protocol"
-        if reason in _CIPHER:
-            return "failed_cipher"
-        if reason in _CLIENT_CERT or isinstance(exc, ssl.SSLCertVerificationError):
+        if isinstance(exc, ssl.SSLCertVerificationError):
             return "failed_client_certificate"
-        if reason == "CALLBACK_FAILED" or "SERVERNAME" in reason or "UNRECOGNIZED_NAME" in reason:
-            # our one callback that can fail is the SNI choice (RELAY_TLS_STRICT_SNI)
-            return "failed_sni"
-        return "failed_other"
+        return _by_reason((exc.reason or "").upper())
     if isinstance(exc, ConnectionAbortedError):  # the SSL protocol's own timer
         return "timeout"
     return "client_abort"  # the client closed or reset during the handshake
+
+
+def reason_table(outcomes: tuple[str, ...]) -> tuple[list[tuple[int, int, int]], int, int]:
+    """:func:`outcome` as the C head phase applies it (relay/native/handshake.c
+    "TLS"): ``([(lib, reason, index into outcomes), ...], lib shift, reason
+    mask)`` for each OpenSSL error this Python's ssl module names whose outcome
+    is not ``failed_other`` (the default), and how this OpenSSL packs an error
+    code (ERR_GET_LIB/ERR_GET_REASON: from 3.0, 8 bits at 23 and 23 bits; 1.1.1,
+    8 bits at 24 and 12 bits)."""
+    import _ssl
+
+    table = []
+    for (lib, reason), name in _ssl.err_codes_to_names.items():
+        label = _by_reason(name.upper())
+        if label != "failed_other":
+            table.append((lib, reason, outcomes.index(label)))
+    v3 = ssl.OPENSSL_VERSION_INFO >= (3,)
+    return table, (23 if v3 else 24), (0x7FFFFF if v3 else 0xFFF)

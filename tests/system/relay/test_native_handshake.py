@@ -35,7 +35,7 @@ class Front:
     def __init__(self):
         self.events: list[tuple] = []
 
-    def on_head(self, cid, req, ip):
+    def on_head(self, cid, req, ip, tls=None):
         self.events.append(("head", cid, req, ip))
         self.decide(cid)
 
@@ -448,7 +448,7 @@ class Taker:
         self.heads = heads
         self.engine = None
 
-    def on_head(self, cid, req, ip):
+    def on_head(self, cid, req, ip, tls=None):
         self.heads.append(cid)
         self.engine.refuse(cid, b"")
 
@@ -552,7 +552,7 @@ resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
 heads = []
 e = native.Engine()
 class Front:  # keeps each connection, lingering (an empty refusal)
-    def on_head(self, cid, req, ip):
+    def on_head(self, cid, req, ip, tls=None):
         heads.append(cid); e.refuse(cid, b"")
     def on_response(self, *a):
         pass

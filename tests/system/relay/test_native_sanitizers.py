@@ -94,6 +94,7 @@ def test_the_pump_under_addresssanitizer(tmp_path):
          "tests/unit/test_native_head.py", "tests/system/relay/test_native.py", "tests/system/relay/test_native_handshake.py",
          "tests/system/relay/test_tunnel_endings.py", "tests/system/relay/test_data_plane_fuzz.py",
          "tests/system/relay/test_native_tls.py", "tests/system/relay/test_tls_tunnel.py",
+         "tests/system/relay/test_native_tls_head.py",
          "-k", "not python"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     reports = [open(p).read() for p in glob.glob(f"{logs}*")]
