@@ -38,6 +38,9 @@ WORKLOADS = {
     "echo-4k": ("echo", 50, 4096),
     "echo-1m": ("echo", 4, 1 << 20),
     "handshake": ("handshake", 8, 64),
+    # TLS (the *-tls systems): a cycle = connect + TLS 1.3 handshake (full or resumed) + upgrade + echo + close
+    "tls-handshake": ("tls-handshake", 8, 64),
+    "tls-resume": ("tls-handshake", 8, 64),
 }
 
 
@@ -82,9 +85,14 @@ def measure(workload: str, key: str, origin, origin_port: int, tool: str, second
         procs = 2 if conns > 4 else 1
         per = [conns // procs + (1 if i < conns % procs else 0) for i in range(procs)]
         for i, n in enumerate(per):
-            children.append(Child([sys.executable, "-m", "bench.loadgen", "--steered", "--mode", mode,
-                                   "--url", sysm.url, "--conns", str(n), "--size", str(size), "--warmup", "0",
-                                   "--duration", str(seconds)], None))
+            argv = [sys.executable, "-m", "bench.loadgen", "--steered", "--mode", mode,
+                    "--url", sysm.url, "--conns", str(n), "--size", str(size), "--warmup", "0",
+                    "--duration", str(seconds)]
+            if sysm.tls:
+                argv += ["--ca", str(proxies.pki(tmp.parent)["ca"])]  # the one sysm.start() serves
+            if workload == "tls-resume":
+                argv.append("--resume")
+            children.append(Child(argv, None))
         for c in children:
             c.line("READY", 60)
         out = tmp / f"count-{workload}-{key}.txt"

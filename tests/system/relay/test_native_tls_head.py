@@ -85,6 +85,31 @@ def test_plain_requests_over_tls_reach_the_origin_as_the_client_said_them(relay,
     assert line["tls_version"] == "TLSv1.3", line
 
 
+def test_an_upgrade_after_plain_requests_on_one_tls_connection_relays_frames(relay, pki):
+    """A plain request first (served by the Python plane behind the pump), then
+    an upgrade on the same connection: its tunnel relays frames both ways."""
+    conn = TlsConn(relay.tls_port, client_context(pki[0]))
+    try:
+        conn.send(b"GET /first HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        head, _ = read_response(conn)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        conn.send(b"GET /ws HTTP/1.1\r\nHost: a.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        while b"\r\n\r\n" not in conn.plain:
+            assert conn._fill(), bytes(conn.plain)
+        head, _, rest = bytes(conn.plain).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        del conn.plain[:len(head) + 4]
+        mask = b"\x01\x02\x03\x04"
+        payload = b"over one TLS connection"
+        conn.send(bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+        while len(conn.plain) < 2 + len(payload):
+            assert conn._fill(), bytes(conn.plain)
+        assert bytes(conn.plain[:2 + len(payload)]) == bytes([0x81, len(payload)]) + payload
+    finally:
+        conn.sock.close()
+
+
 def test_an_origins_refusal_of_a_wss_upgrade_reaches_the_client_with_its_body(relay, pki):
     """The origin answers an upgrade with a 200 and a body (no WebSocket
     there): the client gets that answer whole over TLS, counted origin_rejected."""
