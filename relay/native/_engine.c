@@ -547,6 +547,10 @@ static int new_tls(handshaker *h, hs_conn *c) {
         Py_XDECREF(sock);
         return -1;
     }
+    /* read what the socket holds at once, not a record header then its body:
+     * a handshake's flights and the head in a read or two (what SSL holds
+     * beyond the head is decrypted by the pump first, engine.c tls_up) */
+    tls.SSL_set_read_ahead(ssl, 1);
     c->ssl = ssl;
     c->tls_token = sock;
     return 0;

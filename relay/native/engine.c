@@ -83,6 +83,8 @@
 #define S_RECV 0x40      /* a recv is armed (or linked behind a send) */
 #define S_SENDING 0x80   /* a send is in flight to this side */
 #define S_SPLICED 0x100  /* read by splice() into the peer's pipe (bulk), not by recv */
+/* epoll side flag */
+#define S_OUTW 0x200     /* EPOLLOUT is in its epoll registration (added at its first short send) */
 #define S_POLLIN 0x200   /* a poll for readable is armed (splice mode) */
 #define S_POLLOUT 0x400  /* a poll for writable is armed (the pipe's bytes wait for it) */
 
@@ -243,6 +245,24 @@ static int shut(engine *e, eng_tunnel *t, uint32_t slot, int j) {
     return 1;
 }
 
+/* Side j could not take all it was sent: on epoll, watch it for writing from
+ * now on. A side is registered for reading only at first, since an
+ * edge-triggered EPOLLOUT in the first registration fires at once for every
+ * new socket (writable): one wasted wake-up per tunnel, two syscalls and a
+ * pass through the event loop, where most tunnels never fill a socket. */
+static int want_out(engine *e, eng_tunnel *t, uint32_t slot, int j) {
+    eng_side *d = &t->s[j];
+    if (e->backend != ENG_EPOLL || (d->flags & S_OUTW))
+        return 1;
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.u64 = ev_key(t, slot, j)};
+    if (epoll_ctl(e->epfd, EPOLL_CTL_MOD, d->fd, &ev) < 0) {
+        lost(e, t, slot, j);
+        return 0;
+    }
+    d->flags |= S_OUTW; /* kept: later edges are the socket draining, as wanted */
+    return 1;
+}
+
 /* Send n bytes to side j; keep what it cannot take. 0 if the tunnel failed. */
 static int send_or_keep(engine *e, eng_tunnel *t, uint32_t slot, int j, const char *data, size_t n) {
     eng_side *d = &t->s[j];
@@ -267,6 +287,7 @@ static int send_or_keep(engine *e, eng_tunnel *t, uint32_t slot, int j, const ch
         memcpy(d->pend, data + w, rest);
         d->pend_off = 0;
         d->pend_len = (uint32_t)rest;
+        return want_out(e, t, slot, j);
     }
     return 1;
 }
@@ -385,7 +406,7 @@ int64_t eng_open(engine *e, int cfd, int ofd, const char *to_client, size_t nc,
     t->s[1].fd = ofd;
     t->s[0].pr = t->s[0].pw = t->s[1].pr = t->s[1].pw = -1;
     if (e->backend == ENG_EPOLL) {
-        struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET};
+        struct epoll_event ev = {.events = EPOLLIN | EPOLLRDHUP | EPOLLET}; /* EPOLLOUT: want_out() */
         ev.data.u64 = ev_key(t, slot, 0);
         if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, cfd, &ev) < 0)
             return -errno;
@@ -721,10 +742,11 @@ static void tls_up(engine *e, eng_tunnel *t, uint32_t slot) {
             }
             plen += (size_t)r;
             /* SSL_read returns one record at most, and reads no further than
-             * the record it needs: with no ciphertext left to give it and no
-             * plaintext left in it, the next call could only ask for more (a
-             * call and an error-queue lookup per chunk saved) */
-            if (!e->tls_in_len && !x->carry && !tls.SSL_pending(ssl)) {
+             * the record it needs: with no ciphertext left to give it and
+             * nothing buffered in it (plaintext, or records the head phase
+             * read ahead), the next call could only ask for more (a call and
+             * an error-queue lookup per chunk saved) */
+            if (!e->tls_in_len && !x->carry && !tls.SSL_has_pending(ssl)) {
                 err = TLS_ERROR_WANT_READ;
                 break;
             }
@@ -887,6 +909,10 @@ int64_t eng_open_tls(engine *e, int cfd, int ofd, SSL *ssl, const char *to_clien
     tls.BIO_set_init(bio, 1);
     tls.SSL_set_bio(ssl, bio, bio); /* takes our one reference; lets go of uvloop's BIOs */
     tls.SSL_set_options(ssl, TLS_OP_NO_RENEGOTIATION);
+    /* from here SSL takes from our BIO only the record it needs (the rest stays
+     * in the engine's buffer or carry, the backpressure bound); what the head
+     * phase read ahead is decrypted first (tls_up below) */
+    tls.SSL_set_read_ahead(ssl, 0);
     t->tls = x;
     e->ntls++;
     if (nin < 0 || nout < 0) { /* out of memory: what was read is lost, so the tunnel is too */

@@ -142,6 +142,7 @@ int tls_load(const char *path, const char **why) {
     LOOKUP(BIO_ctrl);
     LOOKUP(ERR_clear_error);
     LOOKUP(SSL_set_fd);
+    LOOKUP(SSL_set_read_ahead);
     LOOKUP(SSL_do_handshake);
     LOOKUP(SSL_session_reused);
     LOOKUP(ERR_peek_error);

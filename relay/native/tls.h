@@ -51,6 +51,7 @@ typedef struct tls_api {
     void (*ERR_clear_error)(void);
     /* the head phase's handshake (handshake.c "TLS") */
     int (*SSL_set_fd)(SSL *, int);
+    void (*SSL_set_read_ahead)(SSL *, int);
     int (*SSL_do_handshake)(SSL *);
     int (*SSL_session_reused)(const SSL *);
     unsigned long (*ERR_peek_error)(void);
