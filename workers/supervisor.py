@@ -98,8 +98,7 @@ class Supervisor:
         log.info("wsrelay %s listening on %s (%s), %d workers, origin %s, mode %s, %s",
                  __version__, self.listeners.names(),
                  "socket-activated" if self.listeners.activated else "bound", n,
-                 ", ".join(str(o) for o in s.origin), s.mode,
-                 native.describe(s.data_plane, s.mode, bool(s.tls_listen), _tls_head_native(s)))
+                 ", ".join(str(o) for o in s.origin), s.mode, native.describe(s))
         self.watchdog = systemd.watchdog_interval()
         self.next_watchdog = time.monotonic()
         self._manage()
@@ -348,12 +347,3 @@ class Supervisor:
             log.warning("drain deadline passed: killing %d workers", len(self.workers))
             self.workers.signal(signal.SIGKILL)
             self.stop_deadline = now + 5
-
-
-def _tls_head_native(settings) -> bool:
-    """Whether TLS listeners' handshakes and heads are read in C (relay/native/front.py's ``serves``)."""
-    if not settings.tls_listen or not native.AVAILABLE:
-        return False
-    from relay.native import front
-
-    return front.serves(settings, True)

@@ -56,13 +56,13 @@ def head_phase(ctx: Context, is_tls: bool) -> str:
     """Who reads the request heads of a listener's connections: ``"native"``
     (relay/native/front.py: accept and the head phase in C) when the native
     data plane serves this worker's tunnels (tunnel mode) and
-    :func:`relay.native.front.serves` says so for the listener's kind;
+    :func:`relay.native.head_phase_serves` says so for the listener's kind;
     ``"python"`` (workers/accept.py and relay/client.py) otherwise."""
     if ctx.native is None:
         return "python"
-    from relay.native import front
+    from relay import native
 
-    return "native" if front.serves(ctx.settings, is_tls) else "python"
+    return "native" if native.head_phase_serves(ctx.settings, is_tls) else "python"
 
 
 async def _serve(settings: Settings, socks: list[socket.socket], index: int, slot: int,

@@ -13,6 +13,8 @@ This module only says whether the extension is importable, and why not;
 
 from __future__ import annotations
 
+import os
+
 try:
     from relay.native._engine import Engine
 except ImportError as e:  # not built: no compiler or headers at install time
@@ -95,10 +97,43 @@ def problem(data_plane: str, mode: str) -> str | None:
     return None
 
 
-def describe(data_plane: str, mode: str, tls: bool = False, tls_head: bool = False) -> str:
-    """One phrase for the startup log: which plane serves tunnels, and why
-    (``tls``: there are TLS listeners, whose tunnels the pump relays on epoll;
-    ``tls_head``: their TLS handshakes and heads are read in C too)."""
+#: WSRELAY_NATIVE_HANDSHAKE=0 keeps the head phase in Python (relay/client.py) on
+#: the native plane: the milestone-1 path, for comparison (bench/README.md)
+HANDSHAKE_ENV = "WSRELAY_NATIVE_HANDSHAKE"
+#: WSRELAY_NATIVE_TLS_HANDSHAKE=0 keeps TLS listeners' head phase (and TLS handshake) in Python
+TLS_HANDSHAKE_ENV = "WSRELAY_NATIVE_TLS_HANDSHAKE"
+
+
+def head_phase_serves(settings, is_tls: bool) -> bool:
+    """Whether the head phase in C (relay/native/front.py) serves a listener
+    (TLS or plain) of a worker whose tunnels the native plane relays, with
+    ``settings`` (relay.config.Settings): unless WSRELAY_NATIVE_HANDSHAKE=0,
+    and for TLS unless the engine cannot use Python's OpenSSL or
+    WSRELAY_NATIVE_TLS_HANDSHAKE=0. Connections that begin with a PROXY
+    protocol header (RELAY_PROXY_PROTOCOL), whose origin connections begin
+    with one (RELAY_ORIGIN_PROXY_PROTOCOL), or that may carry the edge's own
+    client-certificate header (RELAY_TLS_CLIENT_CA) stay on relay/client.py."""
+    if os.environ.get(HANDSHAKE_ENV, "1").strip() == "0" or settings.proxy_protocol == "on" \
+            or settings.origin_proxy_protocol == "v2" or settings.tls_client_ca:
+        return False
+    if is_tls:
+        return TLS_AVAILABLE and os.environ.get(TLS_HANDSHAKE_ENV, "1").strip() != "0"
+    return True
+
+
+def tls_head_in_c(settings) -> bool:
+    """Whether TLS listeners' handshakes and heads are read in C with these
+    settings (relay.config.Settings)."""
+    return bool(settings.tls_listen) and AVAILABLE and resolve(settings.data_plane, settings.mode) == NATIVE \
+        and head_phase_serves(settings, True)
+
+
+def describe(settings) -> str:
+    """One phrase for the startup log: which plane serves tunnels, and why,
+    with ``settings`` (relay.config.Settings): TLS listeners' tunnels are
+    relayed on epoll, their handshakes and heads read in C (tls_head_in_c)."""
+    data_plane, mode, tls = settings.data_plane, settings.mode, bool(settings.tls_listen)
+    tls_head = tls_head_in_c(settings)
     chosen = resolve(data_plane, mode)
     if chosen == NATIVE:
         if not tls:

@@ -81,11 +81,6 @@ from workers.accept import LOG_EVERY, PAUSE
 
 log = logging.getLogger("wsrelay.worker")
 
-#: WSRELAY_NATIVE_HANDSHAKE=0 keeps the head phase in Python (relay/client.py) on
-#: the native plane: the milestone-1 path, for comparison (bench/README.md)
-ENV = "WSRELAY_NATIVE_HANDSHAKE"
-#: WSRELAY_NATIVE_TLS_HANDSHAKE=0 keeps TLS listeners' head phase (and TLS handshake) in Python
-TLS_ENV = "WSRELAY_NATIVE_TLS_HANDSHAKE"
 #: seconds between two resolutions of an origin given as a host name
 RESOLVE_EVERY = 10.0
 #: seconds between two looks at the head phase's timeouts and accept errors
@@ -93,36 +88,6 @@ TICK = 0.1
 
 # why an origin attempt failed (handshake.h HF_*)
 _CONNECT, _CLOSED, _TRUNCATED = 1, 2, 3
-
-
-def wanted() -> bool:
-    """Whether the head phase runs in C where it can (WSRELAY_NATIVE_HANDSHAKE, default on)."""
-    return os.environ.get(ENV, "1").strip() != "0"
-
-
-def tls_wanted() -> bool:
-    """Whether TLS listeners' head phase (their TLS handshake included) runs in C
-    too (WSRELAY_NATIVE_TLS_HANDSHAKE, default on; 0 keeps them on relay/client.py)."""
-    return os.environ.get(TLS_ENV, "1").strip() != "0"
-
-
-def serves(settings, is_tls: bool) -> bool:
-    """Whether this head phase serves a listener (TLS or plain) of a worker
-    whose tunnels the native plane relays, with ``settings`` (relay.config.Settings):
-    unless WSRELAY_NATIVE_HANDSHAKE=0, and for TLS unless the engine cannot
-    use Python's OpenSSL or WSRELAY_NATIVE_TLS_HANDSHAKE=0. Connections that
-    begin with a PROXY protocol header (RELAY_PROXY_PROTOCOL), whose origin
-    connections begin with one (RELAY_ORIGIN_PROXY_PROTOCOL), or that may carry
-    the edge's own client-certificate header (RELAY_TLS_CLIENT_CA) stay on
-    relay/client.py."""
-    if not wanted() or settings.proxy_protocol == "on" or settings.origin_proxy_protocol == "v2" \
-            or settings.tls_client_ca:
-        return False
-    if is_tls:
-        from relay import native
-
-        return native.TLS_AVAILABLE and tls_wanted()
-    return True
 
 
 class NativeConnection:
