@@ -696,6 +696,8 @@ static PyObject *Engine_tls_offload(EngineObject *self, PyObject *args) {
     int64_t tid = eng_open_tls(e, cfd, fd, ssl, "", 0, "", 0, token);
     if (tid < 0)
         close(cfd); /* fd stays the caller's */
+    else /* the Python plane behind it counts the connection, and keeps its time (not a tunnel's idle timeout) */
+        eng_carrier(e, tid);
     PyObject *t = opened(eo, tid, token);
     if (!t) {
         if (ofd >= 0)

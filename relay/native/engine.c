@@ -79,6 +79,8 @@
 #define T_CLOSING 0x02   /* close each side once what is pending for it is sent */
 #define T_ENDED 0x04
 #define T_REPORTED 0x08  /* the owner has read the ending: the slot is free once nothing is in flight */
+#define T_CARRIER 0x10   /* carries a connection the owner serves itself (eng_carrier): its bytes are
+                          * not the tunnels' (total, ended_bytes) and it is never idle-closed */
 /* io_uring side flags */
 #define S_RECV 0x40      /* a recv is armed (or linked behind a send) */
 #define S_SENDING 0x80   /* a send is in flight to this side */
@@ -108,7 +110,8 @@ static inline int busy(const engine *e, const eng_side *s) {
 /* n bytes read from side i: its count, the engine's, and the tunnel's last activity. */
 static inline void counted(engine *e, eng_tunnel *t, int i, uint64_t n) {
     t->s[i].nbytes += n;
-    e->total[i] += n;
+    if (!(t->flags & T_CARRIER))
+        e->total[i] += n;
     t->last_active_ms = e->now_ms;
 }
 
@@ -198,8 +201,10 @@ static void maybe_end(engine *e, eng_tunnel *t, uint32_t slot) {
     if ((t->s[0].flags & t->s[1].flags & S_CLOSED) && !(t->flags & T_ENDED)) {
         t->flags |= T_ENDED;
         e->open--;
-        e->ended_bytes[0] += t->s[0].nbytes;
-        e->ended_bytes[1] += t->s[1].nbytes;
+        if (!(t->flags & T_CARRIER)) {
+            e->ended_bytes[0] += t->s[0].nbytes;
+            e->ended_bytes[1] += t->s[1].nbytes;
+        }
         push_ended(e, slot);
     }
 }
@@ -444,6 +449,21 @@ eng_tunnel *eng_get(engine *e, int64_t id) {
     return t;
 }
 
+void eng_carrier(engine *e, int64_t id) {
+    uint32_t slot = (uint32_t)(id & 0xffffffff);
+    if (id < 0 || slot >= e->cap)
+        return;
+    eng_tunnel *t = &e->t[slot];
+    if (t->gen != (uint32_t)(id >> 32) || !(t->flags & T_USED) || (t->flags & T_CARRIER))
+        return;
+    for (int i = 0; i < 2; i++) { /* what it read since it opened (or until it ended) leaves the totals */
+        e->total[i] -= t->s[i].nbytes;
+        if (t->flags & T_ENDED)
+            e->ended_bytes[i] -= t->s[i].nbytes;
+    }
+    t->flags |= T_CARRIER;
+}
+
 int eng_close(engine *e, int64_t id) {
     eng_tunnel *t = eng_get(e, id);
     if (!t)
@@ -468,7 +488,8 @@ int eng_close_idle(engine *e, int64_t limit_ms) {
     eng_clock(e);
     for (uint32_t slot = 0; slot < e->cap; slot++) {
         eng_tunnel *t = &e->t[slot];
-        if ((t->flags & (T_USED | T_CLOSING | T_ENDED)) == T_USED && e->now_ms - t->last_active_ms >= limit_ms) {
+        if ((t->flags & (T_USED | T_CLOSING | T_ENDED | T_CARRIER)) == T_USED &&
+            e->now_ms - t->last_active_ms >= limit_ms) {
             close_tunnel(e, t, slot);
             n++;
         }

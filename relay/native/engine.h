@@ -78,6 +78,9 @@ int64_t eng_open(engine *e, int cfd, int ofd, const char *to_client, size_t nc,
 int eng_poll(engine *e, int maxevents);
 eng_tunnel *eng_get(engine *e, int64_t id);  /* NULL for unknown or ended ids */
 int eng_close(engine *e, int64_t id);  /* clean: flush what is pending, then close */
+/* The tunnel carries a connection its owner serves (a TLS offload, relay/native/front.py):
+ * its bytes count in no total, and eng_close_idle() leaves it alone. */
+void eng_carrier(engine *e, int64_t id);
 int eng_abort(engine *e, int64_t id);  /* now, discarding what is pending */
 int eng_close_idle(engine *e, int64_t limit_ms);
 /* Pop one ended tunnel: its slot index, or ENG_NONE; then eng_release(slot). */

@@ -35,7 +35,7 @@ from tests.support.relay import ROOT
 NATIVE = os.path.join(ROOT, "relay", "native")
 #: every C file of the extension (setup.py's list)
 SOURCES = [os.path.join(NATIVE, f)
-           for f in ("_engine.c", "_heads.c", "engine.c", "handshake.c", "http_head.c", "tls.c")]
+           for f in ("_engine.c", "_heads.c", "engine.c", "handshake.c", "http_head.c", "ws_accept.c", "tls.c")]
 REQUIRED = os.environ.get("WSRELAY_REQUIRE_NATIVE", "") not in ("", "0")
 
 
@@ -58,14 +58,20 @@ def _libasan(cc: str) -> str:
 
 
 SITECUSTOMIZE = textwrap.dedent("""\
-    # Load the sanitizer build of the engine as relay.native._engine.
+    # Load the sanitizer build of the engine as relay.native._engine. An error
+    # here would only be printed (Python goes on without its sitecustomize) and
+    # the regular build would load instead, unchecked: exit at once.
     import importlib.machinery, importlib.util, os, sys
-    _path = os.environ["WSRELAY_TEST_ENGINE"]
-    _loader = importlib.machinery.ExtensionFileLoader("relay.native._engine", _path)
-    _spec = importlib.util.spec_from_file_location("relay.native._engine", _path, loader=_loader)
-    _mod = importlib.util.module_from_spec(_spec)
-    _loader.exec_module(_mod)
-    sys.modules["relay.native._engine"] = _mod
+    try:
+        _path = os.environ["WSRELAY_TEST_ENGINE"]
+        _loader = importlib.machinery.ExtensionFileLoader("relay.native._engine", _path)
+        _spec = importlib.util.spec_from_file_location("relay.native._engine", _path, loader=_loader)
+        _mod = importlib.util.module_from_spec(_spec)
+        _loader.exec_module(_mod)
+        sys.modules["relay.native._engine"] = _mod
+    except BaseException as _e:
+        sys.stderr.write(f"sitecustomize: the sanitizer build of the engine did not load: {_e!r}\\n")
+        os._exit(86)
 """)
 
 
