@@ -237,12 +237,14 @@ def test_origin_reset_reaches_the_client_as_a_reset(relay, origin, pki):
 
 
 def test_a_client_that_reads_nothing_holds_the_origin_back_memory_bounded(relay, origin, pki):
-    """The origin sends 128 MiB at a client that reads nothing for 3 s: the
-    relay's RSS grows < 64 MiB (as for cleartext; ASan's quarantine included), then every byte arrives, sha256 equal."""
+    """The origin sends 128 MiB at a client that reads nothing for 1 s: the
+    relay's RSS grows < 64 MiB (as for cleartext; ASan's quarantine included),
+    then every byte arrives, sha256 equal. (1 s: well inside this relay's
+    RELAY_IDLE_TIMEOUT=3, which closes a stalled tunnel 3 s after its last byte.)"""
     n = 128
     c = wss(relay, pki, f"/flood/slow/{n}")
     try:
-        grew = relay.rss_growth(3)
+        grew = relay.rss_growth(1)
         assert grew < 64 << 20, f"relay RSS grew by {grew >> 20} MiB"
         c.sock.settimeout(60)
         data, how = c.read_to_end()
@@ -275,7 +277,11 @@ def test_a_fast_client_and_an_origin_that_reads_nothing_memory_bounded(relay, or
     pusher.start()
     try:
         wait_for(lambda: "fast" in origin.taps, 5, what="the origin to hold its tap")
-        grew = relay.rss_growth(3, before)
+        # 1 s of a stalled push (gigabytes at loopback speed, were nothing holding
+        # it back), well inside this relay's RELAY_IDLE_TIMEOUT=3: a stalled
+        # tunnel is idle, and closed 3 s after its last byte (HAProxy's
+        # "timeout tunnel"), which would end this test's push with a reset
+        grew = relay.rss_growth(1, before)
         assert not sent, "the client pushed 100 MiB while the origin read nothing"
         assert grew < 64 << 20, f"relay RSS grew by {grew >> 20} MiB"
         origin.lt.loop.call_soon_threadsafe(origin.taps["fast"].set)
