@@ -296,6 +296,14 @@ static void conn_free(handshaker *h, uint32_t slot) {
  * takes it out of the epoll set: each is ours alone). */
 static void conn_close(handshaker *h, uint32_t slot) {
     hs_conn *c = &h->c[slot];
+    if (c->ssl && c->tls_done && !c->tls_shut && c->cfd >= 0) {
+        /* a TLS connection ends with close_notify (a head timeout, a drain), as
+         * on the Python plane: best effort, it is not waited for */
+        c->tls_shut = 1;
+        tls.ERR_clear_error();
+        tls.SSL_shutdown(c->ssl);
+        tls.ERR_clear_error();
+    }
     if (c->cfd >= 0)
         close(c->cfd);
     if (c->ofd >= 0)

@@ -141,6 +141,21 @@ def test_a_refused_upgrade_is_sealed_then_closed_with_close_notify(relay, pki):
     assert conn.close_notify_seen
 
 
+def test_a_head_not_finished_in_time_ends_with_close_notify(relay, pki):
+    """RELAY_HANDSHAKE_TIMEOUT (1 s here) after the accept, a head still not
+    complete gets no answer: the connection ends with close_notify, then FIN."""
+    conn = TlsConn(relay.tls_port, client_context(pki[0]))
+    try:
+        conn.send(b"GET /ws HTTP/1.1\r\nHost: a.test\r\n")  # and no more
+        t0 = time.monotonic()
+        while conn._fill():
+            pass
+        assert 0.5 < time.monotonic() - t0 < 5
+    finally:
+        conn.sock.close()
+    assert bytes(conn.plain) == b"" and conn.close_notify_seen
+
+
 def test_wss_echo_and_its_tunnel_through_the_head_phase(relay, pki):
     first, echo = wss_echo(f"wss://localhost:{relay.tls_port}/ws", client_context(pki[0]), "hello", "again")
     assert (first, echo) == ("hello", "again")
