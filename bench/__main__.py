@@ -47,6 +47,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse(argv)
+    runner.exit_on_term()
     env = report.environment()
     print(f"# {env['machine']}; python {env['python']}, uvloop {env['uvloop']}, picows {env['picows']}; "
           f"{env['nginx']}; {env['haproxy']}", flush=True)

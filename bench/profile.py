@@ -61,6 +61,7 @@ def _short(frame: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    runner.exit_on_term()
     ap = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.splitlines()[0])
     ap.add_argument("--workload", default="echo-64", choices=[w.key for w in runner.workloads(False, 1000)])
     ap.add_argument("--seconds", type=float, default=10.0)

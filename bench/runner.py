@@ -297,6 +297,20 @@ def _latency(tmp: Path, n: int) -> dict:
 
 # -- the whole run ----------------------------------------------------------------------
 
+def exit_on_term() -> None:
+    """SIGTERM and SIGHUP (a ``timeout``, a closed terminal) end a run through
+    its ``finally`` blocks, which stop what it started: the origin, the
+    systems under test and the load generators each run in their own session
+    (out of reach of a signal to the run's process group), and Python's
+    default action for these signals skips ``finally``, leaving them all
+    running."""
+    def stop(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
+
+
 def start_origin(procs: int, cpus: set[int] | None) -> tuple[subprocess.Popen, int]:
     """The origin processes and their WebSocket port; ``proc.http_port`` is
     where the same processes answer plain HTTP (the ``http`` workloads)."""

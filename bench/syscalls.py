@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from bench import proxies
-from bench.runner import Child, start_origin
+from bench.runner import Child, exit_on_term, start_origin
 
 WORKLOADS = {
     # key: (mode, connections or loops, size)
@@ -135,6 +135,7 @@ def table(results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    exit_on_term()
     p = argparse.ArgumentParser(prog="python -m bench.syscalls", description=__doc__.split("\n\n")[0])
     p.add_argument("--tool", choices=("strace", "perf"), default="strace")
     p.add_argument("--only", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))

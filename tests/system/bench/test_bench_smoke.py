@@ -209,3 +209,71 @@ def test_syscalls_per_round_trip_are_counted(tmp_path):
     # io_uring: a share of one io_uring_enter (strace's stops batch even more)
     assert r["ops"] > 0 and 0 < r["total_per_op"] < 12, r
     assert "| echo-64 | wsrelay (1 worker) |" in p.stdout
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _descendants(pid: int) -> set[int]:
+    out, todo = set(), [pid]
+    while todo:
+        for child in _children(todo.pop()):
+            if child not in out:
+                out.add(child)
+                todo.append(child)
+    return out
+
+
+def test_a_run_ended_by_sigterm_leaves_nothing_behind(tmp_path):
+    """`timeout` ends a run with SIGTERM: the origin, the system under test and
+    the load generators (each in its own session, so not in the run's process
+    group) must go with it, as after a run that ends."""
+    import os
+    import signal
+    import time
+
+    bench = subprocess.Popen([sys.executable, "-m", "bench", "--only", "echo-64", "--systems", "wsrelay",
+                              "--rounds", "1", "--duration", "30", "--warmup", "0.2", "--out", str(tmp_path)],
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    started: set[int] = set()
+    try:
+        deadline = time.monotonic() + 60
+        while not any("bench.loadgen" in _cmdline(p) for p in started):  # the trial runs
+            assert time.monotonic() < deadline and bench.poll() is None, "the run never started its load"
+            started = _descendants(bench.pid)
+            time.sleep(0.05)
+        named = {p: _cmdline(p) for p in started}
+        bench.send_signal(signal.SIGTERM)
+        bench.wait(60)
+        deadline = time.monotonic() + 15
+        left = named
+        while left and time.monotonic() < deadline:
+            left = {p: c for p, c in named.items() if c and _cmdline(p) == c}
+            time.sleep(0.05)
+        for p in left:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except OSError:
+                pass
+        assert not left, f"outlived the run: {sorted(left.values())}"
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
