@@ -41,6 +41,14 @@ def data_plane(request):
     Relay.native_backend = ""
 
 
+@pytest.fixture(params=["native", "python"], scope="module")
+def tls_head(request):
+    """Which head phase serves a TLS listener: the C one (the default) or
+    relay/client.py (WSRELAY_NATIVE_TLS_HANDSHAKE=0, the reference); pass
+    tests.support.tls.head_env(tls_head) to the relay."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     """A throwaway CA in a temp dir and a certificate from it for localhost and

@@ -118,8 +118,9 @@ static int report_ended(EngineObject *self) {
         eng_tunnel *t = &self->e.t[slot];
         PyObject *token = (PyObject *)t->token;
         unsigned long long up = t->s[0].nbytes, down = t->s[1].nbytes;
+        int carrier = eng_is_carrier(&self->e, slot); /* a TLS offload's: the owner counts it, not on_end */
         eng_release(&self->e, slot);
-        if (self->on_end != Py_None) {
+        if (self->on_end != Py_None && !carrier) {
             PyObject *r = PyObject_CallFunction(self->on_end, "OKK", token, up, down);
             if (r == NULL) {
                 if (et == NULL)
@@ -636,6 +637,19 @@ static PyObject *Engine_tls_server(EngineObject *self, PyObject *args) {
 
 static PyTypeObject EngineType;
 
+/* The bytes the head phase read so far from the client and from the origin:
+ * 0, or -1 with an error set. */
+static int read_so_far(hs_conn *c, PyObject **cb, PyObject **ob) {
+    *cb = PyBytes_FromStringAndSize(c->buf ? c->buf : "", c->buf ? c->len : 0);
+    *ob = PyBytes_FromStringAndSize(c->obuf ? c->obuf : "", c->obuf ? c->olen : 0);
+    if (*cb && *ob)
+        return 0;
+    Py_XDECREF(*cb);
+    Py_XDECREF(*ob);
+    return -1;
+}
+
+
 /* The Engine TLS tunnels of this head phase go to: `other` (an Engine on
  * epoll, engine.c "TLS tunnels"), or this one when None. */
 static EngineObject *tls_engine_of(EngineObject *self, PyObject *other) {
@@ -681,13 +695,9 @@ static PyObject *Engine_tls_offload(EngineObject *self, PyObject *args) {
     }
     if (holds_ssl(token, c) < 0)
         return NULL;
-    PyObject *cb = PyBytes_FromStringAndSize(c->buf ? c->buf : "", c->buf ? c->len : 0);
-    PyObject *ob = PyBytes_FromStringAndSize(c->obuf ? c->obuf : "", c->obuf ? c->olen : 0);
-    if (!cb || !ob) {
-        Py_XDECREF(cb);
-        Py_XDECREF(ob);
+    PyObject *cb, *ob;
+    if (read_so_far(c, &cb, &ob) < 0)
         return NULL;
-    }
     SSL *ssl = c->ssl;
     int cfd, ofd;
     hs_detach(&self->hs, id, &cfd, &ofd); /* our reference to the SSL's owner goes: token holds one */
@@ -1144,13 +1154,9 @@ static PyObject *Engine_detach(EngineObject *self, PyObject *arg) {
         PyErr_SetString(PyExc_ValueError, "detach(): a TLS connection's SSL cannot leave the engine (tls_offload())");
         return NULL;
     }
-    PyObject *cb = PyBytes_FromStringAndSize(c->buf ? c->buf : "", c->buf ? c->len : 0);
-    PyObject *ob = PyBytes_FromStringAndSize(c->obuf ? c->obuf : "", c->obuf ? c->olen : 0);
-    if (!cb || !ob) {
-        Py_XDECREF(cb);
-        Py_XDECREF(ob);
+    PyObject *cb, *ob;
+    if (read_so_far(c, &cb, &ob) < 0)
         return NULL;
-    }
     int cfd, ofd;
     hs_detach(&self->hs, id, &cfd, &ofd);
     return Py_BuildValue("(iiNN)", cfd, ofd, cb, ob);

@@ -464,6 +464,8 @@ void eng_carrier(engine *e, int64_t id) {
     t->flags |= T_CARRIER;
 }
 
+int eng_is_carrier(const engine *e, uint32_t slot) { return slot < e->cap && (e->t[slot].flags & T_CARRIER); }
+
 int eng_close(engine *e, int64_t id) {
     eng_tunnel *t = eng_get(e, id);
     if (!t)

@@ -81,6 +81,7 @@ int eng_close(engine *e, int64_t id);  /* clean: flush what is pending, then clo
 /* The tunnel carries a connection its owner serves (a TLS offload, relay/native/front.py):
  * its bytes count in no total, and eng_close_idle() leaves it alone. */
 void eng_carrier(engine *e, int64_t id);
+int eng_is_carrier(const engine *e, uint32_t slot); /* its end is not reported to the owner's on_end */
 int eng_abort(engine *e, int64_t id);  /* now, discarding what is pending */
 int eng_close_idle(engine *e, int64_t limit_ms);
 /* Pop one ended tunnel: its slot index, or ENG_NONE; then eng_release(slot). */

@@ -151,8 +151,9 @@ class Offload:
     """The token of a TLS connection the Python plane serves behind the pump:
     the head phase's TLS tunnel between the client and one end of a socket
     pair whose other end is a relay/client.py connection (relay/native/front.py,
-    ``_offload``). It holds the SSL's owner; its end counts nothing (the
-    connection behind it counts its own requests)."""
+    ``_offload``). It holds the SSL's owner; the engine reports no end for it
+    (a carrier, engine.c ``eng_carrier``: the connection behind it counts its
+    own requests)."""
 
     __slots__ = ("tls",)
 
@@ -201,8 +202,6 @@ class NativePlane:
         return (self.engine,) if self._tls_engine is None else (self.engine, self._tls_engine)
 
     def ended(self, tunnel: NativeTunnel, up: int, down: int) -> None:
-        if tunnel.__class__ is Offload:
-            return
         tunnel.up = up
         tunnel.down = down
         tunnel.ended = True

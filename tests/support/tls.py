@@ -45,6 +45,12 @@ def tls_env(*pairs: Pair, **extra: str) -> dict[str, str]:
     return env
 
 
+def head_env(head: str) -> dict[str, str]:
+    """The environment that puts a TLS listener on head phase ``head``
+    (the tls_head fixture: "native" or "python")."""
+    return {"WSRELAY_NATIVE_TLS_HANDSHAKE": "1" if head == "native" else "0"}
+
+
 def tls_relay(origin: str, *pairs: Pair, workers: int = 2, **extra: str) -> Relay:
     return Relay(origin, workers=workers, env=tls_env(*pairs, **extra))
 

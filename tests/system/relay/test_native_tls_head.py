@@ -17,24 +17,18 @@ import pytest
 
 from tests.support.relay import wait_for
 from tests.support.scrape import metric
-from tests.support.tls import TlsConn, client_context, s_client, tls_relay, wss_echo
+from tests.support.tls import TlsConn, client_context, head_env, s_client, tls_relay, wss_echo
 
 OUTCOMES = ("full", "resumed", "failed_protocol", "failed_cipher", "failed_sni", "failed_client_certificate",
             "failed_other", "plain_http", "client_abort", "timeout")
 
 
-@pytest.fixture(params=["native", "python"], scope="module")
-def head(request):
-    """Which head phase serves the TLS listener (the C one is the default)."""
-    return request.param
-
-
 @pytest.fixture(scope="module")
-def relay(aio_origin, pki, head):
+def relay(aio_origin, pki, tls_head):
     _d, _ca, pair = pki
     with tls_relay(aio_origin.addr, pair, workers=1, RELAY_HANDSHAKE_TIMEOUT="1",
                    RELAY_ACCESS_LOG="1",
-                   WSRELAY_NATIVE_TLS_HANDSHAKE="1" if head == "native" else "0") as r:
+                   **head_env(tls_head)) as r:
         yield r
 
 
@@ -56,8 +50,8 @@ def read_response(conn: TlsConn) -> tuple[bytes, bytes]:
     return head, rest[:length]
 
 
-def test_the_startup_log_says_which_head_phase_reads_tls(relay, head):
-    assert ("TLS handshakes in C" in relay.text()) == (head == "native"), relay.text()
+def test_the_startup_log_says_which_head_phase_reads_tls(relay, tls_head):
+    assert ("TLS handshakes in C" in relay.text()) == (tls_head == "native"), relay.text()
 
 
 def test_plain_requests_over_tls_reach_the_origin_as_the_client_said_them(relay, aio_origin, pki):

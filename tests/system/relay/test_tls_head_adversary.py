@@ -12,22 +12,17 @@ import time
 
 import pytest
 
-from tests.support.relay import ROOT, wait_for
+from tests.support.relay import ROOT
 from tests.support.scrape import metric
-from tests.support.tls import TlsConn, client_context, tls_relay
-
-
-@pytest.fixture(params=["native", "python"], scope="module")
-def head(request):
-    return request.param
+from tests.support.tls import TlsConn, client_context, head_env, tls_relay
 
 
 @pytest.fixture(scope="module")
-def relay(aio_origin, pki, head):
+def relay(aio_origin, pki, tls_head):
     """RELAY_IDLE_TIMEOUT=1: WebSocket tunnels idle 1 s are closed; plain HTTP is not a tunnel."""
     _d, _ca, pair = pki
     with tls_relay(aio_origin.addr, pair, workers=1, RELAY_IDLE_TIMEOUT="1", RELAY_HANDSHAKE_TIMEOUT="10",
-                   WSRELAY_NATIVE_TLS_HANDSHAKE="1" if head == "native" else "0") as r:
+                   **head_env(tls_head)) as r:
         yield r
 
 
