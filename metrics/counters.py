@@ -62,6 +62,15 @@ class Counters:
         """The TLS handshake counts, one float64 per layout.TLS_OUTCOMES, for a
         writer in C (relay/native/handshake.c: this worker's slot, this worker alone)."""
         return self._m[layout.TLS_HANDSHAKES:layout.TLS_HANDSHAKES + len(layout.TLS_OUTCOMES)]
+
+    def fast_path(self) -> tuple[memoryview, tuple[int, ...], tuple[tuple[float, ...], tuple[float, ...]]]:
+        """For a writer in C (relay/native/fast_path.c, this worker alone): the
+        slot, where an upgraded outcome, a 101, the handshake and tunnel
+        duration histograms (buckets..., +Inf, sum) and the open tunnels gauge
+        are in it, and those histograms' bounds."""
+        counts = (_OUTCOME["upgraded"], layout.HTTP + 101, layout.HANDSHAKE, layout.DURATION, layout.CONNECTIONS)
+        return self._m, counts, (layout.HANDSHAKE_BUCKETS, layout.DURATION_BUCKETS)
+
     def proxy_error(self, reason: str) -> None:
         """A connection closed in its PROXY protocol phase, for ``reason`` (one of layout.PROXY_ERRORS)."""
         self._m[_PROXY_ERROR[reason]] += 1
@@ -70,8 +79,13 @@ class Counters:
         self._m[layout.ACCEPT_ERRORS] += 1
 
     # -- published values (cumulative totals or gauges) ------------------------------
-    def tunnels(self, n: int) -> None:
-        self._m[layout.CONNECTIONS] = n
+    def tunnel_opened(self) -> None:
+        """The open tunnels gauge, up one. Changed by steps, not set: the fast
+        path in C (relay/native/fast_path.c) counts its tunnels into the same gauge."""
+        self._m[layout.CONNECTIONS] += 1
+
+    def tunnel_closed(self) -> None:
+        self._m[layout.CONNECTIONS] -= 1
 
     def bytes(self, up: int, down: int) -> None:
         self._m[layout.BYTES] = up

@@ -107,7 +107,7 @@ class Context:
         tunnel = self.tunnel_class.open(self, client, origin, record, response)
         tunnel.upstream = upstream
         self.tunnels.add(tunnel)
-        self.counters.tunnels(len(self.tunnels))
+        self.counters.tunnel_opened()
         tunnel.start(head, to_client, to_origin)
         return tunnel
 
@@ -117,7 +117,7 @@ class Context:
         if upstream is not None:
             upstream.pool.closed(upstream)
         self.admission.give(tunnel.record.client if tunnel.record is not None else tunnel.client_ip)
-        self.counters.tunnels(len(self.tunnels))
+        self.counters.tunnel_closed()
         self._closed_up += tunnel.up
         self._closed_down += tunnel.down
         if tunnel.counts_messages:
@@ -156,7 +156,7 @@ class Context:
     def _publish_bytes(self) -> None:
         up, down = self._closed_up, self._closed_down
         if self.native is not None:
-            nup, ndown = self.native.open_bytes()
+            nup, ndown = self.native.engine_bytes()
             up += nup
             down += ndown
         for t in self.tunnels:

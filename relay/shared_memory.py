@@ -246,6 +246,15 @@ class Admission:
         finally:
             fcntl.lockf(self._fd, fcntl.LOCK_UN)
 
+    def fast_path(self) -> tuple[memoryview, int, memoryview] | None:
+        """For a taker in C (relay/native/fast_path.c, the lock-free take of
+        :meth:`take` far from the limit, and :meth:`give`): every worker's
+        client count, this worker's slot, the header (the limit first). None
+        with a per-IP limit, whose table takes the lock."""
+        if self._per_ip:
+            return None
+        return self._clients, self._slot, self._header
+
     def _table_full(self) -> None:
         self._full += 1
         now = time.monotonic()

@@ -16,12 +16,17 @@ BOTH_PLANES = {"test_tunnel_endings", "test_faults", "test_exhaustion", "test_li
                "test_refusals", "test_access_log", "test_hostile", "test_proxy_safety", "test_tls_tunnel"}
 #: ...and these once more with the native engine on epoll instead of io_uring
 EPOLL_TOO = {"test_tunnel_endings", "test_faults", "test_tls_tunnel"}
+#: ...and these once more with the access log off, the default of the Relay
+#: fixture otherwise being on: plain upgrades are then decided by the fast
+#: path in C (relay/native/fast_path.py), whose tunnels have no Python object
+FAST_TOO = {"test_tunnel_endings", "test_faults", "test_exhaustion", "test_lifecycle"}
 
 
 def pytest_generate_tests(metafunc):
     module = metafunc.module.__name__.rpartition(".")[2]
     if "data_plane" in metafunc.fixturenames and module in BOTH_PLANES:
-        planes = ["native", "python"] + (["native-epoll"] if module in EPOLL_TOO else [])
+        planes = ["native", "python"] + (["native-epoll"] if module in EPOLL_TOO else []) \
+            + (["native-fast"] if module in FAST_TOO else [])
         metafunc.parametrize("data_plane", planes, scope="module", indirect=True)
 
 
@@ -34,11 +39,13 @@ def data_plane(request):
         if os.environ.get("WSRELAY_REQUIRE_NATIVE", "") not in ("", "0"):
             pytest.fail("WSRELAY_REQUIRE_NATIVE is set but the native data plane is unavailable: " + native.WHY_NOT)
         pytest.skip("native data plane unavailable: " + native.WHY_NOT)
-    Relay.data_plane, _, backend = plane.partition("-")
-    Relay.native_backend = backend
+    Relay.data_plane, _, variant = plane.partition("-")
+    Relay.native_backend = variant if variant == "epoll" else ""
+    Relay.fast_path = variant == "fast"
     yield plane
     Relay.data_plane = "auto"
     Relay.native_backend = ""
+    Relay.fast_path = False
 
 
 @pytest.fixture(params=["native", "python"], scope="module")

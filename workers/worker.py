@@ -131,8 +131,9 @@ async def _serve(settings: Settings, socks: list[socket.socket], index: int, slo
     if not now.is_set() and settings.drain_timeout > 0 and not ctx.idle.is_set():
         # the head phase in C stands for all of its connections at once (relay/native/front.py)
         connections = sum(getattr(c, "connections", 1) for c in ctx.connections)
+        tunnels = len(ctx.tunnels) + sum(getattr(c, "tunnels", 0) for c in ctx.connections)  # + the fast path's
         log.info("worker %d draining: %d tunnels, %d connections, up to %gs",
-                 index, len(ctx.tunnels), connections, settings.drain_timeout)
+                 index, tunnels, connections, settings.drain_timeout)
         waits = [asyncio.ensure_future(ctx.idle.wait()), asyncio.ensure_future(now.wait())]
         await asyncio.wait(waits, timeout=settings.drain_timeout, return_when=asyncio.FIRST_COMPLETED)
         for w in waits:
@@ -145,6 +146,10 @@ async def _serve(settings: Settings, socks: list[socket.socket], index: int, slo
     for conn in list(ctx.connections):
         conn.close()
     ctx.stop_sweeping()
+    for server in servers:
+        line = getattr(server, "summary", lambda: None)()
+        if line:
+            log.info("worker %d: %s", index, line)
     # Let the closes flush; every transport is closing, so this is short.
     for _ in range(10):
         if not ctx.tunnels and not ctx.connections:

@@ -136,13 +136,20 @@ def describe(settings) -> str:
     tls_head = tls_head_in_c(settings)
     chosen = resolve(data_plane, mode)
     if chosen == NATIVE:
+        if head_phase_serves(settings, False):  # plain listeners: the fast path (relay/native/fast_path.py)
+            from relay.native.fast_path import why_not
+
+            off = why_not(settings)
+            upgrades = "; common upgrades decided in C" if off is None else f"; fast path off: {off}"
+        else:
+            upgrades = ""
         if not tls:
-            return f"data plane native ({backend()})"
+            return f"data plane native ({backend()}{upgrades})"
         if not TLS_AVAILABLE:
-            return f"data plane native ({backend()}; TLS tunnels python: {TLS_WHY_NOT})"
+            return f"data plane native ({backend()}{upgrades}; TLS tunnels python: {TLS_WHY_NOT})"
         if tls_head:
-            return f"data plane native ({backend()}; TLS handshakes in C, TLS tunnels on epoll)"
-        return f"data plane native ({backend()}; TLS tunnels on epoll)"
+            return f"data plane native ({backend()}{upgrades}; TLS handshakes in C, TLS tunnels on epoll)"
+        return f"data plane native ({backend()}{upgrades}; TLS tunnels on epoll)"
     if data_plane == PYTHON:
         return "data plane python (RELAY_DATA_PLANE=python)"
     if mode != "tunnel":

@@ -66,6 +66,7 @@
 
 #include "_heads.h"
 #include "engine.h"
+#include "fast_path.h"
 #include "handshake.h"
 #include "tls.h"
 #include "ws_accept.h"
@@ -92,6 +93,14 @@ typedef struct {
     Py_buffer bal_bufs[65];  /* this worker's slot, then its siblings' (accept balancing) */
     int nbal;
     uint64_t rng[2];         /* xorshift128+ state for request ids (seeded from getrandom) */
+    /* the fast path (fast_path.h; fast_path() installs it): its tables, the
+     * shared memory they point into, the strings of its rules, and
+     * front.on_adopt, which takes over a connection it decided */
+    fp_table fp;
+    Py_buffer fp_bufs[8];
+    int nfp;
+    PyObject *fp_keep;
+    PyObject *cb_adopt;
 } EngineObject;
 
 /* A new X-Request-ID: 32 hex digits, 128 bits from a seeded PRNG, as
@@ -119,7 +128,13 @@ static int report_ended(EngineObject *self) {
         PyObject *token = (PyObject *)t->token;
         unsigned long long up = t->s[0].nbytes, down = t->s[1].nbytes;
         int carrier = eng_is_carrier(&self->e, slot); /* a TLS offload's: the owner counts it, not on_end */
+        uint32_t tag = t->tag;
+        double born = t->born;
         eng_release(&self->e, slot);
+        if (tag) { /* the fast path's: counted and given back here, Python not called */
+            fp_ended(&self->fp, tag - 1, fp_now() - born, up, down);
+            continue;
+        }
         if (self->on_end != Py_None && !carrier) {
             PyObject *r = PyObject_CallFunction(self->on_end, "OKK", token, up, down);
             if (r == NULL) {
@@ -206,6 +221,10 @@ static void Engine_dealloc(EngineObject *self) {
     Py_XDECREF(self->tls_bios[0]);
     Py_XDECREF(self->tls_bios[1]);
     Py_XDECREF(self->last_ip);
+    for (int k = 0; k < self->nfp; k++)
+        PyBuffer_Release(&self->fp_bufs[k]);
+    Py_XDECREF(self->fp_keep);
+    Py_XDECREF(self->cb_adopt);
     if (self->ready) {
         eng_tls_detach_all(&self->e); /* before the tokens, which hold the SSLs, go */
         for (uint32_t slot = 0; slot < self->e.cap; slot++)
@@ -530,6 +549,181 @@ static PyObject *Engine_handshakes(EngineObject *self, PyObject *args, PyObject 
     Py_RETURN_NONE;
 }
 
+/* A fast-path connection closed before it was decided (a drain's end, the
+ * engine freed): what fp_decide took goes back. */
+static void release_fast(handshaker *h, hs_conn *c) {
+    EngineObject *self = h->fast_owner;
+    fp_give_back(&self->fp, c->fast_member);
+}
+
+/* One writable buffer of the fast path's shared memory, kept for the engine's life. */
+static void *fp_buffer(EngineObject *self, PyObject *obj, size_t item, Py_ssize_t *n) {
+    if (self->nfp >= (int)(sizeof self->fp_bufs / sizeof self->fp_bufs[0])) {
+        PyErr_SetString(PyExc_ValueError, "fast_path(): too many buffers");
+        return NULL;
+    }
+    Py_buffer *b = &self->fp_bufs[self->nfp];
+    if (PyObject_GetBuffer(obj, b, PyBUF_WRITABLE) < 0)
+        return NULL;
+    self->nfp++;
+    if (((uintptr_t)b->buf & 7) || b->len % (Py_ssize_t)item) {
+        PyErr_SetString(PyExc_ValueError, "fast_path(): a buffer is misaligned");
+        return NULL;
+    }
+    *n = b->len / (Py_ssize_t)item;
+    return b->buf;
+}
+
+static int fp_strings(PyObject *seq, fp_str *out, uint32_t *n, const char *what) {
+    Py_ssize_t k = PyTuple_GET_SIZE(seq);
+    if (k > FP_MAX_RULES) {
+        PyErr_Format(PyExc_ValueError, "fast_path(): more than %d %s", FP_MAX_RULES, what);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < k; i++) {
+        PyObject *b = PyTuple_GET_ITEM(seq, i);
+        if (!PyBytes_Check(b) || !PyBytes_GET_SIZE(b)) {
+            PyErr_Format(PyExc_TypeError, "fast_path(): %s are non-empty bytes", what);
+            return -1;
+        }
+        out[i].s = PyBytes_AS_STRING(b);
+        out[i].n = (uint32_t)PyBytes_GET_SIZE(b);
+    }
+    *n = (uint32_t)k;
+    return 0;
+}
+
+static int fp_bounds(PyObject *seq, double *out, uint32_t *n) {
+    Py_ssize_t k = PyTuple_GET_SIZE(seq);
+    if (k > FP_MAX_BUCKETS) {
+        PyErr_SetString(PyExc_ValueError, "fast_path(): too many buckets");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < k; i++)
+        if ((out[i] = PyFloat_AsDouble(PyTuple_GET_ITEM(seq, i))) == -1.0 && PyErr_Occurred())
+            return -1;
+    *n = (uint32_t)k;
+    return 0;
+}
+
+/* fast_path(...): see relay/native/fast_path.py, which computes every
+ * argument from the worker's context; offsets are checked against the
+ * buffers they index. Installed once, before the first accept. */
+static PyObject *Engine_fast_path(EngineObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"on_adopt", "metrics", "counts", "buckets", "clients", "slot", "header", "in_use",
+                             "conns", "state", "connect", "members", "health", "slowstart", "connect_timeout",
+                             "paths", "origins", NULL};
+    PyObject *on_adopt, *metrics, *counts, *buckets, *clients, *header, *in_use, *conns, *state, *connect, *members;
+    PyObject *health, *paths, *origins;
+    unsigned int slot;
+    double slowstart, connect_timeout;
+    CHECK_HS(self);
+    if (self->fp.on || self->nfp) {
+        PyErr_SetString(PyExc_RuntimeError, "fast_path() already called");
+        return NULL;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO!O!OIOOOOOO!O!ddO!O", kwlist, &on_adopt, &metrics,
+                                     &PyTuple_Type, &counts, &PyTuple_Type, &buckets, &clients, &slot, &header,
+                                     &in_use, &conns, &state, &connect, &PyTuple_Type, &members, &PyTuple_Type,
+                                     &health, &slowstart, &connect_timeout, &PyTuple_Type, &paths, &origins))
+        return NULL;
+    fp_table *t = &self->fp;
+    memset(t, 0, sizeof *t);
+    Py_ssize_t nm, nc, nh, nu, nco, ns, nx;
+    if (!(t->m = fp_buffer(self, metrics, 8, &nm)) || !(t->clients = fp_buffer(self, clients, 8, &nc)) ||
+        !(t->limit = fp_buffer(self, header, 8, &nh)) || !(t->in_use = fp_buffer(self, in_use, 8, &nu)) ||
+        !fp_buffer(self, conns, 8, &nco) || !fp_buffer(self, state, 8, &ns) || !fp_buffer(self, connect, 8, &nx))
+        goto fail;
+    int64_t *conns_base = self->fp_bufs[4].buf;
+    double *state_base = self->fp_bufs[5].buf, *connect_base = self->fp_bufs[6].buf;
+    t->nclients = (uint32_t)nc;
+    t->slot = slot;
+    if (slot >= nc || nh < 1 || nu < 1) {
+        PyErr_SetString(PyExc_ValueError, "fast_path(): slot or header out of range");
+        goto fail;
+    }
+    if (!PyArg_ParseTuple(counts, "IIIII", &t->upgraded, &t->http101, &t->handshake, &t->duration, &t->connections) ||
+        !PyArg_ParseTuple(health, "IIII", &t->o_check, &t->o_check_since, &t->o_down_until, &t->o_ejected))
+        goto fail;
+    PyObject *hb, *db, *cb;
+    if (!PyArg_ParseTuple(buckets, "O!O!O!", &PyTuple_Type, &hb, &PyTuple_Type, &db, &PyTuple_Type, &cb) ||
+        fp_bounds(hb, t->hs_buckets, &t->nhs) < 0 || fp_bounds(db, t->dur_buckets, &t->ndur) < 0 ||
+        fp_bounds(cb, t->connect_buckets, &t->nconnect) < 0)
+        goto fail;
+    if (t->upgraded >= nm || t->http101 >= nm || t->connections >= nm || t->handshake + t->nhs + 2 > nm ||
+        t->duration + t->ndur + 2 > nm) {
+        PyErr_SetString(PyExc_ValueError, "fast_path(): a count is outside the metrics slot");
+        goto fail;
+    }
+    Py_ssize_t k = PyTuple_GET_SIZE(members);
+    if (k < 1 || k > FP_MAX_MEMBERS) {
+        PyErr_SetString(PyExc_ValueError, "fast_path(): 1 to 64 members");
+        goto fail;
+    }
+    uint32_t health_end = t->o_check;
+    if (t->o_check_since > health_end) health_end = t->o_check_since;
+    if (t->o_down_until > health_end) health_end = t->o_down_until;
+    if (t->o_ejected > health_end) health_end = t->o_ejected;
+    for (Py_ssize_t i = 0; i < k; i++) {
+        unsigned int origin, row, cell, st, hist;
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(members, i), "IIIII", &origin, &row, &cell, &st, &hist))
+            goto fail;
+        /* a row holds every worker slot: in_use of them are read */
+        if (cell < row || cell >= (unsigned)nco || row + (unsigned)*t->in_use > (unsigned)nco ||
+            st + health_end >= (unsigned)ns || hist + t->nconnect + 2 > (unsigned)nx) {
+            PyErr_SetString(PyExc_ValueError, "fast_path(): a member is outside the origin table");
+            goto fail;
+        }
+        t->members[i] = (fp_member){origin, conns_base + row, cell - row, state_base + st, connect_base + hist};
+    }
+    t->nmembers = (uint32_t)k;
+    t->slowstart = slowstart;
+    t->connect_timeout_ms = (int64_t)(connect_timeout * 1000);
+    t->any_path = PyTuple_GET_SIZE(paths) == 0;
+    t->any_origin = origins == Py_None;
+    if (!t->any_origin && !PyTuple_Check(origins)) {
+        PyErr_SetString(PyExc_TypeError, "fast_path(): origins is a tuple or None (any)");
+        goto fail;
+    }
+    if (fp_strings(paths, t->paths, &t->npaths, "paths") < 0 ||
+        (!t->any_origin && fp_strings(origins, t->origins, &t->norigins, "origins") < 0))
+        goto fail;
+    self->fp_keep = Py_BuildValue("(OO)", paths, origins);
+    if (!self->fp_keep)
+        goto fail;
+    Py_XSETREF(self->cb_adopt, Py_NewRef(on_adopt));
+    self->hs.release_fast = release_fast;
+    self->hs.fast_owner = self;
+    t->on = 1;
+    Py_RETURN_NONE;
+fail:
+    for (int j = 0; j < self->nfp; j++)
+        PyBuffer_Release(&self->fp_bufs[j]);
+    self->nfp = 0;
+    memset(t, 0, sizeof *t);
+    return NULL;
+}
+
+static PyObject *Engine_get_fast_path_stats(EngineObject *self, void *Py_UNUSED(c)) {
+    fp_table *t = &self->fp;
+    return Py_BuildValue("{sOsKsKsKsKsIs(KK)}", "on", t->on ? Py_True : Py_False, "decided",
+                         (unsigned long long)t->decided, "upgraded", (unsigned long long)t->upgraded_n, "adopted",
+                         (unsigned long long)t->adopted, "declined", (unsigned long long)t->declined, "open", t->open,
+                         "ended_bytes", (unsigned long long)t->ended_bytes[0], (unsigned long long)t->ended_bytes[1]);
+}
+
+/* close() every fast-path tunnel (the end of a drain): -> how many */
+static PyObject *Engine_close_fast(EngineObject *self, PyObject *Py_UNUSED(i)) {
+    CHECK_READY(self);
+    int n = 0;
+    for (uint32_t slot = 0; slot < self->e.cap; slot++)
+        if (self->e.t[slot].tag && eng_close(&self->e, eng_id(&self->e, slot)))
+            n++;
+    if (report_ended(self) < 0)
+        return NULL;
+    return PyLong_FromLong(n);
+}
+
 /* -- TLS listeners (handshake.c "TLS") ------------------------------------------------- */
 
 static SSL *ssl_of(PyObject *obj);
@@ -832,6 +1026,83 @@ static int checked_101(EngineObject *self, hs_conn *c) {
     return ok;
 }
 
+/* -- the fast path (fast_path.h; relay/native/fast_path.py compiles its tables) ------------ */
+
+static int64_t splice_conn(EngineObject *self, EngineObject *eo, hs_conn *c, int64_t id, void *token, uint32_t tag,
+                           double born);
+
+/* The client's address as text, for X-Forwarded-For. */
+static size_t peer_text(const hs_conn *c, char out[INET6_ADDRSTRLEN]) {
+    const void *a = c->peer.ss_family == AF_INET6 ? (const void *)&((const struct sockaddr_in6 *)&c->peer)->sin6_addr
+                                                  : (const void *)&((const struct sockaddr_in *)&c->peer)->sin_addr;
+    if ((c->peer.ss_family != AF_INET && c->peer.ss_family != AF_INET6) ||
+        !inet_ntop(c->peer.ss_family, a, out, INET6_ADDRSTRLEN)) {
+        strcpy(out, "-");
+        return 1;
+    }
+    return strlen(out);
+}
+
+/* A parsed, valid upgrade the fast path may take: decided, forwarded and
+ * connected here, no Python (on_head's work for the plain case, with the same
+ * forward_head: no trusted proxies, a new X-Request-ID). 1: taken. */
+static int fast_take(EngineObject *self, hs_conn *c, int64_t id, const hh_head *hh, const hh_field *key) {
+    uint32_t order[FP_MAX_MEMBERS], norder, member;
+    double now = fp_now();
+    if (!fp_decide(&self->fp, c->buf, hh, now, &member, order, &norder))
+        return 0;
+    char ip[INET6_ADDRSTRLEN], rid[32];
+    size_t ip_len = peer_text(c, ip);
+    new_request_id(self, rid);
+    size_t proto_len = (size_t)PyBytes_GET_SIZE(self->proto);
+    char *head = malloc(hh_forward_size(hh, ip_len, proto_len, 32, 9));
+    if (!head) {
+        fp_give_back(&self->fp, member);
+        return 0;
+    }
+    size_t n = hh_forward(c->buf, hh, ip, ip_len, PyBytes_AS_STRING(self->proto), proto_len, 1, rid, 32, "localhost",
+                          9, 0, head);
+    ws_accept(c->buf + key->value.off, key->value.len, c->accept);
+    c->accept_len = WS_ACCEPT_LEN;
+    c->head_end = hh->head_len; /* what follows is held until the 101 */
+    c->fast = 1;
+    c->fast_member = member;
+    c->fast_started = now;
+    hs_connect(&self->hs, id, order, norder, head, n, NULL, self->fp.connect_timeout_ms);
+    free(head);
+    return 1;
+}
+
+/* Anything but the common outcome on a connection the fast path decided:
+ * Python takes it over (front.on_adopt(id, req, ip, started, origin) -> its
+ * token), with the admission slot and the connection count on the origin
+ * asked first, and the event is delivered to it as to any other. */
+static PyObject *fast_adopt(EngineObject *self, hs_conn *c, int64_t id) {
+    PyObject *req = heads_view(0, c->buf, c->len, self->hs.max_head, NULL);
+    PyObject *argv[6] = {NULL, req ? PyLong_FromLongLong(id) : NULL, req, req ? peer_ip(self, c) : NULL,
+                         req ? PyFloat_FromDouble(c->fast_started) : NULL,
+                         req ? PyLong_FromUnsignedLong(self->fp.members[c->fast_member].origin) : NULL};
+    PyObject *token = call_front(self->cb_adopt, argv, 5);
+    if (!token)
+        return NULL; /* still fast: its close gives back what it holds */
+    c->fast = 0;
+    c->token = token; /* the connection's, released with it */
+    self->fp.adopted++;
+    return token;
+}
+
+/* The origin's 101, checked in C, on a fast-path connection: counted, and
+ * both sockets to the pump; the tunnel's end is counted in report_ended. */
+static void fast_upgrade(EngineObject *self, hs_conn *c, int64_t id) {
+    double now = fp_now();
+    int64_t ns = hs_connect_time(&self->hs, id);
+    uint32_t member = c->fast_member;
+    fp_upgraded(&self->fp, member, now - c->fast_started, ns < 0 ? -1.0 : (double)ns / 1e9);
+    c->fast = 0; /* the tunnel holds the slot and the count now */
+    if (splice_conn(self, self, c, id, NULL, member + 1, now) < 0)
+        fp_ended(&self->fp, member, 0.0, 0, 0);
+}
+
 /* Deliver queued head-phase events to Python; 0 or -1 with the first error set.
  * Each callback must leave the connection decided (connected, refused,
  * detached, spliced or closed): one it left waiting is closed, and that is
@@ -844,16 +1115,45 @@ static int deliver(EngineObject *self) {
             continue;
         hs_conn *c = &self->hs.c[e.slot];
         long long id = hs_id(&self->hs, e.slot);
-        PyObject *token = c->token ? (PyObject *)c->token : Py_None;
         PyObject *r = NULL, *cb = NULL;
         c->acted = 0;
+        if (c->fast && e.kind != HE_HEAD) {
+            if (e.kind == HE_RESPONSE && !c->nattempts && checked_101(self, c) && fp_still_up(&self->fp, c->fast_member)) {
+                fast_upgrade(self, c, id); /* the common outcome: no Python */
+                continue;
+            }
+            cb = self->cb_adopt;
+            if (!fast_adopt(self, c, id))
+                goto decided;
+        }
+        PyObject *token = c->token ? (PyObject *)c->token : Py_None;
         switch (e.kind) {
         case HE_HEAD: {
             cb = self->cb[0];
             /* tls: None on a plain listener; on a TLS one the SSL's owner, or
              * False when the client sent no TLS (plain HTTP, nothing read) */
             PyObject *tls_arg = !c->tls ? Py_None : c->ssl ? (PyObject *)c->tls_token : Py_False;
-            PyObject *req = c->tls && !c->ssl ? Py_NewRef(Py_None) : heads_view(0, c->buf, c->len, self->hs.max_head, NULL);
+            PyObject *req;
+            if (c->tls && !c->ssl) {
+                req = Py_NewRef(Py_None);
+            } else if (self->fp.on && !c->tls) {
+                /* parsed once: the fast path decides the plain case, else a view of the same parse for Python */
+                hh_head hh;
+                const hh_field *key;
+                int status;
+                const char *why;
+                if (hh_request(c->buf, c->len, self->hs.max_head, &hh) != HH_OK) {
+                    hh_free(&hh);
+                    req = Py_NewRef(Py_None);
+                } else if (fp_websocket(c->buf, &hh, &key, &status, &why) == 1 && fast_take(self, c, id, &hh, key)) {
+                    hh_free(&hh);
+                    continue;
+                } else {
+                    req = heads_view_parsed(0, c->buf, &hh);
+                }
+            } else {
+                req = heads_view(0, c->buf, c->len, self->hs.max_head, NULL);
+            }
             if (req && req != Py_None) {
                 const hh_head *hh;
                 heads_raw(req, &hh);
@@ -899,6 +1199,7 @@ static int deliver(EngineObject *self) {
             }
             break;
         }
+    decided:
         c = hs_get(&self->hs, id);
         if (r != NULL && c && !c->acted && (c->state == H_DECIDE || c->state == H_DECIDE2)) {
             Py_DECREF(r);
@@ -1178,6 +1479,41 @@ static PyObject *Engine_close_handshakes(EngineObject *self, PyObject *Py_UNUSED
     return PyLong_FromLong(hs_close_all(&self->hs));
 }
 
+/* Both sockets of a decided connection to the pump of eo (self's, or its TLS
+ * engine): the origin's answer (its 101 and what followed) to the client, what
+ * the client sent behind its head to the origin, now, after the 101. tag and
+ * born go to the tunnel (a fast-path tunnel's, else 0). Returns the tunnel id,
+ * or -errno (the sockets closed). The token is the tunnel's from here on. */
+static int64_t splice_conn(EngineObject *self, EngineObject *eo, hs_conn *c, int64_t id, void *token, uint32_t tag,
+                           double born) {
+    SSL *ssl = c->ssl;
+    uint32_t head_len = c->head_end <= c->len ? c->head_end : c->len;
+    char *cbuf = c->buf, *obuf = c->obuf;
+    uint32_t clen = c->len, olen = c->olen, ccap = c->cap, ocap = c->ocap;
+    c->buf = c->obuf = NULL; /* ours until the pump has copied what it needs */
+    int cfd, ofd;
+    hs_detach(&self->hs, id, &cfd, &ofd);
+    eng_clock(&eo->e);
+    int64_t tid = ssl ? eng_open_tls(&eo->e, cfd, ofd, ssl, obuf, olen, cbuf + head_len, clen - head_len, token)
+                      : eng_open(&eo->e, cfd, ofd, obuf, olen, cbuf + head_len, clen - head_len, token);
+    hs_put_buffer(&self->hs, cbuf, ccap);
+    hs_put_buffer(&self->hs, obuf, ocap);
+    if (tid < 0) { /* the sockets were ours, not the caller's */
+        close(cfd);
+        close(ofd);
+        return tid;
+    }
+    eng_tunnel *t = &eo->e.t[(uint32_t)(tid & 0xffffffff)];
+    t->tag = tag;
+    t->born = born;
+    if (eo->e.backend == ENG_URING && eng_poll(&eo->e, 0) < 0) {
+        /* io_uring: submit, and reap what completed in the submission (a 101 sent
+         * at once), rather than wake up again for it */
+        eng_flush(&eo->e);
+    }
+    return tid;
+}
+
 static PyObject *Engine_splice(EngineObject *self, PyObject *args) {
     long long id;
     PyObject *token, *other = Py_None;
@@ -1190,32 +1526,10 @@ static PyObject *Engine_splice(EngineObject *self, PyObject *args) {
         return NULL;
     }
     EngineObject *eo = self;
-    SSL *ssl = c->ssl;
-    if (ssl && (!(eo = tls_engine_of(self, other)) || holds_ssl(token, c) < 0))
+    if (c->ssl && (!(eo = tls_engine_of(self, other)) || holds_ssl(token, c) < 0))
         return NULL;
-    /* the origin's answer (its 101 and what followed) to the client; what the client
-     * sent behind its head to the origin, now, after the 101 */
-    uint32_t head_len = c->head_end <= c->len ? c->head_end : c->len;
-    char *cbuf = c->buf, *obuf = c->obuf;
-    uint32_t clen = c->len, olen = c->olen, ccap = c->cap, ocap = c->ocap;
-    c->buf = c->obuf = NULL; /* ours until the pump has copied what it needs */
-    int cfd, ofd;
-    hs_detach(&self->hs, id, &cfd, &ofd);
     Py_INCREF(token);
-    eng_clock(&eo->e);
-    int64_t tid = ssl ? eng_open_tls(&eo->e, cfd, ofd, ssl, obuf, olen, cbuf + head_len, clen - head_len, token)
-                      : eng_open(&eo->e, cfd, ofd, obuf, olen, cbuf + head_len, clen - head_len, token);
-    hs_put_buffer(&self->hs, cbuf, ccap);
-    hs_put_buffer(&self->hs, obuf, ocap);
-    if (tid < 0) { /* the sockets were ours, not the caller's */
-        close(cfd);
-        close(ofd);
-    } else if (eo->e.backend == ENG_URING && eng_poll(&eo->e, 0) < 0) {
-        /* io_uring: submit, and reap what completed in the submission (a 101 sent
-         * at once), rather than wake up again for it */
-        eng_flush(&eo->e);
-    }
-    return opened(eo, tid, token);
+    return opened(eo, splice_conn(self, eo, c, id, token, 0, 0.0), token);
 }
 
 static PyObject *Engine_get_accepting(EngineObject *self, void *Py_UNUSED(c)) {
@@ -1360,6 +1674,11 @@ static PyMethodDef Engine_methods[] = {
      "detach(id) -> (client_fd, origin_fd or -1, client_bytes, origin_bytes): the caller takes over."},
     {"close_handshake", (PyCFunction)Engine_close_handshake, METH_O, "close_handshake(id): drop it."},
     {"close_handshakes", (PyCFunction)Engine_close_handshakes, METH_NOARGS, "Drop every head-phase connection."},
+    {"fast_path", (PyCFunction)(void (*)(void))Engine_fast_path, METH_VARARGS | METH_KEYWORDS,
+     "fast_path(on_adopt, metrics, counts, buckets, clients, slot, header, in_use, conns, state, connect, members, "
+     "health, slowstart, connect_timeout, paths, origins): decide the common upgrade in C (fast_path.h; "
+     "relay/native/fast_path.py builds the arguments)"},
+    {"close_fast", (PyCFunction)Engine_close_fast, METH_NOARGS, "close() every fast-path tunnel -> count."},
     {"splice", (PyCFunction)Engine_splice, METH_VARARGS,
      "splice(id, token) -> tunnel id: the pump takes both sockets; the origin's answer goes to the client, "
      "the client's early bytes to the origin."},
@@ -1391,6 +1710,8 @@ static PyGetSetDef Engine_getset[] = {
     {"accepting", (getter)Engine_get_accepting, (setter)Engine_set_accepting, "accept new connections", NULL},
     {"handshake_stats", (getter)Engine_get_hs_stats, NULL, "{live, accepted, accept_errors}", NULL},
     {"handshakes_live", (getter)Engine_get_hs_live, NULL, "connections in the head phase", NULL},
+    {"fast_path_stats", (getter)Engine_get_fast_path_stats, NULL,
+     "{on, decided, upgraded, adopted, declined, open, ended_bytes: (up, down)}", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -1442,25 +1763,52 @@ static PyObject *admit_fast(PyObject *Py_UNUSED(m), PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "admit_fast(): slot out of range or buffer misaligned");
         return NULL;
     }
-    long long room = limit - (long long)n + 1; /* the most the sum may be, own add included */
-    int64_t sum = 0;
-    for (Py_ssize_t i = 0; i < n; i++)
-        sum += __atomic_load_n(&c[i], __ATOMIC_RELAXED);
-    int ok = 0;
-    if (sum + 1 <= room) { /* worth trying: no add (and no undo) near the limit */
-        __atomic_fetch_add(&c[slot], 1, __ATOMIC_SEQ_CST);
-        sum = 0;
-        for (Py_ssize_t i = 0; i < n; i++)
-            sum += __atomic_load_n(&c[i], __ATOMIC_SEQ_CST);
-        ok = sum <= room;
-        if (!ok)
-            __atomic_fetch_sub(&c[slot], 1, __ATOMIC_SEQ_CST);
-    }
+    int ok = fp_admit(c, (uint32_t)n, (uint32_t)slot, limit);
     PyBuffer_Release(&b);
     return PyBool_FromLong(ok);
 }
 
+/* fast_path_allows(head, paths, origins) -> bool | None: whether the fast
+ * path's rules (fp_rules_allow) allow this request head with these tables
+ * (paths () = every path, origins None = any); None: the head does not
+ * parse. For the differential test against relay/handshake.py. */
+static PyObject *fast_path_allows(PyObject *Py_UNUSED(m), PyObject *args) {
+    Py_buffer head;
+    PyObject *paths, *origins;
+    if (!PyArg_ParseTuple(args, "y*O!O", &head, &PyTuple_Type, &paths, &origins))
+        return NULL;
+    fp_table *t = PyMem_Calloc(1, sizeof *t);
+    PyObject *r = NULL;
+    if (!t) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    t->any_path = PyTuple_GET_SIZE(paths) == 0;
+    t->any_origin = origins == Py_None;
+    if (fp_strings(paths, t->paths, &t->npaths, "paths") < 0 ||
+        (!t->any_origin && (!PyTuple_Check(origins) || fp_strings(origins, t->origins, &t->norigins, "origins") < 0))) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "origins is a tuple or None");
+        goto out;
+    }
+    hh_head h;
+    if (hh_request(head.buf, (size_t)head.len, (size_t)head.len, &h) != HH_OK) {
+        hh_free(&h);
+        r = Py_NewRef(Py_None);
+        goto out;
+    }
+    r = PyBool_FromLong(fp_rules_allow(t, head.buf, &h));
+    hh_free(&h);
+out:
+    PyMem_Free(t);
+    PyBuffer_Release(&head);
+    return r;
+}
+
 static PyMethodDef engine_functions[] = {
+    {"fast_path_allows", fast_path_allows, METH_VARARGS,
+     "fast_path_allows(head, paths, origins) -> bool | None: the fast path's path and Origin rules on a request "
+     "head (paths (): every path; origins None: any); None when it does not parse"},
     {"tls_load", (PyCFunction)tls_load_py, METH_O,
      "tls_load(path of _ssl or None): find OpenSSL where Python's ssl module found it (OSError: not usable)"},
     {"tls_held", (PyCFunction)tls_held, METH_O,

@@ -17,6 +17,7 @@
 #include <Python.h>
 
 #include "_heads.h"
+#include "fast_path.h"
 
 typedef struct {
     PyObject_HEAD
@@ -214,89 +215,21 @@ static PyMethodDef Head_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-/* How many lines of header lname there are, and the first (or NULL). */
-static uint32_t count_fields(const char *b, const hh_head *h, const char *lname, size_t n, const hh_field **first) {
-    uint32_t count = 0;
-    *first = NULL;
-    for (const hh_field *f = hh_get(b, h, lname, n, 0); f; f = hh_get(b, h, lname, n, (uint32_t)(f - h->fields) + 1)) {
-        if (!count)
-            *first = f;
-        count++;
-    }
-    return count;
-}
-
-static int span_is(const char *b, hh_span s, const char *lit, size_t n) {
-    return s.len == n && memcmp(b + s.off, lit, n) == 0;
-}
-
-/* base64 of exactly 16 bytes as base64.b64decode(validate=True) reads it:
- * 22 characters of the alphabet, then "==" (the only form of that length the
- * alphabet-then-padding rule lets through that decodes to 16 bytes) */
-static int key_is_16_bytes(const char *v, uint32_t n) {
-    if (n != 24 || v[22] != '=' || v[23] != '=')
-        return 0;
-    for (int i = 0; i < 22; i++) {
-        char ch = v[i];
-        if (!((ch >= 'A' && ch <= 'Z') || (ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') || ch == '+' ||
-              ch == '/'))
-            return 0;
-    }
-    return 1;
-}
-
 /* Request.websocket(): relay/handshake.py's is_upgrade and validate_upgrade
  * in one call, for the head phase in C (tests/unit/test_native_head.py holds
  * it to them): None when the request asks for no WebSocket, the
  * Sec-WebSocket-Key when it is a valid RFC 6455 §4.2.1 upgrade, else the
  * (status, reason) validate_upgrade raises. */
 static PyObject *Request_websocket(HeadObject *o, PyObject *Py_UNUSED(ignored)) {
-    const char *b = RAW(o);
-    const hh_head *h = &o->h;
-    const hh_field *f;
+    const hh_field *key;
+    int status;
     const char *why;
-    int status = 400;
-    if (!hh_has_token(b, h, "upgrade", 7, "websocket", 9))
+    int r = fp_websocket(RAW(o), &o->h, &key, &status, &why);
+    if (r < 0)
         Py_RETURN_NONE;
-    if (!span_is(b, h->method, "GET", 3) || h->http10) {
-        why = "a WebSocket upgrade must be GET over HTTP/1.1";
-        goto refuse;
-    }
-    if (!hh_has_token(b, h, "connection", 10, "upgrade", 7)) {
-        why = "Connection header lacks the Upgrade token";
-        goto refuse;
-    }
-    f = hh_get(b, h, "content-length", 14, 0);
-    if ((f && !span_is(b, f->value, "0", 1)) || hh_get(b, h, "transfer-encoding", 17, 0)) {
-        why = "an upgrade request carries no body";
-        goto refuse;
-    }
-    uint32_t n = count_fields(b, h, "sec-websocket-version", 21, &f);
-    if (n != 1 || !span_is(b, f->value, "13", 2)) {
-        if (!n) {
-            why = "Sec-WebSocket-Version missing";
-        } else {
-            why = "unsupported WebSocket version";
-            status = 426;
-        }
-        goto refuse;
-    }
-    if (count_fields(b, h, "sec-websocket-key", 17, &f) != 1) {
-        why = "exactly one Sec-WebSocket-Key is required";
-        goto refuse;
-    }
-    if (!key_is_16_bytes(b + f->value.off, f->value.len)) {
-        why = "Sec-WebSocket-Key is not 16 bytes in base64";
-        goto refuse;
-    }
-    const hh_field *origin;
-    if (count_fields(b, h, "origin", 6, &origin) > 1) {
-        why = "more than one Origin header";
-        goto refuse;
-    }
-    return PyBytes_FromStringAndSize(b + f->value.off, f->value.len);
-refuse:
-    return Py_BuildValue("(is)", status, why);
+    if (r == 0)
+        return Py_BuildValue("(is)", status, why);
+    return PyBytes_FromStringAndSize(RAW(o) + key->value.off, key->value.len);
 }
 
 static PyMethodDef Request_methods[] = {
@@ -381,6 +314,10 @@ PyObject *heads_view(int response, const char *buf, size_t len, size_t max_bytes
         Py_RETURN_NONE;
     }
     return make_view(response ? &ResponseType : &RequestType, buf, &hh);
+}
+
+PyObject *heads_view_parsed(int response, const char *buf, hh_head *hh) {
+    return make_view(response ? &ResponseType : &RequestType, buf, hh);
 }
 
 int heads_is_request(PyObject *o) { return Py_TYPE(o) == &RequestType; }

@@ -11,6 +11,8 @@ int heads_init(PyObject *module);
  * None (a new reference) when incomplete or malformed, with *err (if given)
  * holding the error (status 0: incomplete). */
 PyObject *heads_view(int response, const char *buf, size_t len, size_t max_bytes, hh_head *err);
+/* The view of a head parsed already (hh_request/hh_response gave HH_OK): takes hh. */
+PyObject *heads_view_parsed(int response, const char *buf, hh_head *hh);
 int heads_is_request(PyObject *o);
 /* The bytes and the parse of a view. */
 const char *heads_raw(PyObject *o, const hh_head **h);

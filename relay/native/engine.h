@@ -35,6 +35,8 @@ typedef struct eng_tunnel {
     void *token;             /* the owner's, untouched */
     struct eng_tls *tls;     /* a TLS tunnel's client side (tls.h); NULL: cleartext */
     uint32_t next_free;
+    uint32_t tag;            /* the owner's, untouched (0 on open): a fast-path tunnel's pool member + 1 */
+    double born;             /* the owner's, untouched: when a fast-path tunnel opened (fast_path.h fp_now) */
 } eng_tunnel;
 
 enum { ENG_EPOLL = 1, ENG_URING = 2 };

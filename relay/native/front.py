@@ -71,6 +71,7 @@ from relay.errors import HeadError, OriginClosed, RelayError
 from relay.handshake import check_upgrade_response
 from relay.headers import request_id_for, x_forwarded_for
 from metrics import layout
+from relay.native import fast_path
 from relay.native.plane import NativeTunnel, Offload, _share_strings
 from relay.origins.balance import Member
 from relay.origins.dial import Dial
@@ -174,6 +175,8 @@ class NativeFront:
         if any(tls_flags):  # C counts how TLS handshakes end, into this worker's metrics
             table, shift, mask = tls_handshake.reason_table(layout.TLS_OUTCOMES)
             self.engine.tls_server(tls_server.default, table, shift, mask, ctx.counters.tls_handshakes_view())
+        #: why the fast path in C does not decide this worker's common upgrades (None: it does)
+        self.fast_path_off = fast_path.install(self)
         for sock, is_tls in itertools.zip_longest(socks, tls_flags, fillvalue=False):
             self.engine.listen(sock.fileno(), is_tls)
         ctx.counters.accepting = True
@@ -215,6 +218,14 @@ class NativeFront:
             sock.close()
         self.resolver.stop()
         self._draining.start()
+
+    def summary(self) -> str | None:
+        """What the fast path did in this worker, for its last log line (None: it was off)."""
+        st = self.engine.fast_path_stats
+        if not st["on"]:
+            return None
+        return (f"the fast path decided {st['decided']} upgrades in C ({st['upgraded']} upgraded there, "
+                f"{st['adopted']} handed to Python); {st['declined']} were Python's to decide")
 
     # -- the engine's callbacks ------------------------------------------------------
     def on_head(self, cid: int, req, ip: str, tls=None) -> None:
@@ -260,6 +271,19 @@ class NativeFront:
         # True: C computes the Sec-WebSocket-Accept from the key the gate checked,
         # and checks the common answer itself (on_upgrade)
         self.engine.connect(cid, conn.order, req, request_id, trusted, conn, pool.connect_timeout, True)
+
+    def on_adopt(self, cid: int, req, ip: str, started: float, origin: int) -> NativeConnection:
+        """An upgrade the fast path decided (relay/native/fast_path.py) whose
+        outcome is not the common one: Python takes it over as if on_head had
+        decided it, with the admission slot and the connection count C took on
+        ``origin`` (engine index, asked first); the event follows at once."""
+        conn = NativeConnection(self, cid, ip, req, started)
+        conn.key = req.websocket()
+        m = self.members[origin]
+        conn.dial = dial = Dial(m.pool, req)
+        dial.member = m  # held: C counted it (OriginPool.opened)
+        dial.tried = (m,)
+        return conn
 
     def on_upgrade(self, cid: int, conn: NativeConnection, origin: int, attempts, connect_s: float | None) -> None:
         """The origin answered a 101 that C checked as check_upgrade_response
@@ -311,7 +335,7 @@ class NativeFront:
         tunnel.upstream = member  # the tunnel holds the origin's count now, given back when it ends
         conn.dial.member = None
         ctx.tunnels.add(tunnel)
-        ctx.counters.tunnels(len(ctx.tunnels))
+        ctx.counters.tunnel_opened()
         tunnel.id = self.engine.splice(cid, tunnel, tunnel.engine)
 
     def on_failed(self, cid: int, conn: NativeConnection, origin: int, attempts) -> None:
@@ -492,9 +516,10 @@ def _consume(task: asyncio.Task) -> None:
 
 
 class _Draining:
-    """While the worker drains, the head phase's connections count among the
-    worker's connections (relay.context.Context.connections): it waits for
-    them as for the others, and closes what is left when its window ends."""
+    """While the worker drains, the head phase's connections and the fast
+    path's tunnels (which have no Python object) count among the worker's
+    connections (relay.context.Context.connections): it waits for them as
+    for the others, and closes what is left when its window ends."""
 
     def __init__(self, front: NativeFront) -> None:
         self.front = front
@@ -502,8 +527,13 @@ class _Draining:
 
     @property
     def connections(self) -> int:
-        """How many connections it stands for (the drain's log line counts them)."""
+        """How many connections in the head phase it stands for (the drain's log line counts them)."""
         return self.front.engine.handshakes_live
+
+    @property
+    def tunnels(self) -> int:
+        """How many fast-path tunnels it stands for."""
+        return self.front.engine.fast_path_stats["open"]
 
     def start(self) -> None:
         self.on = True
@@ -511,7 +541,7 @@ class _Draining:
         self.check()
 
     def check(self) -> None:
-        if self.on and not self.front.engine.handshakes_live:
+        if self.on and not self.front.engine.handshakes_live and not self.tunnels:
             self.on = False
             ctx = self.front.ctx
             ctx.connections.discard(self)
@@ -522,6 +552,7 @@ class _Draining:
 
     def close(self) -> None:
         self.front.engine.close_handshakes()
+        self.front.engine.close_fast()
         self.check()
 
 

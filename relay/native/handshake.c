@@ -272,6 +272,8 @@ void hs_put_buffer(handshaker *h, char *buf, uint32_t cap) {
 
 static void conn_free(handshaker *h, uint32_t slot) {
     hs_conn *c = &h->c[slot];
+    if (c->fast && h->release_fast)
+        h->release_fast(h, c);
     tl_remove(h, slot);
     hs_put_buffer(h, c->buf, c->cap);
     hs_put_buffer(h, c->obuf, c->ocap);

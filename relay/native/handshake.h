@@ -94,6 +94,12 @@ typedef struct hs_conn {
     struct ssl_st *ssl;
     void *tls_token;
     uint8_t tls, tls_done, want_out, watched_out, tls_shut;
+    /* the fast path (fast_path.h) decided it: no token; it holds an admission
+     * slot and a connection count on pool member fast_member, given back by
+     * release_fast if it closes undecided */
+    uint8_t fast;
+    uint32_t fast_member;
+    double fast_started;       /* when it was decided (fp_now) */
 } hs_conn;
 
 typedef struct hs_event {
@@ -143,6 +149,8 @@ typedef struct handshaker {
     hs_origin *origins;
     uint32_t norigins;
     void (*release)(void *token);
+    void (*release_fast)(struct handshaker *h, hs_conn *c); /* a fast-path connection's hold, given back */
+    void *fast_owner;          /* for release_fast */
     /* head buffers of HS_FIRST_BUF bytes kept for the next connections (two
      * per handshake otherwise go through malloc's slow bins and back), at
      * most HS_POOL_MAX of them whatever the number of slots */

@@ -60,8 +60,7 @@ class AtLimit(Exception):
 class Member:
     """One origin of a pool, in one worker."""
 
-    __slots__ = ("pool", "addr", "name", "entry", "who", "conns", "base", "cell", "state", "hist", "idle",
-                 "current")
+    __slots__ = ("pool", "addr", "name", "entry", "who", "base", "cell", "state", "hist", "idle", "current")
 
     def __init__(self, pool: "OriginPool", addr: Address, entry: int, slot: int, table: OriginTable,
                  loop: asyncio.AbstractEventLoop) -> None:
@@ -72,8 +71,6 @@ class Member:
         self.entry = entry
         #: the subject of its log lines
         self.who = f"origin {self.name} (pool {pool.name})"
-        #: this worker's open connections to it (tunnels, requests in flight, connects)
-        self.conns = 0
         #: its row of the table's connection counts, and this worker's cell in it
         self.base = entry * table.nslots
         self.cell = self.base + slot
@@ -329,13 +326,14 @@ class OriginPool:
 
     # -- what happens to a member -----------------------------------------------------------
     def opened(self, m: Member) -> None:
-        """A connection to ``m`` starts (connecting counts: a burst must spread)."""
-        m.conns += 1
-        self._conns[m.cell] = m.conns
+        """A connection to ``m`` starts (connecting counts: a burst must spread).
+        This worker's open connections to it (tunnels, requests in flight,
+        connects) are its cell of the table, changed by steps: the fast path in
+        C (relay/native/fast_path.c) counts into the same cell."""
+        self._conns[m.cell] += 1
 
     def closed(self, m: Member) -> None:
-        m.conns -= 1
-        self._conns[m.cell] = m.conns
+        self._conns[m.cell] -= 1
 
     def connected(self, m: Member, seconds: float) -> None:
         """A TCP connect to ``m`` took ``seconds``."""

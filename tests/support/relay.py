@@ -39,6 +39,9 @@ class Relay:
     data_plane = "auto"
     #: WSRELAY_NATIVE_BACKEND ("epoll" to run the native engine without io_uring; "" = its default)
     native_backend = ""
+    #: RELAY_ACCESS_LOG=0 unless ``env`` says otherwise: on the native plane,
+    #: plain upgrades are decided by the fast path in C (relay/native/fast_path.py)
+    fast_path = False
 
     def __init__(self, origin: str | None, workers: int = 2, env: dict | None = None,
                  args: tuple[str, ...] = (), metrics: bool = True, tracebacks: bool = False):
@@ -56,6 +59,8 @@ class Relay:
         })
         if self.native_backend:
             e["WSRELAY_NATIVE_BACKEND"] = self.native_backend
+        if self.fast_path:
+            e["RELAY_ACCESS_LOG"] = "0"
         if origin is not None:
             e["RELAY_ORIGIN"] = origin
         e.update(env or {})

@@ -35,7 +35,8 @@ from tests.support.relay import ROOT
 NATIVE = os.path.join(ROOT, "relay", "native")
 #: every C file of the extension (setup.py's list)
 SOURCES = [os.path.join(NATIVE, f)
-           for f in ("_engine.c", "_heads.c", "engine.c", "handshake.c", "http_head.c", "ws_accept.c", "tls.c")]
+           for f in ("_engine.c", "_heads.c", "engine.c", "handshake.c", "http_head.c", "ws_accept.c", "tls.c",
+                     "fast_path.c")]
 REQUIRED = os.environ.get("WSRELAY_REQUIRE_NATIVE", "") not in ("", "0")
 
 
@@ -100,7 +101,8 @@ def test_the_pump_under_addresssanitizer(tmp_path):
          "tests/unit/test_native_head.py", "tests/system/relay/test_native.py", "tests/system/relay/test_native_handshake.py",
          "tests/system/relay/test_tunnel_endings.py", "tests/system/relay/test_data_plane_fuzz.py",
          "tests/system/relay/test_native_tls.py", "tests/system/relay/test_tls_tunnel.py",
-         "tests/system/relay/test_native_tls_head.py",
+         "tests/system/relay/test_native_tls_head.py", "tests/system/relay/test_fast_path.py",
+         "tests/unit/test_fast_path_rules.py",
          "-k", "not python"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     reports = [open(p).read() for p in glob.glob(f"{logs}*")]

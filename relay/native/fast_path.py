@@ -1,0 +1,100 @@
+"""The fast path's tables (relay/native/fast_path.c; README "Architecture"):
+what of a worker's rules the common upgrade needs, compiled once when the
+worker starts, so C decides that upgrade without calling Python.
+
+Python keeps every rule. C says yes only to the plain case of each — a path
+under ``RELAY_WS_PATHS``, no ``Origin`` or one listed with its scheme,
+every origin of the pool up at full weight, room under ``RELAY_MAX_CLIENTS``
+without the lock — and counts what Python would count, in the same shared
+memory. Any other request is decided by relay/native/front.py's ``on_head``
+as before; any other outcome after a yes (a failed connect, another answer
+than a valid 101, an origin taken out meanwhile) is handed to Python with
+what C took (``NativeFront.on_adopt``).
+
+The fast path applies when the worker's settings leave nothing per request
+that only Python does: no access log (its records are built in Python), no
+``RELAY_TRUSTED_PROXIES`` (whose X-Forwarded-For and X-Request-ID are
+kept), no ``RELAY_MAX_CLIENTS_PER_IP`` (its table takes a lock), no routes
+(one pool), least connections (or one origin) without ``RELAY_MAX_CONNS``;
+on plain listeners (TLS listeners' connections are Python's to decide).
+:func:`install` says why when it does not.
+"""
+
+from __future__ import annotations
+
+import os
+
+from metrics import layout
+from relay import pools
+from relay.origins import table as origin_table
+
+#: the most origins, path prefixes and Origin entries the tables hold (fast_path.h)
+MAX_MEMBERS = 64
+MAX_RULES = 32
+
+
+def why_not(settings) -> str | None:
+    """Why the fast path cannot decide upgrades with ``settings``
+    (relay.config.Settings), or None."""
+    if os.environ.get("WSRELAY_NATIVE_FAST_PATH", "1") == "0":
+        return "WSRELAY_NATIVE_FAST_PATH=0"
+    if settings.access_log:
+        return "the access log is on (RELAY_ACCESS_LOG=1)"
+    if settings.trusted_proxies:
+        return "RELAY_TRUSTED_PROXIES is set"
+    if settings.max_clients_per_ip:
+        return "RELAY_MAX_CLIENTS_PER_IP is set"
+    if settings.routes:
+        return "RELAY_ROUTES is set"
+    pool = next((p for p in pools.effective(settings) if p.name == pools.DEFAULT), None)
+    if pool is None:
+        return "RELAY_ROUTES is set"
+    if not pool.websocket:
+        return "the pool refuses WebSockets"
+    if ":" in pool.balance or (pool.balance != "least_conn" and len(pool.origins) > 1):
+        return f"RELAY_BALANCE={pool.balance}"
+    if pool.max_conns:
+        return "RELAY_MAX_CONNS is set"
+    if len(set(pool.origins)) > MAX_MEMBERS:
+        return f"more than {MAX_MEMBERS} origins"
+    if "/" not in settings.ws_paths and len(settings.ws_paths) > MAX_RULES:
+        return f"more than {MAX_RULES} RELAY_WS_PATHS"
+    if len(pool.allowed_origins) > MAX_RULES:
+        return f"more than {MAX_RULES} RELAY_ALLOWED_ORIGINS"
+    return None
+
+
+def _origins(allowed: tuple[str, ...]) -> tuple[bytes, ...] | None:
+    """RELAY_ALLOWED_ORIGINS as C matches it: None (any), or the entries with a
+    scheme that match byte for byte after origin_allowed's folding (lower
+    case, no final "/"); a request whose Origin is none of them goes to Python."""
+    if not allowed or "*" in allowed:
+        return None
+    return tuple(e.encode() for e in allowed if "://" in e and e == e.lower() and not e.endswith("/") and e.isascii())
+
+
+def install(front) -> str | None:
+    """Give the engine of ``front`` (relay.native.front.NativeFront) its
+    tables; returns why the fast path is off, or None."""
+    ctx = front.ctx
+    why = why_not(ctx.settings)
+    if why is not None:
+        return why
+    shared = ctx.admission.fast_path()
+    if shared is None:
+        return "RELAY_MAX_CLIENTS_PER_IP is set"
+    clients, slot, header = shared
+    pool = ctx.pools[pools.DEFAULT]
+    table = ctx.table
+    metrics, counts, (hs_buckets, dur_buckets) = ctx.counters.fast_path()
+    members = tuple((front.index[m], m.base, m.cell, m.state, m.hist) for m in pool.members)
+    front.engine.fast_path(
+        on_adopt=front.on_adopt, metrics=metrics, counts=counts,
+        buckets=(hs_buckets, dur_buckets, layout.CONNECT_BUCKETS),
+        clients=clients, slot=slot, header=header,
+        in_use=table.header[origin_table.IN_USE:origin_table.IN_USE + 1],
+        conns=table.conns, state=table.state, connect=table.connect, members=members,
+        health=(layout.O_CHECK, layout.O_CHECK_SINCE, layout.O_DOWN_UNTIL, layout.O_EJECTED),
+        slowstart=float(pool.settings.slowstart), connect_timeout=float(pool.connect_timeout),
+        paths=() if b"/" in ctx.ws_paths else ctx.ws_paths, origins=_origins(pool.allowed_origins))
+    return None

@@ -1,0 +1,255 @@
+"""The fast path (relay/native/fast_path.py, fast_path.c): plain upgrades
+decided in C, without calling Python, when the settings allow it (here:
+the access log off). Against the real relay and real origins:
+
+- it is on (the startup line) and serves (the worker's last line counts
+  the upgrades it decided), and off where a setting needs Python;
+- it counts what Python counts: the same /metrics after the same sessions
+  with it on and off (WSRELAY_NATIVE_FAST_PATH=0), gauges back to zero;
+- what is not plain is Python's, with the same answers: refusals by path,
+  Origin and version, the limit, a failed connect (failover), an origin
+  that refuses or does not answer; the relay's count of clients and of
+  origin connections returns to zero after each.
+
+The tunnel, endings, fault, exhaustion and lifecycle suites also run with
+it (tests/conftest.py FAST_TOO).
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+
+import pytest
+from websockets.sync.client import connect
+
+from relay import native
+from tests.support.net import free_port, raw_exchange, read_head, status_of, upgrade_request
+from tests.support.relay import Relay, wait_for
+from tests.support.scrape import metric, samples
+
+pytestmark = pytest.mark.skipif(not native.AVAILABLE, reason="native data plane unavailable")
+
+FAST = {"RELAY_ACCESS_LOG": "0", "RELAY_DATA_PLANE": "native"}
+OFF = {**FAST, "WSRELAY_NATIVE_FAST_PATH": "0"}
+
+
+def decided(r: Relay) -> tuple[int, int, int]:
+    """(decided, upgraded there, handed to Python) from the workers' last lines."""
+    total = [0, 0, 0]
+    for m in re.finditer(r"the fast path decided (\d+) upgrades in C \((\d+) upgraded there, (\d+) handed to Python\)",
+                         r.text()):
+        for i in range(3):
+            total[i] += int(m.group(i + 1))
+    return total[0], total[1], total[2]
+
+
+def settled(r: Relay) -> None:
+    """Every count that a session holds is back to zero."""
+    wait_for(lambda: metric(r, "wsrelay_clients") == 0 and metric(r, "wsrelay_websocket_connections") == 0
+             and metric(r, "wsrelay_origin_connections") == 0, 10, what="clients, tunnels and origin counts at 0")
+
+
+def sessions(r: Relay, n: int, path: str = "/fast") -> None:
+    for i in range(n):
+        with connect(r.url + path, open_timeout=5) as ws:
+            ws.send(f"m{i}" * 10)
+            assert ws.recv(timeout=5) == f"m{i}" * 10
+
+
+def test_on_by_its_settings_and_counted_in_the_last_line(ws_origin):
+    with Relay(ws_origin.addr, workers=1, env=FAST) as r:
+        assert "common upgrades decided in C" in r.text()
+        sessions(r, 5)
+        settled(r)
+    assert decided(r) == (5, 5, 0)
+    with Relay(ws_origin.addr, workers=1, env={"RELAY_DATA_PLANE": "native"}) as r:
+        assert "fast path off: the access log is on (RELAY_ACCESS_LOG=1)" in r.text()
+        sessions(r, 1)
+    assert decided(r) == (0, 0, 0) and "the fast path decided" not in r.text()
+
+
+@pytest.mark.parametrize("env, why", [
+    ({"RELAY_TRUSTED_PROXIES": "10.0.0.0/8"}, "RELAY_TRUSTED_PROXIES is set"),
+    ({"RELAY_MAX_CLIENTS_PER_IP": "5"}, "RELAY_MAX_CLIENTS_PER_IP is set"),
+    ({"RELAY_BALANCE": "header:X-User"}, "RELAY_BALANCE=header:x-user"),
+    ({"WSRELAY_NATIVE_FAST_PATH": "0"}, "WSRELAY_NATIVE_FAST_PATH=0"),
+])
+def test_off_where_a_setting_needs_it_off(ws_origin, env, why):
+    with Relay(ws_origin.addr, workers=1, env={**FAST, **env}) as r:
+        assert f"fast path off: {why}" in r.text()
+        sessions(r, 2)
+    assert decided(r) == (0, 0, 0)
+
+
+def counted(r: Relay) -> dict:
+    """The samples a session changes, summed over workers (which worker
+    accepts is the kernel's choice), timings left out (they differ run to run)."""
+    keep = ("wsrelay_websocket_upgrades_total", "wsrelay_http_requests_total", "wsrelay_handshake_seconds_count",
+            "wsrelay_websocket_duration_seconds_count", "wsrelay_bytes_total", "wsrelay_origin_connect_seconds_count",
+            "wsrelay_clients", "wsrelay_websocket_connections", "wsrelay_origin_connections",
+            "wsrelay_origin_errors_total")
+    out: dict = {}
+    for (name, labels), v in samples(r).items():
+        if name in keep and v:
+            k = (name, tuple(kv for kv in labels if kv[0] != "worker"))
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def test_counts_as_the_reference_does(ws_origin):
+    """The same sessions, the fast path on and off: the same /metrics
+    (upgrades, 101s, handshake and duration counts, bytes both ways, origin
+    connects), and while sessions are open the same gauges."""
+    seen = {}
+    for name, env in (("fast", FAST), ("python", OFF)):
+        with Relay(ws_origin.addr, workers=2, env=env) as r:
+            sessions(r, 6)
+            held = [connect(r.url + "/held", open_timeout=5) for _ in range(3)]
+            for ws in held:
+                ws.send("x" * 100)
+                assert ws.recv(timeout=5) == "x" * 100
+            wait_for(lambda: metric(r, "wsrelay_websocket_connections") == 3, 5, what="3 tunnels open")
+            open_now = (metric(r, "wsrelay_clients"), metric(r, "wsrelay_origin_connections"))
+            for ws in held:
+                ws.close()
+            settled(r)
+            seen[name] = (open_now, published(r))
+        assert decided(r)[0] == (9 if name == "fast" else 0)
+    assert seen["fast"][0] == seen["python"][0] == (3, 3)
+    fast, python = seen["fast"][1], seen["python"][1]
+    assert fast == python, {k: (fast.get(k), python.get(k)) for k in set(fast) | set(python)
+                            if fast.get(k) != python.get(k)}
+    assert metric_of(fast, "wsrelay_websocket_upgrades_total", outcome="upgraded") == 9
+
+
+def published(r: Relay) -> dict:
+    """counted(r) once every worker's 1 s sweep has published the bytes of
+    the sessions that ended: the same two scrapes a sweep apart."""
+    last = [counted(r)]
+
+    def same() -> bool:
+        time.sleep(1.1)  # a sweep's period: what changes, changes within it
+        now = counted(r)
+        stable, last[0] = now == last[0], now
+        return stable
+    wait_for(same, 10, what="bytes published by every worker's sweep")
+    return last[0]
+
+
+def status_for(r: Relay, request: bytes) -> int:
+    """The status of the answer to ``request`` (a 101's connection is closed after its head)."""
+    with socket.create_connection(("127.0.0.1", r.port), timeout=5) as s:
+        s.sendall(request)
+        head, _ = read_head(s)
+    return status_of(head)
+
+
+def metric_of(snapshot: dict, name: str, **labels) -> float:
+    want = set(labels.items())
+    return sum(v for (n, lbl), v in snapshot.items() if n == name and want <= set(lbl))
+
+
+def test_refusals_are_decided_by_the_rules_in_full(ws_origin):
+    """Paths, Origins and versions the rules refuse: Python's answers and
+    outcomes; what the rules allow in their plain form: the fast path's."""
+    env = {**FAST, "RELAY_WS_PATHS": "/ws", "RELAY_ALLOWED_ORIGINS": "https://app.example.com,example.org"}
+    with Relay(ws_origin.addr, workers=1, env=env) as r:
+        cases = [
+            (upgrade_request("/ws/room"), 101),
+            (upgrade_request("/ws/room", extra="Origin: https://app.example.com\r\n"), 101),
+            (upgrade_request("/ws", extra="Origin: http://example.org:8080\r\n"), 101),   # a host entry: Python
+            (upgrade_request("/ws", extra="Origin: https://evil.example\r\n"), 403),
+            (upgrade_request("/wsx"), 403),
+            (upgrade_request("/ws/%2e%2e/admin"), 403),
+            (upgrade_request("/ws", version="8"), 426),
+        ]
+        for request, want in cases:
+            assert status_for(r, request) == want, request
+        wait_for(lambda: metric(r, "wsrelay_websocket_upgrades_total", outcome="forbidden") == 3, 5,
+                 what="3 forbidden")
+        assert metric(r, "wsrelay_websocket_upgrades_total", outcome="bad_request") == 1
+        settled(r)
+    assert decided(r)[:2] == (2, 2)
+
+
+def test_a_failed_connect_is_handed_over_and_fails_over(ws_origin):
+    """Two origins, one refusing connections: an upgrade the fast path sent to
+    it first is handed to Python, which counts the failure and logs it;
+    the engine has asked the next origin already, and the client gets its 101."""
+    dead = f"127.0.0.1:{free_port()}"
+    with Relay(f"{dead},{ws_origin.addr}", workers=1, env=FAST) as r:
+        sessions(r, 4)
+        r.wait_log(f"origin {dead} connect failed", timeout=5)
+        assert metric(r, "wsrelay_origin_errors_total", reason="connect") >= 1
+        settled(r)
+    fast, upgraded, adopted = decided(r)
+    assert fast == 4 and adopted >= 1 and upgraded + adopted == 4
+
+
+def test_an_origin_refusing_the_upgrade_is_relayed(aio_origin):
+    """The aiohttp origin answers an upgrade to /echo with a plain 200: the
+    answer is relayed, body and all (HandedOverRefusal), counted origin_rejected."""
+    with Relay(aio_origin.addr, workers=1, env=FAST) as r:
+        out = raw_exchange(r.port, upgrade_request("/echo"), timeout=5)
+        assert status_of(out) == 405 or status_of(out) == 200, out[:200]
+        wait_for(lambda: metric(r, "wsrelay_websocket_upgrades_total", outcome="origin_rejected") == 1, 5,
+                 what="origin_rejected counted")
+        settled(r)
+    assert decided(r) == (1, 0, 1)
+
+
+def test_an_origin_that_does_not_answer_is_a_504(silent_origin):
+    with Relay(silent_origin.addr, workers=1, env={**FAST, "RELAY_CONNECT_TIMEOUT": "0.5"}) as r:
+        assert status_of(raw_exchange(r.port, upgrade_request("/"), timeout=5)) == 504
+        assert metric(r, "wsrelay_websocket_upgrades_total", outcome="timeout") == 1
+        settled(r)
+    assert decided(r) == (1, 0, 1)
+
+
+def test_at_the_limit_the_lock_decides_and_refuses(ws_origin):
+    """RELAY_MAX_CLIENTS=3: the fast path admits while far from the limit;
+    near it Python decides (the lock), so the fourth client gets the 503."""
+    with Relay(ws_origin.addr, workers=1, env={**FAST, "RELAY_MAX_CLIENTS": "3"}) as r:
+        held = [connect(r.url + "/held", open_timeout=5) for _ in range(3)]
+        assert status_of(raw_exchange(r.port, upgrade_request("/"), timeout=5)) == 503
+        assert metric(r, "wsrelay_websocket_upgrades_total", outcome="limit") == 1
+        held.pop().close()
+        wait_for(lambda: metric(r, "wsrelay_clients") == 2, 5, what="a client given back")
+        held.append(connect(r.url + "/again", open_timeout=5))
+        for ws in held:
+            ws.close()
+        settled(r)
+
+
+def test_idle_tunnels_are_closed_and_counted(ws_origin):
+    with Relay(ws_origin.addr, workers=1, env={**FAST, "RELAY_IDLE_TIMEOUT": "1"}) as r:
+        s = socket.create_connection(("127.0.0.1", r.port), timeout=5)
+        s.sendall(upgrade_request("/idle"))
+        assert s.recv(4096).startswith(b"HTTP/1.1 101")
+        s.settimeout(5)
+        started = time.monotonic()
+        assert s.recv(4096) == b""  # closed by the relay, idle
+        assert time.monotonic() - started < 4
+        s.close()
+        settled(r)
+        assert metric(r, "wsrelay_websocket_duration_seconds_count") == 1
+    assert decided(r) == (1, 1, 0)
+
+
+def test_a_drain_waits_for_its_tunnels_then_closes_them(ws_origin):
+    """SIGTERM: fast-path tunnels (no Python object) are waited for like any
+    other, and closed when RELAY_DRAIN_TIMEOUT ends."""
+    with Relay(ws_origin.addr, workers=1, env={**FAST, "RELAY_DRAIN_TIMEOUT": "2"}) as r:
+        ws = connect(r.url + "/draining", open_timeout=5)
+        r.proc.send_signal(15)
+        r.wait_log("draining: 1 tunnels", timeout=5)
+        ws.send("still")
+        assert ws.recv(timeout=5) == "still"
+        started = time.monotonic()
+        with pytest.raises(Exception):
+            ws.recv(timeout=10)
+        assert 0.5 < time.monotonic() - started < 8
+        assert r.proc.wait(timeout=10) == 0
+    assert decided(r) == (1, 1, 0)
