@@ -432,6 +432,10 @@ SYSTEMS = {
     # (relay/native/front.py, the default) replaced
     "wsrelay-pyheads": dict(label="wsrelay (1 worker, native pump, head phase in Python)", workers=1,
                             env={"WSRELAY_NATIVE_HANDSHAKE": "0"}),
+    # the head phase in C with the fast path off (WSRELAY_NATIVE_FAST_PATH=0): Python decides every
+    # upgrade, once per head and once per upgrade (relay/native/front.py), as before the fast path
+    "wsrelay-nofast": dict(label="wsrelay (1 worker, head phase in C, fast path off)", workers=1,
+                           env={"WSRELAY_NATIVE_FAST_PATH": "0"}),
     "wsrelay-2w": dict(label="wsrelay (2 workers)", workers=2),
     # the cost of observability: the same worker with /metrics on, scraped every second
     "wsrelay-metrics": dict(label="wsrelay (1 worker, /metrics scraped 1/s)", workers=1,

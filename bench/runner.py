@@ -55,7 +55,7 @@ def workloads(quick: bool, idle_conns: int) -> list[Workload]:
                  systems=("direct",) + PROXIED + ("wsrelay-frames",)),
         Workload("echo-1m", "1 MiB echo, 4 conns", "echo", 4, 1 << 20, metric="MB/s"),
         Workload("handshake", "handshakes, 8 loops", "handshake", 8, metric="handshakes/s",
-                 systems=("direct",) + PROXIED + ("wsrelay-pyheads",)),
+                 systems=("direct",) + PROXIED + ("wsrelay-nofast", "wsrelay-pyheads")),
         # routing decided once per request, at a cost that does not grow with the routes
         Workload("handshake-routes", "handshakes, 8 loops, 50 routes vs 1", "handshake", 8,
                  metric="handshakes/s", systems=("wsrelay-routes-1", "wsrelay-routes-50")),
@@ -68,7 +68,7 @@ def workloads(quick: bool, idle_conns: int) -> list[Workload]:
                  procs=4, metric="KiB/tunnel", higher_better=False),
         # 5,000 clients connecting at once (a reconnect storm after an outage or a deploy):
         # seconds until every one is upgraded; p99 = handshake latency of one client
-        Workload("storm", "reconnect storm, 5,000 clients at once", "storm", 5000, systems=PROXIED + ("wsrelay-pyheads",),
+        Workload("storm", "reconnect storm, 5,000 clients at once", "storm", 5000, systems=PROXIED + ("wsrelay-nofast", "wsrelay-pyheads"),
                  procs=4, metric="s to all upgraded", higher_better=False),
         Workload("scale-64", "64 B echo, 50 conns, 2 vs 1 worker", "echo", 50, 64,
                  systems=("wsrelay", "wsrelay-2w"), pinned=False),

@@ -74,7 +74,7 @@
 #define NCALLBACKS 5
 #define CB_UPGRADE NCALLBACKS /* optional: front.on_upgrade */
 
-typedef struct {
+typedef struct EngineObject {
     PyObject_HEAD
     engine e;
     PyObject *on_end;
@@ -101,6 +101,12 @@ typedef struct {
     int nfp;
     PyObject *fp_keep;
     PyObject *cb_adopt;
+    /* wss:// on the fast path: the engine that relays TLS tunnels (self on
+     * epoll; a second one on io_uring, engine.c "TLS tunnels"), which counts
+     * their ends into this engine's table (its fp_count, and fp_owner: this one) */
+    struct EngineObject *fp_tls;
+    fp_table *fp_count;       /* where this engine's tagged tunnels are counted: &fp, or its owner's */
+    PyObject *fp_owner;
 } EngineObject;
 
 /* A new X-Request-ID: 32 hex digits, 128 bits from a seeded PRNG, as
@@ -132,7 +138,8 @@ static int report_ended(EngineObject *self) {
         double born = t->born;
         eng_release(&self->e, slot);
         if (tag) { /* the fast path's: counted and given back here, Python not called */
-            fp_ended(&self->fp, tag - 1, fp_now() - born, up, down);
+            fp_ended(self->fp_count ? self->fp_count : &self->fp, tag - 1, fp_now() - born, up, down);
+            Py_XDECREF(token); /* a wss:// tunnel's: its SSL's owner, after the pump let go of the SSL */
             continue;
         }
         if (self->on_end != Py_None && !carrier) {
@@ -225,6 +232,9 @@ static void Engine_dealloc(EngineObject *self) {
         PyBuffer_Release(&self->fp_bufs[k]);
     Py_XDECREF(self->fp_keep);
     Py_XDECREF(self->cb_adopt);
+    if (self->fp_tls != self)
+        Py_XDECREF((PyObject *)self->fp_tls);
+    Py_XDECREF(self->fp_owner);
     if (self->ready) {
         eng_tls_detach_all(&self->e); /* before the tokens, which hold the SSLs, go */
         for (uint32_t slot = 0; slot < self->e.cap; slot++)
@@ -549,6 +559,8 @@ static PyObject *Engine_handshakes(EngineObject *self, PyObject *args, PyObject 
     Py_RETURN_NONE;
 }
 
+static EngineObject *tls_engine_of(EngineObject *self, PyObject *other);
+
 /* A fast-path connection closed before it was decided (a drain's end, the
  * engine freed): what fp_decide took goes back. */
 static void release_fast(handshaker *h, hs_conn *c) {
@@ -612,9 +624,9 @@ static int fp_bounds(PyObject *seq, double *out, uint32_t *n) {
 static PyObject *Engine_fast_path(EngineObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"on_adopt", "metrics", "counts", "buckets", "clients", "slot", "header", "in_use",
                              "conns", "state", "connect", "members", "health", "slowstart", "connect_timeout",
-                             "paths", "origins", NULL};
+                             "paths", "origins", "tls_engine", NULL};
     PyObject *on_adopt, *metrics, *counts, *buckets, *clients, *header, *in_use, *conns, *state, *connect, *members;
-    PyObject *health, *paths, *origins;
+    PyObject *health, *paths, *origins, *tls_engine = Py_None;
     unsigned int slot;
     double slowstart, connect_timeout;
     CHECK_HS(self);
@@ -622,10 +634,11 @@ static PyObject *Engine_fast_path(EngineObject *self, PyObject *args, PyObject *
         PyErr_SetString(PyExc_RuntimeError, "fast_path() already called");
         return NULL;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO!O!OIOOOOOO!O!ddO!O", kwlist, &on_adopt, &metrics,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO!O!OIOOOOOO!O!ddO!O|O", kwlist, &on_adopt, &metrics,
                                      &PyTuple_Type, &counts, &PyTuple_Type, &buckets, &clients, &slot, &header,
                                      &in_use, &conns, &state, &connect, &PyTuple_Type, &members, &PyTuple_Type,
-                                     &health, &slowstart, &connect_timeout, &PyTuple_Type, &paths, &origins))
+                                     &health, &slowstart, &connect_timeout, &PyTuple_Type, &paths, &origins,
+                                     &tls_engine))
         return NULL;
     fp_table *t = &self->fp;
     memset(t, 0, sizeof *t);
@@ -691,6 +704,21 @@ static PyObject *Engine_fast_path(EngineObject *self, PyObject *args, PyObject *
     self->fp_keep = Py_BuildValue("(OO)", paths, origins);
     if (!self->fp_keep)
         goto fail;
+    if (tls_engine != Py_None) { /* wss:// too: its tunnels counted here when they end there */
+        EngineObject *te = tls_engine_of(self, tls_engine);
+        if (!te)
+            goto fail;
+        if (te->e.backend != ENG_EPOLL || (te != self && te->fp_count)) {
+            PyErr_SetString(PyExc_ValueError, "fast_path(): tls_engine is an epoll Engine of its own");
+            goto fail;
+        }
+        self->fp_tls = te;
+        if (te != self) {
+            Py_INCREF(te);
+            te->fp_count = &self->fp;
+            te->fp_owner = Py_NewRef((PyObject *)self);
+        }
+    }
     Py_XSETREF(self->cb_adopt, Py_NewRef(on_adopt));
     self->hs.release_fast = release_fast;
     self->hs.fast_owner = self;
@@ -1054,14 +1082,15 @@ static int fast_take(EngineObject *self, hs_conn *c, int64_t id, const hh_head *
     char ip[INET6_ADDRSTRLEN], rid[32];
     size_t ip_len = peer_text(c, ip);
     new_request_id(self, rid);
-    size_t proto_len = (size_t)PyBytes_GET_SIZE(self->proto);
+    /* a TLS connection's requests are X-Forwarded-Proto: https (README "TLS"), as in connect() */
+    const char *proto = c->ssl ? "https" : PyBytes_AS_STRING(self->proto);
+    size_t proto_len = c->ssl ? 5 : (size_t)PyBytes_GET_SIZE(self->proto);
     char *head = malloc(hh_forward_size(hh, ip_len, proto_len, 32, 9));
     if (!head) {
         fp_give_back(&self->fp, member);
         return 0;
     }
-    size_t n = hh_forward(c->buf, hh, ip, ip_len, PyBytes_AS_STRING(self->proto), proto_len, 1, rid, 32, "localhost",
-                          9, 0, head);
+    size_t n = hh_forward(c->buf, hh, ip, ip_len, proto, proto_len, 1, rid, 32, "localhost", 9, 0, head);
     ws_accept(c->buf + key->value.off, key->value.len, c->accept);
     c->accept_len = WS_ACCEPT_LEN;
     c->head_end = hh->head_len; /* what follows is held until the 101 */
@@ -1079,10 +1108,11 @@ static int fast_take(EngineObject *self, hs_conn *c, int64_t id, const hh_head *
  * asked first, and the event is delivered to it as to any other. */
 static PyObject *fast_adopt(EngineObject *self, hs_conn *c, int64_t id) {
     PyObject *req = heads_view(0, c->buf, c->len, self->hs.max_head, NULL);
-    PyObject *argv[6] = {NULL, req ? PyLong_FromLongLong(id) : NULL, req, req ? peer_ip(self, c) : NULL,
+    PyObject *argv[7] = {NULL, req ? PyLong_FromLongLong(id) : NULL, req, req ? peer_ip(self, c) : NULL,
                          req ? PyFloat_FromDouble(c->fast_started) : NULL,
-                         req ? PyLong_FromUnsignedLong(self->fp.members[c->fast_member].origin) : NULL};
-    PyObject *token = call_front(self->cb_adopt, argv, 5);
+                         req ? PyLong_FromUnsignedLong(self->fp.members[c->fast_member].origin) : NULL,
+                         Py_NewRef(c->ssl ? (PyObject *)c->tls_token : Py_None)};
+    PyObject *token = call_front(self->cb_adopt, argv, 6);
     if (!token)
         return NULL; /* still fast: its close gives back what it holds */
     c->fast = 0;
@@ -1099,8 +1129,11 @@ static void fast_upgrade(EngineObject *self, hs_conn *c, int64_t id) {
     uint32_t member = c->fast_member;
     fp_upgraded(&self->fp, member, now - c->fast_started, ns < 0 ? -1.0 : (double)ns / 1e9);
     c->fast = 0; /* the tunnel holds the slot and the count now */
-    if (splice_conn(self, self, c, id, NULL, member + 1, now) < 0)
+    PyObject *token = c->ssl ? Py_NewRef((PyObject *)c->tls_token) : NULL; /* keeps the SSL alive */
+    if (splice_conn(self, c->ssl ? self->fp_tls : self, c, id, token, member + 1, now) < 0) {
         fp_ended(&self->fp, member, 0.0, 0, 0);
+        Py_XDECREF(token);
+    }
 }
 
 /* Deliver queued head-phase events to Python; 0 or -1 with the first error set.
@@ -1136,7 +1169,7 @@ static int deliver(EngineObject *self) {
             PyObject *req;
             if (c->tls && !c->ssl) {
                 req = Py_NewRef(Py_None);
-            } else if (self->fp.on && !c->tls) {
+            } else if (self->fp.on && (!c->tls || self->fp_tls)) {
                 /* parsed once: the fast path decides the plain case, else a view of the same parse for Python */
                 hh_head hh;
                 const hh_field *key;
@@ -1676,8 +1709,9 @@ static PyMethodDef Engine_methods[] = {
     {"close_handshakes", (PyCFunction)Engine_close_handshakes, METH_NOARGS, "Drop every head-phase connection."},
     {"fast_path", (PyCFunction)(void (*)(void))Engine_fast_path, METH_VARARGS | METH_KEYWORDS,
      "fast_path(on_adopt, metrics, counts, buckets, clients, slot, header, in_use, conns, state, connect, members, "
-     "health, slowstart, connect_timeout, paths, origins): decide the common upgrade in C (fast_path.h; "
-     "relay/native/fast_path.py builds the arguments)"},
+     "health, slowstart, connect_timeout, paths, origins, tls_engine=None): decide the common upgrade in C "
+     "(fast_path.h; relay/native/fast_path.py builds the arguments); tls_engine: the epoll Engine relaying "
+     "wss:// tunnels, whose fast-path tunnels are then counted here"},
     {"close_fast", (PyCFunction)Engine_close_fast, METH_NOARGS, "close() every fast-path tunnel -> count."},
     {"splice", (PyCFunction)Engine_splice, METH_VARARGS,
      "splice(id, token) -> tunnel id: the pump takes both sockets; the origin's answer goes to the client, "

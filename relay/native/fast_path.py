@@ -16,7 +16,8 @@ that only Python does: no access log (its records are built in Python), no
 ``RELAY_TRUSTED_PROXIES`` (whose X-Forwarded-For and X-Request-ID are
 kept), no ``RELAY_MAX_CLIENTS_PER_IP`` (its table takes a lock), no routes
 (one pool), least connections (or one origin) without ``RELAY_MAX_CONNS``;
-on plain listeners (TLS listeners' connections are Python's to decide).
+on plain listeners and on TLS ones whose handshake runs in C (README "TLS",
+**Head phase**), whose tunnels go to the TLS engine as Python's would.
 :func:`install` says why when it does not.
 """
 
@@ -73,9 +74,10 @@ def _origins(allowed: tuple[str, ...]) -> tuple[bytes, ...] | None:
     return tuple(e.encode() for e in allowed if "://" in e and e == e.lower() and not e.endswith("/") and e.isascii())
 
 
-def install(front) -> str | None:
+def install(front, tls: bool = False) -> str | None:
     """Give the engine of ``front`` (relay.native.front.NativeFront) its
-    tables; returns why the fast path is off, or None."""
+    tables; returns why the fast path is off, or None. ``tls``: the front
+    reads TLS listeners' heads too, whose tunnels the plane's TLS engine relays."""
     ctx = front.ctx
     why = why_not(ctx.settings)
     if why is not None:
@@ -96,5 +98,6 @@ def install(front) -> str | None:
         conns=table.conns, state=table.state, connect=table.connect, members=members,
         health=(layout.O_CHECK, layout.O_CHECK_SINCE, layout.O_DOWN_UNTIL, layout.O_EJECTED),
         slowstart=float(pool.settings.slowstart), connect_timeout=float(pool.connect_timeout),
-        paths=() if b"/" in ctx.ws_paths else ctx.ws_paths, origins=_origins(pool.allowed_origins))
+        paths=() if b"/" in ctx.ws_paths else ctx.ws_paths, origins=_origins(pool.allowed_origins),
+        tls_engine=ctx.native.tls_engine() if tls else None)
     return None

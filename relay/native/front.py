@@ -176,7 +176,7 @@ class NativeFront:
             table, shift, mask = tls_handshake.reason_table(layout.TLS_OUTCOMES)
             self.engine.tls_server(tls_server.default, table, shift, mask, ctx.counters.tls_handshakes_view())
         #: why the fast path in C does not decide this worker's common upgrades (None: it does)
-        self.fast_path_off = fast_path.install(self)
+        self.fast_path_off = fast_path.install(self, any(tls_flags))
         for sock, is_tls in itertools.zip_longest(socks, tls_flags, fillvalue=False):
             self.engine.listen(sock.fileno(), is_tls)
         ctx.counters.accepting = True
@@ -272,12 +272,13 @@ class NativeFront:
         # and checks the common answer itself (on_upgrade)
         self.engine.connect(cid, conn.order, req, request_id, trusted, conn, pool.connect_timeout, True)
 
-    def on_adopt(self, cid: int, req, ip: str, started: float, origin: int) -> NativeConnection:
+    def on_adopt(self, cid: int, req, ip: str, started: float, origin: int, tls=None) -> NativeConnection:
         """An upgrade the fast path decided (relay/native/fast_path.py) whose
         outcome is not the common one: Python takes it over as if on_head had
         decided it, with the admission slot and the connection count C took on
-        ``origin`` (engine index, asked first); the event follows at once."""
-        conn = NativeConnection(self, cid, ip, req, started)
+        ``origin`` (engine index, asked first); the event follows at once.
+        ``tls``: as on_head's."""
+        conn = NativeConnection(self, cid, ip, req, started, tls)
         conn.key = req.websocket()
         m = self.members[origin]
         conn.dial = dial = Dial(m.pool, req)
@@ -552,7 +553,8 @@ class _Draining:
 
     def close(self) -> None:
         self.front.engine.close_handshakes()
-        self.front.engine.close_fast()
+        for engine in self.front.ctx.native.engines():  # wss:// tunnels are on the TLS engine
+            engine.close_fast()
         self.check()
 
 

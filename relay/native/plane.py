@@ -198,7 +198,8 @@ class NativePlane:
             self.loop.add_reader(self._tls_engine.fileno(), self._tls_engine.poll)
         return self._tls_engine
 
-    def _engines(self) -> tuple[Engine, ...]:
+    def engines(self) -> tuple[Engine, ...]:
+        """This plane's engine, and its TLS engine once made."""
         return (self.engine,) if self._tls_engine is None else (self.engine, self._tls_engine)
 
     def ended(self, tunnel: NativeTunnel, up: int, down: int) -> None:
@@ -247,17 +248,17 @@ class NativePlane:
         path's that ended (relay/native/fast_path.py: they end in C, with no
         on_end for the context to add them up)."""
         up, down = self.engine.fast_path_stats["ended_bytes"]
-        for e in self._engines():
+        for e in self.engines():
             u, d = e.open_bytes
             up += u
             down += d
         return up, down
 
     def close_idle(self, seconds: float) -> int:
-        return sum(e.close_idle(seconds) for e in self._engines())
+        return sum(e.close_idle(seconds) for e in self.engines())
 
     def stop(self) -> None:
-        for e in self._engines():
+        for e in self.engines():
             self.loop.remove_reader(e.fileno())
 
 

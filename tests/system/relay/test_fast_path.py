@@ -17,6 +17,7 @@ it (tests/conftest.py FAST_TOO).
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import time
@@ -253,3 +254,40 @@ def test_a_drain_waits_for_its_tunnels_then_closes_them(ws_origin):
         assert 0.5 < time.monotonic() - started < 8
         assert r.proc.wait(timeout=10) == 0
     assert decided(r) == (1, 1, 0)
+
+
+def test_wss_upgrades_take_it_too(ws_origin, pki):
+    """On a TLS listener whose handshake runs in C, the upgrade is decided in
+    C as on a plain one, X-Forwarded-Proto: https; its tunnel, relayed by the
+    TLS engine with the client's SSL, is counted when it ends."""
+    from tests.support.tls import client_context, tls_env
+
+    directory, _ca, pair = pki
+    with Relay(ws_origin.addr, workers=1, env={**FAST, **tls_env(pair)}) as r:
+        ctx = client_context(directory)
+        for _ in range(3):
+            with connect(f"wss://localhost:{r.tls_port}/headers", ssl=ctx, open_timeout=5) as ws:
+                seen = dict((k.lower(), v) for k, v in json.loads(ws.recv(timeout=5))["headers"])
+                assert seen["x-forwarded-proto"] == "https"
+        settled(r)
+        assert metric(r, "wsrelay_websocket_duration_seconds_count") == 3
+        assert metric(r, "wsrelay_tls_handshakes_total", outcome="full") >= 1
+    assert decided(r) == (3, 3, 0)
+
+
+def test_a_wss_upgrade_the_origin_refuses_is_relayed_over_tls(aio_origin, pki):
+    """Handed over with its SSL: Python relays the origin's answer through
+    the TLS offload (relay/native/front.py _offload), as if it had decided."""
+    from tests.support.tls import client_context, tls_env
+
+    directory, _ca, pair = pki
+    with Relay(aio_origin.addr, workers=1, env={**FAST, **tls_env(pair)}) as r:
+        raw = socket.create_connection(("127.0.0.1", r.tls_port), timeout=5)
+        with client_context(directory).wrap_socket(raw, server_hostname="localhost") as s:
+            s.sendall(upgrade_request("/echo"))
+            head, _ = read_head(s)
+        assert status_of(head) in (200, 405), head
+        wait_for(lambda: metric(r, "wsrelay_websocket_upgrades_total", outcome="origin_rejected") == 1, 5,
+                 what="origin_rejected counted")
+        settled(r)
+    assert decided(r) == (1, 0, 1)
