@@ -48,6 +48,11 @@ class TrustedProxies:
     def __bool__(self) -> bool:
         return bool(self._nets)
 
+    def networks_int(self) -> tuple[tuple[int, int], ...]:
+        """Each network as (address, mask), 128-bit integers, IPv4 mapped
+        (for the fast path in C, relay/native/fast_path.c fp_trusted)."""
+        return self._nets
+
     def __contains__(self, address: str) -> bool:
         raw = packed(address)
         if raw is None:

@@ -624,9 +624,9 @@ static int fp_bounds(PyObject *seq, double *out, uint32_t *n) {
 static PyObject *Engine_fast_path(EngineObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"on_adopt", "metrics", "counts", "buckets", "clients", "slot", "header", "in_use",
                              "conns", "state", "connect", "members", "health", "slowstart", "connect_timeout",
-                             "paths", "origins", "tls_engine", NULL};
+                             "paths", "origins", "tls_engine", "trusted", NULL};
     PyObject *on_adopt, *metrics, *counts, *buckets, *clients, *header, *in_use, *conns, *state, *connect, *members;
-    PyObject *health, *paths, *origins, *tls_engine = Py_None;
+    PyObject *health, *paths, *origins, *tls_engine = Py_None, *trusted = NULL;
     unsigned int slot;
     double slowstart, connect_timeout;
     CHECK_HS(self);
@@ -634,11 +634,11 @@ static PyObject *Engine_fast_path(EngineObject *self, PyObject *args, PyObject *
         PyErr_SetString(PyExc_RuntimeError, "fast_path() already called");
         return NULL;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO!O!OIOOOOOO!O!ddO!O|O", kwlist, &on_adopt, &metrics,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO!O!OIOOOOOO!O!ddO!O|OO!", kwlist, &on_adopt, &metrics,
                                      &PyTuple_Type, &counts, &PyTuple_Type, &buckets, &clients, &slot, &header,
                                      &in_use, &conns, &state, &connect, &PyTuple_Type, &members, &PyTuple_Type,
                                      &health, &slowstart, &connect_timeout, &PyTuple_Type, &paths, &origins,
-                                     &tls_engine))
+                                     &tls_engine, &PyTuple_Type, &trusted))
         return NULL;
     fp_table *t = &self->fp;
     memset(t, 0, sizeof *t);
@@ -704,6 +704,26 @@ static PyObject *Engine_fast_path(EngineObject *self, PyObject *args, PyObject *
     self->fp_keep = Py_BuildValue("(OO)", paths, origins);
     if (!self->fp_keep)
         goto fail;
+    if (trusted) { /* ((network, mask), ...), 16 bytes each */
+        Py_ssize_t nt = PyTuple_GET_SIZE(trusted);
+        if (nt > FP_MAX_RULES) {
+            PyErr_SetString(PyExc_ValueError, "fast_path(): too many trusted networks");
+            goto fail;
+        }
+        for (Py_ssize_t i = 0; i < nt; i++) {
+            const char *net, *mask;
+            Py_ssize_t nn, nmk;
+            if (!PyArg_ParseTuple(PyTuple_GET_ITEM(trusted, i), "y#y#", &net, &nn, &mask, &nmk))
+                goto fail;
+            if (nn != 16 || nmk != 16) {
+                PyErr_SetString(PyExc_ValueError, "fast_path(): a trusted network is 16 bytes and a mask");
+                goto fail;
+            }
+            memcpy(t->trusted[i][0], net, 16);
+            memcpy(t->trusted[i][1], mask, 16);
+        }
+        t->ntrusted = (uint32_t)nt;
+    }
     if (tls_engine != Py_None) { /* wss:// too: its tunnels counted here when they end there */
         EngineObject *te = tls_engine_of(self, tls_engine);
         if (!te)
@@ -1079,18 +1099,32 @@ static int fast_take(EngineObject *self, hs_conn *c, int64_t id, const hh_head *
     double now = fp_now();
     if (!fp_decide(&self->fp, c->buf, hh, now, &member, order, &norder))
         return 0;
-    char ip[INET6_ADDRSTRLEN], rid[32];
+    char ip[INET6_ADDRSTRLEN], fresh[32];
     size_t ip_len = peer_text(c, ip);
-    new_request_id(self, rid);
+    /* a trusted proxy's X-Forwarded-For is kept and appended to, its X-Request-ID kept (README
+     * "Trusted proxies"), as on_head asks connect() to; anyone else's replaced */
+    uint8_t addr[16] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+    if (c->peer.ss_family == AF_INET6)
+        memcpy(addr, &((struct sockaddr_in6 *)&c->peer)->sin6_addr, 16);
+    else if (c->peer.ss_family == AF_INET)
+        memcpy(addr + 12, &((struct sockaddr_in *)&c->peer)->sin_addr, 4);
+    int trusted = self->fp.ntrusted && c->peer.ss_family != AF_UNSPEC && fp_trusted(&self->fp, addr);
+    const char *rid = fresh;
+    uint32_t rid_len = 32;
+    if (!trusted || !fp_request_id(c->buf, hh, &rid, &rid_len)) {
+        new_request_id(self, fresh);
+        rid = fresh;
+        rid_len = 32;
+    }
     /* a TLS connection's requests are X-Forwarded-Proto: https (README "TLS"), as in connect() */
     const char *proto = c->ssl ? "https" : PyBytes_AS_STRING(self->proto);
     size_t proto_len = c->ssl ? 5 : (size_t)PyBytes_GET_SIZE(self->proto);
-    char *head = malloc(hh_forward_size(hh, ip_len, proto_len, 32, 9));
+    char *head = malloc(hh_forward_size(hh, ip_len, proto_len, rid_len, 9));
     if (!head) {
         fp_give_back(&self->fp, member);
         return 0;
     }
-    size_t n = hh_forward(c->buf, hh, ip, ip_len, proto, proto_len, 1, rid, 32, "localhost", 9, 0, head);
+    size_t n = hh_forward(c->buf, hh, ip, ip_len, proto, proto_len, 1, rid, rid_len, "localhost", 9, trusted, head);
     ws_accept(c->buf + key->value.off, key->value.len, c->accept);
     c->accept_len = WS_ACCEPT_LEN;
     c->head_end = hh->head_len; /* what follows is held until the 101 */
@@ -1709,9 +1743,10 @@ static PyMethodDef Engine_methods[] = {
     {"close_handshakes", (PyCFunction)Engine_close_handshakes, METH_NOARGS, "Drop every head-phase connection."},
     {"fast_path", (PyCFunction)(void (*)(void))Engine_fast_path, METH_VARARGS | METH_KEYWORDS,
      "fast_path(on_adopt, metrics, counts, buckets, clients, slot, header, in_use, conns, state, connect, members, "
-     "health, slowstart, connect_timeout, paths, origins, tls_engine=None): decide the common upgrade in C "
+     "health, slowstart, connect_timeout, paths, origins, tls_engine=None, trusted=()): decide the common upgrade in C "
      "(fast_path.h; relay/native/fast_path.py builds the arguments); tls_engine: the epoll Engine relaying "
-     "wss:// tunnels, whose fast-path tunnels are then counted here"},
+     "wss:// tunnels, whose fast-path tunnels are then counted here; trusted: RELAY_TRUSTED_PROXIES as "
+     "((network, mask), ...) of 16 bytes each"},
     {"close_fast", (PyCFunction)Engine_close_fast, METH_NOARGS, "close() every fast-path tunnel -> count."},
     {"splice", (PyCFunction)Engine_splice, METH_VARARGS,
      "splice(id, token) -> tunnel id: the pump takes both sockets; the origin's answer goes to the client, "

@@ -139,6 +139,29 @@ static int origin_ok(const fp_table *t, const char *b, const hh_head *h) {
     return 0;
 }
 
+int fp_trusted(const fp_table *t, const uint8_t addr[16]) {
+    for (uint32_t k = 0; k < t->ntrusted; k++) {
+        int in = 1;
+        for (int i = 0; i < 16 && in; i++)
+            in = (addr[i] & t->trusted[k][1][i]) == t->trusted[k][0][i];
+        if (in)
+            return 1;
+    }
+    return 0;
+}
+
+int fp_request_id(const char *b, const hh_head *h, const char **id, uint32_t *n) {
+    const hh_field *f;
+    if (count_fields(b, h, "x-request-id", 12, &f) != 1 || f->value.len < 1 || f->value.len > 200)
+        return 0;
+    for (uint32_t i = 0; i < f->value.len; i++) /* [!-~] */
+        if (b[f->value.off + i] < '!' || b[f->value.off + i] > '~')
+            return 0;
+    *id = b + f->value.off;
+    *n = f->value.len;
+    return 1;
+}
+
 /* OriginPool.open_connections */
 static int64_t conns_of(const fp_table *t, const fp_member *m) {
     uint32_t n = (uint32_t)*t->in_use;

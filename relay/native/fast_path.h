@@ -59,6 +59,9 @@ typedef struct {
     int any_origin;
     fp_str origins[FP_MAX_RULES];
     uint32_t norigins;
+    /* RELAY_TRUSTED_PROXIES: networks as 16-byte addresses and masks (IPv4 mapped) */
+    uint8_t trusted[FP_MAX_RULES][2][16];
+    uint32_t ntrusted;
     /* RELAY_MAX_CLIENTS: every worker's admitted clients (int64), this worker's, the limit */
     int64_t *clients;
     uint32_t nclients, slot;
@@ -87,6 +90,12 @@ double fp_now(void);
  * origin_allowed surely allow the request (never when they refuse it; 0 also
  * for what they may allow: Python's to judge). */
 int fp_rules_allow(const fp_table *t, const char *b, const hh_head *h);
+/* relay/addresses.py TrustedProxies: whether a client's address (16 bytes,
+ * IPv4 mapped) is in RELAY_TRUSTED_PROXIES. */
+int fp_trusted(const fp_table *t, const uint8_t addr[16]);
+/* relay/headers.py request_id_for with a trusted client: its X-Request-ID
+ * when it sent exactly one of 1-200 visible ASCII characters (*id, *n), else 0. */
+int fp_request_id(const char *b, const hh_head *h, const char **id, uint32_t *n);
 /* Admission.take far from the limit, lock-free: 1 taken, 0 Python takes the lock (near the limit). */
 int fp_admit(int64_t *clients, uint32_t n, uint32_t slot, int64_t limit);
 /* Decide a valid upgrade (h parsed from b): 1 when the fast path takes it,

@@ -13,8 +13,7 @@ what C took (``NativeFront.on_adopt``).
 
 The fast path applies when the worker's settings leave nothing per request
 that only Python does: no access log (its records are built in Python), no
-``RELAY_TRUSTED_PROXIES`` (whose X-Forwarded-For and X-Request-ID are
-kept), no ``RELAY_MAX_CLIENTS_PER_IP`` (its table takes a lock), no routes
+``RELAY_MAX_CLIENTS_PER_IP`` (its table takes a lock), no routes
 (one pool), least connections (or one origin) without ``RELAY_MAX_CONNS``;
 on plain listeners and on TLS ones whose handshake runs in C (README "TLS",
 **Head phase**), whose tunnels go to the TLS engine as Python's would.
@@ -41,8 +40,8 @@ def why_not(settings) -> str | None:
         return "WSRELAY_NATIVE_FAST_PATH=0"
     if settings.access_log:
         return "the access log is on (RELAY_ACCESS_LOG=1)"
-    if settings.trusted_proxies:
-        return "RELAY_TRUSTED_PROXIES is set"
+    if len(settings.trusted_proxies) > MAX_RULES:
+        return f"more than {MAX_RULES} RELAY_TRUSTED_PROXIES"
     if settings.max_clients_per_ip:
         return "RELAY_MAX_CLIENTS_PER_IP is set"
     if settings.routes:
@@ -99,5 +98,6 @@ def install(front, tls: bool = False) -> str | None:
         health=(layout.O_CHECK, layout.O_CHECK_SINCE, layout.O_DOWN_UNTIL, layout.O_EJECTED),
         slowstart=float(pool.settings.slowstart), connect_timeout=float(pool.connect_timeout),
         paths=() if b"/" in ctx.ws_paths else ctx.ws_paths, origins=_origins(pool.allowed_origins),
-        tls_engine=ctx.native.tls_engine() if tls else None)
+        tls_engine=ctx.native.tls_engine() if tls else None,
+        trusted=tuple((net.to_bytes(16, "big"), mask.to_bytes(16, "big")) for net, mask in ctx.trusted.networks_int()))
     return None

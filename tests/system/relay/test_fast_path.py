@@ -72,7 +72,6 @@ def test_on_by_its_settings_and_counted_in_the_last_line(ws_origin):
 
 
 @pytest.mark.parametrize("env, why", [
-    ({"RELAY_TRUSTED_PROXIES": "10.0.0.0/8"}, "RELAY_TRUSTED_PROXIES is set"),
     ({"RELAY_MAX_CLIENTS_PER_IP": "5"}, "RELAY_MAX_CLIENTS_PER_IP is set"),
     ({"RELAY_BALANCE": "header:X-User"}, "RELAY_BALANCE=header:x-user"),
     ({"WSRELAY_NATIVE_FAST_PATH": "0"}, "WSRELAY_NATIVE_FAST_PATH=0"),
@@ -291,3 +290,35 @@ def test_a_wss_upgrade_the_origin_refuses_is_relayed_over_tls(aio_origin, pki):
                  what="origin_rejected counted")
         settled(r)
     assert decided(r) == (1, 0, 1)
+
+
+@pytest.mark.parametrize("trusted", ["127.0.0.1/32", "10.0.0.0/8"])
+def test_the_origin_gets_the_same_head_as_when_python_decides(ws_origin, trusted):
+    """X-Forwarded-For, X-Forwarded-Proto and X-Request-ID as Python's
+    on_head has them forwarded: a trusted proxy's (127.0.0.1 here) kept and
+    appended to, an untrusted client's replaced; a trusted one's single
+    well-formed X-Request-ID kept, two of them replaced by a new one."""
+    sent = [("X-Forwarded-For", "203.0.113.7"), ("X-Request-ID", "edge-42")]
+    seen = {}
+    for name, env in (("fast", FAST), ("python", OFF)):
+        with Relay(ws_origin.addr, workers=1, env={**env, "RELAY_TRUSTED_PROXIES": trusted}) as r:
+            heads = []
+            for extra in (sent, sent + [("X-Request-ID", "again")]):
+                with connect(r.url + "/headers", additional_headers=extra, open_timeout=5) as ws:
+                    got = dict((k.lower(), v) for k, v in json.loads(ws.recv(timeout=5))["headers"]
+                               if k.lower().startswith("x-"))
+                assert got.pop("x-forwarded-host") == f"127.0.0.1:{r.port}"  # the Host the client sent
+                heads.append(got)
+        seen[name] = heads
+        assert decided(r)[0] == (2 if name == "fast" else 0)
+    for fast, python in zip(seen["fast"], seen["python"]):
+        if len(python["x-request-id"]) == 32:  # new ones: random, of the same form
+            assert len(fast["x-request-id"]) == 32 and int(fast["x-request-id"], 16) >= 0
+            fast = {**fast, "x-request-id": "new"}
+            python = {**python, "x-request-id": "new"}
+        assert fast == python
+    first = seen["fast"][0]
+    if trusted == "127.0.0.1/32":
+        assert first["x-forwarded-for"] == "203.0.113.7, 127.0.0.1" and first["x-request-id"] == "edge-42"
+    else:
+        assert first["x-forwarded-for"] == "127.0.0.1" and first["x-request-id"] != "edge-42"
