@@ -1096,6 +1096,16 @@ static size_t peer_text(const hs_conn *c, char out[INET6_ADDRSTRLEN]) {
  * forward_head: no trusted proxies, a new X-Request-ID). 1: taken. */
 static int fast_take(EngineObject *self, hs_conn *c, int64_t id, const hh_head *hh, const hh_field *key) {
     uint32_t order[FP_MAX_MEMBERS], norder, member;
+    /* an origin without addresses (a host name not resolved yet, as when a worker
+     * starts): on_head's to decide (it sends such upgrades to the Python plane
+     * until the resolver answered), not a connect C would fail */
+    for (uint32_t k = 0; k < self->fp.nmembers; k++) {
+        uint32_t o = self->fp.members[k].origin;
+        if (o >= self->hs.norigins || !self->hs.origins[o].naddrs) {
+            self->fp.declined++;
+            return 0;
+        }
+    }
     double now = fp_now();
     if (!fp_decide(&self->fp, c->buf, hh, now, &member, order, &norder))
         return 0;

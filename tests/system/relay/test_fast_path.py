@@ -322,3 +322,44 @@ def test_the_origin_gets_the_same_head_as_when_python_decides(ws_origin, trusted
         assert first["x-forwarded-for"] == "203.0.113.7, 127.0.0.1" and first["x-request-id"] == "edge-42"
     else:
         assert first["x-forwarded-for"] == "127.0.0.1" and first["x-request-id"] != "edge-42"
+
+
+def test_upgrades_before_a_named_origin_resolves_are_pythons(ws_origin):
+    """RELAY_ORIGIN by host name: until a worker's first lookup answers, C has
+    no address for it, and on_head sends upgrades to the Python plane (which
+    looks the name up itself). The fast path declines them too, rather than
+    fail them with 502 and count the failures against a healthy origin
+    (found by the adversarial review: every start, reload and restart)."""
+    port = free_port()
+    n = 12
+    statuses: list[int] = []
+
+    def client() -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                s = socket.create_connection(("127.0.0.1", port), timeout=0.5)
+            except OSError:
+                time.sleep(0.002)  # nothing listens yet: the relay is starting
+                continue
+            with s:
+                s.settimeout(10)
+                s.sendall(upgrade_request("/early"))
+                statuses.append(status_of(read_head(s)[0]))
+            return
+
+    import threading
+
+    threads = [threading.Thread(target=client) for _ in range(n)]
+    for t in threads:
+        t.start()
+    origin = f"localhost:{ws_origin.addr.rsplit(':', 1)[1]}"
+    r = Relay(origin, workers=2, env={**FAST, "RELAY_LISTEN": f"127.0.0.1:{port}"})
+    try:
+        r.start()
+        for t in threads:
+            t.join(25)
+        assert statuses == [101] * n, statuses
+        assert "connect failed" not in r.text() and " down: " not in r.text()
+    finally:
+        r.stop()
