@@ -18,6 +18,7 @@ it (tests/conftest.py FAST_TOO).
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import time
@@ -57,6 +58,24 @@ def sessions(r: Relay, n: int, path: str = "/fast") -> None:
         with connect(r.url + path, open_timeout=5) as ws:
             ws.send(f"m{i}" * 10)
             assert ws.recv(timeout=5) == f"m{i}" * 10
+
+
+def test_wsrelay_check_says_whether_it_applies():
+    """`wsrelay check` (and /config) give effective_fast_path: on, or off and why."""
+    import subprocess
+    import sys
+
+    def check(**env) -> dict:
+        e = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+        e.update({"RELAY_ORIGIN": "127.0.0.1:9", "RELAY_LISTEN": "127.0.0.1:0", "RELAY_METRICS_LISTEN": "", **env})
+        out = subprocess.run([sys.executable, "-m", "relay", "check"], env=e, capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    assert check(RELAY_ACCESS_LOG="0")["effective_fast_path"] == "on"
+    assert check()["effective_fast_path"] == "off: the access log is on (RELAY_ACCESS_LOG=1)"
+    assert check(RELAY_ACCESS_LOG="0", RELAY_MAX_CONNS="10")["effective_fast_path"] == "off: RELAY_MAX_CONNS is set"
+    assert "effective_fast_path" not in check(RELAY_ACCESS_LOG="0", RELAY_MODE="frames")  # the Python plane
 
 
 def test_on_by_its_settings_and_counted_in_the_last_line(ws_origin):
