@@ -163,11 +163,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             out["native_unavailable"] = native.WHY_NOT
         if self.effective_data_plane() == "native":
             from relay import native
-            from relay.native.fast_path import why_not
 
-            if native.head_phase_serves(self, False):  # README "The fast path"
-                off = why_not(self)
-                out["effective_fast_path"] = "on" if off is None else f"off: {off}"
+            fast = native.fast_path_status(self)  # README "The fast path"
+            if fast is not None:
+                out["effective_fast_path"] = fast
         out["effective_routes"] = [r.to_dict(_shown) for r in pools.table(self)]
         out["effective_pools"] = {p.name: pools.describe(p, _shown) for p in pools.effective(self)}
         return out

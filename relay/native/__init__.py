@@ -128,6 +128,19 @@ def tls_head_in_c(settings) -> bool:
         and head_phase_serves(settings, True)
 
 
+def fast_path_status(settings) -> str | None:
+    """Whether the fast path (relay/native/fast_path.py) decides common upgrades
+    with ``settings`` (relay.config.Settings) on the native plane: ``"on"``,
+    ``"off: <why>"``, or None where it has no place (no head phase in C on
+    plain listeners). The caller has found the native plane chosen."""
+    if not head_phase_serves(settings, False):
+        return None
+    from relay.native.fast_path import why_not
+
+    off = why_not(settings)
+    return "on" if off is None else f"off: {off}"
+
+
 def describe(settings) -> str:
     """One phrase for the startup log: which plane serves tunnels, and why,
     with ``settings`` (relay.config.Settings): TLS listeners' tunnels are
@@ -136,13 +149,8 @@ def describe(settings) -> str:
     tls_head = tls_head_in_c(settings)
     chosen = resolve(data_plane, mode)
     if chosen == NATIVE:
-        if head_phase_serves(settings, False):  # plain listeners: the fast path (relay/native/fast_path.py)
-            from relay.native.fast_path import why_not
-
-            off = why_not(settings)
-            upgrades = "; common upgrades decided in C" if off is None else f"; fast path off: {off}"
-        else:
-            upgrades = ""
+        fast = fast_path_status(settings)
+        upgrades = "" if fast is None else "; common upgrades decided in C" if fast == "on" else f"; fast path {fast}"
         if not tls:
             return f"data plane native ({backend()}{upgrades})"
         if not TLS_AVAILABLE:

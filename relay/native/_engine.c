@@ -605,6 +605,20 @@ static int fp_strings(PyObject *seq, fp_str *out, uint32_t *n, const char *what)
     return 0;
 }
 
+/* The path and Origin tables: paths () = every path; origins None = any, else a tuple. */
+static int fp_rules(fp_table *t, PyObject *paths, PyObject *origins) {
+    t->any_path = PyTuple_GET_SIZE(paths) == 0;
+    t->any_origin = origins == Py_None;
+    if (!t->any_origin && !PyTuple_Check(origins)) {
+        PyErr_SetString(PyExc_TypeError, "fast_path(): origins is a tuple or None (any)");
+        return -1;
+    }
+    if (fp_strings(paths, t->paths, &t->npaths, "paths") < 0 ||
+        (!t->any_origin && fp_strings(origins, t->origins, &t->norigins, "origins") < 0))
+        return -1;
+    return 0;
+}
+
 static int fp_bounds(PyObject *seq, double *out, uint32_t *n) {
     Py_ssize_t k = PyTuple_GET_SIZE(seq);
     if (k > FP_MAX_BUCKETS) {
@@ -643,12 +657,13 @@ static PyObject *Engine_fast_path(EngineObject *self, PyObject *args, PyObject *
     fp_table *t = &self->fp;
     memset(t, 0, sizeof *t);
     Py_ssize_t nm, nc, nh, nu, nco, ns, nx;
+    int64_t *conns_base;
+    double *state_base, *connect_base;
     if (!(t->m = fp_buffer(self, metrics, 8, &nm)) || !(t->clients = fp_buffer(self, clients, 8, &nc)) ||
         !(t->limit = fp_buffer(self, header, 8, &nh)) || !(t->in_use = fp_buffer(self, in_use, 8, &nu)) ||
-        !fp_buffer(self, conns, 8, &nco) || !fp_buffer(self, state, 8, &ns) || !fp_buffer(self, connect, 8, &nx))
+        !(conns_base = fp_buffer(self, conns, 8, &nco)) || !(state_base = fp_buffer(self, state, 8, &ns)) ||
+        !(connect_base = fp_buffer(self, connect, 8, &nx)))
         goto fail;
-    int64_t *conns_base = self->fp_bufs[4].buf;
-    double *state_base = self->fp_bufs[5].buf, *connect_base = self->fp_bufs[6].buf;
     t->nclients = (uint32_t)nc;
     t->slot = slot;
     if (slot >= nc || nh < 1 || nu < 1) {
@@ -692,14 +707,7 @@ static PyObject *Engine_fast_path(EngineObject *self, PyObject *args, PyObject *
     t->nmembers = (uint32_t)k;
     t->slowstart = slowstart;
     t->connect_timeout_ms = (int64_t)(connect_timeout * 1000);
-    t->any_path = PyTuple_GET_SIZE(paths) == 0;
-    t->any_origin = origins == Py_None;
-    if (!t->any_origin && !PyTuple_Check(origins)) {
-        PyErr_SetString(PyExc_TypeError, "fast_path(): origins is a tuple or None (any)");
-        goto fail;
-    }
-    if (fp_strings(paths, t->paths, &t->npaths, "paths") < 0 ||
-        (!t->any_origin && fp_strings(origins, t->origins, &t->norigins, "origins") < 0))
+    if (fp_rules(t, paths, origins) < 0)
         goto fail;
     self->fp_keep = Py_BuildValue("(OO)", paths, origins);
     if (!self->fp_keep)
@@ -748,6 +756,7 @@ fail:
     for (int j = 0; j < self->nfp; j++)
         PyBuffer_Release(&self->fp_bufs[j]);
     self->nfp = 0;
+    Py_CLEAR(self->fp_keep);
     memset(t, 0, sizeof *t);
     return NULL;
 }
@@ -983,6 +992,18 @@ static PyObject *Engine_listen(EngineObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* The client's address as text ("-" for none): X-Forwarded-For, and peer_ip's str. */
+static size_t peer_text(const hs_conn *c, char out[INET6_ADDRSTRLEN]) {
+    const void *a = c->peer.ss_family == AF_INET6 ? (const void *)&((const struct sockaddr_in6 *)&c->peer)->sin6_addr
+                                                  : (const void *)&((const struct sockaddr_in *)&c->peer)->sin_addr;
+    if ((c->peer.ss_family != AF_INET && c->peer.ss_family != AF_INET6) ||
+        !inet_ntop(c->peer.ss_family, a, out, INET6_ADDRSTRLEN)) {
+        strcpy(out, "-");
+        return 1;
+    }
+    return strlen(out);
+}
+
 /* The client's address as a str: the last one is kept, since a burst of
  * connections mostly comes from few addresses (and tunnels keep one string). */
 static PyObject *peer_ip(EngineObject *self, hs_conn *c) {
@@ -995,11 +1016,8 @@ static PyObject *peer_ip(EngineObject *self, hs_conn *c) {
                    16) == 0)
             return Py_NewRef(self->last_ip);
     }
-    char host[INET6_ADDRSTRLEN] = "-";
-    if (c->peer.ss_family == AF_INET)
-        inet_ntop(AF_INET, &((struct sockaddr_in *)&c->peer)->sin_addr, host, sizeof host);
-    else if (c->peer.ss_family == AF_INET6)
-        inet_ntop(AF_INET6, &((struct sockaddr_in6 *)&c->peer)->sin6_addr, host, sizeof host);
+    char host[INET6_ADDRSTRLEN];
+    peer_text(c, host);
     PyObject *ip = PyUnicode_InternFromString(host);
     if (!ip)
         return NULL;
@@ -1079,21 +1097,9 @@ static int checked_101(EngineObject *self, hs_conn *c) {
 static int64_t splice_conn(EngineObject *self, EngineObject *eo, hs_conn *c, int64_t id, void *token, uint32_t tag,
                            double born);
 
-/* The client's address as text, for X-Forwarded-For. */
-static size_t peer_text(const hs_conn *c, char out[INET6_ADDRSTRLEN]) {
-    const void *a = c->peer.ss_family == AF_INET6 ? (const void *)&((const struct sockaddr_in6 *)&c->peer)->sin6_addr
-                                                  : (const void *)&((const struct sockaddr_in *)&c->peer)->sin_addr;
-    if ((c->peer.ss_family != AF_INET && c->peer.ss_family != AF_INET6) ||
-        !inet_ntop(c->peer.ss_family, a, out, INET6_ADDRSTRLEN)) {
-        strcpy(out, "-");
-        return 1;
-    }
-    return strlen(out);
-}
-
 /* A parsed, valid upgrade the fast path may take: decided, forwarded and
  * connected here, no Python (on_head's work for the plain case, with the same
- * forward_head: no trusted proxies, a new X-Request-ID). 1: taken. */
+ * forward_head and X-Request-ID rule). 1: taken. */
 static int fast_take(EngineObject *self, hs_conn *c, int64_t id, const hh_head *hh, const hh_field *key) {
     uint32_t order[FP_MAX_MEMBERS], norder, member;
     /* an origin without addresses (a host name not resolved yet, as when a worker
@@ -1862,14 +1868,8 @@ static PyObject *fast_path_allows(PyObject *Py_UNUSED(m), PyObject *args) {
         PyErr_NoMemory();
         goto out;
     }
-    t->any_path = PyTuple_GET_SIZE(paths) == 0;
-    t->any_origin = origins == Py_None;
-    if (fp_strings(paths, t->paths, &t->npaths, "paths") < 0 ||
-        (!t->any_origin && (!PyTuple_Check(origins) || fp_strings(origins, t->origins, &t->norigins, "origins") < 0))) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_TypeError, "origins is a tuple or None");
+    if (fp_rules(t, paths, origins) < 0)
         goto out;
-    }
     hh_head h;
     if (hh_request(head.buf, (size_t)head.len, (size_t)head.len, &h) != HH_OK) {
         hh_free(&h);

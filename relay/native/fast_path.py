@@ -17,7 +17,7 @@ that only Python does: no access log (its records are built in Python), no
 (one pool), least connections (or one origin) without ``RELAY_MAX_CONNS``;
 on plain listeners and on TLS ones whose handshake runs in C (README "TLS",
 **Head phase**), whose tunnels go to the TLS engine as Python's would.
-:func:`install` says why when it does not.
+:func:`why_not` says why when it does not (the startup line, ``wsrelay check``).
 """
 
 from __future__ import annotations
@@ -73,17 +73,14 @@ def _origins(allowed: tuple[str, ...]) -> tuple[bytes, ...] | None:
     return tuple(e.encode() for e in allowed if "://" in e and e == e.lower() and not e.endswith("/") and e.isascii())
 
 
-def install(front, tls: bool = False) -> str | None:
+def install(front, tls: bool = False) -> None:
     """Give the engine of ``front`` (relay.native.front.NativeFront) its
-    tables; returns why the fast path is off, or None. ``tls``: the front
-    reads TLS listeners' heads too, whose tunnels the plane's TLS engine relays."""
+    tables, where :func:`why_not` finds nothing against it. ``tls``: the
+    front reads TLS listeners' heads too, whose tunnels the plane's TLS engine relays."""
     ctx = front.ctx
-    why = why_not(ctx.settings)
-    if why is not None:
-        return why
     shared = ctx.admission.fast_path()
-    if shared is None:
-        return "RELAY_MAX_CLIENTS_PER_IP is set"
+    if why_not(ctx.settings) is not None or shared is None:  # shared: None with a per-IP limit
+        return
     clients, slot, header = shared
     pool = ctx.pools[pools.DEFAULT]
     table = ctx.table
@@ -100,4 +97,3 @@ def install(front, tls: bool = False) -> str | None:
         paths=() if b"/" in ctx.ws_paths else ctx.ws_paths, origins=_origins(pool.allowed_origins),
         tls_engine=ctx.native.tls_engine() if tls else None,
         trusted=tuple((net.to_bytes(16, "big"), mask.to_bytes(16, "big")) for net, mask in ctx.trusted.networks_int()))
-    return None

@@ -175,8 +175,7 @@ class NativeFront:
         if any(tls_flags):  # C counts how TLS handshakes end, into this worker's metrics
             table, shift, mask = tls_handshake.reason_table(layout.TLS_OUTCOMES)
             self.engine.tls_server(tls_server.default, table, shift, mask, ctx.counters.tls_handshakes_view())
-        #: why the fast path in C does not decide this worker's common upgrades (None: it does)
-        self.fast_path_off = fast_path.install(self, any(tls_flags))
+        fast_path.install(self, any(tls_flags))  # the startup line said whether it is on, and why not
         for sock, is_tls in itertools.zip_longest(socks, tls_flags, fillvalue=False):
             self.engine.listen(sock.fileno(), is_tls)
         ctx.counters.accepting = True
