@@ -184,6 +184,9 @@ class Relay:
                     os.kill(pid, signal.SIGKILL)
                 except OSError:
                     pass
+            if exc[0] is not None:
+                # pytest shows a failed test's stdout: the relay's side of what went wrong
+                print("the relay's log, last 80 lines:\n" + "\n".join(list(self.log)[-80:]))
         self.check_log()
 
 
