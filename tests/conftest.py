@@ -9,17 +9,20 @@ from tests.support.origins import AiohttpOrigin, SilentOrigin, WebsocketsOrigin
 #: Modules whose tests run once per data plane (README "Settings", RELAY_DATA_PLANE):
 #: every relay they start serves its tunnels natively, then in Python
 #: (test_tunnel.py combines the planes with its RELAY_MODE parameter itself).
-#: On the native plane the head phase runs in C (relay/native/front.py), on the
-#: Python plane in relay/client.py: the refusal, access-log, hostile-client and
+#: On the native plane the head phase runs in C (relay/native/front.py) with
+#: Python deciding each upgrade (WSRELAY_NATIVE_FAST_PATH=0), on the Python
+#: plane in relay/client.py: the refusal, access-log, hostile-client and
 #: proxy-safety suites hold both to the same answers.
 BOTH_PLANES = {"test_tunnel_endings", "test_faults", "test_exhaustion", "test_lifecycle", "test_metrics",
                "test_refusals", "test_access_log", "test_hostile", "test_proxy_safety", "test_tls_tunnel"}
 #: ...and these once more with the native engine on epoll instead of io_uring
 EPOLL_TOO = {"test_tunnel_endings", "test_faults", "test_tls_tunnel"}
-#: ...and these once more with the access log off, the default of the Relay
-#: fixture otherwise being on: plain upgrades are then decided by the fast
-#: path in C (relay/native/fast_path.py), whose tunnels have no Python object
-FAST_TOO = {"test_tunnel_endings", "test_faults", "test_exhaustion", "test_lifecycle"}
+#: ...and these once more as the native plane runs by default: plain upgrades
+#: decided by the fast path in C (relay/native/fast_path.py), whose tunnels
+#: have no Python object and whose access-log lines C writes
+#: (every module not listed here that starts a relay runs it that way)
+FAST_TOO = {"test_tunnel_endings", "test_faults", "test_exhaustion", "test_lifecycle", "test_access_log",
+            "test_hostile"}
 
 
 def pytest_generate_tests(metafunc):
@@ -41,11 +44,11 @@ def data_plane(request):
         pytest.skip("native data plane unavailable: " + native.WHY_NOT)
     Relay.data_plane, _, variant = plane.partition("-")
     Relay.native_backend = variant if variant == "epoll" else ""
-    Relay.fast_path = variant == "fast"
+    Relay.fast_path = None if plane in ("auto", "python") else variant == "fast"
     yield plane
     Relay.data_plane = "auto"
     Relay.native_backend = ""
-    Relay.fast_path = False
+    Relay.fast_path = None
 
 
 @pytest.fixture(params=["native", "python"], scope="module")

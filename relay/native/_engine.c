@@ -61,10 +61,14 @@
 #include <string.h>
 
 #include <arpa/inet.h>
+#include <errno.h>
+#include <time.h>
+#include <sys/uio.h>
 #include <sys/random.h>
 #include <sys/socket.h>
 
 #include "_heads.h"
+#include "access_log.h"
 #include "engine.h"
 #include "fast_path.h"
 #include "handshake.h"
@@ -125,6 +129,8 @@ static void new_request_id(EngineObject *self, char out[32]) {
     }
 }
 
+static void fast_log_line(al_record *r, double duration_s, uint64_t up, uint64_t down);
+
 /* Report every ended tunnel; returns 0, or -1 with the first callback error set. */
 static int report_ended(EngineObject *self) {
     PyObject *et = NULL, *ev = NULL, *tb = NULL;
@@ -136,9 +142,15 @@ static int report_ended(EngineObject *self) {
         int carrier = eng_is_carrier(&self->e, slot); /* a TLS offload's: the owner counts it, not on_end */
         uint32_t tag = t->tag;
         double born = t->born;
+        al_record *log = t->log;
         eng_release(&self->e, slot);
-        if (tag) { /* the fast path's: counted and given back here, Python not called */
-            fp_ended(self->fp_count ? self->fp_count : &self->fp, tag - 1, fp_now() - born, up, down);
+        if (tag) { /* the fast path's: counted, given back and logged here, Python not called */
+            double duration = fp_now() - born;
+            fp_ended(self->fp_count ? self->fp_count : &self->fp, tag - 1, duration, up, down);
+            if (log) {
+                fast_log_line(log, duration, up, down);
+                free(log);
+            }
             Py_XDECREF(token); /* a wss:// tunnel's: its SSL's owner, after the pump let go of the SSL */
             continue;
         }
@@ -632,15 +644,40 @@ static int fp_bounds(PyObject *seq, double *out, uint32_t *n) {
     return 0;
 }
 
+/* access: (worker, pool name, (each member's name, ...)), bytes kept alive
+ * by fp_keep: the access log's fields that do not change (access_log.h). */
+static int fp_access(fp_table *t, PyObject *access, Py_ssize_t nmembers) {
+    PyObject *names;
+    const char *pool;
+    Py_ssize_t pool_n;
+    if (!PyArg_ParseTuple(access, "iy#O!", &t->log_worker, &pool, &pool_n, &PyTuple_Type, &names))
+        return -1;
+    if (PyTuple_GET_SIZE(names) != nmembers) {
+        PyErr_SetString(PyExc_ValueError, "fast_path(): access names one origin per member");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < nmembers; i++) {
+        PyObject *b = PyTuple_GET_ITEM(names, i);
+        if (!PyBytes_Check(b)) {
+            PyErr_SetString(PyExc_TypeError, "fast_path(): origin names are bytes");
+            return -1;
+        }
+        t->log_names[i] = (fp_str){PyBytes_AS_STRING(b), (uint32_t)PyBytes_GET_SIZE(b)};
+    }
+    t->log_pool = (fp_str){pool, (uint32_t)pool_n};
+    t->log = 1;
+    return 0;
+}
+
 /* fast_path(...): see relay/native/fast_path.py, which computes every
  * argument from the worker's context; offsets are checked against the
  * buffers they index. Installed once, before the first accept. */
 static PyObject *Engine_fast_path(EngineObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"on_adopt", "metrics", "counts", "buckets", "clients", "slot", "header", "in_use",
                              "conns", "state", "connect", "members", "health", "slowstart", "connect_timeout",
-                             "paths", "origins", "tls_engine", "trusted", NULL};
+                             "paths", "origins", "tls_engine", "trusted", "access", NULL};
     PyObject *on_adopt, *metrics, *counts, *buckets, *clients, *header, *in_use, *conns, *state, *connect, *members;
-    PyObject *health, *paths, *origins, *tls_engine = Py_None, *trusted = NULL;
+    PyObject *health, *paths, *origins, *tls_engine = Py_None, *trusted = NULL, *access = Py_None;
     unsigned int slot;
     double slowstart, connect_timeout;
     CHECK_HS(self);
@@ -648,11 +685,11 @@ static PyObject *Engine_fast_path(EngineObject *self, PyObject *args, PyObject *
         PyErr_SetString(PyExc_RuntimeError, "fast_path() already called");
         return NULL;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO!O!OIOOOOOO!O!ddO!O|OO!", kwlist, &on_adopt, &metrics,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO!O!OIOOOOOO!O!ddO!O|OO!O", kwlist, &on_adopt, &metrics,
                                      &PyTuple_Type, &counts, &PyTuple_Type, &buckets, &clients, &slot, &header,
                                      &in_use, &conns, &state, &connect, &PyTuple_Type, &members, &PyTuple_Type,
                                      &health, &slowstart, &connect_timeout, &PyTuple_Type, &paths, &origins,
-                                     &tls_engine, &PyTuple_Type, &trusted))
+                                     &tls_engine, &PyTuple_Type, &trusted, &access))
         return NULL;
     fp_table *t = &self->fp;
     memset(t, 0, sizeof *t);
@@ -709,8 +746,10 @@ static PyObject *Engine_fast_path(EngineObject *self, PyObject *args, PyObject *
     t->connect_timeout_ms = (int64_t)(connect_timeout * 1000);
     if (fp_rules(t, paths, origins) < 0)
         goto fail;
-    self->fp_keep = Py_BuildValue("(OO)", paths, origins);
+    self->fp_keep = Py_BuildValue("(OOO)", paths, origins, access);
     if (!self->fp_keep)
+        goto fail;
+    if (access != Py_None && fp_access(t, access, k) < 0)
         goto fail;
     if (trusted) { /* ((network, mask), ...), 16 bytes each */
         Py_ssize_t nt = PyTuple_GET_SIZE(trusted);
@@ -1095,7 +1134,7 @@ static int checked_101(EngineObject *self, hs_conn *c) {
 /* -- the fast path (fast_path.h; relay/native/fast_path.py compiles its tables) ------------ */
 
 static int64_t splice_conn(EngineObject *self, EngineObject *eo, hs_conn *c, int64_t id, void *token, uint32_t tag,
-                           double born);
+                           double born, void *log);
 
 /* A parsed, valid upgrade the fast path may take: decided, forwarded and
  * connected here, no Python (on_head's work for the plain case, with the same
@@ -1115,7 +1154,7 @@ static int fast_take(EngineObject *self, hs_conn *c, int64_t id, const hh_head *
     double now = fp_now();
     if (!fp_decide(&self->fp, c->buf, hh, now, &member, order, &norder))
         return 0;
-    char ip[INET6_ADDRSTRLEN], fresh[32];
+    char ip[INET6_ADDRSTRLEN];
     size_t ip_len = peer_text(c, ip);
     /* a trusted proxy's X-Forwarded-For is kept and appended to, its X-Request-ID kept (README
      * "Trusted proxies"), as on_head asks connect() to; anyone else's replaced */
@@ -1125,13 +1164,17 @@ static int fast_take(EngineObject *self, hs_conn *c, int64_t id, const hh_head *
     else if (c->peer.ss_family == AF_INET)
         memcpy(addr + 12, &((struct sockaddr_in *)&c->peer)->sin_addr, 4);
     int trusted = self->fp.ntrusted && c->peer.ss_family != AF_UNSPEC && fp_trusted(&self->fp, addr);
-    const char *rid = fresh;
-    uint32_t rid_len = 32;
+    const char *rid;
+    uint32_t rid_len;
     if (!trusted || !fp_request_id(c->buf, hh, &rid, &rid_len)) {
-        new_request_id(self, fresh);
-        rid = fresh;
+        new_request_id(self, c->fast_rid);
+        rid = c->fast_rid;
         rid_len = 32;
+        c->rid_off = UINT32_MAX;
+    } else {
+        c->rid_off = (uint32_t)(rid - c->buf);
     }
+    c->rid_len = rid_len;
     /* a TLS connection's requests are X-Forwarded-Proto: https (README "TLS"), as in connect() */
     const char *proto = c->ssl ? "https" : PyBytes_AS_STRING(self->proto);
     size_t proto_len = c->ssl ? 5 : (size_t)PyBytes_GET_SIZE(self->proto);
@@ -1152,23 +1195,97 @@ static int fast_take(EngineObject *self, hs_conn *c, int64_t id, const hh_head *
     return 1;
 }
 
+/* The X-Request-ID a fast-path connection forwarded (c->rid_len bytes). */
+static const char *rid_of(const hs_conn *c) {
+    return c->rid_off == UINT32_MAX ? c->fast_rid : c->buf + c->rid_off;
+}
+
 /* Anything but the common outcome on a connection the fast path decided:
- * Python takes it over (front.on_adopt(id, req, ip, started, origin) -> its
- * token), with the admission slot and the connection count on the origin
- * asked first, and the event is delivered to it as to any other. */
+ * Python takes it over (front.on_adopt(id, req, ip, started, origin, tls,
+ * request_id) -> its token), with the admission slot and the connection
+ * count on the origin asked first, and the event is delivered to it as to
+ * any other. */
 static PyObject *fast_adopt(EngineObject *self, hs_conn *c, int64_t id) {
     PyObject *req = heads_view(0, c->buf, c->len, self->hs.max_head, NULL);
-    PyObject *argv[7] = {NULL, req ? PyLong_FromLongLong(id) : NULL, req, req ? peer_ip(self, c) : NULL,
+    PyObject *argv[8] = {NULL, req ? PyLong_FromLongLong(id) : NULL, req, req ? peer_ip(self, c) : NULL,
                          req ? PyFloat_FromDouble(c->fast_started) : NULL,
                          req ? PyLong_FromUnsignedLong(self->fp.members[c->fast_member].origin) : NULL,
-                         Py_NewRef(c->ssl ? (PyObject *)c->tls_token : Py_None)};
-    PyObject *token = call_front(self->cb_adopt, argv, 6);
+                         Py_NewRef(c->ssl ? (PyObject *)c->tls_token : Py_None),
+                         req ? PyBytes_FromStringAndSize(rid_of(c), c->rid_len) : NULL};
+    PyObject *token = call_front(self->cb_adopt, argv, 7);
     if (!token)
         return NULL; /* still fast: its close gives back what it holds */
     c->fast = 0;
     c->token = token; /* the connection's, released with it */
     self->fp.adopted++;
     return token;
+}
+
+/* The access-log record of a fast-path upgrade (access_log.h): what
+ * NativeFront.on_head and _upgraded put in Python's AccessRecord. */
+static al_record *fast_record(EngineObject *self, hs_conn *c, uint32_t member, double handshake_s) {
+    hh_head hh;
+    if (hh_request(c->buf, c->len, self->hs.max_head, &hh) != HH_OK) { /* parsed before: never */
+        hh_free(&hh);
+        return NULL;
+    }
+    const char *b = c->buf;
+    char ip[INET6_ADDRSTRLEN];
+    size_t ip_len = peer_text(c, ip);
+    const fp_table *t = self->fp_count ? self->fp_count : &self->fp;
+    al_str xff[8], *xv = xff;
+    uint32_t nxff = 0, cap = 8;
+    for (const hh_field *f = hh_get(b, &hh, "x-forwarded-for", 15, 0); f;
+         f = hh_get(b, &hh, "x-forwarded-for", 15, (uint32_t)(f - hh.fields) + 1)) {
+        if (nxff == cap) { /* more lines than a proxy chain has: rare, never on the stack */
+            al_str *n = malloc(2 * cap * sizeof *n);
+            if (!n)
+                break;
+            memcpy(n, xv, nxff * sizeof *n);
+            if (xv != xff)
+                free(xv);
+            xv = n;
+            cap *= 2;
+        }
+        xv[nxff++] = (al_str){b + f->value.off, f->value.len};
+    }
+    const hh_field *ua = hh_get(b, &hh, "user-agent", 10, 0);
+    const char *version = c->ssl ? tls.SSL_get_version(c->ssl) : "";
+    al_fields f = {
+        .worker = t->log_worker,
+        .client = {ip, ip_len},
+        .method = {b + hh.method.off, hh.method.len},
+        .path = {b + hh.path.off, hh.path.len}, /* an absolute-form target (slash) is Python's */
+        .origin = {t->log_names[member].s, t->log_names[member].n},
+        .pool = {t->log_pool.s, t->log_pool.n},
+        .user_agent = ua ? (al_str){b + ua->value.off, ua->value.len} : (al_str){"", 0},
+        .request_id = {rid_of(c), c->rid_len},
+        .tls_version = {version ? version : "", version ? strlen(version) : 0},
+        .xff = xv,
+        .nxff = nxff,
+        /* round(handshake_s * 1000, 3), as _upgraded */
+        .handshake_ms = handshake_s * 1000,
+        .tls_resumed = c->ssl ? tls.SSL_session_reused(c->ssl) : 0,
+    };
+    al_record *r = al_open(&f);
+    if (xv != xff)
+        free(xv);
+    hh_free(&hh);
+    return r;
+}
+
+/* A fast-path tunnel's access-log line, on stdout (fd 1) in one writev, as
+ * relay/logs.py AccessLog.write; a failed write loses the line, as there. */
+static void fast_log_line(al_record *r, double duration_s, uint64_t up, uint64_t down) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    char scratch[AL_SCRATCH];
+    struct iovec iov[4];
+    int n = al_iov(r, (double)ts.tv_sec + ts.tv_nsec / 1e9, duration_s, up, down, scratch, iov);
+    ssize_t w;
+    do
+        w = writev(1, iov, n);
+    while (w < 0 && errno == EINTR);
 }
 
 /* The origin's 101, checked in C, on a fast-path connection: counted, and
@@ -1179,9 +1296,12 @@ static void fast_upgrade(EngineObject *self, hs_conn *c, int64_t id) {
     uint32_t member = c->fast_member;
     fp_upgraded(&self->fp, member, now - c->fast_started, ns < 0 ? -1.0 : (double)ns / 1e9);
     c->fast = 0; /* the tunnel holds the slot and the count now */
+    /* its access-log line, less what the end adds (NULL out of memory: no line, as an unwritable stdout) */
+    al_record *log = self->fp.log ? fast_record(self, c, member, now - c->fast_started) : NULL;
     PyObject *token = c->ssl ? Py_NewRef((PyObject *)c->tls_token) : NULL; /* keeps the SSL alive */
-    if (splice_conn(self, c->ssl ? self->fp_tls : self, c, id, token, member + 1, now) < 0) {
+    if (splice_conn(self, c->ssl ? self->fp_tls : self, c, id, token, member + 1, now, log) < 0) {
         fp_ended(&self->fp, member, 0.0, 0, 0);
+        free(log);
         Py_XDECREF(token);
     }
 }
@@ -1193,6 +1313,7 @@ static void fast_upgrade(EngineObject *self, hs_conn *c, int64_t id) {
 static int deliver(EngineObject *self) {
     PyObject *et = NULL, *ev = NULL, *tb = NULL;
     hs_event e;
+    int fast_spliced = 0;
     while (hs_pop(&self->hs, &e)) {
         if (e.slot >= self->hs.cap || self->hs.c[e.slot].gen != e.gen || self->hs.c[e.slot].state == H_FREE)
             continue;
@@ -1203,6 +1324,7 @@ static int deliver(EngineObject *self) {
         if (c->fast && e.kind != HE_HEAD) {
             if (e.kind == HE_RESPONSE && !c->nattempts && checked_101(self, c) && fp_still_up(&self->fp, c->fast_member)) {
                 fast_upgrade(self, c, id); /* the common outcome: no Python */
+                fast_spliced = 1;
                 continue;
             }
             cb = self->cb_adopt;
@@ -1299,6 +1421,18 @@ static int deliver(EngineObject *self) {
                 PyErr_WriteUnraisable(cb);
         }
         Py_XDECREF(r);
+    }
+    /* A tunnel the splice ended at once (its client reset before or at the
+     * 101) waits in the ended list with no event left to have it reported:
+     * report it now, as opened() does after Python's splice. */
+    EngineObject *pumps[2] = {self, self->fp_tls && self->fp_tls != self ? self->fp_tls : NULL};
+    for (int k = 0; fast_spliced && k < 2; k++) {
+        if (pumps[k] && report_ended(pumps[k]) < 0) {
+            if (et == NULL)
+                PyErr_Fetch(&et, &ev, &tb);
+            else
+                PyErr_WriteUnraisable(pumps[k]->on_end);
+        }
     }
     if (et != NULL) {
         PyErr_Restore(et, ev, tb);
@@ -1565,10 +1699,11 @@ static PyObject *Engine_close_handshakes(EngineObject *self, PyObject *Py_UNUSED
 /* Both sockets of a decided connection to the pump of eo (self's, or its TLS
  * engine): the origin's answer (its 101 and what followed) to the client, what
  * the client sent behind its head to the origin, now, after the 101. tag and
- * born go to the tunnel (a fast-path tunnel's, else 0). Returns the tunnel id,
+ * born go to the tunnel (a fast-path tunnel's, else 0), and log (its access-log
+ * record, the tunnel's from here on; NULL: none). Returns the tunnel id,
  * or -errno (the sockets closed). The token is the tunnel's from here on. */
 static int64_t splice_conn(EngineObject *self, EngineObject *eo, hs_conn *c, int64_t id, void *token, uint32_t tag,
-                           double born) {
+                           double born, void *log) {
     SSL *ssl = c->ssl;
     uint32_t head_len = c->head_end <= c->len ? c->head_end : c->len;
     char *cbuf = c->buf, *obuf = c->obuf;
@@ -1589,6 +1724,7 @@ static int64_t splice_conn(EngineObject *self, EngineObject *eo, hs_conn *c, int
     eng_tunnel *t = &eo->e.t[(uint32_t)(tid & 0xffffffff)];
     t->tag = tag;
     t->born = born;
+    t->log = log;
     if (eo->e.backend == ENG_URING && eng_poll(&eo->e, 0) < 0) {
         /* io_uring: submit, and reap what completed in the submission (a 101 sent
          * at once), rather than wake up again for it */
@@ -1612,7 +1748,7 @@ static PyObject *Engine_splice(EngineObject *self, PyObject *args) {
     if (c->ssl && (!(eo = tls_engine_of(self, other)) || holds_ssl(token, c) < 0))
         return NULL;
     Py_INCREF(token);
-    return opened(eo, splice_conn(self, eo, c, id, token, 0, 0.0), token);
+    return opened(eo, splice_conn(self, eo, c, id, token, 0, 0.0, NULL), token);
 }
 
 static PyObject *Engine_get_accepting(EngineObject *self, void *Py_UNUSED(c)) {
@@ -1884,7 +2020,64 @@ out:
     return r;
 }
 
+/* access_line(...) -> bytes: the access-log line of a fast-path tunnel
+ * (access_log.c) from given values, for tests/unit/test_access_line.py to
+ * hold against relay/logs.py's encoding of the same record. */
+static PyObject *access_line(PyObject *Py_UNUSED(m), PyObject *args) {
+    al_fields f = {0};
+    PyObject *xff;
+    double now, duration;
+    unsigned long long up, down;
+    Py_ssize_t n[8];
+    if (!PyArg_ParseTuple(args, "iy#y#y#y#y#y#O!y#y#dpddKK", &f.worker, &f.client.s, &n[0], &f.method.s, &n[1],
+                          &f.path.s, &n[2], &f.origin.s, &n[3], &f.pool.s, &n[4], &f.user_agent.s, &n[5],
+                          &PyTuple_Type, &xff, &f.request_id.s, &n[6], &f.tls_version.s, &n[7], &f.handshake_ms,
+                          &f.tls_resumed, &now, &duration, &up, &down))
+        return NULL;
+    f.client.n = (size_t)n[0], f.method.n = (size_t)n[1], f.path.n = (size_t)n[2], f.origin.n = (size_t)n[3];
+    f.pool.n = (size_t)n[4], f.user_agent.n = (size_t)n[5], f.request_id.n = (size_t)n[6];
+    f.tls_version.n = (size_t)n[7];
+    Py_ssize_t k = PyTuple_GET_SIZE(xff);
+    al_str *xv = PyMem_Malloc((k ? k : 1) * sizeof *xv);
+    if (!xv)
+        return PyErr_NoMemory();
+    for (Py_ssize_t i = 0; i < k; i++) {
+        PyObject *b = PyTuple_GET_ITEM(xff, i);
+        if (!PyBytes_Check(b)) {
+            PyMem_Free(xv);
+            PyErr_SetString(PyExc_TypeError, "access_line(): X-Forwarded-For lines are bytes");
+            return NULL;
+        }
+        xv[i] = (al_str){PyBytes_AS_STRING(b), (size_t)PyBytes_GET_SIZE(b)};
+    }
+    f.xff = xv;
+    f.nxff = (uint32_t)k;
+    al_record *r = al_open(&f);
+    PyMem_Free(xv);
+    if (!r)
+        return PyErr_NoMemory();
+    char scratch[AL_SCRATCH];
+    struct iovec iov[4];
+    int cnt = al_iov(r, now, duration, up, down, scratch, iov);
+    size_t total = 0;
+    for (int i = 0; i < cnt; i++)
+        total += iov[i].iov_len;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
+    if (out) {
+        char *o = PyBytes_AS_STRING(out);
+        for (int i = 0; i < cnt; i++) {
+            memcpy(o, iov[i].iov_base, iov[i].iov_len);
+            o += iov[i].iov_len;
+        }
+    }
+    free(r);
+    return out;
+}
+
 static PyMethodDef engine_functions[] = {
+    {"access_line", access_line, METH_VARARGS,
+     "access_line(worker, client, method, path, origin, pool, user_agent, xff_lines, request_id, tls_version, "
+     "handshake_ms, tls_resumed, now, duration_s, up, down) -> bytes: a fast-path tunnel's access-log line"},
     {"fast_path_allows", fast_path_allows, METH_VARARGS,
      "fast_path_allows(head, paths, origins) -> bool | None: the fast path's path and Origin rules on a request "
      "head (paths (): every path; origins None: any); None when it does not parse"},

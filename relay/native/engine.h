@@ -37,6 +37,7 @@ typedef struct eng_tunnel {
     uint32_t next_free;
     uint32_t tag;            /* the owner's, untouched (0 on open): a fast-path tunnel's pool member + 1 */
     double born;             /* the owner's, untouched: when a fast-path tunnel opened (fast_path.h fp_now) */
+    void *log;               /* the owner's, untouched: a fast-path tunnel's access-log record (access_log.h) */
 } eng_tunnel;
 
 enum { ENG_EPOLL = 1, ENG_URING = 2 };

@@ -78,6 +78,11 @@ typedef struct {
     uint32_t upgraded, http101, handshake, duration, connections;
     double hs_buckets[FP_MAX_BUCKETS], dur_buckets[FP_MAX_BUCKETS], connect_buckets[FP_MAX_BUCKETS];
     uint32_t nhs, ndur, nconnect;
+    /* the access log (access_log.h): on, the worker's number, the pool's name and each member's */
+    int log;
+    int log_worker;
+    fp_str log_pool;
+    fp_str log_names[FP_MAX_MEMBERS];
     /* what it did (Engine.fast_path_stats) */
     uint64_t decided, upgraded_n, adopted, declined;
     uint32_t open;             /* its tunnels open now */

@@ -12,8 +12,7 @@ than a valid 101, an origin taken out meanwhile) is handed to Python with
 what C took (``NativeFront.on_adopt``).
 
 The fast path applies when the worker's settings leave nothing per request
-that only Python does: no access log (its records are built in Python), no
-``RELAY_MAX_CLIENTS_PER_IP`` (its table takes a lock), no routes
+that only Python does: no ``RELAY_MAX_CLIENTS_PER_IP`` (its table takes a lock), no routes
 (one pool), least connections (or one origin) without ``RELAY_MAX_CONNS``;
 on plain listeners and on TLS ones whose handshake runs in C (README "TLS",
 **Head phase**), whose tunnels go to the TLS engine as Python's would.
@@ -38,8 +37,6 @@ def why_not(settings) -> str | None:
     (relay.config.Settings), or None."""
     if os.environ.get("WSRELAY_NATIVE_FAST_PATH", "1") == "0":
         return "WSRELAY_NATIVE_FAST_PATH=0"
-    if settings.access_log:
-        return "the access log is on (RELAY_ACCESS_LOG=1)"
     if len(settings.trusted_proxies) > MAX_RULES:
         return f"more than {MAX_RULES} RELAY_TRUSTED_PROXIES"
     if settings.max_clients_per_ip:
@@ -96,4 +93,7 @@ def install(front, tls: bool = False) -> None:
         slowstart=float(pool.settings.slowstart), connect_timeout=float(pool.connect_timeout),
         paths=() if b"/" in ctx.ws_paths else ctx.ws_paths, origins=_origins(pool.allowed_origins),
         tls_engine=ctx.native.tls_engine() if tls else None,
-        trusted=tuple((net.to_bytes(16, "big"), mask.to_bytes(16, "big")) for net, mask in ctx.trusted.networks_int()))
+        trusted=tuple((net.to_bytes(16, "big"), mask.to_bytes(16, "big")) for net, mask in ctx.trusted.networks_int()),
+        # the access log's lines for its tunnels are written in C (relay/native/access_log.c)
+        access=(ctx.access.worker, pool.name.encode(), tuple(m.name.encode() for m in pool.members))
+        if ctx.access.enabled else None)

@@ -271,15 +271,23 @@ class NativeFront:
         # and checks the common answer itself (on_upgrade)
         self.engine.connect(cid, conn.order, req, request_id, trusted, conn, pool.connect_timeout, True)
 
-    def on_adopt(self, cid: int, req, ip: str, started: float, origin: int, tls=None) -> NativeConnection:
+    def on_adopt(self, cid: int, req, ip: str, started: float, origin: int, tls=None,
+                 request_id: bytes = b"") -> NativeConnection:
         """An upgrade the fast path decided (relay/native/fast_path.py) whose
         outcome is not the common one: Python takes it over as if on_head had
         decided it, with the admission slot and the connection count C took on
         ``origin`` (engine index, asked first); the event follows at once.
-        ``tls``: as on_head's."""
+        ``tls``: as on_head's; ``request_id``: the X-Request-ID C forwarded."""
         conn = NativeConnection(self, cid, ip, req, started, tls)
         conn.key = req.websocket()
         m = self.members[origin]
+        if self.ctx.access.enabled:  # the record on_head would have begun
+            rec = conn.record = self.ctx.access.record(ip, req.method, req.path, req.get(b"user-agent"),
+                                                       x_forwarded_for(req), request_id.decode())
+            rec.pool = m.pool.name
+            if tls:
+                rec.tls_version = tls.version() or ""
+                rec.tls_resumed = tls.session_reused
         conn.dial = dial = Dial(m.pool, req)
         dial.member = m  # held: C counted it (OriginPool.opened)
         dial.tried = (m,)

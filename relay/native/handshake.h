@@ -100,6 +100,10 @@ typedef struct hs_conn {
     uint8_t fast;
     uint32_t fast_member;
     double fast_started;       /* when it was decided (fp_now) */
+    /* the X-Request-ID it forwarded: rid_len bytes of buf at rid_off (a trusted
+     * proxy's), or of fast_rid (a new one), for the access log */
+    uint32_t rid_off, rid_len;
+    char fast_rid[32];
 } hs_conn;
 
 typedef struct hs_event {

@@ -145,6 +145,7 @@ int tls_load(const char *path, const char **why) {
     LOOKUP(SSL_set_read_ahead);
     LOOKUP(SSL_do_handshake);
     LOOKUP(SSL_session_reused);
+    LOOKUP(SSL_get_version);
     LOOKUP(ERR_peek_error);
     int type = tls.BIO_get_new_index();
     BIO_METHOD *m = type > 0 ? tls.BIO_meth_new(type | BIO_TYPE_SOURCE_SINK, "wsrelay engine") : NULL;

@@ -54,6 +54,7 @@ typedef struct tls_api {
     void (*SSL_set_read_ahead)(SSL *, int);
     int (*SSL_do_handshake)(SSL *);
     int (*SSL_session_reused)(const SSL *);
+    const char *(*SSL_get_version)(const SSL *);
     unsigned long (*ERR_peek_error)(void);
 } tls_api;
 

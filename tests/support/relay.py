@@ -39,9 +39,10 @@ class Relay:
     data_plane = "auto"
     #: WSRELAY_NATIVE_BACKEND ("epoll" to run the native engine without io_uring; "" = its default)
     native_backend = ""
-    #: RELAY_ACCESS_LOG=0 unless ``env`` says otherwise: on the native plane,
-    #: plain upgrades are decided by the fast path in C (relay/native/fast_path.py)
-    fast_path = False
+    #: None: the default (on the native plane the fast path in C decides plain
+    #: upgrades, relay/native/fast_path.py); False: WSRELAY_NATIVE_FAST_PATH=0,
+    #: Python decides every upgrade (the reference the fast path is held to)
+    fast_path: bool | None = None
 
     def __init__(self, origin: str | None, workers: int = 2, env: dict | None = None,
                  args: tuple[str, ...] = (), metrics: bool = True, tracebacks: bool = False):
@@ -59,8 +60,8 @@ class Relay:
         })
         if self.native_backend:
             e["WSRELAY_NATIVE_BACKEND"] = self.native_backend
-        if self.fast_path:
-            e["RELAY_ACCESS_LOG"] = "0"
+        if self.fast_path is False:
+            e["WSRELAY_NATIVE_FAST_PATH"] = "0"
         if origin is not None:
             e["RELAY_ORIGIN"] = origin
         e.update(env or {})

@@ -1,6 +1,7 @@
 """The fast path (relay/native/fast_path.py, fast_path.c): plain upgrades
-decided in C, without calling Python, when the settings allow it (here:
-the access log off). Against the real relay and real origins:
+decided in C, without calling Python, when the settings allow it (here
+mostly with the access log off; its lines are the last section). Against
+the real relay and real origins:
 
 - it is on (the startup line) and serves (the worker's last line counts
   the upgrades it decided), and off where a setting needs Python;
@@ -76,7 +77,7 @@ def test_wsrelay_check_says_whether_it_applies():
         return json.loads(out.stdout)
 
     assert check(RELAY_ACCESS_LOG="0")["effective_fast_path"] == "on"
-    assert check()["effective_fast_path"] == "off: the access log is on (RELAY_ACCESS_LOG=1)"
+    assert check()["effective_fast_path"] == "on"  # the access log on too: C writes its lines
     assert check(RELAY_ACCESS_LOG="0", RELAY_MAX_CONNS="10")["effective_fast_path"] == "off: RELAY_MAX_CONNS is set"
     assert "effective_fast_path" not in check(RELAY_ACCESS_LOG="0", RELAY_MODE="frames")  # the Python plane
 
@@ -87,8 +88,13 @@ def test_on_by_its_settings_and_counted_in_the_last_line(ws_origin):
         sessions(r, 5)
         settled(r)
     assert decided(r) == (5, 5, 0)
-    with Relay(ws_origin.addr, workers=1, env={"RELAY_DATA_PLANE": "native"}) as r:
-        assert "fast path off: the access log is on (RELAY_ACCESS_LOG=1)" in r.text()
+    with Relay(ws_origin.addr, workers=1, env={"RELAY_DATA_PLANE": "native"}) as r:  # the defaults
+        assert "common upgrades decided in C" in r.text()
+        sessions(r, 1)
+        settled(r)
+    assert decided(r) == (1, 1, 0)
+    with Relay(ws_origin.addr, workers=1, env=OFF) as r:
+        assert "fast path off: WSRELAY_NATIVE_FAST_PATH=0" in r.text()
         sessions(r, 1)
     assert decided(r) == (0, 0, 0) and "the fast path decided" not in r.text()
 
@@ -390,3 +396,92 @@ def test_upgrades_before_a_named_origin_resolves_are_pythons(ws_origin):
         assert "connect failed" not in r.text() and " down: " not in r.text()
     finally:
         r.stop()
+
+
+# -- the access log ------------------------------------------------------------------------
+
+LOGGED = {"RELAY_DATA_PLANE": "native", "RELAY_TRUSTED_PROXIES": "127.0.0.1/32"}
+
+
+def records(r: Relay, n: int) -> list[dict]:
+    wait_for(lambda: len([x for x in list(r.access) if x.startswith("{")]) >= n, 10, what=f"{n} access-log lines")
+    return [json.loads(x) for x in list(r.access) if x.startswith("{")]
+
+
+def logged_session(r: Relay, extra: bytes, path: str, payload: bytes) -> None:
+    """A raw upgrade with ``extra`` header lines, one message echoed, then a close."""
+    from tests.support.raw_origins import mask_frame, read_frame
+    with socket.create_connection(("127.0.0.1", r.port), timeout=5) as s:
+        s.sendall(upgrade_request(path)[:-2] + extra + b"\r\n")
+        head, rest = read_head(s)
+        assert status_of(head) == 101
+        s.sendall(mask_frame(payload))
+        assert read_frame(s, rest)[1] == payload
+        s.sendall(mask_frame(b"\x03\xe8", opcode=8))
+        read_frame(s)  # the origin's close
+        s.shutdown(socket.SHUT_WR)
+        while s.recv(4096):
+            pass
+
+
+def test_access_log_lines_are_the_references(ws_origin):
+    """With the access log on, the fast path writes each tunnel's line in C
+    (relay/native/access_log.c): the same lines as Python's for the same
+    sessions (WSRELAY_NATIVE_FAST_PATH=0), field for field, odd bytes in the
+    User-Agent, X-Forwarded-For lines, a trusted X-Request-ID and a path
+    with a query among them; only the times differ."""
+    cases = [
+        (b"", "/plain", b"x" * 10),
+        (b'User-Agent: Mozilla/5.0 "quoted" \\ caf\xe9\tx\r\n', "/ua", b"y" * 200),
+        (b"X-Forwarded-For: 203.0.113.7\r\nX-Forwarded-For: 10.0.0.1, 10.0.0.2\r\n", '/xff?q=1&r="2"', b"z"),
+        (b"X-Request-ID: trusted-id-42\r\nUser-Agent: " + b"u" * 600 + b"\r\n", "/long/" + "p" * 600, b"w" * 5000),
+    ]
+    seen = {}
+    for name, env in (("python", {**LOGGED, "WSRELAY_NATIVE_FAST_PATH": "0"}), ("fast", LOGGED)):
+        with Relay(ws_origin.addr, workers=1, env=env) as r:
+            for extra, path, payload in cases:
+                logged_session(r, extra, path, payload)
+            seen[name] = records(r, len(cases))
+        assert decided(r)[1] == (len(cases) if name == "fast" else 0)
+    for python, fast in zip(seen["python"], seen["fast"], strict=True):
+        for rec in (python, fast):
+            assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", rec.pop("time"))
+            assert 0 < rec.pop("handshake_ms") < 5000 and 0 <= rec.pop("duration_s") < 10
+            rid = rec.pop("request_id")
+            assert rid == "trusted-id-42" or re.fullmatch(r"[0-9a-f]{32}", rid)
+        assert fast.pop("data_plane") == python.pop("data_plane") == "native"
+        assert fast == python
+    assert [x["x_forwarded_for"] for x in seen["fast"]][2] == "203.0.113.7, 10.0.0.1, 10.0.0.2"
+    assert seen["fast"][1]["user_agent"] == 'Mozilla/5.0 "quoted" \\ caf\xe9\tx'
+    assert len(seen["fast"][3]["user_agent"]) == 512 and seen["fast"][3]["path"] == "/long/" + "p" * 506
+
+
+def test_an_upgrade_handed_to_python_is_logged_by_python(ws_origin):
+    """A failed connect (an origin down, asked first by turns) goes to Python
+    with C's X-Request-ID: its line says so (tries 2, the origin that served)."""
+    dead = free_port()
+    env = {**LOGGED, "RELAY_ORIGIN": f"127.0.0.1:{dead},{ws_origin.addr}", "RELAY_MAX_FAILS": "0"}
+    with Relay(None, workers=1, env=env) as r:
+        for i in range(4):
+            logged_session(r, f"X-Request-ID: session-{i}\r\n".encode(), "/over", b"hi")
+        recs = records(r, 4)
+    assert decided(r)[2] >= 1
+    assert [x["request_id"] for x in recs] == [f"session-{i}" for i in range(4)]
+    over = [x for x in recs if x["tries"] == 2]
+    assert len(over) == decided(r)[2]
+    for rec in recs:
+        assert (rec["status"], rec["outcome"], rec["origin"], rec["pool"]) == (101, "upgraded", ws_origin.addr, "default")
+        assert rec["bytes_up"] > 0 and rec["data_plane"] == "native"
+
+
+def test_wss_lines_name_the_tls_version(ws_origin, pki):
+    from tests.support.tls import client_context, tls_env
+
+    directory, _ca, pair = pki
+    with Relay(ws_origin.addr, workers=1, env={**LOGGED, **tls_env(pair)}) as r:
+        with connect(f"wss://localhost:{r.tls_port}/secure", ssl=client_context(directory), open_timeout=5) as ws:
+            ws.send("s")
+            assert ws.recv(timeout=5) == "s"
+        rec = records(r, 1)[0]
+    assert decided(r)[1] == 1
+    assert (rec["tls_version"], rec["tls_resumed"], rec["path"], rec["status"]) == ("TLSv1.3", False, "/secure", 101)

@@ -36,7 +36,7 @@ NATIVE = os.path.join(ROOT, "relay", "native")
 #: every C file of the extension (setup.py's list)
 SOURCES = [os.path.join(NATIVE, f)
            for f in ("_engine.c", "_heads.c", "engine.c", "handshake.c", "http_head.c", "ws_accept.c", "tls.c",
-                     "fast_path.c")]
+                     "fast_path.c", "access_log.c")]
 REQUIRED = os.environ.get("WSRELAY_REQUIRE_NATIVE", "") not in ("", "0")
 
 
