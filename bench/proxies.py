@@ -236,6 +236,10 @@ class System:
     log: Path | None = None
     #: cluster mode, with a redis-server of its own
     redis: bool = False
+    #: an access-log line per request or session, each proxy its own way: nginx's
+    #: default (combined, one write per request, to a file), HAProxy's httplog on
+    #: stdout (at the session's end), wsrelay's RELAY_ACCESS_LOG=1 (stdout)
+    access_log: bool = False
     _pids: list[int] = field(default_factory=list)
     _scraper: "_Scraper | None" = None
     _redis: subprocess.Popen | None = None
@@ -258,6 +262,8 @@ class System:
                 self.port = free_port()
                 conf = tmp / "nginx.conf"
                 text = nginx_conf(tmp, self.port, origin_port)
+                if self.access_log:
+                    text = text.replace("access_log off;", f"access_log {tmp}/access.log;")
                 conf.write_text(nginx_tls(text, pki(tmp.parent)) if self.tls else text)
                 argv = [_binary("nginx"), "-p", str(tmp), "-c", str(conf),
                         "-g", "daemon off;"]
@@ -265,6 +271,9 @@ class System:
                 self.port = free_port()
                 conf = tmp / "haproxy.cfg"
                 text = haproxy_conf(tmp, self.port, origin_port)
+                if self.access_log:
+                    text = text.replace("global\n", "global\n    log stdout format raw local0\n", 1).replace(
+                        "defaults\n", "defaults\n    log global\n    option httplog\n", 1)
                 if self.tls:
                     text = text.replace(f"bind {HOST}:{self.port}", f"bind {HOST}:{self.port} ssl crt "
                                         f"{pki(tmp.parent)['both']} ssl-min-ver TLSv1.3 alpn http/1.1")
@@ -276,7 +285,7 @@ class System:
             elif kind == "wsrelay":
                 env.update(RELAY_ORIGIN=f"{HOST}:{origin_port}", RELAY_LISTEN=f"{HOST}:0",
                            RELAY_WORKERS=str(self.workers), RELAY_METRICS_LISTEN="",
-                           RELAY_ACCESS_LOG="0", RELAY_DRAIN_TIMEOUT="1")
+                           RELAY_ACCESS_LOG="1" if self.access_log else "0", RELAY_DRAIN_TIMEOUT="1")
                 env.update({k: v.replace("{origin}", f"{HOST}:{origin_port}") for k, v in self.env.items()})
                 if self.tls:
                     paths = pki(tmp.parent)
@@ -437,6 +446,10 @@ SYSTEMS = {
     "wsrelay-nofast": dict(label="wsrelay (1 worker, head phase in C, fast path off)", workers=1,
                            env={"WSRELAY_NATIVE_FAST_PATH": "0"}),
     "wsrelay-2w": dict(label="wsrelay (2 workers)", workers=2),
+    # each with its access log on (System.access_log): the default of wsrelay and nginx
+    "nginx-log": dict(label="nginx (1 worker, access log)", access_log=True),
+    "haproxy-log": dict(label="HAProxy (1 thread, httplog)", access_log=True),
+    "wsrelay-log": dict(label="wsrelay (1 worker, access log)", workers=1, access_log=True),
     # the cost of observability: the same worker with /metrics on, scraped every second
     "wsrelay-metrics": dict(label="wsrelay (1 worker, /metrics scraped 1/s)", workers=1,
                             env={"RELAY_METRICS_LISTEN": f"{HOST}:0"}, scrape_every=1.0),

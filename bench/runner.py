@@ -56,6 +56,9 @@ def workloads(quick: bool, idle_conns: int) -> list[Workload]:
         Workload("echo-1m", "1 MiB echo, 4 conns", "echo", 4, 1 << 20, metric="MB/s"),
         Workload("handshake", "handshakes, 8 loops", "handshake", 8, metric="handshakes/s",
                  systems=("direct",) + PROXIED + ("wsrelay-nofast", "wsrelay-pyheads")),
+        # every proxy writing its access log (each its own default way: System.access_log)
+        Workload("handshake-log", "handshakes, 8 loops, access log on", "handshake", 8, metric="handshakes/s",
+                 systems=("nginx-log", "haproxy-log", "wsrelay-log")),
         # routing decided once per request, at a cost that does not grow with the routes
         Workload("handshake-routes", "handshakes, 8 loops, 50 routes vs 1", "handshake", 8,
                  metric="handshakes/s", systems=("wsrelay-routes-1", "wsrelay-routes-50")),
@@ -419,7 +422,8 @@ def summarize(wls: list[Workload], trials: list[dict]) -> dict:
             row["values"] = [t["value"] for t in ts]
             row["errors"] = sum(t.get("errors", 0) for t in ts)
             rows[key] = row
-        suffix = "-tls" if any(k.endswith("-tls") for k in w.systems) else ""  # TLS rows: the TLS anchors
+        # TLS rows: the TLS anchors; access-log rows: the anchors logging
+        suffix = next((x for x in ("-tls", "-log") if any(k.endswith(x) for k in w.systems)), "")
         for field_, tag in (("value", ""), ("per_core", "_core")):
             nginx = rows.get("nginx" + suffix, {}).get(field_)
             anchors = [rows[a + suffix][field_] for a in ANCHORS if a + suffix in rows and rows[a + suffix].get(field_)]
