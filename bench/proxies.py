@@ -450,6 +450,9 @@ SYSTEMS = {
     "nginx-log": dict(label="nginx (1 worker, access log)", access_log=True),
     "haproxy-log": dict(label="HAProxy (1 thread, httplog)", access_log=True),
     "wsrelay-log": dict(label="wsrelay (1 worker, access log)", workers=1, access_log=True),
+    # ... with Python deciding every upgrade and writing every line (as before the fast path wrote lines)
+    "wsrelay-log-nofast": dict(label="wsrelay (1 worker, access log, fast path off)", workers=1, access_log=True,
+                               env={"WSRELAY_NATIVE_FAST_PATH": "0"}),
     # the cost of observability: the same worker with /metrics on, scraped every second
     "wsrelay-metrics": dict(label="wsrelay (1 worker, /metrics scraped 1/s)", workers=1,
                             env={"RELAY_METRICS_LISTEN": f"{HOST}:0"}, scrape_every=1.0),
@@ -477,7 +480,8 @@ SYSTEMS = {
 }
 
 #: a variant also compared with another than plain wsrelay: the limit's cost is frames mode with it ÷ without
-BASELINES = {"wsrelay-frames-limit": "wsrelay-frames", "wsrelay-routes-50": "wsrelay-routes-1"}
+BASELINES = {"wsrelay-frames-limit": "wsrelay-frames", "wsrelay-routes-50": "wsrelay-routes-1",
+             "wsrelay-log-nofast": "wsrelay-log"}
 
 
 def make(key: str) -> System:

@@ -58,7 +58,7 @@ def workloads(quick: bool, idle_conns: int) -> list[Workload]:
                  systems=("direct",) + PROXIED + ("wsrelay-nofast", "wsrelay-pyheads")),
         # every proxy writing its access log (each its own default way: System.access_log)
         Workload("handshake-log", "handshakes, 8 loops, access log on", "handshake", 8, metric="handshakes/s",
-                 systems=("nginx-log", "haproxy-log", "wsrelay-log")),
+                 systems=("nginx-log", "haproxy-log", "wsrelay-log", "wsrelay-log-nofast")),
         # routing decided once per request, at a cost that does not grow with the routes
         Workload("handshake-routes", "handshakes, 8 loops, 50 routes vs 1", "handshake", 8,
                  metric="handshakes/s", systems=("wsrelay-routes-1", "wsrelay-routes-50")),
@@ -69,6 +69,10 @@ def workloads(quick: bool, idle_conns: int) -> list[Workload]:
                  metric="handshakes/s", systems=("wsrelay", "wsrelay-perip")),
         Workload("idle", f"{idle_conns:,} idle conns", "idle", idle_conns, systems=PROXIED,
                  procs=4, metric="KiB/tunnel", higher_better=False),
+        # ... with the access logs on: what a tunnel keeps for its line (wsrelay: the fast path's record)
+        Workload("idle-log", f"{idle_conns:,} idle conns, access log on", "idle", idle_conns,
+                 systems=("nginx-log", "haproxy-log", "wsrelay-log"), procs=4, metric="KiB/tunnel",
+                 higher_better=False),
         # 5,000 clients connecting at once (a reconnect storm after an outage or a deploy):
         # seconds until every one is upgraded; p99 = handshake latency of one client
         Workload("storm", "reconnect storm, 5,000 clients at once", "storm", 5000, systems=PROXIED + ("wsrelay-nofast", "wsrelay-pyheads"),

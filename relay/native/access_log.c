@@ -117,7 +117,10 @@ al_record *al_open(const al_fields *f) {
     else
         PUT(",\"tls_resumed\":false}\n");
     r->len = (uint32_t)(o - r->text);
-    return r;
+    /* room was for the worst case (every byte escaped as \u00XX): an open
+     * tunnel keeps only its line (glibc gives the rest back in place) */
+    al_record *fit = realloc(r, sizeof *r + r->len);
+    return fit ? fit : r;
 }
 
 int al_iov(const al_record *r, double now, double duration_s, uint64_t up, uint64_t down, char scratch[AL_SCRATCH],
