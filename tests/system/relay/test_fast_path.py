@@ -435,6 +435,7 @@ def test_access_log_lines_are_the_references(ws_origin):
         (b'User-Agent: Mozilla/5.0 "quoted" \\ caf\xe9\tx\r\n', "/ua", b"y" * 200),
         (b"X-Forwarded-For: 203.0.113.7\r\nX-Forwarded-For: 10.0.0.1, 10.0.0.2\r\n", '/xff?q=1&r="2"', b"z"),
         (b"X-Request-ID: trusted-id-42\r\nUser-Agent: " + b"u" * 600 + b"\r\n", "/long/" + "p" * 600, b"w" * 5000),
+        (b"".join(b"X-Forwarded-For: 10.0.0.%d\r\n" % i for i in range(12)), "/chain", b"v"),  # past C's 8 on the stack
     ]
     seen = {}
     for name, env in (("python", {**LOGGED, "WSRELAY_NATIVE_FAST_PATH": "0"}), ("fast", LOGGED)):
@@ -452,6 +453,7 @@ def test_access_log_lines_are_the_references(ws_origin):
         assert fast.pop("data_plane") == python.pop("data_plane") == "native"
         assert fast == python
     assert [x["x_forwarded_for"] for x in seen["fast"]][2] == "203.0.113.7, 10.0.0.1, 10.0.0.2"
+    assert seen["fast"][4]["x_forwarded_for"] == ", ".join(f"10.0.0.{i}" for i in range(12))
     assert seen["fast"][1]["user_agent"] == 'Mozilla/5.0 "quoted" \\ caf\xe9\tx'
     assert len(seen["fast"][3]["user_agent"]) == 512 and seen["fast"][3]["path"] == "/long/" + "p" * 506
 
