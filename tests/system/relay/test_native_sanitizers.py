@@ -102,7 +102,7 @@ def test_the_pump_under_addresssanitizer(tmp_path):
          "tests/system/relay/test_tunnel_endings.py", "tests/system/relay/test_data_plane_fuzz.py",
          "tests/system/relay/test_native_tls.py", "tests/system/relay/test_tls_tunnel.py",
          "tests/system/relay/test_native_tls_head.py", "tests/system/relay/test_fast_path.py",
-         "tests/unit/test_fast_path_rules.py",
+         "tests/unit/test_fast_path_rules.py", "tests/unit/test_access_line.py",
          "-k", "not python"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     reports = [open(p).read() for p in glob.glob(f"{logs}*")]
