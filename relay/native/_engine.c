@@ -143,6 +143,7 @@ static int report_ended(EngineObject *self) {
         uint32_t tag = t->tag;
         double born = t->born;
         al_record *log = t->log;
+        t->log = NULL; /* freed below, once written */
         eng_release(&self->e, slot);
         if (tag) { /* the fast path's: counted, given back and logged here, Python not called */
             double duration = fp_now() - born;
@@ -250,8 +251,10 @@ static void Engine_dealloc(EngineObject *self) {
     if (self->ready) {
         eng_tls_detach_all(&self->e); /* before the tokens, which hold the SSLs, go */
         for (uint32_t slot = 0; slot < self->e.cap; slot++)
-            if (self->e.t[slot].flags & 0x01 /* T_USED */)
+            if (self->e.t[slot].flags & 0x01 /* T_USED */) {
                 Py_XDECREF((PyObject *)self->e.t[slot].token);
+                free(self->e.t[slot].log); /* a fast-path tunnel's line, never written: it did not end */
+            }
         eng_free(&self->e);
     }
     Py_XDECREF(self->on_end);
