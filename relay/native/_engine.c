@@ -104,6 +104,7 @@ typedef struct EngineObject {
     Py_buffer fp_bufs[8];
     int nfp;
     PyObject *fp_keep;
+    PyObject *fp_router;     /* the fast path's routes (relay/native/fast_path.py), or NULL: one pool */
     PyObject *cb_adopt;
     /* wss:// on the fast path: the engine that relays TLS tunnels (self on
      * epoll; a second one on io_uring, engine.c "TLS tunnels"), which counts
@@ -620,16 +621,16 @@ static int fp_strings(PyObject *seq, fp_str *out, uint32_t *n, const char *what)
     return 0;
 }
 
-/* The path and Origin tables: paths () = every path; origins None = any, else a tuple. */
-static int fp_rules(fp_table *t, PyObject *paths, PyObject *origins) {
+/* The path table (paths () = every path) and a pool's Origin table (origins None = any, else a tuple). */
+static int fp_rules(fp_table *t, fp_pool *p, PyObject *paths, PyObject *origins) {
     t->any_path = PyTuple_GET_SIZE(paths) == 0;
-    t->any_origin = origins == Py_None;
-    if (!t->any_origin && !PyTuple_Check(origins)) {
+    p->any_origin = origins == Py_None;
+    if (!p->any_origin && !PyTuple_Check(origins)) {
         PyErr_SetString(PyExc_TypeError, "fast_path(): origins is a tuple or None (any)");
         return -1;
     }
     if (fp_strings(paths, t->paths, &t->npaths, "paths") < 0 ||
-        (!t->any_origin && fp_strings(origins, t->origins, &t->norigins, "origins") < 0))
+        (!p->any_origin && fp_strings(origins, p->origins, &p->norigins, "origins") < 0))
         return -1;
     return 0;
 }
@@ -647,17 +648,23 @@ static int fp_bounds(PyObject *seq, double *out, uint32_t *n) {
     return 0;
 }
 
-/* access: (worker, pool name, (each member's name, ...)), bytes kept alive
- * by fp_keep: the access log's fields that do not change (access_log.h). */
+/* access: (worker, (each pool's name, ...), (each member's name, ...)), bytes
+ * kept alive by fp_keep: the access log's fields that do not change (access_log.h). */
 static int fp_access(fp_table *t, PyObject *access, Py_ssize_t nmembers) {
-    PyObject *names;
-    const char *pool;
-    Py_ssize_t pool_n;
-    if (!PyArg_ParseTuple(access, "iy#O!", &t->log_worker, &pool, &pool_n, &PyTuple_Type, &names))
+    PyObject *names, *pools;
+    if (!PyArg_ParseTuple(access, "iO!O!", &t->log_worker, &PyTuple_Type, &pools, &PyTuple_Type, &names))
         return -1;
-    if (PyTuple_GET_SIZE(names) != nmembers) {
-        PyErr_SetString(PyExc_ValueError, "fast_path(): access names one origin per member");
+    if (PyTuple_GET_SIZE(names) != nmembers || PyTuple_GET_SIZE(pools) != t->npools) {
+        PyErr_SetString(PyExc_ValueError, "fast_path(): access names each pool and each member");
         return -1;
+    }
+    for (uint32_t i = 0; i < t->npools; i++) {
+        PyObject *b = PyTuple_GET_ITEM(pools, i);
+        if (!PyBytes_Check(b)) {
+            PyErr_SetString(PyExc_TypeError, "fast_path(): pool names are bytes");
+            return -1;
+        }
+        t->pools[i].log_name = (fp_str){PyBytes_AS_STRING(b), (uint32_t)PyBytes_GET_SIZE(b)};
     }
     for (Py_ssize_t i = 0; i < nmembers; i++) {
         PyObject *b = PyTuple_GET_ITEM(names, i);
@@ -667,7 +674,6 @@ static int fp_access(fp_table *t, PyObject *access, Py_ssize_t nmembers) {
         }
         t->log_names[i] = (fp_str){PyBytes_AS_STRING(b), (uint32_t)PyBytes_GET_SIZE(b)};
     }
-    t->log_pool = (fp_str){pool, (uint32_t)pool_n};
     t->log = 1;
     return 0;
 }
@@ -677,23 +683,26 @@ static int fp_access(fp_table *t, PyObject *access, Py_ssize_t nmembers) {
  * buffers they index. Installed once, before the first accept. */
 static PyObject *Engine_fast_path(EngineObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"on_adopt", "metrics", "counts", "buckets", "clients", "slot", "header", "in_use",
-                             "conns", "state", "connect", "members", "health", "slowstart", "connect_timeout",
-                             "paths", "origins", "tls_engine", "trusted", "access", NULL};
-    PyObject *on_adopt, *metrics, *counts, *buckets, *clients, *header, *in_use, *conns, *state, *connect, *members;
-    PyObject *health, *paths, *origins, *tls_engine = Py_None, *trusted = NULL, *access = Py_None;
+                             "conns", "state", "connect", "pools", "health", "paths", "tls_engine", "trusted",
+                             "access", "router", NULL};
+    PyObject *on_adopt, *metrics, *counts, *buckets, *clients, *header, *in_use, *conns, *state, *connect, *pools;
+    PyObject *health, *paths, *tls_engine = Py_None, *trusted = NULL, *access = Py_None, *router = Py_None;
     unsigned int slot;
-    double slowstart, connect_timeout;
     CHECK_HS(self);
     if (self->fp.on || self->nfp) {
         PyErr_SetString(PyExc_RuntimeError, "fast_path() already called");
         return NULL;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO!O!OIOOOOOO!O!ddO!O|OO!O", kwlist, &on_adopt, &metrics,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO!O!OIOOOOOO!O!O!|OO!OO", kwlist, &on_adopt, &metrics,
                                      &PyTuple_Type, &counts, &PyTuple_Type, &buckets, &clients, &slot, &header,
-                                     &in_use, &conns, &state, &connect, &PyTuple_Type, &members, &PyTuple_Type,
-                                     &health, &slowstart, &connect_timeout, &PyTuple_Type, &paths, &origins,
-                                     &tls_engine, &PyTuple_Type, &trusted, &access))
+                                     &in_use, &conns, &state, &connect, &PyTuple_Type, &pools, &PyTuple_Type,
+                                     &health, &PyTuple_Type, &paths, &tls_engine, &PyTuple_Type, &trusted, &access,
+                                     &router))
         return NULL;
+    if (router != Py_None && !PyCallable_Check(router)) {
+        PyErr_SetString(PyExc_TypeError, "fast_path(): router is callable or None");
+        return NULL;
+    }
     fp_table *t = &self->fp;
     memset(t, 0, sizeof *t);
     Py_ssize_t nm, nc, nh, nu, nco, ns, nx;
@@ -723,35 +732,56 @@ static PyObject *Engine_fast_path(EngineObject *self, PyObject *args, PyObject *
         PyErr_SetString(PyExc_ValueError, "fast_path(): a count is outside the metrics slot");
         goto fail;
     }
-    Py_ssize_t k = PyTuple_GET_SIZE(members);
-    if (k < 1 || k > FP_MAX_MEMBERS) {
-        PyErr_SetString(PyExc_ValueError, "fast_path(): 1 to 64 members");
+    /* pools: ((members, origins, slowstart, connect timeout), ...); members:
+     * ((origin, row, cell, state, hist), ...), one flat table for all pools */
+    Py_ssize_t np = PyTuple_GET_SIZE(pools);
+    if (np < 1 || np > FP_MAX_POOLS) {
+        PyErr_SetString(PyExc_ValueError, "fast_path(): 1 to 16 pools");
         goto fail;
     }
     uint32_t health_end = t->o_check;
     if (t->o_check_since > health_end) health_end = t->o_check_since;
     if (t->o_down_until > health_end) health_end = t->o_down_until;
     if (t->o_ejected > health_end) health_end = t->o_ejected;
-    for (Py_ssize_t i = 0; i < k; i++) {
-        unsigned int origin, row, cell, st, hist;
-        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(members, i), "IIIII", &origin, &row, &cell, &st, &hist))
+    Py_ssize_t k = 0;
+    for (Py_ssize_t j = 0; j < np; j++) {
+        PyObject *members, *origins;
+        double slowstart, connect_timeout;
+        fp_pool *p = &t->pools[j];
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(pools, j), "O!Odd", &PyTuple_Type, &members, &origins, &slowstart,
+                              &connect_timeout))
             goto fail;
-        /* a row holds every worker slot: in_use of them are read */
-        if (cell < row || cell >= (unsigned)nco || row + (unsigned)*t->in_use > (unsigned)nco ||
-            st + health_end >= (unsigned)ns || hist + t->nconnect + 2 > (unsigned)nx) {
-            PyErr_SetString(PyExc_ValueError, "fast_path(): a member is outside the origin table");
+        Py_ssize_t n = PyTuple_GET_SIZE(members);
+        if (n < 1 || k + n > FP_MAX_MEMBERS) {
+            PyErr_SetString(PyExc_ValueError, "fast_path(): 1 or more members a pool, 64 in all");
             goto fail;
         }
-        t->members[i] = (fp_member){origin, conns_base + row, cell - row, state_base + st, connect_base + hist};
+        p->first = (uint32_t)k;
+        p->n = (uint32_t)n;
+        p->slowstart = slowstart;
+        p->connect_timeout_ms = (int64_t)(connect_timeout * 1000);
+        for (Py_ssize_t i = 0; i < n; i++, k++) {
+            unsigned int origin, row, cell, st, hist;
+            if (!PyArg_ParseTuple(PyTuple_GET_ITEM(members, i), "IIIII", &origin, &row, &cell, &st, &hist))
+                goto fail;
+            /* a row holds every worker slot: in_use of them are read */
+            if (cell < row || cell >= (unsigned)nco || row + (unsigned)*t->in_use > (unsigned)nco ||
+                st + health_end >= (unsigned)ns || hist + t->nconnect + 2 > (unsigned)nx) {
+                PyErr_SetString(PyExc_ValueError, "fast_path(): a member is outside the origin table");
+                goto fail;
+            }
+            t->members[k] = (fp_member){origin, conns_base + row, cell - row, state_base + st, connect_base + hist,
+                                        (uint32_t)j};
+        }
+        if (fp_rules(t, p, paths, origins) < 0)
+            goto fail;
     }
     t->nmembers = (uint32_t)k;
-    t->slowstart = slowstart;
-    t->connect_timeout_ms = (int64_t)(connect_timeout * 1000);
-    if (fp_rules(t, paths, origins) < 0)
-        goto fail;
-    self->fp_keep = Py_BuildValue("(OOO)", paths, origins, access);
+    t->npools = (uint32_t)np;
+    self->fp_keep = Py_BuildValue("(OOOO)", paths, pools, access, router);
     if (!self->fp_keep)
         goto fail;
+    self->fp_router = router == Py_None ? NULL : router; /* borrowed: fp_keep holds it */
     if (access != Py_None && fp_access(t, access, k) < 0)
         goto fail;
     if (trusted) { /* ((network, mask), ...), 16 bytes each */
@@ -799,6 +829,7 @@ fail:
         PyBuffer_Release(&self->fp_bufs[j]);
     self->nfp = 0;
     Py_CLEAR(self->fp_keep);
+    self->fp_router = NULL;
     memset(t, 0, sizeof *t);
     return NULL;
 }
@@ -1139,15 +1170,45 @@ static int checked_101(EngineObject *self, hs_conn *c) {
 static int64_t splice_conn(EngineObject *self, EngineObject *eo, hs_conn *c, int64_t id, void *token, uint32_t tag,
                            double born, void *log);
 
+/* The pool of a request: pools[0] without routes; with them, what the
+ * owner's router says (relay/routes.py Router over the pools' places:
+ * relay/native/fast_path.py), called with the path and Host as on_head's
+ * gate.route would be. -1: Python's to decide (no route, a pool the fast
+ * path does not decide for, an absolute-form target, a path that routes
+ * elsewhere once decoded, or any error, which is cleared). */
+static int fast_pool(EngineObject *self, const char *b, const hh_head *hh) {
+    if (!self->fp_router)
+        return 0;
+    if (hh->slash || hh->has_authority)
+        return -1;
+    const hh_field *host = hh_get(b, hh, "host", 4, 0);
+    PyObject *path = PyBytes_FromStringAndSize(b + hh->path.off, hh->path.len);
+    PyObject *name = host ? PyBytes_FromStringAndSize(b + host->value.off, host->value.len) : Py_NewRef(Py_None);
+    PyObject *r = path && name ? PyObject_CallFunctionObjArgs(self->fp_router, path, name, NULL) : NULL;
+    Py_XDECREF(path);
+    Py_XDECREF(name);
+    long v = r && PyLong_Check(r) ? PyLong_AsLong(r) : -1;
+    Py_XDECREF(r);
+    if (PyErr_Occurred())
+        PyErr_Clear();
+    return v >= 0 && v < (long)self->fp.npools ? (int)v : -1;
+}
+
 /* A parsed, valid upgrade the fast path may take: decided, forwarded and
  * connected here, no Python (on_head's work for the plain case, with the same
  * forward_head and X-Request-ID rule). 1: taken. */
 static int fast_take(EngineObject *self, hs_conn *c, int64_t id, const hh_head *hh, const hh_field *key) {
     uint32_t order[FP_MAX_MEMBERS], norder, member;
+    int pool = fast_pool(self, c->buf, hh);
+    if (pool < 0) {
+        self->fp.declined++;
+        return 0;
+    }
     /* an origin without addresses (a host name not resolved yet, as when a worker
      * starts): on_head's to decide (it sends such upgrades to the Python plane
      * until the resolver answered), not a connect C would fail */
-    for (uint32_t k = 0; k < self->fp.nmembers; k++) {
+    const fp_pool *p = &self->fp.pools[pool];
+    for (uint32_t k = p->first; k < p->first + p->n; k++) {
         uint32_t o = self->fp.members[k].origin;
         if (o >= self->hs.norigins || !self->hs.origins[o].naddrs) {
             self->fp.declined++;
@@ -1155,7 +1216,7 @@ static int fast_take(EngineObject *self, hs_conn *c, int64_t id, const hh_head *
         }
     }
     double now = fp_now();
-    if (!fp_decide(&self->fp, c->buf, hh, now, &member, order, &norder))
+    if (!fp_decide(&self->fp, (uint32_t)pool, c->buf, hh, now, &member, order, &norder))
         return 0;
     char ip[INET6_ADDRSTRLEN];
     size_t ip_len = peer_text(c, ip);
@@ -1193,7 +1254,7 @@ static int fast_take(EngineObject *self, hs_conn *c, int64_t id, const hh_head *
     c->fast = 1;
     c->fast_member = member;
     c->fast_started = now;
-    hs_connect(&self->hs, id, order, norder, head, n, NULL, self->fp.connect_timeout_ms);
+    hs_connect(&self->hs, id, order, norder, head, n, NULL, p->connect_timeout_ms);
     free(head);
     return 1;
 }
@@ -1260,7 +1321,7 @@ static al_record *fast_record(EngineObject *self, hs_conn *c, uint32_t member, d
         .method = {b + hh.method.off, hh.method.len},
         .path = {b + hh.path.off, hh.path.len}, /* an absolute-form target (slash) is Python's */
         .origin = {t->log_names[member].s, t->log_names[member].n},
-        .pool = {t->log_pool.s, t->log_pool.n},
+        .pool = {t->pools[t->members[member].pool].log_name.s, t->pools[t->members[member].pool].log_name.n},
         .user_agent = ua ? (al_str){b + ua->value.off, ua->value.len} : (al_str){"", 0},
         .request_id = {rid_of(c), c->rid_len},
         .tls_version = {version ? version : "", version ? strlen(version) : 0},
@@ -1897,11 +1958,13 @@ static PyMethodDef Engine_methods[] = {
     {"close_handshake", (PyCFunction)Engine_close_handshake, METH_O, "close_handshake(id): drop it."},
     {"close_handshakes", (PyCFunction)Engine_close_handshakes, METH_NOARGS, "Drop every head-phase connection."},
     {"fast_path", (PyCFunction)(void (*)(void))Engine_fast_path, METH_VARARGS | METH_KEYWORDS,
-     "fast_path(on_adopt, metrics, counts, buckets, clients, slot, header, in_use, conns, state, connect, members, "
-     "health, slowstart, connect_timeout, paths, origins, tls_engine=None, trusted=()): decide the common upgrade in C "
-     "(fast_path.h; relay/native/fast_path.py builds the arguments); tls_engine: the epoll Engine relaying "
-     "wss:// tunnels, whose fast-path tunnels are then counted here; trusted: RELAY_TRUSTED_PROXIES as "
-     "((network, mask), ...) of 16 bytes each"},
+     "fast_path(on_adopt, metrics, counts, buckets, clients, slot, header, in_use, conns, state, connect, pools, "
+     "health, paths, tls_engine=None, trusted=(), access=None, router=None): decide the common upgrade in C "
+     "(fast_path.h; relay/native/fast_path.py builds the arguments); pools: ((members, origins, slowstart, "
+     "connect timeout), ...); tls_engine: the epoll Engine relaying wss:// tunnels, whose fast-path tunnels are "
+     "then counted here; trusted: RELAY_TRUSTED_PROXIES as ((network, mask), ...) of 16 bytes each; access: "
+     "(worker, pool names, member names) to write the access log's lines; router: route(path, host) -> a pool's "
+     "place, -1 or None (Python's), with RELAY_ROUTES"},
     {"close_fast", (PyCFunction)Engine_close_fast, METH_NOARGS, "close() every fast-path tunnel -> count."},
     {"splice", (PyCFunction)Engine_splice, METH_VARARGS,
      "splice(id, token) -> tunnel id: the pump takes both sockets; the origin's answer goes to the client, "
@@ -2007,7 +2070,8 @@ static PyObject *fast_path_allows(PyObject *Py_UNUSED(m), PyObject *args) {
         PyErr_NoMemory();
         goto out;
     }
-    if (fp_rules(t, paths, origins) < 0)
+    t->npools = 1;
+    if (fp_rules(t, &t->pools[0], paths, origins) < 0)
         goto out;
     hh_head h;
     if (hh_request(head.buf, (size_t)head.len, (size_t)head.len, &h) != HH_OK) {
@@ -2015,7 +2079,7 @@ static PyObject *fast_path_allows(PyObject *Py_UNUSED(m), PyObject *args) {
         r = Py_NewRef(Py_None);
         goto out;
     }
-    r = PyBool_FromLong(fp_rules_allow(t, head.buf, &h));
+    r = PyBool_FromLong(fp_rules_allow(t, 0, head.buf, &h));
     hh_free(&h);
 out:
     PyMem_Free(t);

@@ -127,7 +127,7 @@ static int path_ok(const fp_table *t, const char *b, const hh_head *h) {
 /* relay/handshake.py origin_allowed: any, no Origin (not a browser), or an
  * entry with a scheme equal to the value as sent (entries are lower case
  * without a final "/", so equal bytes are equal after Python's folding). */
-static int origin_ok(const fp_table *t, const char *b, const hh_head *h) {
+static int origin_ok(const fp_pool *t, const char *b, const hh_head *h) {
     if (t->any_origin)
         return 1;
     const hh_field *f = hh_get(b, h, "origin", 6, 0);
@@ -174,13 +174,14 @@ static int64_t conns_of(const fp_table *t, const fp_member *m) {
 /* OriginPool.weight is 1.0: checked up, not taken out, past its slow start. */
 static int full_weight(const fp_table *t, const fp_member *m, double now) {
     const double *s = m->state;
+    double slowstart = t->pools[m->pool].slowstart;
     if (s[t->o_check] == 0.0 || now < s[t->o_down_until] || s[t->o_ejected] != 0.0)
         return 0;
-    if (t->slowstart > 0.0) {
+    if (slowstart > 0.0) {
         double back = s[t->o_down_until], since = s[t->o_check_since];
         if (since > back)
             back = since;
-        if (now - back < t->slowstart)
+        if (now - back < slowstart)
             return 0;
     }
     return 1;
@@ -206,27 +207,29 @@ int fp_admit(int64_t *c, uint32_t n, uint32_t slot, int64_t limit) {
     return 0;
 }
 
-int fp_rules_allow(const fp_table *t, const char *b, const hh_head *h) {
-    return path_ok(t, b, h) && origin_ok(t, b, h);
+int fp_rules_allow(const fp_table *t, uint32_t pool, const char *b, const hh_head *h) {
+    return pool < t->npools && path_ok(t, b, h) && origin_ok(&t->pools[pool], b, h);
 }
 
-int fp_decide(fp_table *t, const char *b, const hh_head *h, double now, uint32_t *member, uint32_t *order,
-              uint32_t *norder) {
-    if (!t->on || !fp_rules_allow(t, b, h)) {
+int fp_decide(fp_table *t, uint32_t pool, const char *b, const hh_head *h, double now, uint32_t *member,
+              uint32_t *order, uint32_t *norder) {
+    if (!t->on || !fp_rules_allow(t, pool, b, h)) {
         t->declined++;
         return 0;
     }
-    uint32_t n = t->nmembers, pick = 0;
+    fp_pool *p = &t->pools[pool];
+    fp_member *ms = &t->members[p->first];
+    uint32_t n = p->n, pick = 0;
     int64_t conns[FP_MAX_MEMBERS];
     if (n > 1) { /* OriginPool._least_conn with every weight 1.0; else its trials, panic, slow start: Python's */
         for (uint32_t i = 0; i < n; i++) {
-            if (!full_weight(t, &t->members[i], now)) {
+            if (!full_weight(t, &ms[i], now)) {
                 t->declined++;
                 return 0;
             }
-            conns[i] = conns_of(t, &t->members[i]);
+            conns[i] = conns_of(t, &ms[i]);
         }
-        uint32_t turn = (t->turn + 1) % n;
+        uint32_t turn = (p->turn + 1) % n;
         int64_t best = INT64_MAX;
         for (uint32_t i = 0; i < n; i++) {
             uint32_t k = (turn + i) % n;
@@ -235,15 +238,15 @@ int fp_decide(fp_table *t, const char *b, const hh_head *h, double now, uint32_t
                 pick = k;
             }
         }
-        t->turn = turn;
+        p->turn = turn;
     }
     if (!fp_admit(t->clients, t->nclients, t->slot, *t->limit)) {
         t->declined++;
         return 0;
     }
-    fp_member *m = &t->members[pick];
+    fp_member *m = &ms[pick];
     m->conns[m->cell]++; /* OriginPool.opened: this worker's cell, this worker alone */
-    *member = pick;
+    *member = p->first + pick;
     /* OriginPool.failover: the others by their connections, then their place (a stable sort) */
     uint32_t rest[FP_MAX_MEMBERS], k = 0;
     for (uint32_t i = 0; i < n; i++) {
@@ -256,7 +259,7 @@ int fp_decide(fp_table *t, const char *b, const hh_head *h, double now, uint32_t
     }
     order[0] = m->origin;
     for (uint32_t i = 0; i < k; i++)
-        order[i + 1] = t->members[rest[i]].origin;
+        order[i + 1] = ms[rest[i]].origin;
     k++;
     *norder = k;
     t->decided++;

@@ -35,6 +35,7 @@ int fp_websocket(const char *b, const hh_head *h, const hh_field **key, int *sta
 #define FP_MAX_BUCKETS 16
 #define FP_MAX_MEMBERS 64
 #define FP_MAX_RULES 32
+#define FP_MAX_POOLS 16
 
 typedef struct {
     uint32_t origin;      /* the head phase's origin index (NativeFront.members) */
@@ -42,6 +43,7 @@ typedef struct {
     uint32_t cell;        /* this worker's place in that row */
     double *state;        /* its health fields (metrics/layout.py O_*) */
     double *hist;         /* this worker's connect-time histogram of it: buckets..., +Inf, sum */
+    uint32_t pool;        /* its pool's place in fp_table.pools */
 } fp_member;
 
 typedef struct {
@@ -49,16 +51,25 @@ typedef struct {
     uint32_t n;
 } fp_str;
 
+/* A pool the fast path decides for: its members, Origin rule and settings. */
+typedef struct {
+    uint32_t first, n;    /* its members: fp_table.members[first .. first + n) */
+    uint32_t turn;        /* least connections' tie-break, by turns */
+    /* RELAY_ALLOWED_ORIGINS: any (empty, or "*"), or the entries with a scheme, matched exactly */
+    int any_origin;
+    fp_str origins[FP_MAX_RULES];
+    uint32_t norigins;
+    double slowstart;
+    int64_t connect_timeout_ms;
+    fp_str log_name;      /* its name, for the access log */
+} fp_pool;
+
 typedef struct {
     int on;
     /* RELAY_WS_PATHS: every path ("/"), or prefixes matched on whole segments */
     int any_path;
     fp_str paths[FP_MAX_RULES];
     uint32_t npaths;
-    /* RELAY_ALLOWED_ORIGINS: any (empty, or "*"), or the entries with a scheme, matched exactly */
-    int any_origin;
-    fp_str origins[FP_MAX_RULES];
-    uint32_t norigins;
     /* RELAY_TRUSTED_PROXIES: networks as 16-byte addresses and masks (IPv4 mapped) */
     uint8_t trusted[FP_MAX_RULES][2][16];
     uint32_t ntrusted;
@@ -66,22 +77,23 @@ typedef struct {
     int64_t *clients;
     uint32_t nclients, slot;
     const int64_t *limit;
-    /* the pool: least connections across workers (in_use: worker slots in use, float64) */
+    /* the pools (relay/native/fast_path.py decides which: with routes, the
+     * owner routes, else pools[0]); least connections across workers (in_use:
+     * worker slots in use, float64) over each pool's members */
+    fp_pool pools[FP_MAX_POOLS];
+    uint32_t npools;
     fp_member members[FP_MAX_MEMBERS];
-    uint32_t nmembers, turn;
+    uint32_t nmembers;
     const double *in_use;
-    double slowstart;
     uint32_t o_check, o_check_since, o_down_until, o_ejected;
-    int64_t connect_timeout_ms;
     /* the worker's metrics slot (float64) and where the counts go in it */
     double *m;
     uint32_t upgraded, http101, handshake, duration, connections;
     double hs_buckets[FP_MAX_BUCKETS], dur_buckets[FP_MAX_BUCKETS], connect_buckets[FP_MAX_BUCKETS];
     uint32_t nhs, ndur, nconnect;
-    /* the access log (access_log.h): on, the worker's number, the pool's name and each member's */
+    /* the access log (access_log.h): on, the worker's number, each member's name (pools have theirs) */
     int log;
     int log_worker;
-    fp_str log_pool;
     fp_str log_names[FP_MAX_MEMBERS];
     /* what it did (Engine.fast_path_stats) */
     uint64_t decided, upgraded_n, adopted, declined;
@@ -94,7 +106,7 @@ double fp_now(void);
 /* The path and Origin rules' plain case: 1 when Python's path_allowed and
  * origin_allowed surely allow the request (never when they refuse it; 0 also
  * for what they may allow: Python's to judge). */
-int fp_rules_allow(const fp_table *t, const char *b, const hh_head *h);
+int fp_rules_allow(const fp_table *t, uint32_t pool, const char *b, const hh_head *h);
 /* relay/addresses.py TrustedProxies: whether a client's address (16 bytes,
  * IPv4 mapped) is in RELAY_TRUSTED_PROXIES. */
 int fp_trusted(const fp_table *t, const uint8_t addr[16]);
@@ -103,12 +115,12 @@ int fp_trusted(const fp_table *t, const uint8_t addr[16]);
 int fp_request_id(const char *b, const hh_head *h, const char **id, uint32_t *n);
 /* Admission.take far from the limit, lock-free: 1 taken, 0 Python takes the lock (near the limit). */
 int fp_admit(int64_t *clients, uint32_t n, uint32_t slot, int64_t limit);
-/* Decide a valid upgrade (h parsed from b): 1 when the fast path takes it,
+/* Decide a valid upgrade (h parsed from b) routed to pool: 1 when the fast path takes it,
  * having taken an admission slot and a connection count on the first
  * origin; *member is its place in the pool, order/norder the origins to
  * ask (the head phase's indices: the pick, then the rest by their
  * connections, as OriginPool.failover). 0: Python decides, nothing taken. */
-int fp_decide(fp_table *t, const char *b, const hh_head *h, double now, uint32_t *member, uint32_t *order,
+int fp_decide(fp_table *t, uint32_t pool, const char *b, const hh_head *h, double now, uint32_t *member, uint32_t *order,
               uint32_t *norder);
 /* Whether the pool member may be answered for in C still (not taken out since). */
 int fp_still_up(const fp_table *t, uint32_t member);

@@ -12,11 +12,14 @@ than a valid 101, an origin taken out meanwhile) is handed to Python with
 what C took (``NativeFront.on_adopt``).
 
 The fast path applies when the worker's settings leave nothing per request
-that only Python does: no ``RELAY_MAX_CLIENTS_PER_IP`` (its table takes a lock), no routes
-(one pool), least connections (or one origin) without ``RELAY_MAX_CONNS``;
-on plain listeners and on TLS ones whose handshake runs in C (README "TLS",
-**Head phase**), whose tunnels go to the TLS engine as Python's would.
-:func:`why_not` says why when it does not (the startup line, ``wsrelay check``).
+that only Python does: no ``RELAY_MAX_CLIENTS_PER_IP`` (its table takes a
+lock), and for each pool it decides for, least connections (or one origin)
+without ``RELAY_MAX_CONNS`` (:func:`decided_pools`; the other pools'
+upgrades are Python's); with ``RELAY_ROUTES``, the gate's own Router picks
+the pool (:func:`router`). On plain listeners and on TLS ones whose
+handshake runs in C (README "TLS", **Head phase**), whose tunnels go to the
+TLS engine as Python's would. :func:`why_not` says why when it applies to
+no pool (the startup line, ``wsrelay check``).
 """
 
 from __future__ import annotations
@@ -26,26 +29,35 @@ import os
 from metrics import layout
 from relay import pools
 from relay.origins import table as origin_table
+from relay.routes import Router
 
-#: the most origins, path prefixes and Origin entries the tables hold (fast_path.h)
+#: the most origins (in all), pools, path prefixes and Origin entries the tables hold (fast_path.h)
 MAX_MEMBERS = 64
+MAX_POOLS = 16
 MAX_RULES = 32
 
 
 def why_not(settings) -> str | None:
     """Why the fast path cannot decide upgrades with ``settings``
-    (relay.config.Settings), or None."""
+    (relay.config.Settings), or None: it decides for at least one pool."""
     if os.environ.get("WSRELAY_NATIVE_FAST_PATH", "1") == "0":
         return "WSRELAY_NATIVE_FAST_PATH=0"
     if len(settings.trusted_proxies) > MAX_RULES:
         return f"more than {MAX_RULES} RELAY_TRUSTED_PROXIES"
     if settings.max_clients_per_ip:
         return "RELAY_MAX_CLIENTS_PER_IP is set"
-    if settings.routes:
-        return "RELAY_ROUTES is set"
-    pool = next((p for p in pools.effective(settings) if p.name == pools.DEFAULT), None)
-    if pool is None:
-        return "RELAY_ROUTES is set"
+    if "/" not in settings.ws_paths and len(settings.ws_paths) > MAX_RULES:
+        return f"more than {MAX_RULES} RELAY_WS_PATHS"
+    if decided_pools(settings):
+        return None
+    reasons = [(p.name, _pool_why_not(p)) for p in pools.effective(settings)]
+    if len(reasons) == 1:
+        return reasons[0][1]
+    return "; ".join(f"pool {name}: {why}" for name, why in reasons)
+
+
+def _pool_why_not(pool) -> str | None:
+    """Why the fast path leaves a pool's upgrades (relay.pools.Pool) to Python, or None."""
     if not pool.websocket:
         return "the pool refuses WebSockets"
     if ":" in pool.balance or (pool.balance != "least_conn" and len(pool.origins) > 1):
@@ -54,11 +66,22 @@ def why_not(settings) -> str | None:
         return "RELAY_MAX_CONNS is set"
     if len(set(pool.origins)) > MAX_MEMBERS:
         return f"more than {MAX_MEMBERS} origins"
-    if "/" not in settings.ws_paths and len(settings.ws_paths) > MAX_RULES:
-        return f"more than {MAX_RULES} RELAY_WS_PATHS"
     if len(pool.allowed_origins) > MAX_RULES:
         return f"more than {MAX_RULES} RELAY_ALLOWED_ORIGINS"
     return None
+
+
+def decided_pools(settings) -> list[str]:
+    """The pools whose upgrades the fast path decides, in order: each one
+    :func:`_pool_why_not` finds nothing against, while the tables have room
+    (MAX_POOLS, MAX_MEMBERS in all); the others are Python's."""
+    out, members = [], 0
+    for p in pools.effective(settings):
+        n = len(set(p.origins))
+        if _pool_why_not(p) is None and len(out) < MAX_POOLS and members + n <= MAX_MEMBERS:
+            out.append(p.name)
+            members += n
+    return out
 
 
 def _origins(allowed: tuple[str, ...]) -> tuple[bytes, ...] | None:
@@ -73,27 +96,47 @@ def _origins(allowed: tuple[str, ...]) -> tuple[bytes, ...] | None:
 def install(front, tls: bool = False) -> None:
     """Give the engine of ``front`` (relay.native.front.NativeFront) its
     tables, where :func:`why_not` finds nothing against it. ``tls``: the
-    front reads TLS listeners' heads too, whose tunnels the plane's TLS engine relays."""
+    front reads TLS listeners' heads too, whose tunnels the plane's TLS engine relays.
+
+    With routes, C asks :func:`router`'s table which pool a request goes to
+    (relay/routes.py, the same Router the gate uses, over the pools' places)."""
     ctx = front.ctx
     shared = ctx.admission.fast_path()
     if why_not(ctx.settings) is not None or shared is None:  # shared: None with a per-IP limit
         return
     clients, slot, header = shared
-    pool = ctx.pools[pools.DEFAULT]
+    names = decided_pools(ctx.settings)
+    decided = [ctx.pools[name] for name in names]
     table = ctx.table
     metrics, counts, (hs_buckets, dur_buckets) = ctx.counters.fast_path()
-    members = tuple((front.index[m], m.base, m.cell, m.state, m.hist) for m in pool.members)
+    tables = tuple((tuple((front.index[m], m.base, m.cell, m.state, m.hist) for m in pool.members),
+                    _origins(pool.allowed_origins), float(pool.settings.slowstart), float(pool.connect_timeout))
+                   for pool in decided)
     front.engine.fast_path(
         on_adopt=front.on_adopt, metrics=metrics, counts=counts,
         buckets=(hs_buckets, dur_buckets, layout.CONNECT_BUCKETS),
         clients=clients, slot=slot, header=header,
         in_use=table.header[origin_table.IN_USE:origin_table.IN_USE + 1],
-        conns=table.conns, state=table.state, connect=table.connect, members=members,
+        conns=table.conns, state=table.state, connect=table.connect, pools=tables,
         health=(layout.O_CHECK, layout.O_CHECK_SINCE, layout.O_DOWN_UNTIL, layout.O_EJECTED),
-        slowstart=float(pool.settings.slowstart), connect_timeout=float(pool.connect_timeout),
-        paths=() if b"/" in ctx.ws_paths else ctx.ws_paths, origins=_origins(pool.allowed_origins),
+        paths=() if b"/" in ctx.ws_paths else ctx.ws_paths,
         tls_engine=ctx.native.tls_engine() if tls else None,
         trusted=tuple((net.to_bytes(16, "big"), mask.to_bytes(16, "big")) for net, mask in ctx.trusted.networks_int()),
         # the access log's lines for its tunnels are written in C (relay/native/access_log.c)
-        access=(ctx.access.worker, pool.name.encode(), tuple(m.name.encode() for m in pool.members))
-        if ctx.access.enabled else None)
+        access=(ctx.access.worker, tuple(name.encode() for name in names),
+                tuple(m.name.encode() for pool in decided for m in pool.members))
+        if ctx.access.enabled else None,
+        router=router(ctx.settings, names) if ctx.settings.routes else None)
+
+
+def router(settings, names: list[str]):
+    """``route(path, host) -> int``: the place in ``names`` of the pool a
+    request goes to, by RELAY_ROUTES as relay/gate.py routes it (the same
+    Router), -1 for a pool the fast path leaves to Python, None for no route
+    (404); raises HeadError for a path that routes elsewhere once decoded.
+    C calls it with the path (no query) and the Host field (or None)."""
+    place = {name: i for i, name in enumerate(names)}
+    known = {p.name for p in pools.effective(settings)}
+    table = Router(((r.host, r.path, place.get(r.pool, -1)) for r in settings.routes),
+                   place.get(pools.DEFAULT, -1) if pools.DEFAULT in known else None)
+    return table.route

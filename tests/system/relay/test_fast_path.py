@@ -487,3 +487,43 @@ def test_wss_lines_name_the_tls_version(ws_origin, pki):
         rec = records(r, 1)[0]
     assert decided(r)[1] == 1
     assert (rec["tls_version"], rec["tls_resumed"], rec["path"], rec["status"]) == ("TLSv1.3", False, "/secure", 101)
+
+
+# -- routes ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def named_origins():
+    from tests.support.origin_process import OriginProcess
+    started = [OriginProcess(name).start() for name in ("a", "b", "c")]
+    yield started
+    for o in started:
+        o.stop()
+
+
+def test_routed_upgrades_are_decided_in_c_by_the_gates_router(named_origins):
+    """With RELAY_ROUTES, C asks the gate's Router (relay/routes.py) for the
+    pool and decides for each pool it can: the same origins and access-log
+    pools as Python's routing; a pool it cannot decide for (RELAY_MAX_CONNS,
+    WebSockets refused) and paths that route elsewhere decoded stay Python's."""
+    from tests.support.origin_process import hello_over_ws
+    a, b, c = named_origins
+    env = {"RELAY_DATA_PLANE": "native", "RELAY_POOL_CHAT": f"{b.addr},{c.addr}", "RELAY_POOL_FEED": c.addr,
+           "RELAY_POOL_FEED_MAX_CONNS": "100", "RELAY_POOL_API": c.addr, "RELAY_POOL_API_WEBSOCKET": "0",
+           "RELAY_ROUTES": "/chat = chat, /feed = feed, /api = api, chat.example.com/ = chat"}
+    cases = [("/", "relay.test", {"a"}, "default"), ("/chatx", "relay.test", {"a"}, "default"),
+             ("/chat/room", "relay.test", {"b", "c"}, "chat"), ("/x", "CHAT.example.com:443", {"b", "c"}, "chat"),
+             ("/feed/1", "relay.test", {"c"}, "feed")]
+    with Relay(a.addr, workers=1, env=env) as r:
+        assert "common upgrades decided in C" in r.text()
+        for path, host, origins, _pool in cases:
+            status, hello = hello_over_ws(r.port, path, host)
+            assert status == 101 and hello["origin"] in origins, (path, host, hello)
+        assert hello_over_ws(r.port, "/api/ws")[0] == 403
+        assert hello_over_ws(r.port, "/chat/%2e%2e/api")[0] == 400  # routes elsewhere once decoded
+        lines = records(r, len(cases) + 2)
+        settled(r)
+    upgraded = {(x["path"], x["pool"]) for x in lines if x["status"] == 101}
+    assert upgraded == {(path, pool) for path, _h, _o, pool in cases}
+    # four of the five in C: the feed pool (RELAY_MAX_CONNS) is Python's, as are the refusals
+    assert decided(r) == (4, 4, 0)
+    assert "3 were Python's to decide" in r.text()
