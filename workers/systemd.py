@@ -15,17 +15,25 @@ SD_LISTEN_FDS_START = 3
 
 
 def notify(message: str) -> bool:
+    """sd_notify(3): ``message`` to $NOTIFY_SOCKET; False when there is none
+    or it cannot take the message now.
+
+    Never blocks: a datagram to a manager whose queue is full
+    (net.unix.max_dgram_qlen, 10 by default, unread) is dropped, where a
+    blocking send would stop the supervisor's loop (its workers, reloads
+    and stop) until the manager read again. A dropped WATCHDOG=1 is followed
+    by the next within half the watchdog interval."""
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
         return False
     if address.startswith("@"):
         address = "\0" + address[1:]
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK) as s:
             s.connect(address)
-            s.sendall(message.encode())
+            s.send(message.encode())
         return True
-    except OSError:
+    except OSError:  # BlockingIOError among them: the manager is not reading
         return False
 
 

@@ -99,6 +99,31 @@ def test_notify_ready_watchdog_reload_stopping(ws_origin, notify):
     assert [s.split("\n")[0] for s in statuses] == ["READY=1", "RELOADING=1", "READY=1", "STOPPING=1"]
 
 
+def test_a_manager_that_stops_reading_does_not_stop_the_supervisor(ws_origin, notify):
+    """A notify socket nobody reads fills (net.unix.max_dgram_qlen datagrams,
+    here at once); the supervisor drops what does not fit
+    rather than block on it, and reloads and stops as ever. (It used to
+    block in send() for good: found as a hung reload in the sandbox test,
+    whose notify socket is read only while it waits.)"""
+    with CmdRelay([sys.executable, "-m", "relay", "run"], ws_origin.addr, workers=1,
+                  env={"NOTIFY_SOCKET": notify.address, "WATCHDOG_USEC": "20000"}) as r:
+        notify.wait("READY=1")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK) as s:
+            s.connect(notify.address)
+            for _ in range(100_000):  # its queue full now, not read from here on
+                try:
+                    s.send(b"X=1")
+                except BlockingIOError:
+                    break
+            else:
+                pytest.fail("the notify socket's queue never filled")
+        r.signal(signal.SIGHUP)
+        wait_reloaded(r, 1)
+        round_trip(r.port)
+        r.signal(signal.SIGTERM)
+        assert r.proc.wait(20) == 0
+
+
 def test_watchdog_meant_for_another_pid_is_not_ours(ws_origin, notify):
     """sd_watchdog_enabled(3): WATCHDOG_PID names the process the watchdog is for."""
     with CmdRelay([sys.executable, "-m", "relay", "run"], ws_origin.addr, workers=1,
