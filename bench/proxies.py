@@ -473,6 +473,11 @@ SYSTEMS = {
     "wsrelay-routes-50": dict(label="wsrelay (1 worker, 50 routes)", workers=1, path="/live/v2/stream",
                               env={"RELAY_ROUTES": ROUTES_50, "RELAY_POOL_LIVE": "{origin}",
                                    **{f"RELAY_POOL_P{i}": "{origin}" for i in range(5)}}),
+    # ... one route with Python deciding every upgrade (as before the fast path routed)
+    "wsrelay-routes-1-nofast": dict(label="wsrelay (1 worker, 1 route, fast path off)", workers=1,
+                                    path="/live/v2/stream",
+                                    env={"RELAY_ROUTES": "/live = live", "RELAY_POOL_LIVE": "{origin}",
+                                         "WSRELAY_NATIVE_FAST_PATH": "0"}),
     # the cost of the per-IP table (RELAY_MAX_CLIENTS_PER_IP: shared memory, under the admission lock),
     # with a limit the handshake loops never reach
     "wsrelay-perip": dict(label="wsrelay (1 worker, per-IP limit)", workers=1,
@@ -481,7 +486,7 @@ SYSTEMS = {
 
 #: a variant also compared with another than plain wsrelay: the limit's cost is frames mode with it ÷ without
 BASELINES = {"wsrelay-frames-limit": "wsrelay-frames", "wsrelay-routes-50": "wsrelay-routes-1",
-             "wsrelay-log-nofast": "wsrelay-log"}
+             "wsrelay-log-nofast": "wsrelay-log", "wsrelay-routes-1-nofast": "wsrelay-routes-1"}
 
 
 def make(key: str) -> System:

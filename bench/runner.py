@@ -61,7 +61,8 @@ def workloads(quick: bool, idle_conns: int) -> list[Workload]:
                  systems=("nginx-log", "haproxy-log", "wsrelay-log", "wsrelay-log-nofast")),
         # routing decided once per request, at a cost that does not grow with the routes
         Workload("handshake-routes", "handshakes, 8 loops, 50 routes vs 1", "handshake", 8,
-                 metric="handshakes/s", systems=("wsrelay-routes-1", "wsrelay-routes-50")),
+                 metric="handshakes/s", systems=("nginx", "haproxy", "wsrelay-routes-1", "wsrelay-routes-50",
+                                                 "wsrelay-routes-1-nofast")),
         # cluster mode (RELAY_CLUSTER_REDIS) off vs on: the lease never sits on a handshake's path
         Workload("cluster-hs", "handshakes, 8 loops, cluster mode off vs on", "handshake", 8,
                  metric="handshakes/s", systems=("wsrelay", "wsrelay-cluster")),
