@@ -131,14 +131,18 @@ def tls_head_in_c(settings) -> bool:
 def fast_path_status(settings) -> str | None:
     """Whether the fast path (relay/native/fast_path.py) decides common upgrades
     with ``settings`` (relay.config.Settings) on the native plane: ``"on"``,
+    ``"on, except pool <name>: <why>; ..."`` (pools Python decides for),
     ``"off: <why>"``, or None where it has no place (no head phase in C on
     plain listeners). The caller has found the native plane chosen."""
     if not head_phase_serves(settings, False):
         return None
-    from relay.native.fast_path import why_not
+    from relay.native.fast_path import left_to_python, why_not
 
     off = why_not(settings)
-    return "on" if off is None else f"off: {off}"
+    if off is not None:
+        return f"off: {off}"
+    left = left_to_python(settings)
+    return "on" if not left else "on, except " + "; ".join(f"pool {name}: {why}" for name, why in left)
 
 
 def describe(settings) -> str:
@@ -150,7 +154,8 @@ def describe(settings) -> str:
     chosen = resolve(data_plane, mode)
     if chosen == NATIVE:
         fast = fast_path_status(settings)
-        upgrades = "" if fast is None else "; common upgrades decided in C" if fast == "on" else f"; fast path {fast}"
+        upgrades = ("" if fast is None else "; common upgrades decided in C" + fast[2:] if fast.startswith("on")
+                    else f"; fast path {fast}")
         if not tls:
             return f"data plane native ({backend()}{upgrades})"
         if not TLS_AVAILABLE:

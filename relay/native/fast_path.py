@@ -129,6 +129,14 @@ def install(front, tls: bool = False) -> None:
         router=router(ctx.settings, names) if ctx.settings.routes else None)
 
 
+def left_to_python(settings) -> list[tuple[str, str]]:
+    """(pool, why) for each pool whose upgrades Python decides though the
+    fast path is on (the startup line, ``wsrelay check``)."""
+    decided = set(decided_pools(settings))
+    return [(p.name, _pool_why_not(p) or "no room left in the fast path's tables")
+            for p in pools.effective(settings) if p.name not in decided]
+
+
 def router(settings, names: list[str]):
     """``route(path, host) -> int``: the place in ``names`` of the pool a
     request goes to, by RELAY_ROUTES as relay/gate.py routes it (the same

@@ -514,7 +514,8 @@ def test_routed_upgrades_are_decided_in_c_by_the_gates_router(named_origins):
              ("/chat/room", "relay.test", {"b", "c"}, "chat"), ("/x", "CHAT.example.com:443", {"b", "c"}, "chat"),
              ("/feed/1", "relay.test", {"c"}, "feed")]
     with Relay(a.addr, workers=1, env=env) as r:
-        assert "common upgrades decided in C" in r.text()
+        assert "common upgrades decided in C, except pool " in r.text()
+        assert "pool feed: RELAY_MAX_CONNS is set" in r.text() and "pool api: the pool refuses WebSockets" in r.text()
         for path, host, origins, _pool in cases:
             status, hello = hello_over_ws(r.port, path, host)
             assert status == 101 and hello["origin"] in origins, (path, host, hello)
