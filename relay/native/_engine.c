@@ -1297,22 +1297,18 @@ static al_record *fast_record(EngineObject *self, hs_conn *c, uint32_t member, d
     char ip[INET6_ADDRSTRLEN];
     size_t ip_len = peer_text(c, ip);
     const fp_table *t = self->fp_count ? self->fp_count : &self->fp;
+    /* X-Forwarded-For's lines: on the stack, as a proxy chain has few; more on the heap */
     al_str xff[8], *xv = xff;
-    uint32_t nxff = 0, cap = 8;
+    uint32_t nxff = 0;
     for (const hh_field *f = hh_get(b, &hh, "x-forwarded-for", 15, 0); f;
-         f = hh_get(b, &hh, "x-forwarded-for", 15, (uint32_t)(f - hh.fields) + 1)) {
-        if (nxff == cap) { /* more lines than a proxy chain has: rare, never on the stack */
-            al_str *n = malloc(2 * cap * sizeof *n);
-            if (!n)
-                break;
-            memcpy(n, xv, nxff * sizeof *n);
-            if (xv != xff)
-                free(xv);
-            xv = n;
-            cap *= 2;
-        }
-        xv[nxff++] = (al_str){b + f->value.off, f->value.len};
-    }
+         f = hh_get(b, &hh, "x-forwarded-for", 15, (uint32_t)(f - hh.fields) + 1))
+        nxff++;
+    if (nxff > 8 && !(xv = malloc(nxff * sizeof *xv)))
+        nxff = 0, xv = xff; /* out of memory: the line says none */
+    uint32_t k = 0;
+    for (const hh_field *f = hh_get(b, &hh, "x-forwarded-for", 15, 0); f && k < nxff;
+         f = hh_get(b, &hh, "x-forwarded-for", 15, (uint32_t)(f - hh.fields) + 1))
+        xv[k++] = (al_str){b + f->value.off, f->value.len};
     const hh_field *ua = hh_get(b, &hh, "user-agent", 10, 0);
     const char *version = c->ssl ? tls.SSL_get_version(c->ssl) : "";
     al_fields f = {

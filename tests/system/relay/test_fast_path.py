@@ -491,22 +491,13 @@ def test_wss_lines_name_the_tls_version(ws_origin, pki):
 
 # -- routes ---------------------------------------------------------------------------------
 
-@pytest.fixture
-def named_origins():
-    from tests.support.origin_process import OriginProcess
-    started = [OriginProcess(name).start() for name in ("a", "b", "c")]
-    yield started
-    for o in started:
-        o.stop()
-
-
-def test_routed_upgrades_are_decided_in_c_by_the_gates_router(named_origins):
+def test_routed_upgrades_are_decided_in_c_by_the_gates_router(origins):
     """With RELAY_ROUTES, C asks the gate's Router (relay/routes.py) for the
     pool and decides for each pool it can: the same origins and access-log
     pools as Python's routing; a pool it cannot decide for (RELAY_MAX_CONNS,
     WebSockets refused) and paths that route elsewhere decoded stay Python's."""
     from tests.support.origin_process import hello_over_ws
-    a, b, c = named_origins
+    a, b, c = origins
     env = {"RELAY_DATA_PLANE": "native", "RELAY_POOL_CHAT": f"{b.addr},{c.addr}", "RELAY_POOL_FEED": c.addr,
            "RELAY_POOL_FEED_MAX_CONNS": "100", "RELAY_POOL_API": c.addr, "RELAY_POOL_API_WEBSOCKET": "0",
            "RELAY_ROUTES": "/chat = chat, /feed = feed, /api = api, chat.example.com/ = chat"}

@@ -29,14 +29,6 @@ def access(relay: Relay) -> list[dict]:
     return [json.loads(line) for line in list(relay.access) if line.startswith("{")]
 
 
-@pytest.fixture
-def origins():
-    started = [OriginProcess(name).start() for name in ("a", "b", "c")]
-    yield started
-    for o in started:
-        o.stop()
-
-
 # -- routes --------------------------------------------------------------------------------
 
 def test_routes_by_path_and_host_reach_their_pool(origins):
